@@ -1,0 +1,514 @@
+//! `agent.yaml`.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+
+use super::error::Source;
+use super::{ByteSize, ConfigError, HumanDuration, Logging, RawLogging, Schedule, base_dir, resolve};
+use crate::limits::{MAX_CHUNK_SIZE, MAX_STREAMS, MIN_CHUNK_SIZE};
+use crate::name::Name;
+
+/// `agent.yaml` as written.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentConfig {
+    pub agent: RawAgentSection,
+    pub server: RawServerAddress,
+    pub tls: RawAgentTls,
+    pub backups: Vec<RawBackup>,
+    #[serde(default)]
+    pub resume: RawResume,
+    #[serde(default)]
+    pub retry: RawRetry,
+    #[serde(default)]
+    pub logging: RawLogging,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentSection {
+    pub name: Name,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerAddress {
+    pub address: String,
+    pub server_name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentTls {
+    pub ca_cert: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackup {
+    pub name: Name,
+    pub storage: Name,
+    pub schedule: Option<String>,
+    pub sources: Vec<RawSource>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    pub parallels: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResume {
+    pub buffer_size: Option<ByteSize>,
+    pub chunk_size: Option<ByteSize>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub max_attempts: Option<u32>,
+    pub initial_delay: Option<HumanDuration>,
+    pub max_delay: Option<HumanDuration>,
+}
+
+/// Validated agent configuration.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Must equal the identity in the agent's certificate; the server checks.
+    pub name: Name,
+    pub server: ServerEndpoint,
+    pub tls: AgentTls,
+    pub backups: Vec<BackupEntry>,
+    pub resume: Resume,
+    pub retry: Retry,
+    pub logging: Logging,
+}
+
+/// Where the server is and which name its certificate must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerEndpoint {
+    /// `host:port` as configured, resolved at connect time.
+    pub address: String,
+    /// Name verified against the server certificate (a DNS name or an IP address).
+    pub server_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentTls {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One backup entry: what to archive, where to, and when.
+#[derive(Clone, Debug)]
+pub struct BackupEntry {
+    pub name: Name,
+    pub storage: Name,
+    /// `None`: the entry only runs on demand.
+    pub schedule: Option<Schedule>,
+    /// Absolute source paths; archive members are these paths without the leading `/`.
+    pub sources: Vec<PathBuf>,
+    pub exclude: Excludes,
+    /// Streams to use (1 to 64).
+    pub parallels: u16,
+}
+
+/// The in-memory window of unacknowledged data and the chunk size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub buffer_size: u64,
+    pub chunk_size: u32,
+}
+
+/// Reconnect and re-run policy: exponential backoff from `initial_delay`, doubling up
+/// to `max_delay`, at most `max_attempts` tries in a row without progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retry {
+    pub max_attempts: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Retry {
+    /// Delay before retry number `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.initial_delay.saturating_mul(factor).min(self.max_delay)
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { max_attempts: 5, initial_delay: Duration::from_secs(1), max_delay: Duration::from_secs(300) }
+    }
+}
+
+impl Default for Resume {
+    fn default() -> Self {
+        Resume { buffer_size: 256 * ByteSize::MIB, chunk_size: ByteSize::MIB as u32 }
+    }
+}
+
+/// Exclude patterns, matched the way people expect from tar and gitignore:
+///
+/// * a pattern without `/` matches an entry's own name at any depth (`*.log`,
+///   `node_modules`, `.cache`);
+/// * a pattern with `/` matches the path below the source root (`tmp/**`, `logs/*.gz`;
+///   `**/x/*` at any depth);
+/// * a pattern starting with `/` matches the absolute path (`/var/lib/mysql/**`).
+///
+/// `*` and `?` never cross `/`; `**` does. An excluded directory is not entered.
+#[derive(Clone, Debug)]
+pub struct Excludes {
+    patterns: Vec<String>,
+    names: GlobSet,
+    relative: GlobSet,
+    absolute: GlobSet,
+}
+
+impl Excludes {
+    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<Self, (usize, String)> {
+        let mut names = GlobSetBuilder::new();
+        let mut relative = GlobSetBuilder::new();
+        let mut absolute = GlobSetBuilder::new();
+        for (i, p) in patterns.iter().enumerate() {
+            let p = p.as_ref();
+            if p.is_empty() {
+                return Err((i, "empty pattern".into()));
+            }
+            let glob = |s: &str| -> Result<Glob, (usize, String)> {
+                GlobBuilder::new(s)
+                    .literal_separator(true)
+                    .backslash_escape(true)
+                    .build()
+                    .map_err(|e| (i, format!("invalid pattern {p:?}: {}", e.kind())))
+            };
+            if p.starts_with('/') {
+                absolute.add(glob(p)?);
+            } else if p.contains('/') {
+                relative.add(glob(p.trim_end_matches('/'))?);
+            } else {
+                names.add(glob(p)?);
+            }
+        }
+        let build = |b: GlobSetBuilder| b.build().map_err(|e| (0, e.to_string()));
+        Ok(Excludes {
+            patterns: patterns.iter().map(|p| p.as_ref().to_string()).collect(),
+            names: build(names)?,
+            relative: build(relative)?,
+            absolute: build(absolute)?,
+        })
+    }
+
+    pub fn none() -> Self {
+        Excludes::new::<&str>(&[]).expect("an empty set always builds")
+    }
+
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    /// Whether the entry at `absolute` (named `name`, at `relative` below its source
+    /// root) is excluded.
+    pub fn is_excluded(&self, absolute: &Path, relative: &Path, name: &OsStr) -> bool {
+        self.names.is_match(Path::new(name))
+            || (!relative.as_os_str().is_empty() && self.relative.is_match(relative))
+            || self.absolute.is_match(absolute)
+    }
+}
+
+impl AgentConfig {
+    pub const DEFAULT_PORT: u16 = 9847;
+
+    /// Parses and validates `text`, read from `file` (used in messages and to resolve
+    /// relative paths).
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let src = Source { file, text };
+        let raw: RawAgentConfig = src.parse()?;
+        Self::from_raw(raw, &src)
+    }
+
+    fn from_raw(raw: RawAgentConfig, src: &Source<'_>) -> Result<Self, ConfigError> {
+        let base = base_dir(src.file);
+        let server = endpoint(&raw.server, src)?;
+        let resume = resume(&raw.resume, src)?;
+        let retry = retry(&raw.retry, src)?;
+        if raw.backups.is_empty() {
+            return Err(src.error(
+                Some("backups"),
+                "no backup entries are defined",
+                Some("add one: `backups: [{name: etc, storage: main, sources: [{path: /etc}]}]`".into()),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        let mut backups = Vec::with_capacity(raw.backups.len());
+        for (i, b) in raw.backups.into_iter().enumerate() {
+            let at = format!("backups[{i}]");
+            if !seen.insert(b.name.clone()) {
+                return Err(src.error(
+                    Some(&format!("{at}.name")),
+                    format!("backup entry {} is defined twice", b.name),
+                    Some("entry names must be unique; the server keys archives by them".into()),
+                ));
+            }
+            let schedule = match &b.schedule {
+                None => None,
+                Some(expr) => Some(Schedule::parse(expr).map_err(|e| {
+                    src.error(
+                        Some(&format!("{at}.schedule")),
+                        e,
+                        Some("use 5 fields (minute hour day-of-month month day-of-week), e.g. \"0 2 * * *\", or @daily/@hourly".into()),
+                    )
+                })?),
+            };
+            if b.sources.is_empty() {
+                return Err(src.error(Some(&format!("{at}.sources")), "no sources", Some("add `- path: /etc`".into())));
+            }
+            let mut sources = Vec::with_capacity(b.sources.len());
+            for (j, s) in b.sources.into_iter().enumerate() {
+                if !s.path.is_absolute() {
+                    return Err(src.error(
+                        Some(&format!("{at}.sources[{j}].path")),
+                        format!("{} is not an absolute path", s.path.display()),
+                        Some("archive members are named after absolute source paths; write e.g. /etc".into()),
+                    ));
+                }
+                sources.push(s.path);
+            }
+            for (j, s) in sources.iter().enumerate() {
+                if let Some(k) = sources.iter().position(|o| o != s && s.starts_with(o)) {
+                    return Err(src.error(
+                        Some(&format!("{at}.sources[{j}].path")),
+                        format!("{} is inside source {}", s.display(), sources[k].display()),
+                        Some("it would be archived twice; remove one".into()),
+                    ));
+                }
+                if sources[..j].contains(s) {
+                    return Err(src.error(
+                        Some(&format!("{at}.sources[{j}].path")),
+                        format!("{} is listed twice", s.display()),
+                        None,
+                    ));
+                }
+            }
+            let exclude = Excludes::new(&b.exclude).map_err(|(j, e)| {
+                src.error(
+                    Some(&format!("{at}.exclude[{j}]")),
+                    e,
+                    Some("globs: * and ? within a name, ** across directories, [abc] classes".into()),
+                )
+            })?;
+            let parallels = match b.parallels {
+                None | Some(0) => 1,
+                Some(n) if n <= MAX_STREAMS => n,
+                Some(n) => {
+                    return Err(src.error(
+                        Some(&format!("{at}.parallels")),
+                        format!("{n} streams is more than the limit"),
+                        Some(format!("use 1 to {MAX_STREAMS}")),
+                    ));
+                }
+            };
+            let needed = u64::from(parallels) * u64::from(resume.chunk_size) * 2;
+            if resume.buffer_size < needed {
+                return Err(src.error(
+                    Some(&format!("{at}.parallels")),
+                    format!(
+                        "{parallels} streams need a window of at least {} (2 chunks of {} per stream), but resume.buffer_size is {}",
+                        ByteSize(needed),
+                        ByteSize(resume.chunk_size.into()),
+                        ByteSize(resume.buffer_size)
+                    ),
+                    Some("raise resume.buffer_size or lower parallels".into()),
+                ));
+            }
+            backups.push(BackupEntry { name: b.name, storage: b.storage, schedule, sources, exclude, parallels });
+        }
+        Ok(AgentConfig {
+            name: raw.agent.name,
+            server,
+            tls: AgentTls {
+                ca_cert: resolve(&base, raw.tls.ca_cert),
+                cert: resolve(&base, raw.tls.client_cert),
+                key: resolve(&base, raw.tls.client_key),
+            },
+            backups,
+            resume,
+            retry,
+            logging: Logging::from_raw(raw.logging, &base),
+        })
+    }
+
+    /// The entries named in `names`, in config order; all entries when `names` is
+    /// empty. Unknown names are an error listing the valid ones.
+    pub fn select(&self, names: &[String]) -> Result<Vec<&BackupEntry>, String> {
+        if names.is_empty() {
+            return Ok(self.backups.iter().collect());
+        }
+        for n in names {
+            if !self.backups.iter().any(|b| b.name.as_str() == n) {
+                let valid: Vec<_> = self.backups.iter().map(|b| b.name.as_str()).collect();
+                return Err(format!("no backup entry named {n:?}; entries: {}", valid.join(", ")));
+            }
+        }
+        Ok(self.backups.iter().filter(|b| names.iter().any(|n| n == b.name.as_str())).collect())
+    }
+}
+
+fn endpoint(raw: &RawServerAddress, src: &Source<'_>) -> Result<ServerEndpoint, ConfigError> {
+    let bad = |msg: String| {
+        src.error(
+            Some("server.address"),
+            msg,
+            Some("write host:port, e.g. backup.example.com:9847 or [2001:db8::1]:9847".into()),
+        )
+    };
+    let (host, port) = raw
+        .address
+        .rsplit_once(':')
+        .ok_or_else(|| bad(format!("{:?} has no port", raw.address)))?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad(format!("{port:?} is not a port number")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad(format!("{:?} has no host", raw.address)));
+    }
+    let server_name = raw.server_name.clone().unwrap_or_else(|| host.to_string());
+    if rustls_name_ok(&server_name).is_err() {
+        return Err(src.error(
+            Some(if raw.server_name.is_some() { "server.server_name" } else { "server.address" }),
+            format!("{server_name:?} is neither a DNS name nor an IP address"),
+            Some("set server.server_name to the name in the server certificate".into()),
+        ));
+    }
+    Ok(ServerEndpoint { address: raw.address.clone(), server_name })
+}
+
+/// The server name must be something a certificate can carry: an IP or a DNS name.
+fn rustls_name_ok(name: &str) -> Result<(), ()> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let labels_ok = name.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    });
+    if name.len() <= 253 && labels_ok { Ok(()) } else { Err(()) }
+}
+
+fn resume(raw: &RawResume, src: &Source<'_>) -> Result<Resume, ConfigError> {
+    let defaults = Resume::default();
+    let chunk = raw.chunk_size.map_or(u64::from(defaults.chunk_size), ByteSize::bytes);
+    if !(u64::from(MIN_CHUNK_SIZE)..=u64::from(MAX_CHUNK_SIZE)).contains(&chunk) {
+        return Err(src.error(
+            Some("resume.chunk_size"),
+            format!("{} is out of range", ByteSize(chunk)),
+            Some(format!("use {} to {}", ByteSize(MIN_CHUNK_SIZE.into()), ByteSize(MAX_CHUNK_SIZE.into()))),
+        ));
+    }
+    let buffer = raw.buffer_size.map_or(defaults.buffer_size, ByteSize::bytes);
+    if buffer < 2 * chunk {
+        return Err(src.error(
+            Some("resume.buffer_size"),
+            format!("{} cannot hold two chunks of {}", ByteSize(buffer), ByteSize(chunk)),
+            Some("the window must be at least twice resume.chunk_size; 64mb to 1gb is typical".into()),
+        ));
+    }
+    Ok(Resume { buffer_size: buffer, chunk_size: chunk as u32 })
+}
+
+fn retry(raw: &RawRetry, src: &Source<'_>) -> Result<Retry, ConfigError> {
+    let d = Retry::default();
+    let r = Retry {
+        max_attempts: raw.max_attempts.unwrap_or(d.max_attempts),
+        initial_delay: raw.initial_delay.map_or(d.initial_delay, |x| x.0),
+        max_delay: raw.max_delay.map_or(d.max_delay, |x| x.0),
+    };
+    if r.max_attempts == 0 {
+        return Err(src.error(Some("retry.max_attempts"), "must be at least 1", None));
+    }
+    if r.initial_delay.is_zero() {
+        return Err(src.error(Some("retry.initial_delay"), "must be more than 0", Some("e.g. 1s".into())));
+    }
+    if r.initial_delay > r.max_delay {
+        return Err(src.error(
+            Some("retry.initial_delay"),
+            format!(
+                "initial_delay {} is longer than max_delay {}",
+                HumanDuration(r.initial_delay),
+                HumanDuration(r.max_delay)
+            ),
+            None,
+        ));
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(patterns: &[&str], abs: &str, root: &str) -> bool {
+        let e = Excludes::new(patterns).expect("valid patterns");
+        let abs = Path::new(abs);
+        let rel = abs.strip_prefix(root).expect("abs below root");
+        e.is_excluded(abs, rel, abs.file_name().expect("has a name"))
+    }
+
+    #[test]
+    fn excludes_by_name_at_any_depth() {
+        assert!(ex(&["*.log"], "/src/a/b/c.log", "/src"));
+        assert!(ex(&["node_modules"], "/src/x/node_modules", "/src"));
+        assert!(!ex(&["*.log"], "/src/a/c.log.gz", "/src"));
+        assert!(!ex(&["a"], "/src/a/b", "/src"));
+    }
+
+    #[test]
+    fn excludes_relative_paths_from_the_source_root() {
+        assert!(ex(&["tmp/**"], "/src/tmp/x", "/src"));
+        assert!(ex(&["tmp/**"], "/src/tmp/x/y", "/src"));
+        assert!(!ex(&["tmp/**"], "/src/tmp", "/src"));
+        assert!(!ex(&["tmp/**"], "/src/a/tmp/x", "/src"));
+        assert!(ex(&["**/cache/*"], "/src/a/b/cache/f", "/src"));
+        assert!(ex(&["logs/*.gz"], "/src/logs/a.gz", "/src"));
+        assert!(!ex(&["logs/*.gz"], "/src/logs/sub/a.gz", "/src"));
+        assert!(ex(&["tmp/"], "/src/tmp", "/src"));
+    }
+
+    #[test]
+    fn excludes_absolute_paths() {
+        assert!(ex(&["/var/lib/mysql/**"], "/var/lib/mysql/db/t.ibd", "/var"));
+        assert!(!ex(&["/var/lib/mysql/**"], "/var/lib/other", "/var"));
+    }
+
+    #[test]
+    fn rejects_bad_patterns() {
+        assert_eq!(Excludes::new(&["ok", "[unclosed"]).unwrap_err().0, 1);
+        assert_eq!(Excludes::new(&[""]).unwrap_err().0, 0);
+    }
+
+    #[test]
+    fn retry_backs_off_exponentially_up_to_the_cap() {
+        let r = Retry { max_attempts: 9, initial_delay: Duration::from_secs(1), max_delay: Duration::from_secs(5) };
+        let delays: Vec<u64> = (1..=5).map(|a| r.delay(a).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 5, 5]);
+        assert_eq!(r.delay(200), Duration::from_secs(5));
+    }
+}

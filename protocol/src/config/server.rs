@@ -1,0 +1,190 @@
+//! `server.yaml`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::error::Source;
+use super::{ConfigError, HumanDuration, Logging, RawLogging, base_dir, resolve};
+use crate::limits::{MAX_STORAGES, MAX_STREAMS};
+use crate::name::Name;
+use crate::wire::Compression;
+
+/// `server.yaml` as written.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerConfig {
+    pub server: RawServerSection,
+    pub tls: RawServerTls,
+    pub storages: BTreeMap<String, RawStorage>,
+    #[serde(default)]
+    pub logging: RawLogging,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerSection {
+    pub listen: String,
+    pub handshake_timeout: Option<HumanDuration>,
+    pub session_ttl: Option<HumanDuration>,
+    pub max_streams_per_session: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTls {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    pub base_dir: PathBuf,
+    pub max_backups: u32,
+    pub compression: Compression,
+    pub compression_level: Option<i32>,
+    pub chunk_fsync: Option<bool>,
+}
+
+/// Validated server configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Bound on each phase of a new connection: TLS handshake, preamble, first frame.
+    pub handshake_timeout: Duration,
+    /// A session with no traffic for this long is ended and its lock released.
+    pub session_ttl: Duration,
+    pub max_streams_per_session: u16,
+    pub tls: ServerTls,
+    pub storages: BTreeMap<Name, Storage>,
+    pub logging: Logging,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerTls {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One named storage: where archives go, how many to keep, how they are compressed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Storage {
+    pub name: Name,
+    pub base_dir: PathBuf,
+    pub max_backups: u32,
+    pub compression: Compression,
+    pub level: i32,
+    /// fsync every chunk before acknowledging it (slower; survives power loss
+    /// mid-upload without re-sending). The archive is always fsynced at commit.
+    pub chunk_fsync: bool,
+}
+
+impl ServerConfig {
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_MAX_STREAMS: u16 = 16;
+
+    /// Parses and validates `text`, read from `file` (used in messages and to resolve
+    /// relative paths).
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let src = Source { file, text };
+        let raw: RawServerConfig = src.parse()?;
+        Self::from_raw(raw, &src)
+    }
+
+    fn from_raw(raw: RawServerConfig, src: &Source<'_>) -> Result<Self, ConfigError> {
+        let base = base_dir(src.file);
+        let listen: SocketAddr = raw.server.listen.parse().map_err(|_| {
+            src.error(
+                Some("server.listen"),
+                format!("{:?} is not an address:port", raw.server.listen),
+                Some("write e.g. \"0.0.0.0:9847\" or \"[::]:9847\"".into()),
+            )
+        })?;
+        let handshake_timeout = raw.server.handshake_timeout.map_or(Self::DEFAULT_HANDSHAKE_TIMEOUT, |d| d.0);
+        if handshake_timeout < Duration::from_millis(100) {
+            return Err(src.error(Some("server.handshake_timeout"), "must be at least 100ms", None));
+        }
+        let session_ttl = raw.server.session_ttl.map_or(Self::DEFAULT_SESSION_TTL, |d| d.0);
+        if session_ttl < Duration::from_secs(1) {
+            return Err(src.error(Some("server.session_ttl"), "must be at least 1s", None));
+        }
+        let max_streams = raw.server.max_streams_per_session.unwrap_or(Self::DEFAULT_MAX_STREAMS);
+        if !(1..=MAX_STREAMS).contains(&max_streams) {
+            return Err(src.error(
+                Some("server.max_streams_per_session"),
+                format!("{max_streams} is out of range"),
+                Some(format!("use 1 to {MAX_STREAMS}")),
+            ));
+        }
+        if raw.storages.is_empty() {
+            return Err(src.error(
+                Some("storages"),
+                "no storages are defined",
+                Some("define at least one, e.g. `storages: {main: {base_dir: /var/backups/nbackup, max_backups: 7, compression: gzip}}`".into()),
+            ));
+        }
+        if raw.storages.len() > MAX_STORAGES {
+            return Err(src.error(Some("storages"), format!("more than {MAX_STORAGES} storages"), None));
+        }
+        let mut storages = BTreeMap::new();
+        let mut dirs: BTreeMap<PathBuf, Name> = BTreeMap::new();
+        for (key, s) in raw.storages {
+            let at = format!("storages.{key}");
+            let name = Name::new(key.clone())
+                .map_err(|e| src.error(Some(&at), format!("invalid storage name {key:?}: {e}"), None))?;
+            if s.max_backups == 0 {
+                return Err(src.error(
+                    Some(&format!("{at}.max_backups")),
+                    "must be at least 1",
+                    Some("it is how many archives to keep per agent and backup".into()),
+                ));
+            }
+            let level = s.compression_level.unwrap_or(s.compression.default_level());
+            let range = s.compression.level_range();
+            if !range.contains(&level) {
+                return Err(src.error(
+                    Some(&format!("{at}.compression_level")),
+                    format!("{level} is not a {} level", s.compression),
+                    Some(format!("use {} to {}", range.start(), range.end())),
+                ));
+            }
+            let base_dir = resolve(&base, s.base_dir);
+            if let Some(other) = dirs.insert(base_dir.clone(), name.clone()) {
+                return Err(src.error(
+                    Some(&format!("{at}.base_dir")),
+                    format!("storage {other} already uses {}", base_dir.display()),
+                    Some("give every storage its own base_dir".into()),
+                ));
+            }
+            storages.insert(
+                name.clone(),
+                Storage {
+                    name,
+                    base_dir,
+                    max_backups: s.max_backups,
+                    compression: s.compression,
+                    level,
+                    chunk_fsync: s.chunk_fsync.unwrap_or(false),
+                },
+            );
+        }
+        Ok(ServerConfig {
+            listen,
+            handshake_timeout,
+            session_ttl,
+            max_streams_per_session: max_streams,
+            tls: ServerTls {
+                ca_cert: resolve(&base, raw.tls.ca_cert),
+                cert: resolve(&base, raw.tls.server_cert),
+                key: resolve(&base, raw.tls.server_key),
+            },
+            storages,
+            logging: Logging::from_raw(raw.logging, &base),
+        })
+    }
+}

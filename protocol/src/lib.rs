@@ -1,0 +1,16 @@
+//! Formats nbackup processes and people exchange, with no I/O:
+//!
+//! * [`wire`] — the binary protocol between agent and server (preamble, frames,
+//!   limits in [`limits`]), documented byte by byte in `docs/protocol.md`;
+//! * [`name`] — validated names and session ids, the only values that reach paths;
+//! * [`config`] — the YAML configuration schema of both daemons, validated in two
+//!   stages, so the runtime and the setup wizard share one definition.
+//!
+//! Nothing here opens sockets or files: callers hand in bytes or text.
+
+pub mod config;
+pub mod limits;
+pub mod name;
+pub mod wire;
+
+pub use name::{Name, NameError, SessionId};

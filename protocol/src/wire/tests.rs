@@ -1,0 +1,379 @@
+use super::*;
+use proptest::prelude::*;
+
+fn name(s: &str) -> Name {
+    Name::new(s).expect("valid test name")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_all(bytes: &[u8]) -> Result<Option<Frame>, DecodeError> {
+    let mut buf = BytesMut::from(bytes);
+    let frame = decode_frame(&mut buf)?;
+    if frame.is_some() {
+        assert!(buf.is_empty(), "decoder left {} bytes", buf.len());
+    }
+    Ok(frame)
+}
+
+// Golden vectors: these bytes are the protocol. If one of these tests fails, either
+// the change is a bug or PROTOCOL_VERSION must change and docs/protocol.md with it.
+
+#[test]
+fn golden_preamble() {
+    let p = Preamble::new(ConnKind::Backup, Caps::GZIP.union(Caps::ZSTD));
+    assert_eq!(hex(&p.encode()), "4e424b500001" .to_owned() + "00000003");
+    assert_eq!(Preamble::decode(&p.encode()), Ok(p));
+    let join = Preamble::new(ConnKind::Join, Caps::GZIP);
+    assert_eq!(&join.encode()[..4], b"JOIN");
+    let ping = Preamble::new(ConnKind::Ping, Caps::default());
+    assert_eq!(hex(&ping.encode()), "50494e47000100000000");
+}
+
+#[test]
+fn golden_hello() {
+    let f = Frame::Hello(Hello {
+        agent: name("web-01"),
+        storage: name("main"),
+        backup: name("etc"),
+        agent_version: "0.1.0".into(),
+        chunk_size: 1 << 20,
+        streams: 4,
+    });
+    assert_eq!(
+        hex(&f.to_bytes()),
+        "010000001d\
+         06\
+         7765622d3031\
+         04\
+         6d61696e\
+         03\
+         657463\
+         0005\
+         302e312e30\
+         00100000\
+         0004"
+    );
+}
+
+#[test]
+fn golden_welcome() {
+    let f = Frame::Welcome(Welcome {
+        session: SessionId([0x11; 16]),
+        compression: Compression::Zstd,
+        level: 3,
+        max_streams: 8,
+    });
+    assert_eq!(
+        hex(&f.to_bytes()),
+        "0200000017\
+         11111111111111111111111111111111\
+         02\
+         00000003\
+         0008"
+    );
+}
+
+#[test]
+fn golden_chunk_and_ack() {
+    let chunk = Chunk::new(2, 2 << 20, Bytes::from_static(b"abc"));
+    // CRC32C("abc") = 0x364b3fb7 (RFC 3720 test vectors use the same polynomial).
+    assert_eq!(chunk.crc32c, 0x364b_3fb7);
+    assert_eq!(
+        hex(&Frame::Chunk(chunk).to_bytes()),
+        "1000000017\
+         0000000000000002\
+         0000000000200000\
+         364b3fb7\
+         616263"
+    );
+    assert_eq!(hex(&Frame::Ack(Ack { seq: 7 }).to_bytes()), "11000000080000000000000007");
+}
+
+#[test]
+fn golden_commit_and_committed() {
+    let commit = Frame::Commit(Commit {
+        total_len: 5,
+        chunks: 1,
+        sha256: [0xaa; 32],
+        stats: SourceStats { entries: 3, bytes_read: 9, skipped: 1 },
+    });
+    assert_eq!(
+        hex(&commit.to_bytes()),
+        format!(
+            "2000000048{}{}{}{}{}{}",
+            "0000000000000005",
+            "0000000000000001",
+            "aa".repeat(32),
+            "0000000000000003",
+            "0000000000000009",
+            "0000000000000001"
+        )
+    );
+    let committed = Frame::Committed(Committed { archive: "a.tar.gz".into(), size: 5, sha256: [0xbb; 32] });
+    assert_eq!(
+        hex(&committed.to_bytes()),
+        format!("2100000032000861{}{}{}", hex(b".tar.gz"), "0000000000000005", "bb".repeat(32))
+    );
+}
+
+#[test]
+fn golden_refused_and_abort() {
+    let f = Frame::Refused(Refusal::new(Reason::Busy, "x"));
+    assert_eq!(hex(&f.to_bytes()), "0300000005000300" .to_owned() + "0178");
+    let f = Frame::Abort(Refusal::new(Reason::DiskFull, ""));
+    assert_eq!(hex(&f.to_bytes()), "300000000400040000");
+}
+
+#[test]
+fn golden_join_joined_health() {
+    let f = Frame::Join(Join { session: SessionId([0x22; 16]), stream: 3 });
+    assert_eq!(hex(&f.to_bytes()), format!("0400000012{}0003", "22".repeat(16)));
+    assert_eq!(hex(&Frame::Joined(Joined { stream: 3 }).to_bytes()), "05000000020003");
+    let f = Frame::Health(Health {
+        server_version: "1".into(),
+        uptime_secs: 2,
+        draining: false,
+        active_sessions: 1,
+        storages: vec![StorageHealth {
+            name: name("m"),
+            compression: Compression::Gzip,
+            free_bytes: 10,
+            total_bytes: 20,
+        }],
+    });
+    assert_eq!(
+        hex(&f.to_bytes()),
+        "4000000025\
+         000131\
+         0000000000000002\
+         00\
+         00000001\
+         0001\
+         016d\
+         01\
+         000000000000000a\
+         0000000000000014"
+    );
+}
+
+#[test]
+fn accepts_frames_split_at_every_byte() {
+    let frame = Frame::Hello(Hello {
+        agent: name("a"),
+        storage: name("b"),
+        backup: name("c"),
+        agent_version: "v".into(),
+        chunk_size: 65536,
+        streams: 1,
+    });
+    let bytes = frame.to_bytes();
+    for cut in 0..bytes.len() {
+        let mut buf = BytesMut::from(&bytes[..cut]);
+        assert_eq!(decode_frame(&mut buf), Ok(None), "cut at {cut}");
+        assert_eq!(buf.len(), cut, "nothing consumed while incomplete");
+        buf.extend_from_slice(&bytes[cut..]);
+        assert_eq!(decode_frame(&mut buf), Ok(Some(frame.clone())));
+    }
+}
+
+#[test]
+fn accepts_back_to_back_frames() {
+    let mut buf = Frame::Ack(Ack { seq: 1 }).to_bytes();
+    Frame::Ack(Ack { seq: 2 }).encode(&mut buf);
+    assert_eq!(decode_frame(&mut buf), Ok(Some(Frame::Ack(Ack { seq: 1 }))));
+    assert_eq!(decode_frame(&mut buf), Ok(Some(Frame::Ack(Ack { seq: 2 }))));
+    assert_eq!(decode_frame(&mut buf), Ok(None));
+}
+
+#[test]
+fn rejects_unknown_frame_type_from_header_alone() {
+    assert_eq!(decode_all(&[0x7f, 0, 0, 0, 0]), Err(DecodeError::UnknownFrameType(0x7f)));
+}
+
+#[test]
+fn rejects_oversized_lengths_before_buffering() {
+    // Only the header is present: the decoder must refuse without waiting for 4 GiB.
+    assert_eq!(
+        decode_all(&[0x10, 0xff, 0xff, 0xff, 0xff]),
+        Err(DecodeError::FrameTooLarge { frame: "Chunk", len: u32::MAX, max: MAX_CHUNK_PAYLOAD })
+    );
+    assert_eq!(
+        decode_all(&[0x01, 0x00, 0x01, 0x00, 0x01]),
+        Err(DecodeError::FrameTooLarge { frame: "Hello", len: 65537, max: MAX_CONTROL_PAYLOAD })
+    );
+    assert_eq!(bytes_needed(&[0x10, 0xff, 0xff, 0xff, 0xff]).is_err(), true);
+    assert_eq!(bytes_needed(&[0x11, 0, 0, 0, 8]), Ok(13));
+    assert_eq!(bytes_needed(&[0x11]), Ok(5));
+}
+
+#[test]
+fn rejects_trailing_bytes() {
+    assert_eq!(
+        decode_all(&[0x11, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1, 0xee]),
+        Err(DecodeError::TrailingBytes { frame: "Ack", extra: 1 })
+    );
+}
+
+#[test]
+fn rejects_truncated_payload() {
+    assert_eq!(
+        decode_all(&[0x11, 0, 0, 0, 4, 0, 0, 0, 1]),
+        Err(DecodeError::Truncated { frame: "Ack" })
+    );
+    assert_eq!(decode_all(&[0x10, 0, 0, 0, 3, 1, 2, 3]), Err(DecodeError::Truncated { frame: "Chunk" }));
+}
+
+#[test]
+fn rejects_hostile_names() {
+    // Hello with agent "../x".
+    let mut payload = vec![4];
+    payload.extend_from_slice(b"../x");
+    payload.extend_from_slice(&[1, b'm', 1, b'b', 0, 0, 0, 1, 0, 0, 0, 1]);
+    let mut frame = vec![0x01];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    assert_eq!(
+        decode_all(&frame),
+        Err(DecodeError::BadName { frame: "Hello", field: "agent", error: NameError::BadStart })
+    );
+}
+
+#[test]
+fn rejects_unknown_compression_and_conn_kind() {
+    let mut bytes = Frame::Welcome(Welcome {
+        session: SessionId([0; 16]),
+        compression: Compression::Gzip,
+        level: 1,
+        max_streams: 1,
+    })
+    .to_bytes();
+    bytes[5 + 16] = 9;
+    assert_eq!(
+        decode_all(&bytes),
+        Err(DecodeError::UnknownValue { field: "compression", value: 9 })
+    );
+    assert_eq!(
+        Preamble::decode(b"HTTP/1.1 \r"),
+        Err(DecodeError::UnknownConnKind(*b"HTTP"))
+    );
+}
+
+#[test]
+fn keeps_unknown_reasons_from_newer_peers() {
+    let bytes = [0x03, 0, 0, 0, 4, 0xbe, 0xef, 0, 0];
+    assert_eq!(
+        decode_all(&bytes),
+        Ok(Some(Frame::Refused(Refusal { reason: Reason::Other(0xbeef), message: String::new() })))
+    );
+    assert_eq!(Reason::Other(0xbeef).to_string(), "reason 0xbeef");
+}
+
+#[test]
+fn refusal_text_is_capped_on_a_char_boundary() {
+    let r = Refusal::new(Reason::Internal, "é".repeat(MAX_TEXT_LEN));
+    assert!(r.message.len() <= MAX_TEXT_LEN);
+    assert!(decode_all(&Frame::Refused(r.clone()).to_bytes()).is_ok());
+}
+
+#[test]
+fn reason_codes_round_trip() {
+    for code in 0..0x20u16 {
+        assert_eq!(Reason::from_code(code).code(), code);
+    }
+}
+
+fn arb_name() -> impl Strategy<Value = Name> {
+    "[a-z0-9][a-z0-9_@+-]{0,40}".prop_map(|s| Name::new(s).expect("regex yields valid names"))
+}
+
+fn arb_reason() -> impl Strategy<Value = Reason> {
+    any::<u16>().prop_map(Reason::from_code)
+}
+
+fn arb_compression() -> impl Strategy<Value = Compression> {
+    prop_oneof![Just(Compression::Gzip), Just(Compression::Zstd)]
+}
+
+fn arb_frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (arb_name(), arb_name(), arb_name(), ".{0,20}", any::<u32>(), any::<u16>()).prop_map(
+            |(agent, storage, backup, agent_version, chunk_size, streams)| Frame::Hello(Hello {
+                agent,
+                storage,
+                backup,
+                agent_version,
+                chunk_size,
+                streams
+            })
+        ),
+        (any::<[u8; 16]>(), arb_compression(), any::<i32>(), any::<u16>()).prop_map(|(s, c, l, m)| {
+            Frame::Welcome(Welcome { session: SessionId(s), compression: c, level: l, max_streams: m })
+        }),
+        (arb_reason(), ".{0,50}").prop_map(|(r, m)| Frame::Refused(Refusal::new(r, m))),
+        (arb_reason(), ".{0,50}").prop_map(|(r, m)| Frame::Abort(Refusal::new(r, m))),
+        (any::<[u8; 16]>(), any::<u16>())
+            .prop_map(|(s, stream)| Frame::Join(Join { session: SessionId(s), stream })),
+        any::<u16>().prop_map(|stream| Frame::Joined(Joined { stream })),
+        (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2048))
+            .prop_map(|(seq, off, data)| Frame::Chunk(Chunk::new(seq, off, Bytes::from(data)))),
+        any::<u64>().prop_map(|seq| Frame::Ack(Ack { seq })),
+        (any::<u64>(), any::<u64>(), any::<[u8; 32]>(), any::<[u64; 3]>()).prop_map(|(t, c, h, s)| {
+            Frame::Commit(Commit {
+                total_len: t,
+                chunks: c,
+                sha256: h,
+                stats: SourceStats { entries: s[0], bytes_read: s[1], skipped: s[2] },
+            })
+        }),
+        (".{0,60}", any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(archive, size, sha256)| Frame::Committed(Committed { archive, size, sha256 })),
+        (
+            ".{0,20}",
+            any::<u64>(),
+            any::<bool>(),
+            any::<u32>(),
+            proptest::collection::vec((arb_name(), arb_compression(), any::<u64>(), any::<u64>()), 0..8)
+        )
+            .prop_map(|(v, up, dr, act, st)| Frame::Health(Health {
+                server_version: v,
+                uptime_secs: up,
+                draining: dr,
+                active_sessions: act,
+                storages: st
+                    .into_iter()
+                    .map(|(name, compression, free_bytes, total_bytes)| StorageHealth {
+                        name,
+                        compression,
+                        free_bytes,
+                        total_bytes
+                    })
+                    .collect(),
+            })),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn decode_inverts_encode(frame in arb_frame()) {
+        prop_assert_eq!(decode_all(&frame.to_bytes()), Ok(Some(frame)));
+    }
+
+    #[test]
+    fn decoder_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut buf = BytesMut::from(&bytes[..]);
+        // Drain as many frames as the garbage happens to contain; any outcome but a
+        // panic is acceptable.
+        while let Ok(Some(_)) = decode_frame(&mut buf) {}
+    }
+
+    #[test]
+    fn decoder_never_panics_on_mutated_frames(frame in arb_frame(), idx in any::<usize>(), byte in any::<u8>()) {
+        let mut bytes = frame.to_bytes();
+        let i = idx % bytes.len();
+        bytes[i] = byte;
+        let _ = decode_frame(&mut bytes);
+    }
+}
