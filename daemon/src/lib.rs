@@ -1,1 +1,16 @@
+//! The nbackup runtimes: the server that receives and commits archives, the agent
+//! that produces and sends them, and what both share (TLS, PKI, framed connections,
+//! durable filesystem operations).
+//!
+//! Daemons are library functions — [`server::run`] and [`agent::run_backup`] — so the
+//! CLI, the demo and the tests start them the same way, in-process.
 
+pub mod agent;
+pub mod conn;
+pub mod fsutil;
+pub mod pki;
+pub mod server;
+pub mod tls;
+
+/// This build's version, recorded in manifests and exchanged with peers.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

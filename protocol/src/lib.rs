@@ -9,6 +9,7 @@
 //! Nothing here opens sockets or files: callers hand in bytes or text.
 
 pub mod config;
+pub mod manifest;
 pub mod limits;
 pub mod name;
 pub mod wire;

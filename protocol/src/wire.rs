@@ -337,10 +337,15 @@ pub struct Welcome {
 }
 
 /// Client → server: attach stream `stream` to `session`.
+///
+/// `generation` counts the agent's connection attempts for this stream. A join with a
+/// higher generation than the attached one replaces it (the old connection may be
+/// half-open and not yet noticed); an equal or lower one is a duplicate and refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Join {
     pub session: SessionId,
     pub stream: u16,
+    pub generation: u32,
 }
 
 /// Server → client: the stream is attached.
@@ -578,6 +583,7 @@ impl Frame {
             Frame::Join(m) => {
                 dst.put_slice(&m.session.0);
                 dst.put_u16(m.stream);
+                dst.put_u32(m.generation);
             }
             Frame::Joined(m) => dst.put_u16(m.stream),
             Frame::Ack(m) => dst.put_u64(m.seq),
@@ -712,7 +718,9 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
         }),
         FrameType::REFUSED => Frame::Refused(r.refusal()?),
         FrameType::ABORT => Frame::Abort(r.refusal()?),
-        FrameType::JOIN => Frame::Join(Join { session: SessionId(r.array()?), stream: r.u16()? }),
+        FrameType::JOIN => {
+            Frame::Join(Join { session: SessionId(r.array()?), stream: r.u16()?, generation: r.u32()? })
+        }
         FrameType::JOINED => Frame::Joined(Joined { stream: r.u16()? }),
         FrameType::ACK => Frame::Ack(Ack { seq: r.u64()? }),
         FrameType::COMMIT => Frame::Commit(Commit {

@@ -59,12 +59,17 @@ impl Source<'_> {
             let inner = e.into_inner();
             let loc = inner.location();
             let raw = inner.to_string();
-            // yaml_serde prefixes the path and appends the location; keep the core.
+            // yaml_serde prefixes its own path and appends the location; keep the core.
             let mut message = raw.split(" at line ").next().unwrap_or(&raw).to_string();
-            if let Some(stripped) = message.strip_prefix(&format!("{path}: ")) {
-                message = stripped.to_string();
+            if let Some((prefix, rest)) = message.split_once(": ")
+                && !prefix.contains(' ')
+            {
+                message = rest.to_string();
             }
             let hint = unknown_field_hint(&message).or_else(|| missing_field_hint(&message));
+            if message.starts_with("unknown field `") {
+                message = "unknown key".into();
+            }
             let key = (path != "." && !path.is_empty()).then_some(path);
             ConfigError {
                 file: self.file.to_path_buf(),

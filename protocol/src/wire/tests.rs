@@ -129,8 +129,8 @@ fn golden_refused_and_abort() {
 
 #[test]
 fn golden_join_joined_health() {
-    let f = Frame::Join(Join { session: SessionId([0x22; 16]), stream: 3 });
-    assert_eq!(hex(&f.to_bytes()), format!("0400000012{}0003", "22".repeat(16)));
+    let f = Frame::Join(Join { session: SessionId([0x22; 16]), stream: 3, generation: 2 });
+    assert_eq!(hex(&f.to_bytes()), format!("0400000016{}000300000002", "22".repeat(16)));
     assert_eq!(hex(&Frame::Joined(Joined { stream: 3 }).to_bytes()), "05000000020003");
     let f = Frame::Health(Health {
         server_version: "1".into(),
@@ -314,8 +314,8 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         }),
         (arb_reason(), ".{0,50}").prop_map(|(r, m)| Frame::Refused(Refusal::new(r, m))),
         (arb_reason(), ".{0,50}").prop_map(|(r, m)| Frame::Abort(Refusal::new(r, m))),
-        (any::<[u8; 16]>(), any::<u16>())
-            .prop_map(|(s, stream)| Frame::Join(Join { session: SessionId(s), stream })),
+        (any::<[u8; 16]>(), any::<u16>(), any::<u32>())
+            .prop_map(|(s, stream, generation)| Frame::Join(Join { session: SessionId(s), stream, generation })),
         any::<u16>().prop_map(|stream| Frame::Joined(Joined { stream })),
         (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2048))
             .prop_map(|(seq, off, data)| Frame::Chunk(Chunk::new(seq, off, Bytes::from(data)))),

@@ -1,0 +1,151 @@
+//! Frame I/O over any async byte stream: the layer between sockets and the codec.
+//!
+//! The reader buffers at most one frame: it asks the codec how many bytes the frame
+//! in progress needs (after the codec has checked the declared length against its
+//! limit) and reserves only that. Deadlines are applied by callers with
+//! `tokio::time::timeout`, because only they know which phase they are in.
+
+use std::io;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use nbackup_protocol::wire::{self, Chunk, DecodeError, Frame, PREAMBLE_LEN, Preamble};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("invalid frame from peer: {0}")]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Reads frames from `R`. Cancel-safe: bytes already read stay buffered.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        FrameReader { inner, buf: BytesMut::with_capacity(8 * 1024) }
+    }
+
+    /// The next frame; `Err(Closed)` on a clean end of stream between frames.
+    pub async fn read_frame(&mut self) -> Result<Frame, ConnError> {
+        loop {
+            if let Some(frame) = wire::decode_frame(&mut self.buf)? {
+                return Ok(frame);
+            }
+            let needed = wire::bytes_needed(&self.buf)?;
+            self.buf.reserve(needed.saturating_sub(self.buf.len()));
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return Err(if self.buf.is_empty() { ConnError::Closed } else { ConnError::Truncated });
+            }
+        }
+    }
+
+    /// Reads the 10-byte connection preamble (server side, first thing).
+    pub async fn read_preamble(&mut self) -> Result<Preamble, ConnError> {
+        while self.buf.len() < PREAMBLE_LEN {
+            self.buf.reserve(PREAMBLE_LEN - self.buf.len());
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return Err(if self.buf.is_empty() { ConnError::Closed } else { ConnError::Truncated });
+            }
+        }
+        let head = self.buf.split_to(PREAMBLE_LEN);
+        let mut bytes = [0u8; PREAMBLE_LEN];
+        bytes.copy_from_slice(&head);
+        Ok(Preamble::decode(&bytes)?)
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+}
+
+/// Writes frames to `W`, flushing after each so acks and control frames are not held
+/// back by TLS record buffering.
+pub struct FrameWriter<W> {
+    inner: W,
+    scratch: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(inner: W) -> Self {
+        FrameWriter { inner, scratch: BytesMut::with_capacity(256) }
+    }
+
+    pub async fn send(&mut self, frame: &Frame) -> io::Result<()> {
+        if let Frame::Chunk(chunk) = frame {
+            return self.send_chunk(chunk).await;
+        }
+        self.scratch.clear();
+        frame.encode(&mut self.scratch);
+        self.inner.write_all(&self.scratch).await?;
+        self.inner.flush().await
+    }
+
+    /// Sends a chunk without copying its data into a frame buffer.
+    pub async fn send_chunk(&mut self, chunk: &Chunk) -> io::Result<()> {
+        self.scratch.clear();
+        chunk.encode_head(&mut self.scratch);
+        self.inner.write_all(&self.scratch).await?;
+        self.inner.write_all(&chunk.data).await?;
+        self.inner.flush().await
+    }
+
+    pub async fn send_preamble(&mut self, preamble: &Preamble) -> io::Result<()> {
+        self.inner.write_all(&preamble.encode()).await?;
+        self.inner.flush().await
+    }
+
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.inner.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbackup_protocol::wire::Ack;
+
+    #[tokio::test]
+    async fn reads_frames_across_partial_reads() {
+        let (client, server) = tokio::io::duplex(3);
+        let mut w = FrameWriter::new(client);
+        let mut r = FrameReader::new(server);
+        let send = tokio::spawn(async move {
+            for seq in 0..5 {
+                w.send(&Frame::Ack(Ack { seq })).await.expect("send");
+            }
+        });
+        for seq in 0..5 {
+            assert_eq!(r.read_frame().await.expect("frame"), Frame::Ack(Ack { seq }));
+        }
+        send.await.expect("sender");
+        assert!(matches!(r.read_frame().await, Err(ConnError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn rejects_oversized_frame_without_reading_it() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(&[0x10, 0xff, 0xff, 0xff, 0xff]).await.expect("write");
+        let mut r = FrameReader::new(server);
+        assert!(matches!(r.read_frame().await, Err(ConnError::Decode(DecodeError::FrameTooLarge { .. }))));
+        assert!(r.buf.capacity() < 64 * 1024, "no large buffer was reserved");
+    }
+
+    #[tokio::test]
+    async fn reports_truncation_mid_frame() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(&[0x11, 0, 0, 0, 8, 1, 2]).await.expect("write");
+        drop(client);
+        let mut r = FrameReader::new(server);
+        assert!(matches!(r.read_frame().await, Err(ConnError::Truncated)));
+    }
+}

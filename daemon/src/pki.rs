@@ -1,0 +1,213 @@
+//! A small certificate authority for nbackup: ECDSA P-256 keys, a CA, and server and
+//! agent certificates signed by it (`nbackup cert …`, the demo, the tests).
+//!
+//! Agent certificates carry the agent name as CN and as a DNS SAN and are only valid
+//! for client authentication; server certificates carry their host names/IPs as SANs
+//! and are only valid for server authentication. So a leaked server certificate cannot
+//! pose as an agent, and vice versa.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+
+/// A certificate and its private key, PEM-encoded. `Debug` never prints the key.
+#[derive(Clone)]
+pub struct CertPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for CertPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertPair").field("cert_pem", &self.cert_pem).field("key_pem", &"<redacted>").finish()
+    }
+}
+
+/// What a leaf certificate is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Leaf {
+    /// A server reachable under these DNS names and/or IP addresses.
+    Server(Vec<String>),
+    /// An agent with this name.
+    Agent(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0} already exists; pass --force to overwrite")]
+    Exists(PathBuf),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io { path: path.to_path_buf(), source }
+}
+
+fn validity(params: &mut CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    // Backdate a little so hosts with slightly slow clocks accept a fresh certificate.
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+}
+
+fn serial() -> Result<SerialNumber, PkiError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| PkiError::Invalid(format!("no randomness: {e}")))?;
+    bytes[0] &= 0x7f; // keep the serial positive in DER
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// Creates a new self-signed CA valid for `days`.
+pub fn new_ca(common_name: &str, days: u32) -> Result<CertPair, PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "nbackup");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.serial_number = Some(serial()?);
+    validity(&mut params, days);
+    let cert = params.self_signed(&key)?;
+    Ok(CertPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// Issues a leaf certificate signed by `ca`, valid for `days`.
+pub fn issue(ca: &CertPair, leaf: &Leaf, days: u32) -> Result<CertPair, PkiError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    match leaf {
+        Leaf::Server(names) => {
+            if names.is_empty() {
+                return Err(PkiError::Invalid("a server certificate needs at least one name or IP".into()));
+            }
+            dn.push(DnType::CommonName, names[0].as_str());
+            for n in names {
+                params.subject_alt_names.push(match n.parse::<IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(
+                        n.as_str().try_into().map_err(|_| PkiError::Invalid(format!("{n:?} is not a DNS name")))?,
+                    ),
+                });
+            }
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        }
+        Leaf::Agent(name) => {
+            nbackup_protocol::Name::new(name.as_str())
+                .map_err(|e| PkiError::Invalid(format!("invalid agent name {name:?}: {e}")))?;
+            dn.push(DnType::CommonName, name.as_str());
+            params.subject_alt_names.push(SanType::DnsName(
+                name.as_str().try_into().map_err(|_| PkiError::Invalid(format!("{name:?} is not a DNS name")))?,
+            ));
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+    }
+    dn.push(DnType::OrganizationName, "nbackup");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(serial()?);
+    validity(&mut params, days);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(CertPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// Where a pair is stored: `<prefix>.crt` and `<prefix>.key`.
+pub fn pair_paths(prefix: &Path) -> (PathBuf, PathBuf) {
+    let mut crt = prefix.as_os_str().to_owned();
+    crt.push(".crt");
+    let mut key = prefix.as_os_str().to_owned();
+    key.push(".key");
+    (PathBuf::from(crt), PathBuf::from(key))
+}
+
+/// Reads `<prefix>.crt` and `<prefix>.key`.
+pub fn read_pair(prefix: &Path) -> Result<CertPair, PkiError> {
+    let (crt, key) = pair_paths(prefix);
+    Ok(CertPair {
+        cert_pem: fs::read_to_string(&crt).map_err(io_err(&crt))?,
+        key_pem: fs::read_to_string(&key).map_err(io_err(&key))?,
+    })
+}
+
+/// Writes `<prefix>.crt` (0644) and `<prefix>.key` (0600), refusing to overwrite
+/// unless `force`. The key file is created with its final mode, never world-readable.
+pub fn write_pair(prefix: &Path, pair: &CertPair, force: bool) -> Result<(PathBuf, PathBuf), PkiError> {
+    let (crt, key) = pair_paths(prefix);
+    if let Some(dir) = prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    for p in [&crt, &key] {
+        if !force && p.exists() {
+            return Err(PkiError::Exists(p.clone()));
+        }
+    }
+    write_file(&key, pair.key_pem.as_bytes(), 0o600)?;
+    write_file(&crt, pair.cert_pem.as_bytes(), 0o644)?;
+    Ok((crt, key))
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
+    // Remove first so a pre-existing file with a laxer mode is not reused.
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(path)(e)),
+    }
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io_err(path))?;
+    f.write_all(data).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_server_and_agent_certificates_with_identities() {
+        let ca = new_ca("test CA", 30).expect("ca");
+        let server = issue(&ca, &Leaf::Server(vec!["localhost".into(), "127.0.0.1".into()]), 30).expect("server");
+        let agent = issue(&ca, &Leaf::Agent("web-01".into()), 30).expect("agent");
+        let der = crate::tls::pem_certs(agent.cert_pem.as_bytes()).expect("pem")[0].clone();
+        assert_eq!(crate::tls::cert_identities(&der), vec!["web-01".to_string()]);
+        assert!(server.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(!format!("{agent:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn rejects_hostile_agent_names() {
+        let ca = new_ca("test CA", 30).expect("ca");
+        assert!(matches!(issue(&ca, &Leaf::Agent("../x".into()), 30), Err(PkiError::Invalid(_))));
+    }
+
+    #[test]
+    fn writes_keys_private_and_refuses_to_overwrite() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca("test CA", 30).expect("ca");
+        let (crt, key) = write_pair(&dir.path().join("ca"), &ca, false).expect("write");
+        assert_eq!(fs::metadata(&key).expect("key").permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(&crt).expect("crt").permissions().mode() & 0o777, 0o644);
+        assert!(matches!(write_pair(&dir.path().join("ca"), &ca, false), Err(PkiError::Exists(_))));
+        assert!(write_pair(&dir.path().join("ca"), &ca, true).is_ok());
+        assert_eq!(read_pair(&dir.path().join("ca")).expect("read").cert_pem, ca.cert_pem);
+    }
+}

@@ -1,0 +1,292 @@
+//! On-disk layout of a storage, commit and rotation.
+//!
+//! ```text
+//! <base_dir>/<agent>/<backup>/<agent>-<backup>-<yyyymmddThhmmssZ>[-n].tar.gz   archive
+//! <base_dir>/<agent>/<backup>/<archive>.json                                   manifest
+//! <base_dir>/.incoming/<session>.part                                          upload
+//! ```
+//!
+//! Crash ordering of a commit: fsync the `.part` → rename it to its final name (never
+//! replacing an existing file) → fsync both directories → write the manifest
+//! atomically → rotate. A crash leaves either the old set of archives or the new one;
+//! an archive name only ever points at verified, durable bytes. Rotation deletes an
+//! archive before its manifest, so an interrupted rotation leaves at worst an orphan
+//! manifest, never an archive whose checksum record is gone.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+
+use nbackup_protocol::config::Storage;
+use nbackup_protocol::manifest::Manifest;
+use nbackup_protocol::wire::Compression;
+use nbackup_protocol::{Name, SessionId};
+
+use crate::fsutil;
+
+/// Name of the directory holding uploads in flight, inside `base_dir`.
+pub const INCOMING: &str = ".incoming";
+
+/// One storage's directory tree.
+#[derive(Debug, Clone)]
+pub struct StorageArea {
+    pub cfg: Storage,
+}
+
+/// A committed archive found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveFile {
+    pub name: String,
+    pub path: PathBuf,
+    /// `yyyymmddThhmmssZ` from the name.
+    pub stamp: String,
+    /// Collision suffix (`-2`, `-3`, …); 1 when absent.
+    pub n: u32,
+    pub size: u64,
+    pub compression: Compression,
+}
+
+impl StorageArea {
+    pub fn new(cfg: Storage) -> Self {
+        StorageArea { cfg }
+    }
+
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.cfg.base_dir.join(INCOMING)
+    }
+
+    pub fn part_path(&self, session: SessionId) -> PathBuf {
+        self.incoming_dir().join(format!("{session}.part"))
+    }
+
+    pub fn entry_dir(&self, agent: &Name, backup: &Name) -> PathBuf {
+        self.cfg.base_dir.join(agent.as_str()).join(backup.as_str())
+    }
+
+    /// Creates `base_dir` and `.incoming` (mode 0700: uploads are nobody else's business).
+    pub fn prepare(&self) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        fsutil::create_dir_all_durable(&self.incoming_dir())?;
+        fs::set_permissions(self.incoming_dir(), fs::Permissions::from_mode(0o700))
+    }
+
+    pub fn disk_space(&self) -> io::Result<(u64, u64)> {
+        fsutil::disk_space(&self.cfg.base_dir)
+    }
+
+    /// Archives of one entry, oldest first.
+    pub fn list(&self, agent: &Name, backup: &Name) -> io::Result<Vec<ArchiveFile>> {
+        let dir = self.entry_dir(agent, backup);
+        let prefix = format!("{agent}-{backup}-");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Some((stamp, n, compression)) = parse_archive_name(&name, &prefix) else { continue };
+            let meta = entry.metadata()?;
+            if !meta.is_file() {
+                continue;
+            }
+            out.push(ArchiveFile { path: entry.path(), name, stamp, n, size: meta.len(), compression });
+        }
+        out.sort_by(|a, b| (&a.stamp, a.n).cmp(&(&b.stamp, b.n)));
+        Ok(out)
+    }
+
+    /// Moves a verified upload to its final name and records its manifest.
+    ///
+    /// `part` must already be complete; it is fsynced here. Returns the final path.
+    pub fn commit(
+        &self,
+        part_path: &Path,
+        part: &File,
+        manifest: &mut Manifest,
+        agent: &Name,
+        backup: &Name,
+        started: DateTime<Utc>,
+        compression: Compression,
+    ) -> io::Result<PathBuf> {
+        part.sync_all()?;
+        let dir = self.entry_dir(agent, backup);
+        fsutil::create_dir_all_durable(&dir)?;
+        let stamp = started.format("%Y%m%dT%H%M%SZ").to_string();
+        let mut n = 1u32;
+        let final_path = loop {
+            let suffix = if n == 1 { String::new() } else { format!("-{n}") };
+            let name = format!("{agent}-{backup}-{stamp}{suffix}.{}", compression.extension());
+            let candidate = dir.join(&name);
+            match fsutil::rename_noreplace(part_path, &candidate) {
+                Ok(()) => {
+                    manifest.archive = name;
+                    break candidate;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 10_000 => n += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        fsutil::fsync_dir(&dir)?;
+        fsutil::fsync_dir(&self.incoming_dir())?;
+        fsutil::write_atomic(&sidecar_path(&final_path), manifest.to_json().as_bytes())?;
+        Ok(final_path)
+    }
+
+    /// Deletes the oldest archives of an entry beyond `max_backups`, archive first,
+    /// then its manifest. Returns the names removed.
+    pub fn rotate(&self, agent: &Name, backup: &Name) -> io::Result<Vec<String>> {
+        let archives = self.list(agent, backup)?;
+        let excess = archives.len().saturating_sub(self.cfg.max_backups as usize);
+        let mut removed = Vec::new();
+        for old in archives.into_iter().take(excess) {
+            fsutil::remove_if_exists(&old.path)?;
+            fsutil::remove_if_exists(&sidecar_path(&old.path))?;
+            removed.push(old.name);
+        }
+        if !removed.is_empty() {
+            fsutil::fsync_dir(&self.entry_dir(agent, backup))?;
+        }
+        Ok(removed)
+    }
+}
+
+/// `<archive>.json`.
+pub fn sidecar_path(archive: &Path) -> PathBuf {
+    let mut s = archive.as_os_str().to_owned();
+    s.push(".json");
+    PathBuf::from(s)
+}
+
+/// Splits `<prefix><yyyymmddThhmmssZ>[-n].tar.{gz,zst}` into its parts.
+fn parse_archive_name(name: &str, prefix: &str) -> Option<(String, u32, Compression)> {
+    let rest = name.strip_prefix(prefix)?;
+    let (rest, compression) = if let Some(r) = rest.strip_suffix(".tar.gz") {
+        (r, Compression::Gzip)
+    } else {
+        (rest.strip_suffix(".tar.zst")?, Compression::Zstd)
+    };
+    let stamp = rest.get(..16)?;
+    let valid_stamp = stamp.len() == 16
+        && stamp.as_bytes()[8] == b'T'
+        && stamp.as_bytes()[15] == b'Z'
+        && stamp.bytes().enumerate().all(|(i, b)| i == 8 || i == 15 || b.is_ascii_digit());
+    if !valid_stamp {
+        return None;
+    }
+    let n = match &rest[16..] {
+        "" => 1,
+        s => s.strip_prefix('-')?.parse().ok().filter(|n| *n >= 2)?,
+    };
+    Some((stamp.to_string(), n, compression))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbackup_protocol::manifest::MANIFEST_FORMAT;
+
+    fn area(dir: &Path, max: u32) -> StorageArea {
+        StorageArea::new(Storage {
+            name: Name::new("main").expect("name"),
+            base_dir: dir.to_path_buf(),
+            max_backups: max,
+            compression: Compression::Gzip,
+            level: 6,
+            chunk_fsync: false,
+        })
+    }
+
+    fn manifest() -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            archive: String::new(),
+            agent: "a".into(),
+            backup: "b".into(),
+            storage: "main".into(),
+            compression: Compression::Gzip,
+            compression_level: 6,
+            size: 1,
+            sha256: String::new(),
+            chunks: 1,
+            chunk_size: 65536,
+            entries: 0,
+            bytes_read: 0,
+            skipped: 0,
+            started_at: String::new(),
+            finished_at: String::new(),
+            agent_version: String::new(),
+            server_version: String::new(),
+            session: String::new(),
+        }
+    }
+
+    fn commit_one(s: &StorageArea, started: DateTime<Utc>, body: &str) -> PathBuf {
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        let part = s.incoming_dir().join(format!("{body}.part"));
+        fs::write(&part, body).expect("part");
+        let f = File::open(&part).expect("open");
+        s.commit(&part, &f, &mut manifest(), &a, &b, started, Compression::Gzip).expect("commit")
+    }
+
+    #[test]
+    fn parses_only_archive_names_of_the_entry() {
+        let p = "web-01-etc-";
+        assert_eq!(
+            parse_archive_name("web-01-etc-20261122T020000Z.tar.gz", p),
+            Some(("20261122T020000Z".into(), 1, Compression::Gzip))
+        );
+        assert_eq!(
+            parse_archive_name("web-01-etc-20261122T020000Z-3.tar.zst", p),
+            Some(("20261122T020000Z".into(), 3, Compression::Zstd))
+        );
+        for bad in [
+            "web-01-etc-20261122T020000Z.tar.gz.json",
+            "web-01-etc-20261122T020000Z-1.tar.gz",
+            "web-01-etc-2026112xT020000Z.tar.gz",
+            "web-01-etcx-20261122T020000Z.tar.gz",
+            ".web-01-etc-20261122T020000Z.tar.gz.json.tmp",
+        ] {
+            assert_eq!(parse_archive_name(bad, p), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn same_second_commits_get_suffixes_and_never_overwrite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = area(dir.path(), 10);
+        s.prepare().expect("prepare");
+        let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        let first = commit_one(&s, t, "one");
+        let second = commit_one(&s, t, "two");
+        assert!(first.to_string_lossy().ends_with("a-b-20261122T020000Z.tar.gz"));
+        assert!(second.to_string_lossy().ends_with("a-b-20261122T020000Z-2.tar.gz"));
+        assert_eq!(fs::read_to_string(&first).expect("first"), "one");
+        assert!(sidecar_path(&second).exists());
+        let m = Manifest::from_json(&fs::read_to_string(sidecar_path(&second)).expect("sidecar")).expect("json");
+        assert_eq!(m.archive, "a-b-20261122T020000Z-2.tar.gz");
+        assert_eq!(fs::read_dir(s.incoming_dir()).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = area(dir.path(), 2);
+        s.prepare().expect("prepare");
+        let base = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        for i in 0..4 {
+            commit_one(&s, base + chrono::Duration::hours(i), &format!("b{i}"));
+        }
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        let removed = s.rotate(&a, &b).expect("rotate");
+        assert_eq!(removed, vec!["a-b-20261122T020000Z.tar.gz", "a-b-20261122T030000Z.tar.gz"]);
+        let left: Vec<String> = s.list(&a, &b).expect("list").into_iter().map(|x| x.name).collect();
+        assert_eq!(left, vec!["a-b-20261122T040000Z.tar.gz", "a-b-20261122T050000Z.tar.gz"]);
+        let files = fs::read_dir(s.entry_dir(&a, &b)).expect("ls").count();
+        assert_eq!(files, 4, "two archives and their two manifests");
+    }
+}
