@@ -9,6 +9,7 @@ pub mod agent;
 pub mod conn;
 pub mod fsutil;
 pub mod pki;
+pub mod restore;
 pub mod server;
 pub mod tls;
 

@@ -1,1 +1,230 @@
+//! The agent: turns a backup entry into a committed archive on the server.
+//!
+//! ```text
+//! producer thread:  walk ─▶ tar ─▶ gzip/zstd (worker threads) ─▶ chunks + SHA-256 ─▶ window
+//! async streams:    window ─▶ stream 0..N-1 (TLS) ─▶ server ─▶ acks ─▶ window
+//! ```
+//!
+//! [`run_backup`] opens the session (retrying transient refusals and unreachable
+//! servers per `retry.*`), starts the producer and the streams, and waits until the
+//! server has committed the archive or the transfer has failed.
 
+pub mod archive;
+pub mod connect;
+pub mod gzip;
+pub mod producer;
+pub mod progress;
+pub mod stream;
+pub mod window;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use nbackup_protocol::config::{AgentConfig, BackupEntry};
+use nbackup_protocol::manifest::hex;
+use nbackup_protocol::wire::{Compression, Hello, Refusal};
+
+pub use archive::{Notice, NoticeKind};
+pub use connect::{ConnectError, Connector};
+pub use progress::{Progress, ProgressSnapshot};
+use window::{Failure, Finished, Window};
+
+/// The outcome of one successful backup run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupReport {
+    pub entry: String,
+    pub storage: String,
+    /// Archive file name on the server.
+    pub archive: String,
+    pub session: String,
+    pub compression: Compression,
+    /// Bytes of file content read from the sources.
+    pub bytes_read: u64,
+    /// Archive size, i.e. compressed bytes committed.
+    pub bytes_sent: u64,
+    /// Compressed bytes put on the wire, including resends.
+    pub bytes_transmitted: u64,
+    pub resent_chunks: u64,
+    pub entries: u64,
+    pub excluded: u64,
+    pub skipped: u64,
+    /// Every entry that was skipped or stored differently than found, with why.
+    pub notices: Vec<Notice>,
+    pub sha256: String,
+    pub streams: u16,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    #[error("server refused: {0}")]
+    Refused(Refusal),
+    #[error("{0}")]
+    Transfer(Failure),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl BackupError {
+    /// Whether running the entry again later can succeed unchanged.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackupError::Connect(e) => e.is_transient(),
+            BackupError::Refused(r) | BackupError::Transfer(Failure::Server(r)) => r.reason.is_transient(),
+            BackupError::Transfer(Failure::Connection(_)) => true,
+            BackupError::Transfer(_) | BackupError::Cancelled | BackupError::Internal(_) => false,
+        }
+    }
+
+    /// The server's refusal, if that is what this is.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            BackupError::Refused(r) | BackupError::Transfer(Failure::Server(r)) => Some(r),
+            BackupError::Connect(ConnectError::Refused(r)) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// Compression threads to use: every core.
+pub fn compression_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Runs one backup entry to completion.
+pub async fn run_backup(
+    connector: &Connector,
+    config: &AgentConfig,
+    entry: &BackupEntry,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<BackupReport, BackupError> {
+    let started = Instant::now();
+    let hello = Hello {
+        agent: config.name.clone(),
+        storage: entry.storage.clone(),
+        backup: entry.name.clone(),
+        agent_version: crate::VERSION.to_string(),
+        chunk_size: config.resume.chunk_size,
+        streams: entry.parallels,
+    };
+    let (conn, welcome) = open_with_retry(connector, config, hello, &cancel).await?;
+    let streams = entry.parallels.min(welcome.max_streams).max(1);
+    info!(
+        entry = %entry.name, session = %welcome.session, compression = %welcome.compression,
+        level = welcome.level, streams, "session open"
+    );
+    let window = Window::new(config.resume.buffer_size);
+    let producer = producer::spawn(
+        producer::ProducerSpec {
+            sources: entry.sources.clone(),
+            excludes: entry.exclude.clone(),
+            compression: welcome.compression,
+            level: welcome.level,
+            chunk_size: config.resume.chunk_size,
+            threads: compression_threads(),
+        },
+        window.clone(),
+        progress.clone(),
+        tokio::runtime::Handle::current(),
+    )
+    .map_err(|e| BackupError::Internal(format!("cannot start the archiver thread: {e}")))?;
+    let ctx = Arc::new(stream::StreamCtx {
+        connector: connector.clone(),
+        session: welcome.session,
+        window: window.clone(),
+        retry: config.retry,
+        progress: progress.clone(),
+        cancel: cancel.clone(),
+        ack_timeout: stream::ACK_TIMEOUT,
+        live: AtomicUsize::new(usize::from(streams)),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(stream::run(ctx.clone(), 0, Some(conn)));
+    for s in 1..streams {
+        tasks.spawn(stream::run(ctx.clone(), s, None));
+    }
+    let finished = tokio::select! {
+        f = window.wait_finished() => f,
+        _ = cancel.cancelled() => {
+            window.fail(Failure::Cancelled);
+            window.wait_finished().await
+        }
+    };
+    // Let streams deliver their Abort (bounded), then stop them.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    let summary = tokio::task::spawn_blocking(move || producer.join())
+        .await
+        .map_err(|e| BackupError::Internal(format!("archiver thread: {e}")))?
+        .map_err(|_| BackupError::Internal("archiver thread panicked".into()))?;
+    let committed = match finished {
+        Finished::Committed(c) => c,
+        Finished::Failed(Failure::Cancelled) => return Err(BackupError::Cancelled),
+        Finished::Failed(f) => return Err(BackupError::Transfer(f)),
+    };
+    // The window only commits after the producer finished, so this cannot fail.
+    let summary = summary.map_err(BackupError::Internal)?;
+    let report = BackupReport {
+        entry: entry.name.to_string(),
+        storage: entry.storage.to_string(),
+        archive: committed.archive,
+        session: welcome.session.to_string(),
+        compression: welcome.compression,
+        bytes_read: summary.bytes_read,
+        bytes_sent: committed.size,
+        bytes_transmitted: window.sent_bytes.load(Ordering::Relaxed),
+        resent_chunks: window.resent_chunks.load(Ordering::Relaxed),
+        entries: summary.entries,
+        excluded: summary.excluded,
+        skipped: summary.skipped(),
+        notices: summary.notices,
+        sha256: hex(&committed.sha256),
+        streams,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    info!(
+        entry = %report.entry, archive = %report.archive, bytes_read = report.bytes_read,
+        bytes_sent = report.bytes_sent, skipped = report.skipped, seconds = report.seconds, "backup committed"
+    );
+    Ok(report)
+}
+
+async fn open_with_retry(
+    connector: &Connector,
+    config: &AgentConfig,
+    hello: Hello,
+    cancel: &CancellationToken,
+) -> Result<(connect::Connection, nbackup_protocol::wire::Welcome), BackupError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = tokio::select! {
+            r = connector.open_session(hello.clone()) => r,
+            _ = cancel.cancelled() => return Err(BackupError::Cancelled),
+        };
+        match result {
+            Ok(x) => return Ok(x),
+            Err(ConnectError::Refused(r)) if !r.reason.is_transient() || attempt >= config.retry.max_attempts => {
+                return Err(BackupError::Refused(r));
+            }
+            Err(e) if !e.is_transient() || attempt >= config.retry.max_attempts => return Err(e.into()),
+            Err(e) => {
+                let delay = config.retry.delay(attempt);
+                warn!(entry = %hello.backup, attempt, "cannot open session: {e}; retrying in {delay:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Err(BackupError::Cancelled),
+                }
+            }
+        }
+    }
+}

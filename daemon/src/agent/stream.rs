@@ -1,0 +1,211 @@
+//! One stream of a backup: a connection that sends whatever the window hands it and
+//! reads the server's acknowledgements, and that reconnects with `Join` when lost.
+//!
+//! A stream never owns data: if its connection dies, the window takes back what it
+//! had in flight and any stream (this one after reconnecting, or another) resends it.
+//! A connection that stays open but stops acknowledging (a black hole) is detected by
+//! the age of the oldest unacknowledged item and treated like a dead one.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use nbackup_protocol::SessionId;
+use nbackup_protocol::config::Retry;
+use nbackup_protocol::wire::{Frame, Reason, Refusal};
+
+use super::connect::{ConnectError, Connection, Connector, Reader, Writer};
+use super::progress::Progress;
+use super::window::{Failure, Finished, Item, Window};
+use crate::conn::ConnError;
+
+/// How long a stream waits for the answer to its oldest unacknowledged item before
+/// it declares the connection dead.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often the reader re-checks that deadline while waiting for frames.
+const ACK_CHECK: Duration = Duration::from_millis(500);
+
+/// What all streams of one backup share.
+pub struct StreamCtx {
+    pub connector: Connector,
+    pub session: SessionId,
+    pub window: Arc<Window>,
+    pub retry: Retry,
+    pub progress: Arc<Progress>,
+    pub cancel: CancellationToken,
+    pub ack_timeout: Duration,
+    /// Streams still trying; when the last one gives up, the transfer fails.
+    pub live: AtomicUsize,
+}
+
+/// How a connection's life ended.
+enum End {
+    /// The transfer is over (committed or failed); nothing more to do.
+    Finished,
+    /// The connection is gone; reconnect.
+    Lost(String),
+    /// The server ended the session; no point reconnecting.
+    Fatal(Failure),
+}
+
+/// Runs stream `stream` until the transfer finishes. `first` is an already open
+/// connection (stream 0 gets the one that opened the session).
+pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>) {
+    let mut conn = first;
+    let mut generation: u32 = 0;
+    let mut failures: u32 = 0;
+    let mut last_error = String::new();
+    loop {
+        if ctx.window.finished().is_some() {
+            break;
+        }
+        let c = match conn.take() {
+            Some(c) => Some(c),
+            None => {
+                generation += 1;
+                let joined = tokio::select! {
+                    r = ctx.connector.join(ctx.session, stream, generation) => r,
+                    _ = ctx.window.wait_finished() => break,
+                };
+                match joined {
+                    Ok(c) => {
+                        info!(session = %ctx.session, stream, generation, "stream re-joined");
+                        Some(c)
+                    }
+                    Err(ConnectError::Refused(r)) if !r.reason.is_transient() => {
+                        ctx.window.fail(Failure::Server(r));
+                        break;
+                    }
+                    Err(e) if e.is_transient() => {
+                        last_error = e.to_string();
+                        None
+                    }
+                    Err(e) => {
+                        ctx.window.fail(Failure::Connection(e.to_string()));
+                        break;
+                    }
+                }
+            }
+        };
+        if let Some(c) = c {
+            let (end, progressed) = drive(&ctx, stream, c).await;
+            ctx.window.requeue(stream);
+            match end {
+                End::Finished => break,
+                End::Fatal(f) => {
+                    ctx.window.fail(f);
+                    break;
+                }
+                End::Lost(e) => {
+                    warn!(session = %ctx.session, stream, "connection lost: {e}");
+                    last_error = e;
+                    if progressed {
+                        // The retry budget is for failures in a row, not per backup.
+                        failures = 0;
+                    }
+                }
+            }
+        }
+        failures += 1;
+        if failures >= ctx.retry.max_attempts {
+            warn!(session = %ctx.session, stream, "giving up after {failures} failed attempts: {last_error}");
+            break;
+        }
+        let delay = ctx.retry.delay(failures);
+        debug!(session = %ctx.session, stream, "reconnecting in {delay:?}");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = ctx.window.wait_finished() => break,
+        }
+    }
+    if ctx.live.fetch_sub(1, Ordering::AcqRel) == 1 && ctx.window.finished().is_none() {
+        ctx.window.fail(Failure::Connection(last_error));
+    }
+}
+
+/// Sends and receives on one connection until it ends. Returns whether any item was
+/// acknowledged on it (to reset the retry budget).
+async fn drive(ctx: &StreamCtx, stream: u16, conn: Connection) -> (End, bool) {
+    let Connection { reader, writer } = conn;
+    let mut acked = false;
+    let end = tokio::select! {
+        end = send_loop(ctx, stream, writer) => end,
+        end = receive_loop(ctx, stream, reader, &mut acked) => end,
+        _ = ctx.cancel.cancelled() => {
+            ctx.window.fail(Failure::Cancelled);
+            End::Finished
+        }
+    };
+    (end, acked)
+}
+
+async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer) -> End {
+    loop {
+        let item = match ctx.window.next_item(stream).await {
+            Ok(item) => item,
+            Err(Finished::Committed(_)) => return End::Finished,
+            Err(Finished::Failed(f)) => {
+                // Tell the server at once so it frees the entry, unless it is the one
+                // that ended the session.
+                let reason = match &f {
+                    Failure::Cancelled => Some(Reason::Cancelled),
+                    Failure::Source(_) => Some(Reason::SourceFailed),
+                    Failure::Connection(_) | Failure::Server(_) => None,
+                };
+                if let Some(reason) = reason {
+                    let abort = Frame::Abort(Refusal::new(reason, f.to_string()));
+                    let _ = timeout(Duration::from_secs(2), writer.send(&abort)).await;
+                }
+                return End::Finished;
+            }
+        };
+        let sent = match &item {
+            Item::Chunk(c) => writer.send_chunk(c).await,
+            Item::Commit(c) => {
+                debug!(session = %ctx.session, stream, "sending commit");
+                writer.send(&Frame::Commit(c.clone())).await
+            }
+        };
+        if let Err(e) = sent {
+            return End::Lost(format!("send failed: {e}"));
+        }
+    }
+}
+
+async fn receive_loop(ctx: &StreamCtx, stream: u16, mut reader: Reader, acked: &mut bool) -> End {
+    loop {
+        let frame = match timeout(ACK_CHECK, reader.read_frame()).await {
+            Err(_) => {
+                if let Some(oldest) = ctx.window.oldest_in_flight(stream)
+                    && oldest.elapsed() > ctx.ack_timeout
+                {
+                    return End::Lost(format!("no acknowledgement for {:?}", ctx.ack_timeout));
+                }
+                continue;
+            }
+            Ok(Err(ConnError::Closed)) => return End::Lost("server closed the connection".into()),
+            Ok(Err(e)) => return End::Lost(e.to_string()),
+            Ok(Ok(f)) => f,
+        };
+        match frame {
+            Frame::Ack(ack) => {
+                ctx.window.ack(ack.seq);
+                ctx.progress.bytes_acked.store(ctx.window.acked_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+                *acked = true;
+            }
+            Frame::Committed(c) => {
+                ctx.window.committed(c);
+                return End::Finished;
+            }
+            Frame::Abort(r) | Frame::Refused(r) => return End::Fatal(Failure::Server(r)),
+            other => {
+                return End::Lost(format!("unexpected {} frame from the server", other.frame_type().name()));
+            }
+        }
+    }
+}

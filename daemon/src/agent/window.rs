@@ -1,0 +1,361 @@
+//! The agent's window: every chunk that is produced but not yet acknowledged, shared
+//! by the producer thread and all streams of one backup.
+//!
+//! * The producer pushes chunks; each holds permits of a byte semaphore sized
+//!   `resume.buffer_size`, so a full window blocks the producer (backpressure) and an
+//!   acknowledged chunk frees its bytes simply by being dropped.
+//! * Streams take the lowest queued chunk, send it, and mark it in flight on that
+//!   stream. When a stream dies, its in-flight chunks go back to the queue and any
+//!   stream resends them — resume, re-join and rotation are all this one rule.
+//! * Once the producer has finished and everything is acknowledged, the `Commit`
+//!   becomes the next item; it too goes back to the queue if its stream dies before
+//!   the answer, so it is retried until answered.
+//!
+//! One `std::sync::Mutex` guards the state; it is never held across an `.await`.
+//! Streams wait on a `Notify` that is signalled on every change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use nbackup_protocol::wire::{Chunk, Commit, Committed, Refusal};
+
+/// Why a backup's transfer ended without a commit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The server refused or aborted the session.
+    #[error("{0}")]
+    Server(Refusal),
+    /// Reading or compressing the sources failed.
+    #[error("reading sources failed: {0}")]
+    Source(String),
+    /// No stream could reach the server within the retry budget.
+    #[error("connection lost: {0}")]
+    Connection(String),
+    /// Stopped by the user or a shutdown.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// What a stream should send next.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Chunk(Chunk),
+    Commit(Commit),
+}
+
+/// The transfer is over; streams should stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished {
+    Committed(Committed),
+    Failed(Failure),
+}
+
+enum Slot {
+    Queued,
+    InFlight { stream: u16, sent: Instant },
+}
+
+struct Pending {
+    chunk: Chunk,
+    slot: Slot,
+    // Released when the chunk is acknowledged and this entry dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+enum CommitState {
+    /// Producer still running or chunks unacknowledged.
+    Waiting,
+    Ready(Commit),
+    InFlight { commit: Commit, stream: u16 },
+}
+
+struct State {
+    pending: BTreeMap<u64, Pending>,
+    queued: BTreeSet<u64>,
+    produced: Option<Commit>,
+    commit: CommitState,
+    finished: Option<Finished>,
+}
+
+pub struct Window {
+    state: Mutex<State>,
+    changed: Notify,
+    budget: Arc<Semaphore>,
+    capacity: u64,
+    /// Compressed bytes acknowledged by the server (resends not counted twice).
+    pub acked_bytes: AtomicU64,
+    /// Chunks sent again after a stream was lost.
+    pub resent_chunks: AtomicU64,
+    /// Compressed bytes put on the wire, resends included.
+    pub sent_bytes: AtomicU64,
+}
+
+impl Window {
+    pub fn new(capacity: u64) -> Arc<Self> {
+        let permits = usize::try_from(capacity).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        Arc::new(Window {
+            state: Mutex::new(State {
+                pending: BTreeMap::new(),
+                queued: BTreeSet::new(),
+                produced: None,
+                commit: CommitState::Waiting,
+                finished: None,
+            }),
+            changed: Notify::new(),
+            budget: Arc::new(Semaphore::new(permits)),
+            capacity,
+            acked_bytes: AtomicU64::new(0),
+            resent_chunks: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn signal(&self) {
+        self.changed.notify_waiters();
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes currently held (queued or in flight).
+    pub fn used(&self) -> u64 {
+        self.capacity.saturating_sub(self.budget.available_permits() as u64)
+    }
+
+    /// Adds a chunk, waiting while the window is full. Returns `false` if the transfer
+    /// has ended (the producer should stop).
+    pub async fn push(&self, chunk: Chunk) -> bool {
+        let need = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
+        let Ok(permit) = self.budget.clone().acquire_many_owned(need).await else {
+            return false;
+        };
+        let mut st = self.lock();
+        if st.finished.is_some() {
+            return false;
+        }
+        st.queued.insert(chunk.seq);
+        st.pending.insert(chunk.seq, Pending { chunk, slot: Slot::Queued, _permit: permit });
+        drop(st);
+        self.signal();
+        true
+    }
+
+    /// The producer is done: this is what to commit once everything is acknowledged.
+    pub fn produced(&self, commit: Commit) {
+        let mut st = self.lock();
+        st.produced = Some(commit);
+        Self::update_commit(&mut st);
+        drop(st);
+        self.signal();
+    }
+
+    fn update_commit(st: &mut State) {
+        if let (CommitState::Waiting, Some(c)) = (&st.commit, &st.produced)
+            && st.pending.is_empty()
+        {
+            st.commit = CommitState::Ready(c.clone());
+        }
+    }
+
+    /// Waits for the next item for `stream`, or `Err` once the transfer is over.
+    pub async fn next_item(&self, stream: u16) -> Result<Item, Finished> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if let Some(f) = &st.finished {
+                    return Err(f.clone());
+                }
+                if let Some(seq) = st.queued.pop_first() {
+                    let p = st.pending.get_mut(&seq).expect("queued chunks are pending");
+                    p.slot = Slot::InFlight { stream, sent: Instant::now() };
+                    let chunk = p.chunk.clone();
+                    self.sent_bytes.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                    return Ok(Item::Chunk(chunk));
+                }
+                if let CommitState::Ready(c) = &st.commit {
+                    let commit = c.clone();
+                    st.commit = CommitState::InFlight { commit: commit.clone(), stream };
+                    return Ok(Item::Commit(commit));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Chunk `seq` is on disk at the server.
+    pub fn ack(&self, seq: u64) {
+        let mut st = self.lock();
+        if let Some(p) = st.pending.remove(&seq) {
+            st.queued.remove(&seq);
+            self.acked_bytes.fetch_add(p.chunk.data.len() as u64, Ordering::Relaxed);
+            Self::update_commit(&mut st);
+            drop(st);
+            self.signal();
+        }
+    }
+
+    /// Whether `stream` has items sent but not answered, and since when.
+    pub fn oldest_in_flight(&self, stream: u16) -> Option<Instant> {
+        let st = self.lock();
+        let chunks = st.pending.values().filter_map(|p| match p.slot {
+            Slot::InFlight { stream: s, sent } if s == stream => Some(sent),
+            _ => None,
+        });
+        let oldest = chunks.min();
+        match (&st.commit, oldest) {
+            (CommitState::InFlight { stream: s, .. }, None) if *s == stream => Some(Instant::now()),
+            _ => oldest,
+        }
+    }
+
+    /// `stream` died: everything it had in flight goes back to the queue.
+    pub fn requeue(&self, stream: u16) {
+        let mut st = self.lock();
+        let mut moved = Vec::new();
+        for (seq, p) in st.pending.iter_mut() {
+            if matches!(p.slot, Slot::InFlight { stream: s, .. } if s == stream) {
+                p.slot = Slot::Queued;
+                moved.push(*seq);
+            }
+        }
+        self.resent_chunks.fetch_add(moved.len() as u64, Ordering::Relaxed);
+        st.queued.extend(moved);
+        if let CommitState::InFlight { commit, stream: s } = &st.commit
+            && *s == stream
+        {
+            st.commit = CommitState::Ready(commit.clone());
+        }
+        drop(st);
+        self.signal();
+    }
+
+    /// The server committed the archive.
+    pub fn committed(&self, c: Committed) {
+        self.finish(Finished::Committed(c));
+    }
+
+    /// The transfer failed; the first failure wins.
+    pub fn fail(&self, f: Failure) {
+        self.finish(Finished::Failed(f));
+    }
+
+    fn finish(&self, f: Finished) {
+        let mut st = self.lock();
+        if st.finished.is_none() {
+            st.finished = Some(f);
+            // Free the producer if it waits for room, and drop the data.
+            self.budget.close();
+            st.pending.clear();
+            st.queued.clear();
+        }
+        drop(st);
+        self.signal();
+    }
+
+    pub fn finished(&self) -> Option<Finished> {
+        self.lock().finished.clone()
+    }
+
+    /// Waits until the transfer is over.
+    pub async fn wait_finished(&self) -> Finished {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(f) = self.finished() {
+                return f;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use nbackup_protocol::wire::SourceStats;
+
+    fn chunk(seq: u64, len: usize) -> Chunk {
+        Chunk::new(seq, seq * len as u64, Bytes::from(vec![seq as u8; len]))
+    }
+
+    fn commit(chunks: u64) -> Commit {
+        Commit { total_len: 0, chunks, sha256: [0; 32], stats: SourceStats::default() }
+    }
+
+    #[tokio::test]
+    async fn full_window_blocks_the_producer_until_an_ack() {
+        let w = Window::new(8);
+        assert!(w.push(chunk(0, 4)).await);
+        assert!(w.push(chunk(1, 4)).await);
+        let w2 = w.clone();
+        let third = tokio::spawn(async move { w2.push(chunk(2, 4)).await });
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished());
+        assert_eq!(w.used(), 8);
+        w.ack(0);
+        assert!(third.await.expect("push task"));
+        assert_eq!(w.used(), 8);
+    }
+
+    #[tokio::test]
+    async fn a_dead_streams_chunks_are_resent_by_another_in_order() {
+        let w = Window::new(100);
+        for s in 0..3 {
+            w.push(chunk(s, 4)).await;
+        }
+        let Ok(Item::Chunk(a)) = w.next_item(0).await else { panic!("chunk") };
+        let Ok(Item::Chunk(b)) = w.next_item(1).await else { panic!("chunk") };
+        assert_eq!((a.seq, b.seq), (0, 1));
+        w.requeue(0);
+        let Ok(Item::Chunk(c)) = w.next_item(1).await else { panic!("chunk") };
+        assert_eq!(c.seq, 0, "the lost chunk goes first");
+        assert_eq!(w.resent_chunks.load(Ordering::Relaxed), 1);
+        let Ok(Item::Chunk(d)) = w.next_item(1).await else { panic!("chunk") };
+        assert_eq!(d.seq, 2);
+    }
+
+    #[tokio::test]
+    async fn commit_waits_for_all_acks_and_is_retried_on_another_stream() {
+        let w = Window::new(100);
+        w.push(chunk(0, 4)).await;
+        w.produced(commit(1));
+        let Ok(Item::Chunk(_)) = w.next_item(0).await else { panic!("chunk") };
+        let w2 = w.clone();
+        let waiter = tokio::spawn(async move { w2.next_item(1).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "no commit before the last ack");
+        w.ack(0);
+        let Ok(Item::Commit(c)) = waiter.await.expect("task") else { panic!("commit") };
+        assert_eq!(c.chunks, 1);
+        assert!(w.oldest_in_flight(1).is_some());
+        w.requeue(1);
+        let Ok(Item::Commit(_)) = w.next_item(2).await else { panic!("commit again") };
+    }
+
+    #[tokio::test]
+    async fn failure_releases_the_producer_and_stops_streams() {
+        let w = Window::new(4);
+        w.push(chunk(0, 4)).await;
+        let w2 = w.clone();
+        let blocked = tokio::spawn(async move { w2.push(chunk(1, 4)).await });
+        w.fail(Failure::Cancelled);
+        assert!(!blocked.await.expect("task"));
+        assert_eq!(w.next_item(0).await.expect_err("over"), Finished::Failed(Failure::Cancelled));
+        w.fail(Failure::Source("later".into()));
+        assert_eq!(w.wait_finished().await, Finished::Failed(Failure::Cancelled), "first failure wins");
+    }
+}

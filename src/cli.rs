@@ -1,0 +1,163 @@
+//! The command line, one definition for parsing, man pages and completions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0    success (every requested backup committed)
+  1    a backup or command failed
+  2    usage or configuration error
+  3    the server could not be reached
+  4    the server refused (identity, storage, disk full, busy, …)
+  130  interrupted (Ctrl-C / SIGTERM)";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nbackup",
+    version,
+    about = "Streaming client-server backups over mutual TLS",
+    long_about = "nbackup streams directories as one tar archive (gzip or zstd) from an agent to a \
+                  server over TLS 1.3 with client certificates. The server verifies each archive \
+                  end to end (SHA-256), commits it atomically and keeps the newest N per backup.",
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a certificate authority and issue server and agent certificates
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Run the server in the foreground until Ctrl-C / SIGTERM
+    #[command(after_help = EXIT_CODES)]
+    Server(ServerArgs),
+    /// Run backup entries once and exit
+    #[command(after_help = EXIT_CODES)]
+    Backup(BackupArgs),
+    /// Ask the server for its status, version and free space per storage
+    #[command(after_help = EXIT_CODES)]
+    Health(HealthArgs),
+    /// Back up, verify and restore a tree over loopback with a throwaway PKI and server
+    #[command(after_help = EXIT_CODES)]
+    Demo(DemoArgs),
+    /// Print a shell completion script
+    Completions(CompletionsArgs),
+    /// Write man pages into a directory
+    #[command(hide = true)]
+    Man(ManArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Create a new CA: <out>/ca.crt and <out>/ca.key (ECDSA P-256)
+    InitCa {
+        /// Directory to write ca.crt and ca.key into
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Common name of the CA
+        #[arg(long, default_value = "nbackup CA")]
+        name: String,
+        /// Validity in days
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+        /// Overwrite existing files
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate signed by the CA: <out>.crt and <out>.key
+    #[command(group = clap::ArgGroup::new("kind").required(true).args(["server", "agent"]))]
+    Issue {
+        /// Directory holding ca.crt and ca.key
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Server certificate for this DNS name or IP address (repeatable)
+        #[arg(long, value_name = "NAME")]
+        server: Vec<String>,
+        /// Agent certificate for this agent name (must equal agent.name in its config)
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// Path prefix of the files to write (<out>.crt, <out>.key)
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+        /// Validity in days
+        #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+        /// Overwrite existing files
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Server configuration file
+    #[arg(short, long, value_name = "FILE", env = "NBACKUP_SERVER_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Agent configuration file
+    #[arg(short, long, value_name = "FILE", env = "NBACKUP_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// Run only this entry (repeatable; default: all entries)
+    #[arg(short, long = "entry", value_name = "NAME")]
+    pub entries: Vec<String>,
+    /// Show a progress bar
+    #[arg(long, conflicts_with = "json")]
+    pub progress: bool,
+    /// Print one JSON object per entry on standard output
+    #[arg(long)]
+    pub json: bool,
+    /// More log output on standard error (-v info, -vv debug)
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Agent configuration file (for the server address and certificates)
+    #[arg(short, long, value_name = "FILE", env = "NBACKUP_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DemoCompression {
+    Gzip,
+    Zstd,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Tree to back up (default: a small generated sample)
+    pub path: Option<PathBuf>,
+    /// Keep the PKI, configs, archive and restore in this directory instead of
+    /// deleting them
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
+    /// Compression of the demo storage
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub compression: DemoCompression,
+    /// Parallel streams
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallels: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Directory to write nbackup.1 and nbackup-<command>.1 into
+    pub dir: PathBuf,
+}

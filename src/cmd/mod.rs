@@ -1,0 +1,79 @@
+//! One module per subcommand.
+
+pub mod backup;
+pub mod cert;
+pub mod demo;
+pub mod docs;
+pub mod health;
+pub mod server;
+
+use std::path::Path;
+
+use anyhow::Context;
+use nbackup_protocol::config::{AgentConfig, ServerConfig};
+
+use crate::exit::{Exit, fail};
+
+fn read_config(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))
+        .map_err(|e| fail(Exit::Usage, e))
+}
+
+pub fn load_agent_config(path: &Path) -> anyhow::Result<AgentConfig> {
+    let text = read_config(path)?;
+    AgentConfig::parse(&text, path).map_err(|e| fail(Exit::Usage, e))
+}
+
+pub fn load_server_config(path: &Path) -> anyhow::Result<ServerConfig> {
+    let text = read_config(path)?;
+    ServerConfig::parse(&text, path).map_err(|e| fail(Exit::Usage, e))
+}
+
+/// A multi-threaded runtime for one command.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nbackup-rt")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received; shutting down");
+        t.cancel();
+    });
+    token
+}
+
+/// Human-readable byte count (binary units).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// Megabytes (10^6) per second, the unit throughput is reported in.
+pub fn mb_per_s(bytes: u64, secs: f64) -> f64 {
+    if secs <= 0.0 { 0.0 } else { bytes as f64 / 1e6 / secs }
+}
