@@ -204,6 +204,12 @@ impl<W: Write> Archiver<'_, W> {
             };
             self.tar.append_link(&mut header, &name, &target)?;
         } else if ft.is_dir() || ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+            if ft.is_char_device() || ft.is_block_device() {
+                // tar-rs leaves device numbers at zero; a restored /dev node needs them.
+                let rdev = meta.rdev();
+                header.set_device_major(rustix::fs::major(rdev))?;
+                header.set_device_minor(rustix::fs::minor(rdev))?;
+            }
             self.tar.append_data(&mut header, &name, io::empty())?;
         } else {
             self.notice(path, NoticeKind::Skipped, "unsupported file type".into());

@@ -1,0 +1,235 @@
+//! Test harness: a throwaway PKI, an in-process server on 127.0.0.1:0 configured
+//! through the real YAML loader, agent configs, the shared dataset generator, and
+//! extraction with the system `tar`.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use nbackup_daemon::agent::{self, BackupError, BackupReport, Connector, Progress};
+use nbackup_daemon::pki::{self, Leaf};
+use nbackup_protocol::config::{AgentConfig, Excludes, ServerConfig};
+use nbackup_protocol::manifest::Manifest;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Certificates for one test: a CA, a server cert for 127.0.0.1, agent certs.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: pki::CertPair,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let ca = pki::new_ca("test CA", 2).expect("CA");
+        pki::write_pair(&dir.join("ca"), &ca, false).expect("write CA");
+        let server = pki::issue(&ca, &Leaf::Server(vec!["127.0.0.1".into(), "localhost".into()]), 2).expect("server");
+        pki::write_pair(&dir.join("server"), &server, false).expect("write server");
+        let pki = Pki { dir: dir.to_path_buf(), ca };
+        pki.agent("web-01");
+        pki
+    }
+
+    /// Issues (once) and returns the prefix of an agent certificate.
+    pub fn agent(&self, name: &str) -> PathBuf {
+        let prefix = self.dir.join(name);
+        if !prefix.with_extension("crt").exists() {
+            let pair = pki::issue(&self.ca, &Leaf::Agent(name.into()), 2).expect("agent cert");
+            pki::write_pair(&prefix, &pair, false).expect("write agent");
+        }
+        prefix
+    }
+
+    /// A certificate for `name` signed by an unrelated CA.
+    pub fn foreign_agent(&self, name: &str) -> PathBuf {
+        let other = pki::new_ca("other CA", 2).expect("other CA");
+        let pair = pki::issue(&other, &Leaf::Agent(name.into()), 2).expect("foreign cert");
+        let prefix = self.dir.join(format!("foreign-{name}"));
+        pki::write_pair(&prefix, &pair, true).expect("write foreign");
+        prefix
+    }
+}
+
+/// One storage of a test server.
+pub struct StorageSpec {
+    pub name: &'static str,
+    pub compression: &'static str,
+    pub max_backups: u32,
+}
+
+pub fn gzip(name: &'static str) -> StorageSpec {
+    StorageSpec { name, compression: "gzip", max_backups: 5 }
+}
+
+pub fn zstd(name: &'static str) -> StorageSpec {
+    StorageSpec { name, compression: "zstd", max_backups: 5 }
+}
+
+/// An in-process server on 127.0.0.1:0.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub config: ServerConfig,
+    pub shutdown: CancellationToken,
+    pub task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(root: &Path, pki: &Pki, storages: &[StorageSpec]) -> TestServer {
+        Self::start_with(root, pki, storages, "").await
+    }
+
+    /// `extra` is appended to the `server:` section (e.g. `  session_ttl: 2s\n`).
+    pub async fn start_with(root: &Path, pki: &Pki, storages: &[StorageSpec], extra: &str) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut yaml = format!(
+            "server:\n  listen: \"{addr}\"\n{extra}tls:\n  ca_cert: {0}/ca.crt\n  server_cert: {0}/server.crt\n  server_key: {0}/server.key\nstorages:\n",
+            pki.dir.display()
+        );
+        for s in storages {
+            yaml.push_str(&format!(
+                "  {}:\n    base_dir: {}\n    max_backups: {}\n    compression: {}\n",
+                s.name,
+                root.join("storage").join(s.name).display(),
+                s.max_backups,
+                s.compression
+            ));
+        }
+        let path = root.join("server.yaml");
+        fs::write(&path, &yaml).expect("write server.yaml");
+        let config = ServerConfig::parse(&yaml, &path).expect("server config");
+        let shutdown = CancellationToken::new();
+        let (cfg, token) = (config.clone(), shutdown.clone());
+        let task = tokio::spawn(async move {
+            nbackup_daemon::server::run(cfg, listener, token).await.expect("server runs");
+        });
+        TestServer { addr, config, shutdown, task: Some(task) }
+    }
+
+    pub fn storage_dir(&self, name: &str) -> PathBuf {
+        self.config.storages.values().find(|s| s.name.as_str() == name).expect("storage").base_dir.clone()
+    }
+
+    /// Archives of an entry, oldest first.
+    pub fn archives(&self, storage: &str, agent: &str, backup: &str) -> Vec<PathBuf> {
+        let dir = self.storage_dir(storage).join(agent).join(backup);
+        let mut v: Vec<PathBuf> = fs::read_dir(&dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.retain(|p| !p.to_string_lossy().ends_with(".json"));
+        v.sort();
+        v
+    }
+
+    pub fn incoming(&self, storage: &str) -> Vec<PathBuf> {
+        fs::read_dir(self.storage_dir(storage).join(".incoming"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task");
+        }
+    }
+}
+
+/// One backup entry of a test agent.
+pub struct EntrySpec {
+    pub name: &'static str,
+    pub storage: &'static str,
+    pub sources: Vec<PathBuf>,
+    pub exclude: Vec<&'static str>,
+    pub parallels: u16,
+}
+
+pub fn entry(name: &'static str, storage: &'static str, sources: &[&Path]) -> EntrySpec {
+    EntrySpec { name, storage, sources: sources.iter().map(|p| p.to_path_buf()).collect(), exclude: vec![], parallels: 1 }
+}
+
+/// Agent YAML for `name` using certificate `cert` (prefix), talking to `addr`.
+pub fn agent_yaml(pki: &Pki, name: &str, cert: &Path, addr: SocketAddr, entries: &[EntrySpec], extra: &str) -> String {
+    let mut yaml = format!(
+        "agent:\n  name: {name}\nserver:\n  address: \"{addr}\"\ntls:\n  ca_cert: {}/ca.crt\n  client_cert: {}.crt\n  client_key: {}.key\nbackups:\n",
+        pki.dir.display(),
+        cert.display(),
+        cert.display()
+    );
+    for e in entries {
+        yaml.push_str(&format!("  - name: {}\n    storage: {}\n    parallels: {}\n    sources:\n", e.name, e.storage, e.parallels));
+        for s in &e.sources {
+            yaml.push_str(&format!("      - path: \"{}\"\n", s.display()));
+        }
+        if !e.exclude.is_empty() {
+            yaml.push_str("    exclude:\n");
+            for x in &e.exclude {
+                yaml.push_str(&format!("      - \"{x}\"\n"));
+            }
+        }
+    }
+    yaml.push_str("resume:\n  buffer_size: 16mb\n  chunk_size: 256kb\nretry:\n  max_attempts: 2\n  initial_delay: 100ms\n  max_delay: 500ms\n");
+    yaml.push_str(extra);
+    yaml
+}
+
+pub fn agent_config(pki: &Pki, addr: SocketAddr, entries: &[EntrySpec]) -> AgentConfig {
+    let yaml = agent_yaml(pki, "web-01", &pki.agent("web-01"), addr, entries, "");
+    AgentConfig::parse(&yaml, Path::new("agent.yaml")).expect("agent config")
+}
+
+/// Runs entry `i` of `cfg` once.
+pub async fn backup(cfg: &AgentConfig, i: usize) -> Result<BackupReport, BackupError> {
+    let connector = Connector::new(cfg).expect("connector");
+    agent::run_backup(&connector, cfg, &cfg.backups[i], Arc::new(Progress::default()), CancellationToken::new()).await
+}
+
+/// The reproducible dataset from `bench/make-dataset.py` (a copy of the shared one).
+pub fn dataset(dir: &Path, size: &str, seed: u32) -> PathBuf {
+    let out = Command::new("python3")
+        .arg(repo().join("bench/make-dataset.py"))
+        .arg(dir)
+        .args(["--size", size, "--seed", &seed.to_string()])
+        .output()
+        .expect("python3 runs the dataset generator");
+    assert!(out.status.success(), "make-dataset.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    dir.to_path_buf()
+}
+
+/// Extracts an archive with the system GNU tar into `dest`.
+pub fn gnu_extract(archive: &Path, dest: &Path) {
+    fs::create_dir_all(dest).expect("mkdir");
+    let zflag = if archive.to_string_lossy().ends_with(".tar.zst") { "--zstd" } else { "--gzip" };
+    let out = Command::new("tar")
+        .args([zflag, "-x", "--numeric-owner", "-p", "-f"])
+        .arg(archive)
+        .arg("-C")
+        .arg(dest)
+        .output()
+        .expect("system tar runs");
+    assert!(out.status.success(), "tar failed on {}: {}", archive.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Asserts the restored tree equals the sources (metadata included).
+pub fn assert_restored(sources: &[PathBuf], excludes: &Excludes, restored: &Path) {
+    let as_root = nbackup_daemon::restore::running_as_root();
+    let diffs = nbackup_daemon::restore::compare_trees(sources, excludes, restored, as_root, 20).expect("compare");
+    assert!(diffs.is_empty(), "restore differs from source:\n  {}", diffs.join("\n  "));
+}
+
+/// Checks the archive against its manifest sidecar and returns the manifest.
+pub fn check_manifest(archive: &Path) -> Manifest {
+    let sidecar = nbackup_daemon::server::storage::sidecar_path(archive);
+    let m = Manifest::from_json(&fs::read_to_string(&sidecar).expect("sidecar exists")).expect("manifest parses");
+    nbackup_daemon::restore::verify_against_manifest(archive, &m).expect("readable").expect("archive matches manifest");
+    m
+}
