@@ -1,1 +1,148 @@
+//! Live filesystems: files that grow, shrink or vanish while the backup reads them.
+//!
+//! The agent runs in-process, so the test sees the moment it opens a file in
+//! `/proc/self/fd` and changes the file then — no sleeps, no luck.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nbackup_daemon::agent::NoticeKind;
+
 use crate::support::*;
+
+/// Bytes a compressor cannot shrink, so reading them takes real time.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Waits (polling) until this process has `path` open, then runs `change`.
+fn on_open(path: PathBuf, change: impl FnOnce(&Path) + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let open = fs::read_dir("/proc/self/fd")
+                .expect("procfs")
+                .flatten()
+                .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == path));
+            if open {
+                change(&path);
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} was never opened", path.display());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    })
+}
+
+/// Lists archive members with sizes using the system tar.
+fn listing(archive: &Path) -> String {
+    let z = if archive.to_string_lossy().ends_with(".zst") { "--zstd" } else { "--gzip" };
+    let out = Command::new("tar").args([z, "-tvf"]).arg(archive).output().expect("tar runs");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const BIG: usize = 48 << 20;
+
+#[tokio::test]
+async fn a_file_that_grows_is_cut_at_its_size_when_opened() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("growing.bin"), noise(BIG, 1)).expect("write");
+    fs::write(src.join("z-after.txt"), b"after\n").expect("write");
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("live", "main", &[&src])]);
+    let watcher = on_open(src.join("growing.bin"), |p| {
+        let mut f = fs::OpenOptions::new().append(true).open(p).expect("append");
+        f.write_all(&[b'x'; 1 << 20]).expect("grow");
+    });
+    let report = backup(&cfg, 0).await.expect("backup commits");
+    watcher.join().expect("watcher");
+    let n: Vec<_> = report.notices.iter().filter(|n| n.path.ends_with("growing.bin")).collect();
+    assert_eq!(n.len(), 1, "{:?}", report.notices);
+    assert_eq!(n[0].kind, NoticeKind::Truncated);
+    assert_eq!(report.skipped, 0);
+    let archive = &server.archives("main", "web-01", "live")[0];
+    let restored = tmp.path().join("restored");
+    gnu_extract(archive, &restored);
+    let base = restored.join(src.strip_prefix("/").expect("abs"));
+    assert_eq!(fs::read(base.join("growing.bin")).expect("restored"), noise(BIG, 1), "exactly the original bytes");
+    assert_eq!(fs::read(base.join("z-after.txt")).expect("later file"), b"after\n");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_file_that_shrinks_is_padded_and_the_archive_stays_valid() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("shrinking.bin"), noise(BIG, 2)).expect("write");
+    fs::write(src.join("z-after.txt"), b"after\n").expect("write");
+    let server = TestServer::start(tmp.path(), &pki, &[zstd("main")]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("live", "main", &[&src])]);
+    let watcher = on_open(src.join("shrinking.bin"), |p| {
+        fs::OpenOptions::new().write(true).open(p).expect("open").set_len(4096).expect("truncate");
+    });
+    let report = backup(&cfg, 0).await.expect("backup commits");
+    watcher.join().expect("watcher");
+    let n: Vec<_> = report.notices.iter().filter(|n| n.path.ends_with("shrinking.bin")).collect();
+    assert_eq!(n.len(), 1, "{:?}", report.notices);
+    assert_eq!(n[0].kind, NoticeKind::Padded);
+    let archive = &server.archives("main", "web-01", "live")[0];
+    // The member keeps its announced size, and the members after it are intact.
+    assert!(listing(archive).contains(&format!(" {BIG} ")), "{}", listing(archive));
+    let restored = tmp.path().join("restored");
+    gnu_extract(archive, &restored);
+    let base = restored.join(src.strip_prefix("/").expect("abs"));
+    let data = fs::read(base.join("shrinking.bin")).expect("restored");
+    assert_eq!(data.len(), BIG);
+    assert_eq!(&data[..4096], &noise(BIG, 2)[..4096], "what was there when read is kept");
+    assert_eq!(fs::read(base.join("z-after.txt")).expect("later file"), b"after\n");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn files_and_directories_that_vanish_are_skipped_and_reported() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("b-dir/inner")).expect("mkdir");
+    fs::write(src.join("a-big.bin"), noise(BIG, 3)).expect("write");
+    fs::write(src.join("b-dir/inner/f.txt"), b"gone\n").expect("write");
+    fs::write(src.join("c-vanish.txt"), b"gone\n").expect("write");
+    fs::write(src.join("d-stays.txt"), b"stays\n").expect("write");
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("live", "main", &[&src])]);
+    let s = src.clone();
+    let watcher = on_open(src.join("a-big.bin"), move |_| {
+        fs::remove_file(s.join("c-vanish.txt")).expect("rm file");
+        fs::remove_dir_all(s.join("b-dir")).expect("rm dir");
+    });
+    let report = backup(&cfg, 0).await.expect("backup commits despite vanished entries");
+    watcher.join().expect("watcher");
+    let skipped: Vec<&str> = report.notices.iter().filter(|n| n.kind == NoticeKind::Skipped).map(|n| n.path.as_str()).collect();
+    assert!(skipped.iter().any(|p| p.ends_with("c-vanish.txt")), "{:?}", report.notices);
+    assert!(skipped.iter().any(|p| p.ends_with("b-dir")), "{:?}", report.notices);
+    assert!(report.notices.iter().all(|n| n.detail.contains("vanished")), "{:?}", report.notices);
+    assert_eq!(report.skipped as usize, skipped.len());
+    let restored = tmp.path().join("restored");
+    gnu_extract(&server.archives("main", "web-01", "live")[0], &restored);
+    let base = restored.join(src.strip_prefix("/").expect("abs"));
+    assert_eq!(fs::read(base.join("d-stays.txt")).expect("kept"), b"stays\n");
+    assert!(!base.join("c-vanish.txt").exists());
+    server.stop().await;
+}

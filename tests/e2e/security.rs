@@ -1,1 +1,116 @@
+//! TLS 1.3 only, client certificates always, identity from the certificate.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use nbackup_daemon::agent::{BackupError, ConnectError};
+use nbackup_daemon::pki::{self, Leaf};
+use nbackup_protocol::config::AgentConfig;
+use nbackup_protocol::wire::{Caps, ConnKind, Preamble};
+
 use crate::support::*;
+
+/// After a TLS 1.3 handshake the client learns of a rejected certificate only when it
+/// reads; anything but a clean answer counts as refused.
+async fn refused_after_handshake(mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> bool {
+    let _ = tls.write_all(&Preamble::new(ConnKind::Ping, Caps::default()).encode()).await;
+    let mut buf = [0u8; 64];
+    !matches!(tls.read(&mut buf).await, Ok(n) if n > 0)
+}
+
+#[tokio::test]
+async fn a_tls12_client_is_refused_and_logged() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let (logs, _guard) = Logs::capture();
+    let r = raw_tls(server.addr, &pki, Some(&pki.agent("web-01")), true).await;
+    assert!(r.is_err(), "TLS 1.2 handshake must fail");
+    let text = logs.wait_for("TLS handshake refused").await;
+    assert!(text.contains("peer is incompatible"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused_and_logged() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let (logs, _guard) = Logs::capture();
+    match raw_tls(server.addr, &pki, None, false).await {
+        Err(_) => {}
+        Ok(tls) => assert!(refused_after_handshake(tls).await),
+    }
+    let text = logs.wait_for("TLS handshake refused").await;
+    assert!(text.contains("NoCertificatesPresented") || text.contains("certificate"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused_with_a_clear_agent_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let (logs, _guard) = Logs::capture();
+    let foreign = pki.foreign_agent("web-01");
+    let yaml = agent_yaml(&pki, "web-01", &foreign, server.addr, &[entry("etc", "main", &[tmp.path()])], "");
+    let cfg = AgentConfig::parse(&yaml, std::path::Path::new("a.yaml")).expect("config");
+    let err = backup(&cfg, 0).await.expect_err("foreign certificate refused");
+    let msg = err.to_string();
+    assert!(matches!(err, BackupError::Connect(ConnectError::Tls { .. })), "{msg}");
+    assert!(msg.contains("rejected this agent's certificate"), "{msg}");
+    assert!(!err.is_transient(), "a wrong certificate is not retried");
+    logs.wait_for("TLS handshake refused").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_certificate_cannot_be_used_as_an_agent_certificate() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let (logs, _guard) = Logs::capture();
+    // Signed by the right CA, but for server authentication only.
+    let pair = pki::issue(&pki.ca, &Leaf::Server(vec!["web-01".into()]), 1).expect("issue");
+    let prefix = tmp.path().join("pki/server-as-agent");
+    pki::write_pair(&prefix, &pair, false).expect("write");
+    match raw_tls(server.addr, &pki, Some(&prefix), false).await {
+        Err(_) => {}
+        Ok(tls) => assert!(refused_after_handshake(tls).await),
+    }
+    logs.wait_for("TLS handshake refused").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_agent_refuses_a_server_its_ca_did_not_sign() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let impostor_pki = Pki::new(&tmp.path().join("impostor"));
+    let server = TestServer::start(tmp.path(), &impostor_pki, &[gzip("main")]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[tmp.path()])]);
+    let err = backup(&cfg, 0).await.expect_err("impostor server refused");
+    let msg = err.to_string();
+    assert!(msg.contains("server's certificate is not acceptable"), "{msg}");
+    assert!(!err.is_transient(), "an untrusted server is not retried");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn private_keys_are_written_owner_only_and_never_logged() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    for name in ["ca.key", "server.key", "web-01.key"] {
+        let mode = std::fs::metadata(pki.dir.join(name)).expect("key").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    let (logs, _guard) = Logs::capture();
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let src = dataset(&tmp.path().join("d"), "1M", 2);
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    backup(&cfg, 0).await.expect("backup");
+    server.stop().await;
+    let text = logs.text();
+    assert!(text.contains("committed"), "logs were captured");
+    assert!(!text.contains("PRIVATE KEY"), "no key material in logs");
+}

@@ -30,7 +30,7 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
-        let ca = pki::new_ca("test CA", 2).expect("CA");
+        let ca = pki::new_ca(&format!("test CA {}", dir.display()), 2).expect("CA");
         pki::write_pair(&dir.join("ca"), &ca, false).expect("write CA");
         let server = pki::issue(&ca, &Leaf::Server(vec!["127.0.0.1".into(), "localhost".into()]), 2).expect("server");
         pki::write_pair(&dir.join("server"), &server, false).expect("write server");
@@ -232,4 +232,84 @@ pub fn check_manifest(archive: &Path) -> Manifest {
     let m = Manifest::from_json(&fs::read_to_string(&sidecar).expect("sidecar exists")).expect("manifest parses");
     nbackup_daemon::restore::verify_against_manifest(archive, &m).expect("readable").expect("archive matches manifest");
     m
+}
+
+/// A TLS connection to the server as a chosen client: certificate `cert` (prefix;
+/// `None` for no client certificate), TLS 1.2 only if `tls12`.
+pub async fn raw_tls(
+    addr: SocketAddr,
+    pki: &Pki,
+    cert: Option<&Path>,
+    tls12: bool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.dir.join("ca.crt")).expect("ca") {
+        roots.add(c.expect("cert")).expect("add root");
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] =
+        if tls12 { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13] };
+    let builder = rustls::ClientConfig::builder_with_protocol_versions(versions).with_root_certificates(roots);
+    let mut cfg = match cert {
+        Some(prefix) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(prefix.with_extension("crt"))
+                .expect("cert file")
+                .collect::<Result<_, _>>()
+                .expect("certs");
+            let key = PrivateKeyDer::from_pem_file(prefix.with_extension("key")).expect("key");
+            builder.with_client_auth_cert(certs, key).expect("client auth")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![nbackup_protocol::wire::ALPN.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    connector.connect(ServerName::try_from("127.0.0.1").expect("ip name"), tcp).await
+}
+
+/// Collects log output of everything running on this thread (the tests' runtimes are
+/// single-threaded, so that is the server's connection tasks too).
+pub struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = LogWriter(buf.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        (Logs(buf), tracing::subscriber::set_default(subscriber))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+
+    /// Waits until the logs contain `needle` (the server logs from its own tasks).
+    pub async fn wait_for(&self, needle: &str) -> String {
+        for _ in 0..400 {
+            let t = self.text();
+            if t.contains(needle) {
+                return t;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("logs never contained {needle:?}:\n{}", self.text());
+    }
+}
+
+#[derive(Clone)]
+struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

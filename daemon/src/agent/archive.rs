@@ -158,6 +158,9 @@ impl<W: Write> Archiver<'_, W> {
                     // walkdir's metadata is from lstat, as we want.
                     match entry.metadata() {
                         Ok(meta) => self.add(entry.path(), &meta)?,
+                        Err(e) if e.io_error().is_some_and(|io| io.kind() == io::ErrorKind::NotFound) => {
+                            self.notice(entry.path(), NoticeKind::Skipped, "vanished during the backup".into());
+                        }
                         Err(e) => self.notice(entry.path(), NoticeKind::Skipped, format!("cannot stat: {e}")),
                     }
                 }
