@@ -1,1 +1,85 @@
+//! Commit, rotation, health and shutdown as seen from the outside.
 
+use std::fs;
+use std::time::Duration;
+
+use nbackup_daemon::agent::{BackupError, Connector};
+use nbackup_daemon::agent::window::Failure;
+use nbackup_protocol::wire::Reason;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn rotation_keeps_the_newest_archives_with_their_manifests() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 4);
+    let mut spec = gzip("main");
+    spec.max_backups = 2;
+    let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(backup(&cfg, 0).await.expect("backup").archive);
+    }
+    let unique: std::collections::HashSet<_> = names.iter().collect();
+    assert_eq!(unique.len(), 4, "every run has its own archive name: {names:?}");
+    let left: Vec<String> = server
+        .archives("main", "web-01", "etc")
+        .iter()
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, names[2..].to_vec(), "the two newest remain");
+    let dir = server.storage_dir("main").join("web-01/etc");
+    assert_eq!(fs::read_dir(&dir).expect("ls").count(), 4, "two archives, two manifests");
+    for a in server.archives("main", "web-01", "etc") {
+        check_manifest(&a);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_reports_real_disk_space_per_storage() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main"), zstd("cold")]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[tmp.path()])]);
+    let health = Connector::new(&cfg).expect("connector").health().await.expect("health");
+    assert_eq!(health.server_version, nbackup_daemon::VERSION);
+    assert!(!health.draining);
+    let names: Vec<&str> = health.storages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["cold", "main"]);
+    let (free, total) = nbackup_daemon::fsutil::disk_space(&server.storage_dir("main")).expect("statvfs");
+    let main = &health.storages[1];
+    assert_eq!(main.total_bytes, total);
+    assert!(main.free_bytes.abs_diff(free) < 256 << 20, "free {} vs {}", main.free_bytes, free);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutting_the_server_down_mid_backup_aborts_the_session_on_both_sides() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    // Incompressible data so the backup takes a while.
+    let mut x = 7u64;
+    let noise: Vec<u8> = (0..(96 << 20)).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8 }).collect();
+    fs::write(src.join("noise.bin"), noise).expect("write");
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    let incoming = server.storage_dir("main").join(".incoming");
+    let run = tokio::spawn(async move { backup(&cfg, 0).await });
+    // The upload file appears when the session opens.
+    while fs::read_dir(&incoming).map_or(true, |mut d| d.next().is_none()) {
+        tokio::task::yield_now().await;
+    }
+    server.shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(30), run).await.expect("agent ends promptly").expect("task");
+    match result {
+        Err(BackupError::Transfer(Failure::Server(r))) => assert_eq!(r.reason, Reason::Draining, "{r}"),
+        other => panic!("expected a draining abort, got {other:?}"),
+    }
+    assert_eq!(fs::read_dir(&incoming).expect("incoming").count(), 0, "the partial upload is removed");
+    assert!(server.archives("main", "web-01", "etc").is_empty());
+}

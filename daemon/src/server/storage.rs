@@ -117,7 +117,9 @@ impl StorageArea {
         let dir = self.entry_dir(agent, backup);
         fsutil::create_dir_all_durable(&dir)?;
         let stamp = started.format("%Y%m%dT%H%M%SZ").to_string();
-        let mut n = 1u32;
+        // Always one past the highest suffix of this second, never a freed lower one:
+        // names must sort in commit order or rotation would delete the newest.
+        let mut n = self.list(agent, backup)?.iter().filter(|a| a.stamp == stamp).map(|a| a.n + 1).max().unwrap_or(1);
         let final_path = loop {
             let suffix = if n == 1 { String::new() } else { format!("-{n}") };
             let name = format!("{agent}-{backup}-{stamp}{suffix}.{}", compression.extension());
@@ -288,5 +290,25 @@ mod tests {
         assert_eq!(left, vec!["a-b-20261122T040000Z.tar.gz", "a-b-20261122T050000Z.tar.gz"]);
         let files = fs::read_dir(s.entry_dir(&a, &b)).expect("ls").count();
         assert_eq!(files, 4, "two archives and their two manifests");
+    }
+
+    #[test]
+    fn a_suffix_freed_by_rotation_is_not_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = area(dir.path(), 2);
+        s.prepare().expect("prepare");
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        for i in 0..3 {
+            commit_one(&s, t, &format!("r{i}"));
+            s.rotate(&a, &b).expect("rotate");
+        }
+        // Base name was rotated out after the third commit; the fourth must not take it.
+        let fourth = commit_one(&s, t, "r3");
+        assert!(fourth.to_string_lossy().ends_with("-4.tar.gz"), "{}", fourth.display());
+        s.rotate(&a, &b).expect("rotate");
+        let left: Vec<String> = s.list(&a, &b).expect("list").into_iter().map(|x| x.name).collect();
+        assert_eq!(left, vec!["a-b-20261122T020000Z-3.tar.gz", "a-b-20261122T020000Z-4.tar.gz"]);
+        assert_eq!(fs::read_to_string(&fourth).expect("newest kept"), "r3");
     }
 }

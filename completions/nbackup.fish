@@ -1,0 +1,83 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_nbackup_global_optspecs
+    string join \n h/help V/version
+end
+
+function __fish_nbackup_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_nbackup_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_nbackup_using_subcommand
+    set -l cmd (__fish_nbackup_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c nbackup -n "__fish_nbackup_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c nbackup -n "__fish_nbackup_needs_command" -s V -l version -d 'Print version'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "cert" -d 'Create a certificate authority and issue server and agent certificates'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "backup" -d 'Run backup entries once and exit'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "completions" -d 'Print a shell completion script'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "man" -d 'Write man pages into a directory'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "init-ca" -d 'Create a new CA: <out>/ca.crt and <out>/ca.key (ECDSA P-256)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "issue" -d 'Issue a certificate signed by the CA: <out>.crt and <out>.key'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -l out -d 'Directory to write ca.crt and ca.key into' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -l name -d 'Common name of the CA' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -l days -d 'Validity in days' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -l force -d 'Overwrite existing files'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l ca -d 'Directory holding ca.crt and ca.key' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l server -d 'Server certificate for this DNS name or IP address (repeatable)' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l agent -d 'Agent certificate for this agent name (must equal agent.name in its config)' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l out -d 'Path prefix of the files to write (<out>.crt, <out>.key)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l days -d 'Validity in days' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l force -d 'Overwrite existing files'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "init-ca" -d 'Create a new CA: <out>/ca.crt and <out>/ca.key (ECDSA P-256)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "issue" -d 'Issue a certificate signed by the CA: <out>.crt and <out>.key'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand server" -s c -l config -d 'Server configuration file' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand server" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -s c -l config -d 'Agent configuration file' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -s e -l entry -d 'Run only this entry (repeatable; default: all entries)' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -l progress -d 'Show a progress bar'
+complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -l json -d 'Print one JSON object per entry on standard output'
+complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -s v -l verbose -d 'More log output on standard error (-v info, -vv debug)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand health" -s c -l config -d 'Agent configuration file (for the server address and certificates)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand health" -l json -d 'Print JSON'
+complete -c nbackup -n "__fish_nbackup_using_subcommand health" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -l keep -d 'Keep the PKI, configs, archive and restore in this directory instead of deleting them' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -l compression -d 'Compression of the demo storage' -r -f -a "gzip\t''
+zstd\t''"
+complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -l parallels -d 'Parallel streams' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand man" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "cert" -d 'Create a certificate authority and issue server and agent certificates'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "backup" -d 'Run backup entries once and exit'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "completions" -d 'Print a shell completion script'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "man" -d 'Write man pages into a directory'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "init-ca" -d 'Create a new CA: <out>/ca.crt and <out>/ca.key (ECDSA P-256)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "issue" -d 'Issue a certificate signed by the CA: <out>.crt and <out>.key'
