@@ -35,8 +35,8 @@ complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "completions" -d 'Pr
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "man" -d 'Write man pages into a directory'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -s h -l help -d 'Print help'
-complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "init-ca" -d 'Create a new CA: <out>/ca.crt and <out>/ca.key (ECDSA P-256)'
-complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "issue" -d 'Issue a certificate signed by the CA: <out>.crt and <out>.key'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "init-ca" -d 'Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -l out -d 'Directory to write ca.crt and ca.key into' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -l name -d 'Common name of the CA' -r
@@ -46,12 +46,12 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_su
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l ca -d 'Directory holding ca.crt and ca.key' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l server -d 'Server certificate for this DNS name or IP address (repeatable)' -r
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l agent -d 'Agent certificate for this agent name (must equal agent.name in its config)' -r
-complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l out -d 'Path prefix of the files to write (<out>.crt, <out>.key)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l out -d 'Path prefix of the files to write (PREFIX.crt, PREFIX.key)' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l days -d 'Validity in days' -r
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l force -d 'Overwrite existing files'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -s h -l help -d 'Print help'
-complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "init-ca" -d 'Create a new CA: <out>/ca.crt and <out>/ca.key (ECDSA P-256)'
-complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "issue" -d 'Issue a certificate signed by the CA: <out>.crt and <out>.key'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "init-ca" -d 'Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand server" -s c -l config -d 'Server configuration file' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand server" -s h -l help -d 'Print help'
@@ -79,5 +79,5 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_see
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "completions" -d 'Print a shell completion script'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "man" -d 'Write man pages into a directory'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "init-ca" -d 'Create a new CA: <out>/ca.crt and <out>/ca.key (ECDSA P-256)'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "issue" -d 'Issue a certificate signed by the CA: <out>.crt and <out>.key'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "init-ca" -d 'Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'

@@ -54,7 +54,7 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum CertCommand {
-    /// Create a new CA: <out>/ca.crt and <out>/ca.key (ECDSA P-256)
+    /// Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)
     InitCa {
         /// Directory to write ca.crt and ca.key into
         #[arg(long, value_name = "DIR")]
@@ -69,7 +69,7 @@ pub enum CertCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Issue a certificate signed by the CA: <out>.crt and <out>.key
+    /// Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key
     #[command(group = clap::ArgGroup::new("kind").required(true).args(["server", "agent"]))]
     Issue {
         /// Directory holding ca.crt and ca.key
@@ -81,7 +81,7 @@ pub enum CertCommand {
         /// Agent certificate for this agent name (must equal agent.name in its config)
         #[arg(long, value_name = "NAME")]
         agent: Option<String>,
-        /// Path prefix of the files to write (<out>.crt, <out>.key)
+        /// Path prefix of the files to write (PREFIX.crt, PREFIX.key)
         #[arg(long, value_name = "PREFIX")]
         out: PathBuf,
         /// Validity in days
@@ -158,6 +158,6 @@ pub struct CompletionsArgs {
 
 #[derive(Debug, Args)]
 pub struct ManArgs {
-    /// Directory to write nbackup.1 and nbackup-<command>.1 into
+    /// Directory to write nbackup.1 and nbackup-COMMAND.1 into
     pub dir: PathBuf,
 }

@@ -43,8 +43,7 @@ pub fn init(cfg: &Logging, mode: Mode) -> anyhow::Result<Option<tracing_appender
             let (writer, g) = tracing_appender::non_blocking(appender);
             guard = Some(g);
             let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false);
-            let layer: Box<dyn Layer<_> + Send + Sync> =
-                if json { Box::new(layer.json()) } else { Box::new(layer) };
+            let layer: Box<dyn Layer<_> + Send + Sync> = if json { Box::new(layer.json()) } else { Box::new(layer) };
             Some(layer.with_filter(filter(cfg.level.as_str())))
         }
         None => None,
@@ -52,11 +51,8 @@ pub fn init(cfg: &Logging, mode: Mode) -> anyhow::Result<Option<tracing_appender
     // With a log file, the terminal only gets warnings (daemons) or what -v asked for.
     let stderr_level = if cfg.file.is_some() && matches!(mode, Mode::Daemon) { "warn" } else { stderr_level };
     let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let stderr: Box<dyn Layer<_> + Send + Sync> = if json && cfg.file.is_none() {
-        Box::new(stderr.json())
-    } else {
-        Box::new(stderr.with_target(false))
-    };
+    let stderr: Box<dyn Layer<_> + Send + Sync> =
+        if json && cfg.file.is_none() { Box::new(stderr.json()) } else { Box::new(stderr.with_target(false)) };
     tracing_subscriber::registry()
         .with(file_layer)
         .with(stderr.with_filter(filter(stderr_level)))

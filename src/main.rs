@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         Command::Man(a) => cmd::docs::man(a),
     };
     match result {
-        Ok(code) => code.into(),
+        Ok(code) => code,
         Err(e) => {
             let code = match e.downcast_ref::<ExitError>() {
                 Some(x) => x.code,

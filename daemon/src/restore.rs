@@ -117,10 +117,7 @@ pub fn extract(archive: &Path, compression: Compression, dest: &Path) -> io::Res
                     EntryType::Char => rustix::fs::FileType::CharacterDevice,
                     _ => rustix::fs::FileType::BlockDevice,
                 };
-                let dev = rustix::fs::makedev(
-                    header.device_major()?.unwrap_or(0),
-                    header.device_minor()?.unwrap_or(0),
-                );
+                let dev = rustix::fs::makedev(header.device_major()?.unwrap_or(0), header.device_minor()?.unwrap_or(0));
                 rustix::fs::mknodat(rustix::fs::CWD, &target, file_type, rustix::fs::Mode::from_raw_mode(mode), dev)
                     .map_err(io::Error::from)?;
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
@@ -142,7 +139,7 @@ pub fn extract(archive: &Path, compression: Compression, dest: &Path) -> io::Res
         stats.entries += 1;
     }
     // Deepest first, so a parent's mtime is set after its children were created.
-    dirs.sort_by(|a, b| b.0.components().count().cmp(&a.0.components().count()));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
     for (path, mode, mtime, uid, gid) in dirs {
         if as_root {
             std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
@@ -178,7 +175,8 @@ pub fn compare_trees(
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for root in sources {
         let walker = walkdir::WalkDir::new(root).follow_links(false).into_iter().filter_entry(|e| {
-            e.depth() == 0 || !excludes.is_excluded(e.path(), e.path().strip_prefix(root).unwrap_or(e.path()), e.file_name())
+            e.depth() == 0
+                || !excludes.is_excluded(e.path(), e.path().strip_prefix(root).unwrap_or(e.path()), e.file_name())
         });
         for item in walker {
             let entry = item.map_err(io::Error::other)?;
@@ -277,7 +275,10 @@ fn compare_entry(
                 Some(first) => {
                     let f = fs::symlink_metadata(first)?;
                     if (f.dev(), f.ino()) != (cmeta.dev(), cmeta.ino()) {
-                        return Ok(Some(format!("{name}: hard link to {} restored as a separate file", first.display())));
+                        return Ok(Some(format!(
+                            "{name}: hard link to {} restored as a separate file",
+                            first.display()
+                        )));
                     }
                 }
                 None => {

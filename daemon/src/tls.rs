@@ -42,8 +42,11 @@ pub fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, rustls::pki
 }
 
 fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = pem_certs(&read(what, path)?)
-        .map_err(|e| TlsError::Invalid { what, path: path.to_path_buf(), detail: e.to_string() })?;
+    let certs = pem_certs(&read(what, path)?).map_err(|e| TlsError::Invalid {
+        what,
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
     if certs.is_empty() {
         return Err(TlsError::NoCert { what, path: path.to_path_buf() });
     }
@@ -63,9 +66,11 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut store = RootCertStore::empty();
     for cert in load_certs("CA certificate", path)? {
-        store
-            .add(cert)
-            .map_err(|e| TlsError::Invalid { what: "CA certificate", path: path.to_path_buf(), detail: e.to_string() })?;
+        store.add(cert).map_err(|e| TlsError::Invalid {
+            what: "CA certificate",
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
     }
     Ok(Arc::new(store))
 }

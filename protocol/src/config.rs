@@ -20,7 +20,7 @@ pub use agent::{
     AgentConfig, AgentTls, BackupEntry, Excludes, RawAgentConfig, RawBackup, RawResume, RawRetry, RawSource, Resume,
     Retry, ServerEndpoint,
 };
-pub use error::ConfigError;
+pub use error::{ConfigError, ConfigErrorDetails};
 pub use server::{RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};
 pub use units::{ByteSize, HumanDuration};
 

@@ -9,8 +9,8 @@
 //! Nothing here opens sockets or files: callers hand in bytes or text.
 
 pub mod config;
-pub mod manifest;
 pub mod limits;
+pub mod manifest;
 pub mod name;
 pub mod wire;
 

@@ -265,9 +265,7 @@ impl Reason {
             Reason::UnknownStorage => "the server has no storage of that name".into(),
             Reason::Busy => "a backup of this entry is already running on the server".into(),
             Reason::DiskFull => "the server's storage is full".into(),
-            Reason::IdentityMismatch => {
-                "the agent name does not match the identity in its certificate".into()
-            }
+            Reason::IdentityMismatch => "the agent name does not match the identity in its certificate".into(),
             Reason::NotAllowed => "the server does not allow this for this agent".into(),
             Reason::Draining => "the server is shutting down".into(),
             Reason::Protocol => "protocol error".into(),
@@ -718,9 +716,7 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
         }),
         FrameType::REFUSED => Frame::Refused(r.refusal()?),
         FrameType::ABORT => Frame::Abort(r.refusal()?),
-        FrameType::JOIN => {
-            Frame::Join(Join { session: SessionId(r.array()?), stream: r.u16()?, generation: r.u32()? })
-        }
+        FrameType::JOIN => Frame::Join(Join { session: SessionId(r.array()?), stream: r.u16()?, generation: r.u32()? }),
         FrameType::JOINED => Frame::Joined(Joined { stream: r.u16()? }),
         FrameType::ACK => Frame::Ack(Ack { seq: r.u64()? }),
         FrameType::COMMIT => Frame::Commit(Commit {
@@ -729,11 +725,9 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
             sha256: r.array()?,
             stats: SourceStats { entries: r.u64()?, bytes_read: r.u64()?, skipped: r.u64()? },
         }),
-        FrameType::COMMITTED => Frame::Committed(Committed {
-            archive: r.text("archive")?,
-            size: r.u64()?,
-            sha256: r.array()?,
-        }),
+        FrameType::COMMITTED => {
+            Frame::Committed(Committed { archive: r.text("archive")?, size: r.u64()?, sha256: r.array()? })
+        }
         FrameType::HEALTH => {
             let server_version = r.text("server_version")?;
             let uptime_secs = r.u64()?;
@@ -741,12 +735,7 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
             let active_sessions = r.u32()?;
             let count = usize::from(r.u16()?);
             if count > MAX_STORAGES {
-                return Err(DecodeError::TooLong {
-                    frame: name,
-                    field: "storages",
-                    len: count,
-                    max: MAX_STORAGES,
-                });
+                return Err(DecodeError::TooLong { frame: name, field: "storages", len: count, max: MAX_STORAGES });
             }
             // Each entry is at least 18 bytes, so `count` is also bounded by the
             // payload actually present; no allocation larger than the frame happens.
@@ -862,9 +851,7 @@ impl<'a> Reader<'a> {
             return Err(DecodeError::TooLong { frame: self.frame, field, len, max: MAX_TEXT_LEN });
         }
         let bytes = self.take(len)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::BadUtf8 { frame: self.frame, field })
+        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| DecodeError::BadUtf8 { frame: self.frame, field })
     }
 
     fn refusal(&mut self) -> Result<Refusal, DecodeError> {

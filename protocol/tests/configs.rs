@@ -55,11 +55,7 @@ fn every_invalid_config_fails_with_its_message() {
             Ok(()) => panic!("{} parsed but should fail with {expects:?}", path.display()),
             Err(msg) => {
                 for expect in expects {
-                    assert!(
-                        msg.contains(expect),
-                        "{}:\n  expected: {expect}\n  got:      {msg}",
-                        path.display()
-                    );
+                    assert!(msg.contains(expect), "{}:\n  expected: {expect}\n  got:      {msg}", path.display());
                 }
             }
         }

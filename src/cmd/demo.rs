@@ -215,7 +215,13 @@ fn make_sample(root: &Path) -> anyhow::Result<(u64, u64)> {
         let mut text = String::new();
         while text.len() < 96 * 1024 + i * 4096 {
             let w = words[(next() % words.len() as u64) as usize];
-            text.push_str(&format!("2026-11-22T02:{:02}:{:02}Z [{}] {w} id={}\n", i % 60, next() % 60, next() % 97, next() % 1000));
+            text.push_str(&format!(
+                "2026-11-22T02:{:02}:{:02}Z [{}] {w} id={}\n",
+                i % 60,
+                next() % 60,
+                next() % 97,
+                next() % 1000
+            ));
         }
         write(&format!("logs/app{}/day-{i:02}.log", i % 3), text.as_bytes(), 0o640)?;
     }

@@ -12,9 +12,7 @@ pub fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
     let config = super::load_agent_config(&args.config)?;
     let _guard = logging::init(&config.logging, Mode::Command { verbose: 0 })?;
     let connector = Connector::new(&config).map_err(|e| fail(Exit::Usage, e))?;
-    let health = super::runtime()?
-        .block_on(connector.health())
-        .map_err(|e| fail(for_connect_error(&e), e))?;
+    let health = super::runtime()?.block_on(connector.health()).map_err(|e| fail(for_connect_error(&e), e))?;
     if args.json {
         let storages: Vec<_> = health
             .storages
@@ -40,7 +38,10 @@ pub fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
     } else {
         let state = if health.draining { "shutting down" } else { "ok" };
         println!("server {}: {state}", connector.address());
-        println!("  version {}, up {}s, {} active session(s)", health.server_version, health.uptime_secs, health.active_sessions);
+        println!(
+            "  version {}, up {}s, {} active session(s)",
+            health.server_version, health.uptime_secs, health.active_sessions
+        );
         for s in &health.storages {
             let pct = if s.total_bytes > 0 { 100.0 * s.free_bytes as f64 / s.total_bytes as f64 } else { 0.0 };
             println!(

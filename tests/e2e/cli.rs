@@ -28,18 +28,13 @@ fn free_port() -> u16 {
 
 struct ServerProcess {
     child: Child,
-    port: u16,
 }
 
 impl ServerProcess {
     /// Starts `nbackup server` and waits for its "server ready" log line.
-    fn start(config: &Path, port: u16) -> ServerProcess {
-        let mut child = nbackup()
-            .args(["server", "--config"])
-            .arg(config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("server starts");
+    fn start(config: &Path) -> ServerProcess {
+        let mut child =
+            nbackup().args(["server", "--config"]).arg(config).stderr(Stdio::piped()).spawn().expect("server starts");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
         loop {
@@ -50,15 +45,12 @@ impl ServerProcess {
         }
         // Keep draining the log so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        ServerProcess { child, port }
+        ServerProcess { child }
     }
 
     fn terminate(mut self) -> std::process::ExitStatus {
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        )
-        .expect("SIGTERM");
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::TERM)
+            .expect("SIGTERM");
         self.child.wait().expect("server exits")
     }
 }
@@ -68,8 +60,16 @@ fn setup(root: &Path) -> (PathBuf, PathBuf, u16) {
     let pki = root.join("pki");
     let ok = |o: Output| assert!(o.status.success(), "{}", text(&o.stderr));
     ok(run(nbackup().args(["cert", "init-ca", "--out"]).arg(&pki)));
-    ok(run(nbackup().args(["cert", "issue", "--ca"]).arg(&pki).args(["--server", "127.0.0.1", "--out"]).arg(pki.join("server"))));
-    ok(run(nbackup().args(["cert", "issue", "--ca"]).arg(&pki).args(["--agent", "web-01", "--out"]).arg(pki.join("web-01"))));
+    ok(run(nbackup()
+        .args(["cert", "issue", "--ca"])
+        .arg(&pki)
+        .args(["--server", "127.0.0.1", "--out"])
+        .arg(pki.join("server"))));
+    ok(run(nbackup()
+        .args(["cert", "issue", "--ca"])
+        .arg(&pki)
+        .args(["--agent", "web-01", "--out"])
+        .arg(pki.join("web-01"))));
     let port = free_port();
     let server = root.join("server.yaml");
     fs::write(
@@ -99,7 +99,7 @@ fn setup(root: &Path) -> (PathBuf, PathBuf, u16) {
 #[test]
 fn the_whole_cli_flow_with_json_results_and_exit_codes() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (server_yaml, agent_yaml, port) = setup(tmp.path());
+    let (server_yaml, agent_yaml, _) = setup(tmp.path());
     let key_mode = fs::metadata(tmp.path().join("pki/web-01.key")).expect("key").permissions().mode();
     assert_eq!(key_mode & 0o777, 0o600);
     // Refuses to overwrite a CA.
@@ -112,7 +112,7 @@ fn the_whole_cli_flow_with_json_results_and_exit_codes() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("cannot reach"), "{}", text(&o.stderr));
 
-    let server = ServerProcess::start(&server_yaml, port);
+    let server = ServerProcess::start(&server_yaml);
     let o = run(nbackup().args(["backup", "--json", "--entry", "data", "--config"]).arg(&agent_yaml));
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
@@ -163,7 +163,8 @@ fn config_errors_and_identity_mismatches_are_usage_errors() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (_, agent_yaml, _) = setup(tmp.path());
     let typo = tmp.path().join("typo.yaml");
-    fs::write(&typo, fs::read_to_string(&agent_yaml).expect("read").replace("max_attempts", "max_atempts")).expect("write");
+    fs::write(&typo, fs::read_to_string(&agent_yaml).expect("read").replace("max_attempts", "max_atempts"))
+        .expect("write");
     let o = run(nbackup().args(["backup", "--config"]).arg(&typo));
     assert_eq!(o.status.code(), Some(2));
     let err = text(&o.stderr);
@@ -171,7 +172,8 @@ fn config_errors_and_identity_mismatches_are_usage_errors() {
     assert!(err.contains("did you mean `max_attempts`?"), "{err}");
 
     let other = tmp.path().join("other.yaml");
-    fs::write(&other, fs::read_to_string(&agent_yaml).expect("read").replace("name: web-01", "name: web-02")).expect("write");
+    fs::write(&other, fs::read_to_string(&agent_yaml).expect("read").replace("name: web-01", "name: web-02"))
+        .expect("write");
     let o = run(nbackup().args(["backup", "--config"]).arg(&other));
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("agent.name is \"web-02\" but the certificate"), "{}", text(&o.stderr));
@@ -264,6 +266,9 @@ fn man_pages_and_completions_are_up_to_date() {
         let o = run(nbackup().args(["completions", shell]));
         assert!(o.status.success());
         let old = fs::read(repo().join("completions").join(file)).unwrap_or_default();
-        assert!(o.stdout == old, "completions/{file} is stale: run `cargo run -- completions {shell} > completions/{file}`");
+        assert!(
+            o.stdout == old,
+            "completions/{file} is stale: run `cargo run -- completions {shell} > completions/{file}`"
+        );
     }
 }

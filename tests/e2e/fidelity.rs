@@ -13,7 +13,8 @@ use crate::support::*;
 fn set_mtime(p: &Path, secs: i64) {
     use rustix::fs::{AtFlags, CWD, Timespec, Timestamps, utimensat};
     let t = Timespec { tv_sec: secs, tv_nsec: 0 };
-    utimensat(CWD, p, &Timestamps { last_access: t, last_modification: t }, AtFlags::SYMLINK_NOFOLLOW).expect("utimensat");
+    utimensat(CWD, p, &Timestamps { last_access: t, last_modification: t }, AtFlags::SYMLINK_NOFOLLOW)
+        .expect("utimensat");
 }
 
 /// A tree with every kind of entry and name a backup must keep.
@@ -45,15 +46,27 @@ fn tricky_tree(root: &Path) {
     fs::hard_link(root.join("h1"), root.join("h2")).expect("hard link");
     fs::create_dir_all(root.join("sub")).expect("sub");
     fs::hard_link(root.join("h1"), root.join("sub/h3")).expect("hard link 3");
-    rustix::fs::mknodat(rustix::fs::CWD, &root.join("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o640), 0)
-        .expect("mkfifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o640),
+        0,
+    )
+    .expect("mkfifo");
     w("ro-dir/inside.txt", b"in a read-only dir\n", 0o644);
     fs::set_permissions(root.join("ro-dir"), fs::Permissions::from_mode(0o555)).expect("chmod ro");
     if nbackup_daemon::restore::running_as_root() {
         w("setuid", b"s\n", 0o4755);
         let dev = rustix::fs::makedev(1, 3);
-        rustix::fs::mknodat(rustix::fs::CWD, &root.join("null-dev"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::from_raw_mode(0o666), dev)
-            .expect("mknod");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("null-dev"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o666),
+            dev,
+        )
+        .expect("mknod");
         w("owned", b"o\n", 0o644);
         std::os::unix::fs::chown(root.join("owned"), Some(1234), Some(5678)).expect("chown");
         std::os::unix::fs::lchown(root.join("link"), Some(4321), Some(8765)).expect("lchown");
@@ -100,7 +113,8 @@ async fn round_trip(storage: StorageSpec, parallels: u16) {
     assert_restored(&[src_a.clone(), src_b], &Excludes::none(), &restored);
     // Hard links come back as links, not copies.
     let rel = src_a.strip_prefix("/").expect("absolute");
-    let ino = |p: &str| std::os::unix::fs::MetadataExt::ino(&fs::metadata(restored.join(rel).join(p)).expect("restored"));
+    let ino =
+        |p: &str| std::os::unix::fs::MetadataExt::ino(&fs::metadata(restored.join(rel).join(p)).expect("restored"));
     assert_eq!(ino("h1"), ino("h2"));
     assert_eq!(ino("h1"), ino("sub/h3"));
     assert!(server.incoming(name).is_empty(), "no upload left behind");
@@ -127,7 +141,17 @@ async fn excludes_leave_out_names_paths_and_subtrees() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&tmp.path().join("pki"));
     let src = tmp.path().join("src");
-    for rel in ["keep.txt", "app.log", "a/b/deep.log", "cache/x/y.bin", "a/cache/kept.txt", "node_modules/m.js", "a/node_modules/n.js", "logs/old.gz", "logs/sub/new.gz"] {
+    for rel in [
+        "keep.txt",
+        "app.log",
+        "a/b/deep.log",
+        "cache/x/y.bin",
+        "a/cache/kept.txt",
+        "node_modules/m.js",
+        "a/node_modules/n.js",
+        "logs/old.gz",
+        "logs/sub/new.gz",
+    ] {
         let p = src.join(rel);
         fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
         fs::write(&p, rel).expect("write");
@@ -167,7 +191,7 @@ async fn dataset_from_the_shared_generator_round_trips_in_both_formats() {
         check_manifest(archive);
         let restored = tmp.path().join(format!("restored-{storage}"));
         gnu_extract(archive, &restored);
-        assert_restored(&[src.clone()], &Excludes::none(), &restored);
+        assert_restored(std::slice::from_ref(&src), &Excludes::none(), &restored);
     }
     server.stop().await;
 }

@@ -134,7 +134,8 @@ async fn files_and_directories_that_vanish_are_skipped_and_reported() {
     });
     let report = backup(&cfg, 0).await.expect("backup commits despite vanished entries");
     watcher.join().expect("watcher");
-    let skipped: Vec<&str> = report.notices.iter().filter(|n| n.kind == NoticeKind::Skipped).map(|n| n.path.as_str()).collect();
+    let skipped: Vec<&str> =
+        report.notices.iter().filter(|n| n.kind == NoticeKind::Skipped).map(|n| n.path.as_str()).collect();
     assert!(skipped.iter().any(|p| p.ends_with("c-vanish.txt")), "{:?}", report.notices);
     assert!(skipped.iter().any(|p| p.ends_with("b-dir")), "{:?}", report.notices);
     assert!(report.notices.iter().all(|n| n.detail.contains("vanished")), "{:?}", report.notices);

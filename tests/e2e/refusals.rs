@@ -8,9 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use nbackup_daemon::agent::{BackupError, Connector};
 use nbackup_protocol::config::AgentConfig;
-use nbackup_protocol::wire::{
-    self, Caps, ConnKind, Frame, Hello, Join, PROTOCOL_VERSION, Preamble, Reason,
-};
+use nbackup_protocol::wire::{self, Caps, ConnKind, Frame, Hello, Join, PROTOCOL_VERSION, Preamble, Reason};
 use nbackup_protocol::{Name, SessionId};
 
 use crate::support::*;
@@ -83,7 +81,10 @@ async fn a_second_session_for_the_same_entry_is_busy_and_other_entries_run() {
     loop {
         match backup(&cfg, 0).await {
             Ok(_) => break,
-            Err(e) if e.refusal().is_some_and(|r| r.reason == Reason::Busy) && started.elapsed() < Duration::from_secs(5) => {
+            Err(e)
+                if e.refusal().is_some_and(|r| r.reason == Reason::Busy)
+                    && started.elapsed() < Duration::from_secs(5) =>
+            {
                 // The server notices the closed connection asynchronously.
                 tokio::task::yield_now().await;
             }
@@ -120,7 +121,8 @@ async fn an_agent_name_that_differs_from_its_certificate_is_refused() {
     let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
     let (logs, _guard) = Logs::capture();
     // web-02's config, but web-01's certificate.
-    let yaml = agent_yaml(&pki, "web-02", &pki.agent("web-01"), server.addr, &[entry("etc", "main", &[tmp.path()])], "");
+    let yaml =
+        agent_yaml(&pki, "web-02", &pki.agent("web-01"), server.addr, &[entry("etc", "main", &[tmp.path()])], "");
     let cfg = AgentConfig::parse(&yaml, std::path::Path::new("a.yaml")).expect("config");
     let r = backup(&cfg, 0).await;
     assert_eq!(refusal_reason(&r), Reason::IdentityMismatch);
@@ -192,7 +194,8 @@ async fn joins_for_unknown_foreign_or_duplicate_streams_are_refused() {
     let (_held, welcome) = connector.open_session(hello("web-01", "main", "etc")).await.expect("session");
 
     let addr = server.addr;
-    let join = |agent: &'static str, session, stream, generation| raw_join(addr, &pki, agent, session, stream, generation);
+    let join =
+        |agent: &'static str, session, stream, generation| raw_join(addr, &pki, agent, session, stream, generation);
     let reason = |f: Option<Frame>| match f {
         Some(Frame::Refused(r)) => r.reason,
         other => panic!("expected a refusal, got {other:?}"),

@@ -3,8 +3,8 @@
 use std::fs;
 use std::time::Duration;
 
-use nbackup_daemon::agent::{BackupError, Connector};
 use nbackup_daemon::agent::window::Failure;
+use nbackup_daemon::agent::{BackupError, Connector};
 use nbackup_protocol::wire::Reason;
 
 use crate::support::*;
@@ -64,7 +64,14 @@ async fn shutting_the_server_down_mid_backup_aborts_the_session_on_both_sides() 
     fs::create_dir_all(&src).expect("mkdir");
     // Incompressible data so the backup takes a while.
     let mut x = 7u64;
-    let noise: Vec<u8> = (0..(96 << 20)).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8 }).collect();
+    let noise: Vec<u8> = (0..(96 << 20))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
     fs::write(src.join("noise.bin"), noise).expect("write");
     let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
     let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);

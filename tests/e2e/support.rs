@@ -122,9 +122,8 @@ impl TestServer {
     /// Archives of an entry, oldest first.
     pub fn archives(&self, storage: &str, agent: &str, backup: &str) -> Vec<PathBuf> {
         let dir = self.storage_dir(storage).join(agent).join(backup);
-        let mut v: Vec<PathBuf> = fs::read_dir(&dir)
-            .map(|rd| rd.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
+        let mut v: Vec<PathBuf> =
+            fs::read_dir(&dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         v.retain(|p| !p.to_string_lossy().ends_with(".json"));
         v.sort();
         v
@@ -154,7 +153,13 @@ pub struct EntrySpec {
 }
 
 pub fn entry(name: &'static str, storage: &'static str, sources: &[&Path]) -> EntrySpec {
-    EntrySpec { name, storage, sources: sources.iter().map(|p| p.to_path_buf()).collect(), exclude: vec![], parallels: 1 }
+    EntrySpec {
+        name,
+        storage,
+        sources: sources.iter().map(|p| p.to_path_buf()).collect(),
+        exclude: vec![],
+        parallels: 1,
+    }
 }
 
 /// Agent YAML for `name` using certificate `cert` (prefix), talking to `addr`.
@@ -166,7 +171,10 @@ pub fn agent_yaml(pki: &Pki, name: &str, cert: &Path, addr: SocketAddr, entries:
         cert.display()
     );
     for e in entries {
-        yaml.push_str(&format!("  - name: {}\n    storage: {}\n    parallels: {}\n    sources:\n", e.name, e.storage, e.parallels));
+        yaml.push_str(&format!(
+            "  - name: {}\n    storage: {}\n    parallels: {}\n    sources:\n",
+            e.name, e.storage, e.parallels
+        ));
         for s in &e.sources {
             yaml.push_str(&format!("      - path: \"{}\"\n", s.display()));
         }

@@ -282,9 +282,17 @@ impl<W: Write> Archiver<'_, W> {
         result?;
         self.summary.bytes_read += read;
         if let Some(e) = error {
-            self.notice(path, NoticeKind::ReadError, format!("read failed after {read} of {size} bytes ({e}); rest zero-filled"));
+            self.notice(
+                path,
+                NoticeKind::ReadError,
+                format!("read failed after {read} of {size} bytes ({e}); rest zero-filled"),
+            );
         } else if padded {
-            self.notice(path, NoticeKind::Padded, format!("shrank while read; stored {read} bytes zero-padded to {size}"));
+            self.notice(
+                path,
+                NoticeKind::Padded,
+                format!("shrank while read; stored {read} bytes zero-padded to {size}"),
+            );
         } else if grew(&file, size) {
             self.notice(path, NoticeKind::Truncated, format!("grew while read; stored its first {size} bytes"));
         }
@@ -363,7 +371,8 @@ pub fn prescan(sources: &[PathBuf], excludes: &Excludes) -> (u64, u64) {
     let (mut files, mut bytes) = (0u64, 0u64);
     for root in sources {
         let walker = walkdir::WalkDir::new(root).follow_links(false).into_iter().filter_entry(|e| {
-            e.depth() == 0 || !excludes.is_excluded(e.path(), e.path().strip_prefix(root).unwrap_or(e.path()), e.file_name())
+            e.depth() == 0
+                || !excludes.is_excluded(e.path(), e.path().strip_prefix(root).unwrap_or(e.path()), e.file_name())
         });
         for entry in walker.flatten() {
             if let Ok(m) = entry.metadata() {

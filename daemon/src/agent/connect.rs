@@ -128,7 +128,11 @@ impl Connector {
         let _ = tcp.set_nodelay(true);
         let tls = timeout(CONNECT_TIMEOUT, self.tls.connect(self.server_name.clone(), tcp))
             .await
-            .map_err(|_| ConnectError::Timeout { address: addr.into(), phase: "TLS handshake", after: CONNECT_TIMEOUT })?
+            .map_err(|_| ConnectError::Timeout {
+                address: addr.into(),
+                phase: "TLS handshake",
+                after: CONNECT_TIMEOUT,
+            })?
             .map_err(|e| classify(addr, e))?;
         if tls.get_ref().1.alpn_protocol() != Some(nbackup_protocol::wire::ALPN) {
             return Err(ConnectError::Protocol {
@@ -138,10 +142,7 @@ impl Connector {
         }
         let (r, w) = tokio::io::split(tls);
         let mut conn = Connection { reader: FrameReader::new(r), writer: FrameWriter::new(w) };
-        conn.writer
-            .send_preamble(&Preamble::new(kind, self.caps))
-            .await
-            .map_err(|e| classify(addr, e))?;
+        conn.writer.send_preamble(&Preamble::new(kind, self.caps)).await.map_err(|e| classify(addr, e))?;
         Ok(conn)
     }
 
@@ -151,7 +152,11 @@ impl Connector {
             conn.writer.send(frame).await.map_err(|e| classify(addr, e))?;
         }
         match timeout(CONNECT_TIMEOUT, conn.reader.read_frame()).await {
-            Err(_) => Err(ConnectError::Timeout { address: addr.into(), phase: "waiting for the server", after: CONNECT_TIMEOUT }),
+            Err(_) => Err(ConnectError::Timeout {
+                address: addr.into(),
+                phase: "waiting for the server",
+                after: CONNECT_TIMEOUT,
+            }),
             Ok(Err(e)) => Err(conn_error(addr, e)),
             Ok(Ok(Frame::Refused(r))) => Err(ConnectError::Refused(r)),
             Ok(Ok(f)) => Ok(f),

@@ -70,7 +70,10 @@ enum CommitState {
     /// Producer still running or chunks unacknowledged.
     Waiting,
     Ready(Commit),
-    InFlight { commit: Commit, stream: u16 },
+    InFlight {
+        commit: Commit,
+        stream: u16,
+    },
 }
 
 struct State {

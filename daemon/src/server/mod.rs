@@ -307,12 +307,7 @@ impl Shared {
             session = %p.id, agent = %p.key.agent, backup = %p.key.backup, storage = %p.key.storage,
             peer = %conn.peer, compression = %p.compression, "session opened"
         );
-        let welcome = Welcome {
-            session: p.id,
-            compression: p.compression,
-            level: p.level,
-            max_streams: p.max_streams,
-        };
+        let welcome = Welcome { session: p.id, compression: p.compression, level: p.level, max_streams: p.max_streams };
         if let Err(e) = writer.send(&Frame::Welcome(welcome)).await {
             warn!(session = %p.id, "cannot send Welcome: {e}");
             self.end_session(&session, Outcome::Failed(Refusal::new(Reason::Cancelled, "agent left before Welcome")));
@@ -569,7 +564,12 @@ enum DiskJob {
 
 /// Writes chunks in arrival order on blocking threads and acknowledges each after
 /// its write returned. A write failure ends the whole session.
-async fn disk_loop(shared: Arc<Shared>, session: Arc<Session>, mut jobs: mpsc::Receiver<DiskJob>, out: mpsc::Sender<Frame>) {
+async fn disk_loop(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    mut jobs: mpsc::Receiver<DiskJob>,
+    out: mpsc::Sender<Frame>,
+) {
     while let Some(job) = jobs.recv().await {
         let chunk = match job {
             DiskJob::Write(c) => c,
@@ -613,9 +613,8 @@ async fn write_out<W: AsyncWrite + Unpin>(mut writer: FrameWriter<W>, mut frames
 /// Refuses a session when the storage could not hold another archive as large as the
 /// entry's newest one.
 fn check_space(storage: &StorageArea, agent: &Name, backup: &Name) -> Result<(), Refusal> {
-    let (free, _) = storage
-        .disk_space()
-        .map_err(|e| Refusal::new(Reason::WriteError, format!("cannot stat storage: {e}")))?;
+    let (free, _) =
+        storage.disk_space().map_err(|e| Refusal::new(Reason::WriteError, format!("cannot stat storage: {e}")))?;
     let newest = storage.list(agent, backup).ok().and_then(|v| v.last().map(|a| a.size)).unwrap_or(0);
     if free < newest || free == 0 {
         return Err(Refusal::new(

@@ -290,10 +290,7 @@ impl Session {
             let missing: Vec<u64> = (0..commit.chunks).filter(|s| !st.has(*s)).take(8).collect();
             return Err(refuse(
                 Reason::VerifyFailed,
-                format!(
-                    "agent sent {} chunks, server holds {} (first missing: {missing:?})",
-                    commit.chunks, st.count
-                ),
+                format!("agent sent {} chunks, server holds {} (first missing: {missing:?})", commit.chunks, st.count),
             ));
         }
         let last_len = match st.short {
@@ -345,7 +342,7 @@ impl Session {
         };
         let path = self
             .storage
-            .commit(&self.part_path, &self.file, &mut manifest, &p.key.agent, &p.key.backup, p.started, p.compression)
+            .commit(&self.part_path, &self.file, &mut manifest, &p.key.agent, &p.key.backup, p.started)
             .map_err(|e| write_refusal(&e, "committing archive"))?;
         tracing::info!(
             session = %p.id, agent = %p.key.agent, backup = %p.key.backup, storage = %p.key.storage,
@@ -495,7 +492,12 @@ mod tests {
     }
 
     fn commit_for(data: &[u8], chunks: u64) -> Commit {
-        Commit { total_len: data.len() as u64, chunks, sha256: Sha256::digest(data).into(), stats: SourceStats::default() }
+        Commit {
+            total_len: data.len() as u64,
+            chunks,
+            sha256: Sha256::digest(data).into(),
+            stats: SourceStats::default(),
+        }
     }
 
     #[test]

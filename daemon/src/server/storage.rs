@@ -111,8 +111,8 @@ impl StorageArea {
         agent: &Name,
         backup: &Name,
         started: DateTime<Utc>,
-        compression: Compression,
     ) -> io::Result<PathBuf> {
+        let compression = manifest.compression;
         part.sync_all()?;
         let dir = self.entry_dir(agent, backup);
         fsutil::create_dir_all_durable(&dir)?;
@@ -232,7 +232,7 @@ mod tests {
         let part = s.incoming_dir().join(format!("{body}.part"));
         fs::write(&part, body).expect("part");
         let f = File::open(&part).expect("open");
-        s.commit(&part, &f, &mut manifest(), &a, &b, started, Compression::Gzip).expect("commit")
+        s.commit(&part, &f, &mut manifest(), &a, &b, started).expect("commit")
     }
 
     #[test]

@@ -375,14 +375,8 @@ fn endpoint(raw: &RawServerAddress, src: &Source<'_>) -> Result<ServerEndpoint, 
             Some("write host:port, e.g. backup.example.com:9847 or [2001:db8::1]:9847".into()),
         )
     };
-    let (host, port) = raw
-        .address
-        .rsplit_once(':')
-        .ok_or_else(|| bad(format!("{:?} has no port", raw.address)))?;
-    port.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| bad(format!("{port:?} is not a port number")))?;
+    let (host, port) = raw.address.rsplit_once(':').ok_or_else(|| bad(format!("{:?} has no port", raw.address)))?;
+    port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad(format!("{port:?} is not a port number")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Err(bad(format!("{:?} has no host", raw.address)));

@@ -3,9 +3,21 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// An error in a config file, located as precisely as the parser allows.
+/// An error in a config file, located as precisely as the parser allows. Boxed so
+/// that `Result<Config, ConfigError>` stays small; the details are public via `Deref`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
+pub struct ConfigError(Box<ConfigErrorDetails>);
+
+impl std::ops::Deref for ConfigError {
+    type Target = ConfigErrorDetails;
+    fn deref(&self) -> &ConfigErrorDetails {
+        &self.0
+    }
+}
+
+/// Where and what a [`ConfigError`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrorDetails {
     pub file: PathBuf,
     pub line: Option<usize>,
     pub column: Option<usize>,
@@ -38,6 +50,12 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl From<ConfigErrorDetails> for ConfigError {
+    fn from(d: ConfigErrorDetails) -> Self {
+        ConfigError(Box::new(d))
+    }
+}
+
 /// Turns serde/YAML errors and validation failures into [`ConfigError`]s for one file.
 pub(crate) struct Source<'a> {
     pub file: &'a Path,
@@ -47,10 +65,12 @@ pub(crate) struct Source<'a> {
 impl Source<'_> {
     /// Deserializes `T` from the text, mapping any error to a located [`ConfigError`].
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        if self.text.trim().is_empty() || self.text.lines().all(|l| {
-            let l = l.trim();
-            l.is_empty() || l.starts_with('#') || l == "---"
-        }) {
+        if self.text.trim().is_empty()
+            || self.text.lines().all(|l| {
+                let l = l.trim();
+                l.is_empty() || l.starts_with('#') || l == "---"
+            })
+        {
             return Err(self.error(None, "the file is empty", Some("start from configs/*.example.yaml".into())));
         }
         let de = serde_yaml::Deserializer::from_str(self.text);
@@ -71,27 +91,27 @@ impl Source<'_> {
                 message = "unknown key".into();
             }
             let key = (path != "." && !path.is_empty()).then_some(path);
-            ConfigError {
+            ConfigError::from(ConfigErrorDetails {
                 file: self.file.to_path_buf(),
                 line: loc.as_ref().map(|l| l.line()),
                 column: loc.as_ref().map(|l| l.column()),
                 key,
                 message,
                 hint,
-            }
+            })
         })
     }
 
     /// A validation error for the key at `path` (dotted, with `[i]` indices).
     pub fn error(&self, path: Option<&str>, message: impl Into<String>, hint: Option<String>) -> ConfigError {
-        ConfigError {
+        ConfigError::from(ConfigErrorDetails {
             file: self.file.to_path_buf(),
             line: path.and_then(|p| locate(self.text, p)),
             column: None,
             key: path.map(str::to_string),
             message: message.into(),
             hint,
-        }
+        })
     }
 }
 

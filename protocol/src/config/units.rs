@@ -49,7 +49,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, mult) in [("tib", Self::GIB * 1024), ("gib", Self::GIB), ("mib", Self::MIB), ("kib", Self::KIB)] {
-            if b >= mult && b % mult == 0 {
+            if b >= mult && b.is_multiple_of(mult) {
                 return write!(f, "{}{unit}", b / mult);
             }
         }
@@ -130,7 +130,7 @@ impl fmt::Display for HumanDuration {
         }
         let s = d.as_secs();
         for (unit, mult) in [("d", 86400), ("h", 3600), ("m", 60)] {
-            if s % mult == 0 {
+            if s.is_multiple_of(mult) {
                 return write!(f, "{}{unit}", s / mult);
             }
         }

@@ -24,7 +24,7 @@ fn decode_all(bytes: &[u8]) -> Result<Option<Frame>, DecodeError> {
 #[test]
 fn golden_preamble() {
     let p = Preamble::new(ConnKind::Backup, Caps::GZIP.union(Caps::ZSTD));
-    assert_eq!(hex(&p.encode()), "4e424b500001" .to_owned() + "00000003");
+    assert_eq!(hex(&p.encode()), "4e424b500001".to_owned() + "00000003");
     assert_eq!(Preamble::decode(&p.encode()), Ok(p));
     let join = Preamble::new(ConnKind::Join, Caps::GZIP);
     assert_eq!(&join.encode()[..4], b"JOIN");
@@ -122,7 +122,7 @@ fn golden_commit_and_committed() {
 #[test]
 fn golden_refused_and_abort() {
     let f = Frame::Refused(Refusal::new(Reason::Busy, "x"));
-    assert_eq!(hex(&f.to_bytes()), "0300000005000300" .to_owned() + "0178");
+    assert_eq!(hex(&f.to_bytes()), "0300000005000300".to_owned() + "0178");
     let f = Frame::Abort(Refusal::new(Reason::DiskFull, ""));
     assert_eq!(hex(&f.to_bytes()), "300000000400040000");
 }
@@ -219,10 +219,7 @@ fn rejects_trailing_bytes() {
 
 #[test]
 fn rejects_truncated_payload() {
-    assert_eq!(
-        decode_all(&[0x11, 0, 0, 0, 4, 0, 0, 0, 1]),
-        Err(DecodeError::Truncated { frame: "Ack" })
-    );
+    assert_eq!(decode_all(&[0x11, 0, 0, 0, 4, 0, 0, 0, 1]), Err(DecodeError::Truncated { frame: "Ack" }));
     assert_eq!(decode_all(&[0x10, 0, 0, 0, 3, 1, 2, 3]), Err(DecodeError::Truncated { frame: "Chunk" }));
 }
 
@@ -251,14 +248,8 @@ fn rejects_unknown_compression_and_conn_kind() {
     })
     .to_bytes();
     bytes[5 + 16] = 9;
-    assert_eq!(
-        decode_all(&bytes),
-        Err(DecodeError::UnknownValue { field: "compression", value: 9 })
-    );
-    assert_eq!(
-        Preamble::decode(b"HTTP/1.1 \r"),
-        Err(DecodeError::UnknownConnKind(*b"HTTP"))
-    );
+    assert_eq!(decode_all(&bytes), Err(DecodeError::UnknownValue { field: "compression", value: 9 }));
+    assert_eq!(Preamble::decode(b"HTTP/1.1 \r"), Err(DecodeError::UnknownConnKind(*b"HTTP")));
 }
 
 #[test]
@@ -314,8 +305,11 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         }),
         (arb_reason(), ".{0,50}").prop_map(|(r, m)| Frame::Refused(Refusal::new(r, m))),
         (arb_reason(), ".{0,50}").prop_map(|(r, m)| Frame::Abort(Refusal::new(r, m))),
-        (any::<[u8; 16]>(), any::<u16>(), any::<u32>())
-            .prop_map(|(s, stream, generation)| Frame::Join(Join { session: SessionId(s), stream, generation })),
+        (any::<[u8; 16]>(), any::<u16>(), any::<u32>()).prop_map(|(s, stream, generation)| Frame::Join(Join {
+            session: SessionId(s),
+            stream,
+            generation
+        })),
         any::<u16>().prop_map(|stream| Frame::Joined(Joined { stream })),
         (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2048))
             .prop_map(|(seq, off, data)| Frame::Chunk(Chunk::new(seq, off, Bytes::from(data)))),
@@ -328,8 +322,11 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 stats: SourceStats { entries: s[0], bytes_read: s[1], skipped: s[2] },
             })
         }),
-        (".{0,60}", any::<u64>(), any::<[u8; 32]>())
-            .prop_map(|(archive, size, sha256)| Frame::Committed(Committed { archive, size, sha256 })),
+        (".{0,60}", any::<u64>(), any::<[u8; 32]>()).prop_map(|(archive, size, sha256)| Frame::Committed(Committed {
+            archive,
+            size,
+            sha256
+        })),
         (
             ".{0,20}",
             any::<u64>(),
