@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Benchmark nbackup against the plain pipelines a sysadmin would otherwise use.
+
+    bench/bench.py --nbackup target/release/nbackup [--size 1G] [--rounds 3]
+
+On the tree from bench/make-dataset.py it backs up over loopback (real server process,
+real agent process, mutual TLS) with gzip and with zstd, and in the same run measures
+`tar -cf - | pigz -p N -L` and `tar -cf - | zstd -T0 -L` into a file at the same level.
+Runs are interleaved (nbackup, baseline, nbackup, baseline, ...) so that noise from a
+shared machine hits both alike; medians are reported with ratios.
+
+Reported per case: MB/s of *source* data (bytes of file content / wall seconds), CPU
+seconds (user+sys; agent and server separately for nbackup, tar+compressor for the
+pipelines), peak RSS, archive size. Results go to stdout as a table and to a JSON file.
+
+The tree is read once before measuring so every run sees the same (warm) page cache.
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tree_bytes(root):
+    total = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            if not os.path.islink(p):
+                total += os.lstat(p).st_size
+    return total
+
+
+def run_measured(argv, stdout=subprocess.DEVNULL, stdin=None):
+    """Runs argv, returns (wall, cpu_seconds, maxrss_bytes, exit_status)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdout=stdout, stdin=stdin, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"{argv[0]} failed ({code}): {err}")
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024
+
+
+def pipeline(tar_argv, comp_argv, out_path):
+    """tar | compressor > file, both measured with wait4."""
+    t0 = time.monotonic()
+    with open(out_path, "wb") as out:
+        tar = subprocess.Popen(tar_argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        comp = subprocess.Popen(comp_argv, stdin=tar.stdout, stdout=out, stderr=subprocess.DEVNULL)
+        tar.stdout.close()
+        _, s1, ru1 = os.wait4(tar.pid, 0)
+        _, s2, ru2 = os.wait4(comp.pid, 0)
+    wall = time.monotonic() - t0
+    if os.waitstatus_to_exitcode(s2) != 0:
+        sys.exit(f"{comp_argv[0]} failed")
+    cpu = ru1.ru_utime + ru1.ru_stime + ru2.ru_utime + ru2.ru_stime
+    rss = max(ru1.ru_maxrss, ru2.ru_maxrss) * 1024
+    return wall, cpu, rss, os.path.getsize(out_path)
+
+
+def proc_cpu(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_hwm(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_hwm(pid):
+    # Writing 5 to clear_refs resets the peak RSS (VmHWM) so each run is measured alone.
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Nbackup:
+    def __init__(self, exe, work, data, gzip_level, zstd_level, parallels, buffer):
+        self.exe, self.work, self.data = exe, work, data
+        pki = os.path.join(work, "pki")
+        for args in (
+            ["cert", "init-ca", "--out", pki],
+            ["cert", "issue", "--ca", pki, "--server", "127.0.0.1", "--out", os.path.join(pki, "server")],
+            ["cert", "issue", "--ca", pki, "--agent", "bench", "--out", os.path.join(pki, "bench")],
+        ):
+            subprocess.run([exe] + args, check=True, stdout=subprocess.DEVNULL)
+        port = free_port()
+        self.storage = os.path.join(work, "storage")
+        with open(os.path.join(work, "server.yaml"), "w") as f:
+            f.write(
+                f'server:\n  listen: "127.0.0.1:{port}"\n'
+                "tls:\n  ca_cert: pki/ca.crt\n  server_cert: pki/server.crt\n  server_key: pki/server.key\n"
+                "storages:\n"
+                f"  gz:\n    base_dir: storage/gz\n    max_backups: 1\n    compression: gzip\n    compression_level: {gzip_level}\n"
+                f"  zs:\n    base_dir: storage/zs\n    max_backups: 1\n    compression: zstd\n    compression_level: {zstd_level}\n"
+            )
+        entries = ""
+        for name, storage in (("gzip", "gz"), ("zstd", "zs")):
+            entries += f"  - name: {name}\n    storage: {storage}\n    parallels: {parallels}\n    sources:\n      - path: {data}\n"
+        with open(os.path.join(work, "agent.yaml"), "w") as f:
+            f.write(
+                f'agent:\n  name: bench\nserver:\n  address: "127.0.0.1:{port}"\n'
+                "tls:\n  ca_cert: pki/ca.crt\n  client_cert: pki/bench.crt\n  client_key: pki/bench.key\n"
+                f"backups:\n{entries}resume:\n  buffer_size: {buffer}\n"
+            )
+        self.server = subprocess.Popen(
+            [exe, "server", "--config", os.path.join(work, "server.yaml")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for line in self.server.stderr:
+            if b"server ready" in line:
+                break
+        else:
+            sys.exit("server did not start")
+        # Keep the server's stderr drained.
+        self.drain = subprocess.Popen(["cat"], stdin=self.server.stderr, stdout=subprocess.DEVNULL)
+
+    def backup(self, entry):
+        pid = self.server.pid
+        reset_hwm(pid)
+        cpu0 = proc_cpu(pid)
+        t0 = time.monotonic()
+        p = subprocess.Popen(
+            [self.exe, "backup", "--json", "--entry", entry, "--config", os.path.join(self.work, "agent.yaml")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out = p.stdout.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.monotonic() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"nbackup backup failed: {p.stderr.read().decode()}")
+        report = json.loads(out)
+        return {
+            "wall": wall,
+            "agent_cpu": ru.ru_utime + ru.ru_stime,
+            "agent_rss": ru.ru_maxrss * 1024,
+            "server_cpu": proc_cpu(pid) - cpu0,
+            "server_rss": proc_hwm(pid),
+            "archive": report["bytes_sent"],
+            "source": report["bytes_read"],
+        }
+
+    def stop(self):
+        self.server.terminate()
+        self.server.wait()
+        self.drain.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nbackup", required=True)
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--data", help="dataset directory (created if missing)")
+    ap.add_argument("--work", help="scratch directory (default: a temp dir)")
+    ap.add_argument("--gzip-level", type=int, default=6)
+    ap.add_argument("--zstd-level", type=int, default=3)
+    ap.add_argument("--parallels", type=int, default=1)
+    ap.add_argument("--buffer", default="256mb")
+    ap.add_argument("--out", help="JSON results file")
+    args = ap.parse_args()
+
+    for tool in ("tar", "pigz", "zstd"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is required (apt-get install {tool})")
+    work = args.work or tempfile.mkdtemp(prefix="nbackup-bench-")
+    os.makedirs(work, exist_ok=True)
+    data = os.path.abspath(args.data or os.path.join(work, "data"))
+    if not os.path.isdir(data) or not os.listdir(data):
+        print(f"generating {args.size} dataset in {data} ...", flush=True)
+        subprocess.run([sys.executable, os.path.join(HERE, "make-dataset.py"), data, "--size", args.size], check=True)
+    source_bytes = tree_bytes(data)
+    # Warm the page cache; cat, not /dev/null, so tar really reads the files.
+    subprocess.run(f"tar -cf - -C / {data.lstrip('/')} | cat > /dev/null", shell=True, check=True)
+
+    cores = os.cpu_count()
+    nb = Nbackup(os.path.abspath(args.nbackup), work, data, args.gzip_level, args.zstd_level, args.parallels, args.buffer)
+    tar = ["tar", "-cf", "-", "-C", "/", data.lstrip("/")]
+    out = os.path.join(work, "baseline.out")
+    cases = {"nbackup gzip": [], f"tar | pigz -p{cores} -{args.gzip_level}": [],
+             "nbackup zstd": [], f"tar | zstd -T0 -{args.zstd_level}": []}
+    names = list(cases)
+    try:
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+            cases[names[0]].append(nb.backup("gzip"))
+            w, c, rss, size = pipeline(tar, ["pigz", f"-p{cores}", f"-{args.gzip_level}"], out)
+            cases[names[1]].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
+            cases[names[2]].append(nb.backup("zstd"))
+            w, c, rss, size = pipeline(tar, ["zstd", "-T0", f"-{args.zstd_level}", "-q", "-c"], out)
+            cases[names[3]].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
+    finally:
+        nb.stop()
+        if os.path.exists(out):
+            os.remove(out)
+
+    def med(runs, key):
+        return statistics.median(r[key] for r in runs)
+
+    results = {"source_bytes": source_bytes, "cores": cores, "rounds": args.rounds,
+               "gzip_level": args.gzip_level, "zstd_level": args.zstd_level,
+               "parallels": args.parallels, "buffer": args.buffer, "cases": {}}
+    print()
+    print(f"source: {source_bytes / 1e6:.0f} MB in {data}; {cores} cores; median of {args.rounds} interleaved rounds")
+    hdr = f"{'case':<26}{'MB/s':>8}{'ratio':>7}{'CPU s (agent/server)':>24}{'peak RSS MiB (agent/server)':>30}{'archive MB':>12}"
+    print(hdr)
+    print("-" * len(hdr))
+    for i, name in enumerate(names):
+        runs = cases[name]
+        wall = med(runs, "wall")
+        mbs = source_bytes / 1e6 / wall
+        entry = {"wall_s": wall, "mb_per_s": mbs, "archive_bytes": med(runs, "archive"), "runs": runs}
+        if name.startswith("nbackup"):
+            base = cases[names[i + 1]]
+            ratio = med(base, "wall") / wall
+            entry.update(agent_cpu_s=med(runs, "agent_cpu"), server_cpu_s=med(runs, "server_cpu"),
+                         agent_rss=med(runs, "agent_rss"), server_rss=med(runs, "server_rss"),
+                         ratio_to_baseline=ratio)
+            cpu = f"{entry['agent_cpu_s']:.1f} / {entry['server_cpu_s']:.1f}"
+            rss = f"{entry['agent_rss'] / 2**20:.0f} / {entry['server_rss'] / 2**20:.0f}"
+            ratio_s = f"{ratio:.2f}x"
+        else:
+            entry.update(cpu_s=med(runs, "cpu"), rss=med(runs, "rss"))
+            cpu = f"{entry['cpu_s']:.1f}"
+            rss = f"{entry['rss'] / 2**20:.0f}"
+            ratio_s = ""
+        results["cases"][name] = entry
+        print(f"{name:<26}{mbs:>8.1f}{ratio_s:>7}{cpu:>24}{rss:>30}{entry['archive_bytes'] / 1e6:>12.1f}")
+    print("\nratio = nbackup throughput / the baseline's on the line below it (higher is better)")
+    path = args.out or os.path.join(HERE, "results", time.strftime("%Y%m%dT%H%M%S") + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"results: {path}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
