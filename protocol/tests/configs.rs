@@ -97,6 +97,6 @@ fn relative_paths_resolve_against_the_config_directory() {
 #[ignore = "prints every fixture's message for review"]
 fn print_messages() {
     for path in files("tests/invalid_configs") {
-        println!("{}\n", parse(&path).unwrap_err());
+        println!("{}\n", parse(&path).expect_err("fixture is invalid"));
     }
 }
