@@ -204,7 +204,7 @@ fn rejects_oversized_lengths_before_buffering() {
         decode_all(&[0x01, 0x00, 0x01, 0x00, 0x01]),
         Err(DecodeError::FrameTooLarge { frame: "Hello", len: 65537, max: MAX_CONTROL_PAYLOAD })
     );
-    assert_eq!(bytes_needed(&[0x10, 0xff, 0xff, 0xff, 0xff]).is_err(), true);
+    assert!(bytes_needed(&[0x10, 0xff, 0xff, 0xff, 0xff]).is_err());
     assert_eq!(bytes_needed(&[0x11, 0, 0, 0, 8]), Ok(13));
     assert_eq!(bytes_needed(&[0x11]), Ok(5));
 }
