@@ -13,19 +13,6 @@ use nbackup_daemon::agent::NoticeKind;
 
 use crate::support::*;
 
-/// Bytes a compressor cannot shrink, so reading them takes real time.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Waits (polling) until this process has `path` open, then runs `change`.
 fn on_open(path: PathBuf, change: impl FnOnce(&Path) + Send + 'static) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {

@@ -63,16 +63,7 @@ async fn shutting_the_server_down_mid_backup_aborts_the_session_on_both_sides() 
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).expect("mkdir");
     // Incompressible data so the backup takes a while.
-    let mut x = 7u64;
-    let noise: Vec<u8> = (0..(96 << 20))
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    fs::write(src.join("noise.bin"), noise).expect("write");
+    fs::write(src.join("noise.bin"), noise(96 << 20, 7)).expect("write");
     let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
     let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
     let incoming = server.storage_dir("main").join(".incoming");

@@ -321,3 +321,16 @@ impl std::io::Write for LogWriter {
         Ok(())
     }
 }
+
+/// Bytes a compressor cannot shrink (xorshift), so archiving them takes real time.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

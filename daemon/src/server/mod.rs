@@ -30,8 +30,8 @@ use tracing::{debug, info, warn};
 use nbackup_protocol::config::ServerConfig;
 use nbackup_protocol::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use nbackup_protocol::wire::{
-    Caps, Chunk, ConnKind, Frame, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal, StorageHealth,
-    Welcome,
+    Caps, Chunk, ConnKind, Frame, FrameType, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal,
+    StorageHealth, Welcome,
 };
 use nbackup_protocol::{Name, SessionId};
 
@@ -266,10 +266,27 @@ impl Shared {
         let _ = writer.shutdown().await;
     }
 
-    async fn first_frame<R: AsyncRead + Unpin>(&self, conn: &Conn, reader: &mut FrameReader<R>) -> Option<Frame> {
+    /// Reads the first request of a connection, which must be of type `expected`;
+    /// anything else is refused (and logged) and yields `None`.
+    async fn first_frame<R, W>(
+        &self,
+        conn: &Conn,
+        reader: &mut FrameReader<R>,
+        writer: &mut FrameWriter<W>,
+        expected: FrameType,
+    ) -> Option<Frame>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let hs = self.config.handshake_timeout;
         match timeout(hs, reader.read_frame()).await {
-            Ok(Ok(f)) => Some(f),
+            Ok(Ok(f)) if f.frame_type() == expected => Some(f),
+            Ok(Ok(other)) => {
+                let msg = format!("expected {}, got {}", expected.name(), other.frame_type().name());
+                conn.refuse(writer, Refusal::new(Reason::Protocol, msg)).await;
+                None
+            }
             Ok(Err(e)) => {
                 warn!(peer = %conn.peer, identities = ?conn.identities, "refused: {e}");
                 None
@@ -286,14 +303,9 @@ impl Shared {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let hello = match self.first_frame(&conn, &mut reader).await {
-            Some(Frame::Hello(h)) => h,
-            Some(other) => {
-                let r = Refusal::new(Reason::Protocol, format!("expected Hello, got {}", other.frame_type().name()));
-                conn.refuse(&mut writer, r).await;
-                return;
-            }
-            None => return,
+        let Some(Frame::Hello(hello)) = self.first_frame(&conn, &mut reader, &mut writer, FrameType::HELLO).await
+        else {
+            return;
         };
         let session = match self.open_session(&conn, &hello) {
             Ok(s) => s,
@@ -411,14 +423,8 @@ impl Shared {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let join = match self.first_frame(&conn, &mut reader).await {
-            Some(Frame::Join(j)) => j,
-            Some(other) => {
-                let r = Refusal::new(Reason::Protocol, format!("expected Join, got {}", other.frame_type().name()));
-                conn.refuse(&mut writer, r).await;
-                return;
-            }
-            None => return,
+        let Some(Frame::Join(join)) = self.first_frame(&conn, &mut reader, &mut writer, FrameType::JOIN).await else {
+            return;
         };
         let (session, cancel) = match self.join_session(&conn, &join) {
             Ok(x) => x,
