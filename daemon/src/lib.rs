@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod conn;
+pub mod fault;
 pub mod fsutil;
 pub mod pki;
 pub mod restore;

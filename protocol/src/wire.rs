@@ -347,9 +347,34 @@ pub struct Join {
 }
 
 /// Server → client: the stream is attached.
+///
+/// `contiguous` is how many chunks from 0 the server holds without a gap. An agent
+/// whose window no longer holds chunk `contiguous` (it was acknowledged and dropped,
+/// then lost by the server, e.g. in a power cut without `chunk_fsync`) cannot resume
+/// and starts a fresh session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Joined {
     pub stream: u16,
+    pub contiguous: u64,
+}
+
+/// Client → server (first frame of a `JOIN` connection): what became of `session`?
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub session: SessionId,
+}
+
+/// Server → client: the answer to `Status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    /// The server does not know the session (never existed, or forgotten).
+    Unknown,
+    /// Still receiving; `contiguous` as in [`Joined`].
+    Open { contiguous: u64 },
+    /// Committed: the same answer `Commit` got.
+    Committed(Committed),
+    /// Ended without a commit.
+    Failed(Refusal),
 }
 
 /// Client → server: one piece of the compressed archive.
@@ -477,6 +502,8 @@ pub enum Frame {
     Committed(Committed),
     Abort(Refusal),
     Health(Health),
+    Status(Status),
+    SessionState(SessionState),
 }
 
 /// The type byte of a frame.
@@ -493,6 +520,8 @@ impl FrameType {
     pub const ACK: FrameType = FrameType(0x11);
     pub const COMMIT: FrameType = FrameType(0x20);
     pub const COMMITTED: FrameType = FrameType(0x21);
+    pub const STATUS: FrameType = FrameType(0x22);
+    pub const SESSION_STATE: FrameType = FrameType(0x23);
     pub const ABORT: FrameType = FrameType(0x30);
     pub const HEALTH: FrameType = FrameType(0x40);
 
@@ -508,6 +537,8 @@ impl FrameType {
             | FrameType::ACK
             | FrameType::COMMIT
             | FrameType::COMMITTED
+            | FrameType::STATUS
+            | FrameType::SESSION_STATE
             | FrameType::ABORT
             | FrameType::HEALTH => Some(MAX_CONTROL_PAYLOAD),
             _ => None,
@@ -525,6 +556,8 @@ impl FrameType {
             FrameType::ACK => "Ack",
             FrameType::COMMIT => "Commit",
             FrameType::COMMITTED => "Committed",
+            FrameType::STATUS => "Status",
+            FrameType::SESSION_STATE => "SessionState",
             FrameType::ABORT => "Abort",
             FrameType::HEALTH => "Health",
             _ => "unknown",
@@ -546,6 +579,8 @@ impl Frame {
             Frame::Committed(_) => FrameType::COMMITTED,
             Frame::Abort(_) => FrameType::ABORT,
             Frame::Health(_) => FrameType::HEALTH,
+            Frame::Status(_) => FrameType::STATUS,
+            Frame::SessionState(_) => FrameType::SESSION_STATE,
         }
     }
 
@@ -583,7 +618,29 @@ impl Frame {
                 dst.put_u16(m.stream);
                 dst.put_u32(m.generation);
             }
-            Frame::Joined(m) => dst.put_u16(m.stream),
+            Frame::Joined(m) => {
+                dst.put_u16(m.stream);
+                dst.put_u64(m.contiguous);
+            }
+            Frame::Status(m) => dst.put_slice(&m.session.0),
+            Frame::SessionState(m) => match m {
+                SessionState::Unknown => dst.put_u8(0),
+                SessionState::Open { contiguous } => {
+                    dst.put_u8(1);
+                    dst.put_u64(*contiguous);
+                }
+                SessionState::Committed(c) => {
+                    dst.put_u8(2);
+                    put_text(dst, &c.archive);
+                    dst.put_u64(c.size);
+                    dst.put_slice(&c.sha256);
+                }
+                SessionState::Failed(r) => {
+                    dst.put_u8(3);
+                    dst.put_u16(r.reason.code());
+                    put_text(dst, &r.message);
+                }
+            },
             Frame::Ack(m) => dst.put_u64(m.seq),
             Frame::Commit(m) => {
                 dst.put_u64(m.total_len);
@@ -717,7 +774,15 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
         FrameType::REFUSED => Frame::Refused(r.refusal()?),
         FrameType::ABORT => Frame::Abort(r.refusal()?),
         FrameType::JOIN => Frame::Join(Join { session: SessionId(r.array()?), stream: r.u16()?, generation: r.u32()? }),
-        FrameType::JOINED => Frame::Joined(Joined { stream: r.u16()? }),
+        FrameType::JOINED => Frame::Joined(Joined { stream: r.u16()?, contiguous: r.u64()? }),
+        FrameType::STATUS => Frame::Status(Status { session: SessionId(r.array()?) }),
+        FrameType::SESSION_STATE => Frame::SessionState(match r.u8()? {
+            0 => SessionState::Unknown,
+            1 => SessionState::Open { contiguous: r.u64()? },
+            2 => SessionState::Committed(Committed { archive: r.text("archive")?, size: r.u64()?, sha256: r.array()? }),
+            3 => SessionState::Failed(r.refusal()?),
+            v => return Err(DecodeError::UnknownValue { field: "session state", value: v.into() }),
+        }),
         FrameType::ACK => Frame::Ack(Ack { seq: r.u64()? }),
         FrameType::COMMIT => Frame::Commit(Commit {
             total_len: r.u64()?,

@@ -13,7 +13,9 @@ use tokio_rustls::client::TlsStream;
 
 use nbackup_protocol::SessionId;
 use nbackup_protocol::config::AgentConfig;
-use nbackup_protocol::wire::{Caps, ConnKind, Frame, Health, Hello, Join, Preamble, Refusal, Welcome};
+use nbackup_protocol::wire::{
+    Caps, ConnKind, Frame, Health, Hello, Join, Joined, Preamble, Refusal, SessionState, Status, Welcome,
+};
 
 use crate::conn::{ConnError, FrameReader, FrameWriter};
 use crate::tls::{self, TlsError};
@@ -31,6 +33,8 @@ pub type Writer = FrameWriter<WriteHalf<TlsStream<TcpStream>>>;
 pub struct Connection {
     pub reader: Reader,
     pub writer: Writer,
+    /// Round trip of the connection's first request and answer: a sample of the RTT.
+    pub rtt: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,17 +145,20 @@ impl Connector {
             });
         }
         let (r, w) = tokio::io::split(tls);
-        let mut conn = Connection { reader: FrameReader::new(r), writer: FrameWriter::new(w) };
+        let mut conn = Connection { reader: FrameReader::new(r), writer: FrameWriter::new(w), rtt: Duration::ZERO };
         conn.writer.send_preamble(&Preamble::new(kind, self.caps)).await.map_err(|e| classify(addr, e))?;
         Ok(conn)
     }
 
     async fn request(&self, conn: &mut Connection, frame: Option<&Frame>) -> Result<Frame, ConnectError> {
         let addr = self.address.as_str();
+        let sent = std::time::Instant::now();
         if let Some(frame) = frame {
             conn.writer.send(frame).await.map_err(|e| classify(addr, e))?;
         }
-        match timeout(CONNECT_TIMEOUT, conn.reader.read_frame()).await {
+        let answer = timeout(CONNECT_TIMEOUT, conn.reader.read_frame()).await;
+        conn.rtt = sent.elapsed();
+        match answer {
             Err(_) => Err(ConnectError::Timeout {
                 address: addr.into(),
                 phase: "waiting for the server",
@@ -180,11 +187,25 @@ impl Connector {
     }
 
     /// Attaches (or re-attaches) stream `stream` to `session`.
-    pub async fn join(&self, session: SessionId, stream: u16, generation: u32) -> Result<Connection, ConnectError> {
+    pub async fn join(
+        &self,
+        session: SessionId,
+        stream: u16,
+        generation: u32,
+    ) -> Result<(Connection, Joined), ConnectError> {
         let mut conn = self.connect(ConnKind::Join).await?;
         match self.request(&mut conn, Some(&Frame::Join(Join { session, stream, generation }))).await? {
-            Frame::Joined(j) if j.stream == stream => Ok(conn),
+            Frame::Joined(j) if j.stream == stream => Ok((conn, j)),
             other => Err(self.unexpected("Joined", &other)),
+        }
+    }
+
+    /// Asks what became of `session`.
+    pub async fn status(&self, session: SessionId) -> Result<SessionState, ConnectError> {
+        let mut conn = self.connect(ConnKind::Join).await?;
+        match self.request(&mut conn, Some(&Frame::Status(Status { session }))).await? {
+            Frame::SessionState(s) => Ok(s),
+            other => Err(self.unexpected("SessionState", &other)),
         }
     }
 

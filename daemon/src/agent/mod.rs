@@ -18,7 +18,7 @@ pub mod stream;
 pub mod window;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -79,9 +79,15 @@ impl BackupError {
         match self {
             BackupError::Connect(e) => e.is_transient(),
             BackupError::Refused(r) | BackupError::Transfer(Failure::Server(r)) => r.reason.is_transient(),
-            BackupError::Transfer(Failure::Connection(_)) => true,
+            BackupError::Transfer(Failure::Connection(_) | Failure::SessionLost(_)) => true,
             BackupError::Transfer(_) | BackupError::Cancelled | BackupError::Internal(_) => false,
         }
+    }
+
+    /// Whether only a fresh session (re-reading the sources) can finish the backup.
+    pub fn needs_fresh_session(&self) -> bool {
+        matches!(self, BackupError::Transfer(Failure::SessionLost(_)))
+            || matches!(self, BackupError::Transfer(Failure::Server(r)) if r.reason == nbackup_protocol::wire::Reason::VerifyFailed)
     }
 
     /// The server's refusal, if that is what this is.
@@ -100,6 +106,10 @@ pub fn compression_threads() -> usize {
 }
 
 /// Runs one backup entry to completion.
+///
+/// If the server loses the session (it forgot it, or lost data the window no longer
+/// holds) or rejects the archive at commit, the run starts over with a fresh session —
+/// reading the sources again — at most `retry.max_attempts` times.
 pub async fn run_backup(
     connector: &Connector,
     config: &AgentConfig,
@@ -108,6 +118,32 @@ pub async fn run_backup(
     cancel: CancellationToken,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match run_session(connector, config, entry, &progress, &cancel, started).await {
+            Err(e) if e.needs_fresh_session() && attempt < config.retry.max_attempts => {
+                let delay = config.retry.delay(attempt);
+                warn!(entry = %entry.name, attempt, "{e}; starting a fresh session in {delay:?}");
+                progress.reset();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Err(BackupError::Cancelled),
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn run_session(
+    connector: &Connector,
+    config: &AgentConfig,
+    entry: &BackupEntry,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+    started: Instant,
+) -> Result<BackupReport, BackupError> {
     let hello = Hello {
         agent: config.name.clone(),
         storage: entry.storage.clone(),
@@ -116,7 +152,7 @@ pub async fn run_backup(
         chunk_size: config.resume.chunk_size,
         streams: entry.parallels,
     };
-    let (conn, welcome) = open_with_retry(connector, config, hello, &cancel).await?;
+    let (conn, welcome) = open_with_retry(connector, config, hello, cancel).await?;
     let streams = entry.parallels.min(welcome.max_streams).max(1);
     info!(
         entry = %entry.name, session = %welcome.session, compression = %welcome.compression,
@@ -144,9 +180,12 @@ pub async fn run_backup(
         retry: config.retry,
         progress: progress.clone(),
         cancel: cancel.clone(),
-        ack_timeout: stream::ACK_TIMEOUT,
+        ack_floor: config.resume.ack_timeout,
+        srtt_us: AtomicU64::new(0),
+        fault_scope: format!("{}/{}", config.name, entry.name),
         live: AtomicUsize::new(usize::from(streams)),
     });
+    ctx.observe_rtt(conn.rtt);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(stream::run(ctx.clone(), 0, Some(conn)));
     for s in 1..streams {

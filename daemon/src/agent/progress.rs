@@ -33,6 +33,14 @@ impl Progress {
         }
     }
 
+    /// Starts the counters over, when a backup restarts with a fresh session (the
+    /// estimate stays valid).
+    pub fn reset(&self) {
+        for c in [&self.bytes_read, &self.entries, &self.bytes_compressed, &self.bytes_acked] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
     pub fn set_estimate(&self, entries: u64, bytes: u64) {
         self.estimate_bytes.store(bytes, Ordering::Relaxed);
         self.estimate_entries.store(entries, Ordering::Relaxed);

@@ -4,10 +4,17 @@
 //! A stream never owns data: if its connection dies, the window takes back what it
 //! had in flight and any stream (this one after reconnecting, or another) resends it.
 //! A connection that stays open but stops acknowledging (a black hole) is detected by
-//! the age of the oldest unacknowledged item and treated like a dead one.
+//! the age of the oldest unacknowledged item and treated like a dead one; the limit is
+//! 20 round trips (an EWMA of request/answer times), but never below
+//! `resume.ack_timeout`.
+//!
+//! When a re-join is refused because the server no longer has the session, the
+//! stream asks `Status`: a session that was committed meanwhile (the answer to
+//! `Commit` was lost with the connection) counts as committed, never re-sent; one the
+//! server lost makes the backup start a fresh session.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::timeout;
@@ -16,16 +23,12 @@ use tracing::{debug, info, warn};
 
 use nbackup_protocol::SessionId;
 use nbackup_protocol::config::Retry;
-use nbackup_protocol::wire::{Frame, Reason, Refusal};
+use nbackup_protocol::wire::{Frame, Reason, Refusal, SessionState};
 
 use super::connect::{ConnectError, Connection, Connector, Reader, Writer};
 use super::progress::Progress;
 use super::window::{Failure, Finished, Item, Window};
 use crate::conn::ConnError;
-
-/// How long a stream waits for the answer to its oldest unacknowledged item before
-/// it declares the connection dead.
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often the reader re-checks that deadline while waiting for frames.
 const ACK_CHECK: Duration = Duration::from_millis(500);
@@ -38,9 +41,41 @@ pub struct StreamCtx {
     pub retry: Retry,
     pub progress: Arc<Progress>,
     pub cancel: CancellationToken,
-    pub ack_timeout: Duration,
+    /// Floor of the no-acknowledgement timeout (`resume.ack_timeout`).
+    pub ack_floor: Duration,
+    /// Smoothed round-trip time in microseconds (0 until the first sample).
+    pub srtt_us: AtomicU64,
+    /// Scope for injected faults: `agent/backup`.
+    pub fault_scope: String,
     /// Streams still trying; when the last one gives up, the transfer fails.
     pub live: AtomicUsize,
+}
+
+impl StreamCtx {
+    /// Folds one RTT sample into the EWMA (weight 1/8, as TCP does).
+    pub fn observe_rtt(&self, sample: Duration) {
+        let us = sample.as_micros().min(u128::from(u64::MAX)) as u64;
+        let _ = self.srtt_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 { us.max(1) } else { (old * 7 + us) / 8 })
+        });
+    }
+
+    pub fn ack_timeout(&self) -> Duration {
+        self.ack_floor.max(Duration::from_micros(self.srtt_us.load(Ordering::Relaxed)) * 20)
+    }
+
+    /// After a refused re-join: did the session commit, fail, or vanish?
+    async fn settle_lost_session(&self, refusal: Refusal) {
+        match self.connector.status(self.session).await {
+            Ok(SessionState::Committed(c)) => {
+                info!(session = %self.session, archive = %c.archive, "the server had committed; the answer was lost");
+                self.window.committed(c);
+            }
+            Ok(SessionState::Failed(r)) => self.window.fail(Failure::Server(r)),
+            Ok(SessionState::Unknown) => self.window.fail(Failure::SessionLost(refusal.to_string())),
+            Ok(SessionState::Open { .. }) | Err(_) => self.window.fail(Failure::Server(refusal)),
+        }
+    }
 }
 
 /// How a connection's life ended.
@@ -73,9 +108,22 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>) {
                     _ = ctx.window.wait_finished() => break,
                 };
                 match joined {
-                    Ok(c) => {
+                    Ok((c, joined)) => {
+                        ctx.observe_rtt(c.rtt);
+                        let floor = ctx.window.floor();
+                        if joined.contiguous < floor {
+                            ctx.window.fail(Failure::SessionLost(format!(
+                                "the server holds {} contiguous chunks but chunks below {floor} were already acknowledged and dropped",
+                                joined.contiguous
+                            )));
+                            break;
+                        }
                         info!(session = %ctx.session, stream, generation, "stream re-joined");
                         Some(c)
+                    }
+                    Err(ConnectError::Refused(r)) if r.reason == Reason::UnknownSession => {
+                        ctx.settle_lost_session(r).await;
+                        break;
                     }
                     Err(ConnectError::Refused(r)) if !r.reason.is_transient() => {
                         ctx.window.fail(Failure::Server(r));
@@ -131,7 +179,7 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>) {
 /// Sends and receives on one connection until it ends. Returns whether any item was
 /// acknowledged on it (to reset the retry budget).
 async fn drive(ctx: &StreamCtx, stream: u16, conn: Connection) -> (End, bool) {
-    let Connection { reader, writer } = conn;
+    let Connection { reader, writer, .. } = conn;
     let mut acked = false;
     let end = tokio::select! {
         end = send_loop(ctx, stream, writer) => end,
@@ -155,6 +203,8 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer) -> End {
                 let reason = match &f {
                     Failure::Cancelled => Some(Reason::Cancelled),
                     Failure::Source(_) => Some(Reason::SourceFailed),
+                    // The agent starts over; free the entry at once.
+                    Failure::SessionLost(_) => Some(Reason::Cancelled),
                     Failure::Connection(_) | Failure::Server(_) => None,
                 };
                 if let Some(reason) = reason {
@@ -165,7 +215,14 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer) -> End {
             }
         };
         let sent = match &item {
-            Item::Chunk(c) => writer.send_chunk(c).await,
+            Item::Chunk(c) => match crate::fault::hit("send-chunk", &ctx.fault_scope) {
+                Some(crate::fault::Action::Drop) => Ok(()),
+                Some(crate::fault::Action::Duplicate) => match writer.send_chunk(c).await {
+                    Ok(()) => writer.send_chunk(c).await,
+                    e => e,
+                },
+                _ => writer.send_chunk(c).await,
+            },
             Item::Commit(c) => {
                 debug!(session = %ctx.session, stream, "sending commit");
                 writer.send(&Frame::Commit(c.clone())).await
@@ -181,10 +238,11 @@ async fn receive_loop(ctx: &StreamCtx, stream: u16, mut reader: Reader, acked: &
     loop {
         let frame = match timeout(ACK_CHECK, reader.read_frame()).await {
             Err(_) => {
+                let limit = ctx.ack_timeout();
                 if let Some(oldest) = ctx.window.oldest_in_flight(stream)
-                    && oldest.elapsed() > ctx.ack_timeout
+                    && oldest.elapsed() > limit
                 {
-                    return End::Lost(format!("no acknowledgement for {:?}", ctx.ack_timeout));
+                    return End::Lost(format!("no acknowledgement for {limit:?}"));
                 }
                 continue;
             }

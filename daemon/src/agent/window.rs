@@ -35,6 +35,10 @@ pub enum Failure {
     /// No stream could reach the server within the retry budget.
     #[error("connection lost: {0}")]
     Connection(String),
+    /// The server no longer has what this session needs (it forgot the session, or
+    /// lost data the agent no longer holds): only a fresh session can help.
+    #[error("session lost: {0}")]
+    SessionLost(String),
     /// Stopped by the user or a shutdown.
     #[error("cancelled")]
     Cancelled,
@@ -73,10 +77,13 @@ enum CommitState {
     InFlight {
         commit: Commit,
         stream: u16,
+        sent: Instant,
     },
 }
 
 struct State {
+    /// Sequence number the next pushed chunk gets.
+    next_seq: u64,
     pending: BTreeMap<u64, Pending>,
     queued: BTreeSet<u64>,
     produced: Option<Commit>,
@@ -102,6 +109,7 @@ impl Window {
         let permits = usize::try_from(capacity).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
         Arc::new(Window {
             state: Mutex::new(State {
+                next_seq: 0,
                 pending: BTreeMap::new(),
                 queued: BTreeSet::new(),
                 produced: None,
@@ -145,6 +153,7 @@ impl Window {
         if st.finished.is_some() {
             return false;
         }
+        st.next_seq = st.next_seq.max(chunk.seq + 1);
         st.queued.insert(chunk.seq);
         st.pending.insert(chunk.seq, Pending { chunk, slot: Slot::Queued, _permit: permit });
         drop(st);
@@ -189,7 +198,7 @@ impl Window {
                 }
                 if let CommitState::Ready(c) = &st.commit {
                     let commit = c.clone();
-                    st.commit = CommitState::InFlight { commit: commit.clone(), stream };
+                    st.commit = CommitState::InFlight { commit: commit.clone(), stream, sent: Instant::now() };
                     return Ok(Item::Commit(commit));
                 }
             }
@@ -209,6 +218,14 @@ impl Window {
         }
     }
 
+    /// The lowest chunk the window still holds (or the next to be produced): every
+    /// chunk below it was acknowledged and dropped. A server that holds fewer
+    /// contiguous chunks than this has lost data the agent cannot resend.
+    pub fn floor(&self) -> u64 {
+        let st = self.lock();
+        st.pending.keys().next().copied().unwrap_or(st.next_seq)
+    }
+
     /// Whether `stream` has items sent but not answered, and since when.
     pub fn oldest_in_flight(&self, stream: u16) -> Option<Instant> {
         let st = self.lock();
@@ -217,8 +234,8 @@ impl Window {
             _ => None,
         });
         let oldest = chunks.min();
-        match (&st.commit, oldest) {
-            (CommitState::InFlight { stream: s, .. }, None) if *s == stream => Some(Instant::now()),
+        match &st.commit {
+            CommitState::InFlight { stream: s, sent, .. } if *s == stream => Some(oldest.map_or(*sent, |o| o.min(*sent))),
             _ => oldest,
         }
     }
@@ -235,7 +252,7 @@ impl Window {
         }
         self.resent_chunks.fetch_add(moved.len() as u64, Ordering::Relaxed);
         st.queued.extend(moved);
-        if let CommitState::InFlight { commit, stream: s } = &st.commit
+        if let CommitState::InFlight { commit, stream: s, .. } = &st.commit
             && *s == stream
         {
             st.commit = CommitState::Ready(commit.clone());
@@ -329,6 +346,12 @@ mod tests {
         assert_eq!(w.resent_chunks.load(Ordering::Relaxed), 1);
         let Ok(Item::Chunk(d)) = w.next_item(1).await else { panic!("chunk") };
         assert_eq!(d.seq, 2);
+        assert_eq!(w.floor(), 0);
+        w.ack(0);
+        assert_eq!(w.floor(), 1);
+        w.ack(1);
+        w.ack(2);
+        assert_eq!(w.floor(), 3, "nothing held: the next chunk to be produced");
     }
 
     #[tokio::test]

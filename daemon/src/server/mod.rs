@@ -9,6 +9,8 @@
 //! Backpressure flows back to TCP: a slow disk stops the reader, which stops the
 //! agent's window.
 
+mod journal;
+mod recovery;
 mod session;
 pub mod storage;
 
@@ -30,8 +32,8 @@ use tracing::{debug, info, warn};
 use nbackup_protocol::config::ServerConfig;
 use nbackup_protocol::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use nbackup_protocol::wire::{
-    Caps, Chunk, ConnKind, Frame, FrameType, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal,
-    StorageHealth, Welcome,
+    Caps, Chunk, ConnKind, Frame, FrameType, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal, SessionState,
+    Status, StorageHealth, Welcome,
 };
 use nbackup_protocol::{Name, SessionId};
 
@@ -54,14 +56,26 @@ pub enum ServerError {
 /// How long shutdown waits for connections to finish after telling agents.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Finished sessions are remembered this long so that an agent that lost the answer
-/// to its `Commit` learns the outcome when it asks again.
+/// Finished sessions are remembered this long (across restarts, through their
+/// journals) so that an agent that lost the answer to its `Commit` learns the outcome
+/// when it asks again instead of sending the backup twice.
 const FINISHED_TTL: Duration = Duration::from_secs(3600);
+
+/// Bound on sending one frame to an agent; a peer that stops reading is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Finished {
+    agent: Name,
+    outcome: Outcome,
+    at: Instant,
+    /// The committed session's journal, removed when the entry is forgotten.
+    journal: Option<std::path::PathBuf>,
+}
 
 struct Registry {
     sessions: HashMap<SessionId, Arc<Session>>,
     locks: HashMap<EntryKey, SessionId>,
-    finished: HashMap<SessionId, (Name, Outcome, Instant)>,
+    finished: HashMap<SessionId, Finished>,
 }
 
 /// State shared by all connections of one server.
@@ -80,20 +94,31 @@ struct Shared {
 pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
     let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
     let mut storages = BTreeMap::new();
+    let mut registry = Registry { sessions: HashMap::new(), locks: HashMap::new(), finished: HashMap::new() };
     for (name, cfg) in &config.storages {
-        let area = StorageArea::new(cfg.clone());
+        let area = Arc::new(StorageArea::new(cfg.clone()));
         area.prepare().map_err(|source| ServerError::Storage {
             name: name.clone(),
             path: cfg.base_dir.clone(),
             source,
         })?;
-        clean_incoming(&area);
-        storages.insert(name.clone(), Arc::new(area));
+        let recovered = recovery::recover(&area, FINISHED_TTL);
+        for session in recovered.sessions {
+            let session = Arc::new(session);
+            registry.locks.insert(session.params.key.clone(), session.id());
+            registry.sessions.insert(session.id(), session);
+        }
+        for (id, agent, outcome, age) in recovered.finished {
+            let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            let journal = Some(area.incoming_dir().join(format!("{id}.journal")));
+            registry.finished.insert(id, Finished { agent, outcome, at, journal });
+        }
+        storages.insert(name.clone(), area);
     }
     let shared = Arc::new(Shared {
         config,
         storages,
-        registry: Mutex::new(Registry { sessions: HashMap::new(), locks: HashMap::new(), finished: HashMap::new() }),
+        registry: Mutex::new(registry),
         started: Instant::now(),
         draining: AtomicBool::new(false),
         tracker: TaskTracker::new(),
@@ -137,23 +162,12 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
     Ok(())
 }
 
-/// Uploads from a previous run cannot be resumed by this version; remove them so they
-/// never accumulate.
-fn clean_incoming(area: &StorageArea) {
-    let Ok(entries) = std::fs::read_dir(area.incoming_dir()) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        match std::fs::remove_file(&path) {
-            Ok(()) => info!(path = %path.display(), "removed stale upload"),
-            Err(e) => warn!(path = %path.display(), "cannot remove stale upload: {e}"),
-        }
-    }
-}
-
-/// Ends sessions idle for longer than `session_ttl`, releasing their locks.
+/// Ends sessions idle for longer than `session_ttl`, or without any stream for longer
+/// than `orphan_timeout`, releasing their locks; forgets old outcomes.
 async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) {
     let ttl = shared.config.session_ttl;
-    let period = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    let orphan = shared.config.orphan_timeout;
+    let period = (orphan.min(ttl) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
     let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {
@@ -165,9 +179,22 @@ async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) {
             if s.idle_for() > ttl {
                 let msg = format!("no traffic for {}s", s.idle_for().as_secs());
                 shared.end_session(&s, Outcome::Failed(Refusal::new(Reason::Expired, msg)));
+            } else if let Some(gone) = s.orphaned_for().filter(|d| *d > orphan) {
+                let msg = format!("the agent's connections were gone for {}s", gone.as_secs());
+                shared.end_session(&s, Outcome::Failed(Refusal::new(Reason::Expired, msg)));
             }
         }
-        lock(&shared.registry).finished.retain(|_, (_, _, at)| at.elapsed() < FINISHED_TTL);
+        let expired: Vec<Finished> = {
+            let mut reg = lock(&shared.registry);
+            let old: Vec<SessionId> =
+                reg.finished.iter().filter(|(_, f)| f.at.elapsed() >= FINISHED_TTL).map(|(id, _)| *id).collect();
+            old.iter().filter_map(|id| reg.finished.remove(id)).collect()
+        };
+        for f in expired {
+            if let Some(j) = f.journal {
+                let _ = crate::fsutil::remove_if_exists(&j);
+            }
+        }
     }
 }
 
@@ -189,7 +216,9 @@ impl Shared {
         if reg.locks.get(&session.params.key) == Some(&session.id()) {
             reg.locks.remove(&session.params.key);
         }
-        reg.finished.insert(session.id(), (session.params.key.agent.clone(), outcome, Instant::now()));
+        let journal = matches!(outcome, Outcome::Committed(_)).then(|| session.journal_path());
+        reg.finished
+            .insert(session.id(), Finished { agent: session.params.key.agent.clone(), outcome, at: Instant::now(), journal });
     }
 
     async fn handle_connection(self: Arc<Self>, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
@@ -273,7 +302,7 @@ impl Shared {
         conn: &Conn,
         reader: &mut FrameReader<R>,
         writer: &mut FrameWriter<W>,
-        expected: FrameType,
+        expected: &[FrameType],
     ) -> Option<Frame>
     where
         R: AsyncRead + Unpin,
@@ -281,9 +310,10 @@ impl Shared {
     {
         let hs = self.config.handshake_timeout;
         match timeout(hs, reader.read_frame()).await {
-            Ok(Ok(f)) if f.frame_type() == expected => Some(f),
+            Ok(Ok(f)) if expected.contains(&f.frame_type()) => Some(f),
             Ok(Ok(other)) => {
-                let msg = format!("expected {}, got {}", expected.name(), other.frame_type().name());
+                let names: Vec<&str> = expected.iter().map(|t| t.name()).collect();
+                let msg = format!("expected {}, got {}", names.join(" or "), other.frame_type().name());
                 conn.refuse(writer, Refusal::new(Reason::Protocol, msg)).await;
                 None
             }
@@ -303,7 +333,7 @@ impl Shared {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let Some(Frame::Hello(hello)) = self.first_frame(&conn, &mut reader, &mut writer, FrameType::HELLO).await
+        let Some(Frame::Hello(hello)) = self.first_frame(&conn, &mut reader, &mut writer, &[FrameType::HELLO]).await
         else {
             return;
         };
@@ -337,7 +367,7 @@ impl Shared {
 
     /// Checks a `Hello` against identity, storage, disk and locks, and opens the session.
     fn open_session(&self, conn: &Conn, hello: &Hello) -> Result<Arc<Session>, Refusal> {
-        if !conn.identities.iter().any(|i| i == hello.agent.as_str()) {
+        if !conn.owns(&hello.agent) {
             return Err(Refusal::new(
                 Reason::IdentityMismatch,
                 format!(
@@ -423,8 +453,18 @@ impl Shared {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let Some(Frame::Join(join)) = self.first_frame(&conn, &mut reader, &mut writer, FrameType::JOIN).await else {
-            return;
+        let join = match self.first_frame(&conn, &mut reader, &mut writer, &[FrameType::JOIN, FrameType::STATUS]).await {
+            Some(Frame::Join(join)) => join,
+            Some(Frame::Status(status)) => {
+                let answer = match self.session_state(&conn, status) {
+                    Ok(state) => Frame::SessionState(state),
+                    Err(r) => Frame::Refused(r),
+                };
+                let _ = writer.send(&answer).await;
+                let _ = writer.shutdown().await;
+                return;
+            }
+            _ => return,
         };
         let (session, cancel) = match self.join_session(&conn, &join) {
             Ok(x) => x,
@@ -433,7 +473,8 @@ impl Shared {
                 return;
             }
         };
-        if writer.send(&Frame::Joined(Joined { stream: join.stream })).await.is_err() {
+        let joined = Joined { stream: join.stream, contiguous: session.contiguous() };
+        if writer.send(&Frame::Joined(joined)).await.is_err() {
             session.detach(join.stream, join.generation);
             return;
         }
@@ -448,23 +489,43 @@ impl Shared {
                 Some(s) => s.clone(),
                 None => {
                     let msg = match reg.finished.get(&join.session) {
-                        Some((owner, _, _)) if !conn.identities.iter().any(|i| i == owner.as_str()) => {
+                        Some(f) if !conn.owns(&f.agent) => {
                             return Err(Refusal::new(Reason::NotAllowed, "session belongs to another agent"));
                         }
-                        Some((_, Outcome::Committed(c), _)) => format!("session already committed as {}", c.archive),
-                        Some((_, Outcome::Failed(r), _)) => format!("session already ended: {r}"),
+                        Some(Finished { outcome: Outcome::Committed(c), .. }) => {
+                            format!("session already committed as {}", c.archive)
+                        }
+                        Some(Finished { outcome: Outcome::Failed(r), .. }) => format!("session already ended: {r}"),
                         None => "no such session".to_string(),
                     };
                     return Err(Refusal::new(Reason::UnknownSession, msg));
                 }
             }
         };
-        if !conn.identities.iter().any(|i| i == session.params.key.agent.as_str()) {
+        if !conn.owns(&session.params.key.agent) {
             return Err(Refusal::new(Reason::NotAllowed, "session belongs to another agent"));
         }
         let cancel = session.attach(join.stream, join.generation)?;
         session.touch();
         Ok((session, cancel))
+    }
+
+    /// What became of a session, for an agent that lost its connection.
+    fn session_state(&self, conn: &Conn, status: Status) -> Result<SessionState, Refusal> {
+        let reg = lock(&self.registry);
+        let not_yours = || Refusal::new(Reason::NotAllowed, "session belongs to another agent");
+        if let Some(s) = reg.sessions.get(&status.session) {
+            if !conn.owns(&s.params.key.agent) {
+                return Err(not_yours());
+            }
+            return Ok(SessionState::Open { contiguous: s.contiguous() });
+        }
+        Ok(match reg.finished.get(&status.session) {
+            Some(f) if !conn.owns(&f.agent) => return Err(not_yours()),
+            Some(Finished { outcome: Outcome::Committed(c), .. }) => SessionState::Committed(c.clone()),
+            Some(Finished { outcome: Outcome::Failed(r), .. }) => SessionState::Failed(r.clone()),
+            None => SessionState::Unknown,
+        })
     }
 
     /// Receives chunks and the commit on one stream of a session until the stream
@@ -522,7 +583,10 @@ impl Shared {
                         .unwrap_or_else(|e| Err(Refusal::new(Reason::Internal, format!("commit task failed: {e}"))));
                     match result {
                         Ok(committed) => {
-                            let _ = out_tx.send(Frame::Committed(committed.clone())).await;
+                            let scope = session.storage.cfg.base_dir.to_string_lossy();
+                            if crate::fault::hit("commit:answer", &scope) != Some(crate::fault::Action::Drop) {
+                                let _ = out_tx.send(Frame::Committed(committed.clone())).await;
+                            }
                             self.end_session(&session, Outcome::Committed(committed));
                         }
                         Err(refusal) => {
@@ -606,14 +670,20 @@ async fn disk_loop(
     }
 }
 
-/// Sends queued frames until every sender is gone, then closes the write side.
+/// Sends queued frames until every sender is gone, then closes the write side. A peer
+/// that does not take a frame within [`WRITE_TIMEOUT`] is dropped.
 async fn write_out<W: AsyncWrite + Unpin>(mut writer: FrameWriter<W>, mut frames: mpsc::Receiver<Frame>) {
     while let Some(frame) = frames.recv().await {
-        if writer.send(&frame).await.is_err() {
-            return;
+        match timeout(WRITE_TIMEOUT, writer.send(&frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                warn!("agent stopped reading for {WRITE_TIMEOUT:?}; dropping the connection");
+                return;
+            }
         }
     }
-    let _ = writer.shutdown().await;
+    let _ = timeout(WRITE_TIMEOUT, writer.shutdown()).await;
 }
 
 /// Refuses a session when the storage could not hold another archive as large as the
@@ -642,6 +712,11 @@ struct Conn {
 }
 
 impl Conn {
+    /// Whether this connection's certificate vouches for `agent`.
+    fn owns(&self, agent: &Name) -> bool {
+        self.identities.iter().any(|i| i == agent.as_str())
+    }
+
     async fn refuse<W: AsyncWrite + Unpin>(&self, writer: &mut FrameWriter<W>, refusal: Refusal) {
         warn!(peer = %self.peer, identities = ?self.identities, reason = %refusal.reason, "refused: {}", refusal.message);
         let _ = writer.send(&Frame::Refused(refusal)).await;

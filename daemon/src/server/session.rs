@@ -10,7 +10,10 @@
 //! file when the prefix reaches it. So the server never buffers out-of-order data and
 //! its memory does not grow with the agent's window.
 //!
-//! Locks: `chunks` guards the bitmap and the hasher and is held while hashing one
+//! Every chunk is recorded in the session journal after its write and before its
+//! ack, so a restarted server can adopt the upload ([`Session::adopt`]).
+//!
+//! Locks: `chunks` guards the bitmap, the hasher and the journal and is held while hashing one
 //! chunk (≈1 ms per MiB); `commit` serialises commits so a repeated `Commit` waits for
 //! and returns the first one's result; `streams` is a short-lived table. None is held
 //! across an `.await`: all methods here are blocking and run on blocking threads.
@@ -19,6 +22,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::time::Duration;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -31,6 +35,7 @@ use nbackup_protocol::manifest::{MANIFEST_FORMAT, Manifest, hex};
 use nbackup_protocol::wire::{Chunk, Commit, Committed, Compression, Reason, Refusal};
 use nbackup_protocol::{Name, SessionId};
 
+use super::journal::{self, ChunkRecord, Journal};
 use super::storage::StorageArea;
 use crate::fsutil;
 
@@ -82,6 +87,8 @@ pub struct Session {
     chunks: Mutex<ChunkState>,
     commit: Mutex<Option<Result<Committed, Refusal>>>,
     streams: Mutex<HashMap<u16, StreamSlot>>,
+    /// Since when no stream has been attached (the agent may be gone).
+    orphaned_since: Mutex<Option<Instant>>,
     outcome: Mutex<Option<Outcome>>,
     /// Cancelled when the session ends, for whatever reason; stream tasks watch it.
     pub ended: CancellationToken,
@@ -107,9 +114,24 @@ struct ChunkState {
     next_hash: u64,
     hashed_bytes: u64,
     readback: Vec<u8>,
+    journal: Journal,
 }
 
 impl ChunkState {
+    fn new(journal: Journal) -> Self {
+        ChunkState {
+            received: Vec::new(),
+            count: 0,
+            short: None,
+            highest: None,
+            hasher: Sha256::new(),
+            next_hash: 0,
+            hashed_bytes: 0,
+            readback: Vec::new(),
+            journal,
+        }
+    }
+
     fn has(&self, seq: u64) -> bool {
         self.received.get((seq / 64) as usize).is_some_and(|w| w & (1 << (seq % 64)) != 0)
     }
@@ -130,7 +152,7 @@ fn refuse(reason: Reason, message: impl Into<String>) -> Refusal {
 }
 
 impl Session {
-    /// Creates the session's `.part` file (exclusively, mode 0600).
+    /// Creates the session's `.part` file (exclusively, mode 0600) and its journal.
     pub fn create(params: SessionParams, storage: Arc<StorageArea>) -> Result<Self, Refusal> {
         use std::os::unix::fs::OpenOptionsExt;
         let part_path = storage.part_path(params.id);
@@ -141,30 +163,111 @@ impl Session {
             .mode(0o600)
             .open(&part_path)
             .map_err(|e| write_refusal(&e, "cannot create upload file"))?;
-        Ok(Session {
+        let header = journal::Header {
+            session: params.id.to_string(),
+            agent: params.key.agent.to_string(),
+            storage: params.key.storage.to_string(),
+            backup: params.key.backup.to_string(),
+            compression: params.compression,
+            level: params.level,
+            chunk_size: params.chunk_size,
+            max_streams: params.max_streams,
+            agent_version: params.agent_version.clone(),
+            started: params.started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        let journal = match Journal::create(&Journal::path_for(&part_path), &header) {
+            Ok(j) => j,
+            Err(e) => {
+                let _ = fsutil::remove_if_exists(&part_path);
+                return Err(write_refusal(&e, "cannot create session journal"));
+            }
+        };
+        Ok(Self::assemble(params, storage, part_path, file, ChunkState::new(journal), None))
+    }
+
+    fn assemble(
+        params: SessionParams,
+        storage: Arc<StorageArea>,
+        part_path: PathBuf,
+        file: File,
+        chunks: ChunkState,
+        orphaned_since: Option<Instant>,
+    ) -> Self {
+        Session {
             params,
             storage,
             part_path,
             file,
-            chunks: Mutex::new(ChunkState {
-                received: Vec::new(),
-                count: 0,
-                short: None,
-                highest: None,
-                hasher: Sha256::new(),
-                next_hash: 0,
-                hashed_bytes: 0,
-                readback: Vec::new(),
-            }),
+            chunks: Mutex::new(chunks),
             commit: Mutex::new(None),
             streams: Mutex::new(HashMap::new()),
+            orphaned_since: Mutex::new(orphaned_since),
             outcome: Mutex::new(None),
             ended: CancellationToken::new(),
             created: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
-        })
+        }
+    }
+
+    /// Takes over an upload from a previous run of the server: re-reads every
+    /// journaled chunk from the `.part`, keeps those whose CRC32C checks out, and
+    /// re-hashes the contiguous prefix. The session starts with no stream attached,
+    /// waiting for its agent to re-join.
+    pub fn adopt(contents: &journal::Contents, storage: Arc<StorageArea>) -> std::io::Result<Self> {
+        let h = &contents.header;
+        let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+        let id = SessionId::from_hex(&h.session).ok_or_else(|| bad(format!("bad session id {:?}", h.session)))?;
+        let name = |s: &str| Name::new(s).map_err(|e| bad(format!("bad name {s:?}: {e}")));
+        let started = DateTime::parse_from_rfc3339(&h.started)
+            .map_err(|e| bad(format!("bad start time: {e}")))?
+            .with_timezone(&Utc);
+        if !(nbackup_protocol::limits::MIN_CHUNK_SIZE..=nbackup_protocol::limits::MAX_CHUNK_SIZE).contains(&h.chunk_size) {
+            return Err(bad(format!("bad chunk size {}", h.chunk_size)));
+        }
+        let params = SessionParams {
+            id,
+            key: EntryKey { agent: name(&h.agent)?, storage: name(&h.storage)?, backup: name(&h.backup)? },
+            compression: h.compression,
+            level: h.level,
+            chunk_size: h.chunk_size,
+            max_streams: h.max_streams.max(1),
+            agent_version: h.agent_version.clone(),
+            started,
+        };
+        let part_path = storage.part_path(id);
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&part_path)?;
+        let journal = Journal::reopen(&Journal::path_for(&part_path))?;
+        let mut st = ChunkState::new(journal);
+        let cs = u64::from(h.chunk_size);
+        let mut buf = Vec::new();
+        let mut bytes = 0u64;
+        for r in &contents.chunks {
+            if r.seq >= MAX_CHUNKS || u64::from(r.len) > cs || r.len == 0 || st.has(r.seq) {
+                continue;
+            }
+            buf.resize(r.len as usize, 0);
+            if file.read_exact_at(&mut buf, r.seq * cs).is_err() || crc32c::crc32c(&buf) != r.crc32c {
+                continue; // The record outlived its data (power cut): the agent resends it.
+            }
+            if check_geometry(&st, r.seq, u64::from(r.len), cs).is_err() {
+                continue;
+            }
+            st.set(r.seq);
+            if u64::from(r.len) < cs {
+                st.short = Some((r.seq, r.len));
+            }
+            bytes += u64::from(r.len);
+        }
+        let session = Self::assemble(params, storage, part_path, file, st, Some(Instant::now()));
+        session.bytes_received.store(bytes, Ordering::Relaxed);
+        {
+            let mut st = lock(&session.chunks);
+            session.hash_forward(&mut st).map_err(|r| bad(r.message))?;
+        }
+        session.touch();
+        Ok(session)
     }
 
     pub fn id(&self) -> SessionId {
@@ -212,12 +315,9 @@ impl Session {
             }
             check_geometry(&st, chunk.seq, len, cs)?;
         }
-        self.file
-            .write_all_at(&chunk.data, chunk.offset)
+        crate::fault::io("chunk-write", &self.storage.cfg.base_dir.to_string_lossy())
+            .and_then(|()| self.file.write_all_at(&chunk.data, chunk.offset))
             .map_err(|e| write_refusal(&e, &format!("writing chunk {}", chunk.seq)))?;
-        if self.storage.cfg.chunk_fsync {
-            self.file.sync_data().map_err(|e| write_refusal(&e, "fsync"))?;
-        }
         let mut st = lock(&self.chunks);
         if st.has(chunk.seq) {
             // Another stream wrote the same chunk meanwhile; same bytes, same place.
@@ -225,6 +325,12 @@ impl Session {
             return Ok(Written::Duplicate);
         }
         check_geometry(&st, chunk.seq, len, cs)?;
+        let record = ChunkRecord { seq: chunk.seq, len: len as u32, crc32c: chunk.crc32c };
+        st.journal.chunk(record).map_err(|e| write_refusal(&e, "writing the session journal"))?;
+        if self.storage.cfg.chunk_fsync {
+            self.file.sync_data().map_err(|e| write_refusal(&e, "fsync"))?;
+            st.journal.sync().map_err(|e| write_refusal(&e, "fsync journal"))?;
+        }
         st.set(chunk.seq);
         if len < cs {
             st.short = Some((chunk.seq, len as u32));
@@ -319,9 +425,15 @@ impl Session {
 
     fn finalize(&self, commit: &Commit) -> Result<Committed, Refusal> {
         let p = &self.params;
+        let scope = self.storage.cfg.base_dir.to_string_lossy().into_owned();
+        let fail = |e: std::io::Error| write_refusal(&e, "committing archive");
+        crate::fault::io("commit:before-intent", &scope).map_err(fail)?;
         let mut manifest = Manifest {
             format: MANIFEST_FORMAT,
-            archive: String::new(),
+            archive: self
+                .storage
+                .next_name(&p.key.agent, &p.key.backup, p.started, p.compression)
+                .map_err(fail)?,
             agent: p.key.agent.to_string(),
             backup: p.key.backup.to_string(),
             storage: p.key.storage.to_string(),
@@ -340,24 +452,23 @@ impl Session {
             server_version: crate::VERSION.to_string(),
             session: p.id.to_string(),
         };
+        let mut st = lock(&self.chunks);
+        st.journal
+            .intent(&journal::Intent { archive: manifest.archive.clone(), manifest: manifest.clone() })
+            .map_err(fail)?;
         let path = self
             .storage
-            .commit(&self.part_path, &self.file, &mut manifest, &p.key.agent, &p.key.backup, p.started)
-            .map_err(|e| write_refusal(&e, "committing archive"))?;
+            .install(&self.part_path, &self.file, &p.key.agent, &p.key.backup, &manifest)
+            .map_err(fail)?;
+        manifest.archive = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         tracing::info!(
             session = %p.id, agent = %p.key.agent, backup = %p.key.backup, storage = %p.key.storage,
             archive = %path.display(), bytes = commit.total_len, "committed"
         );
-        match self.storage.rotate(&p.key.agent, &p.key.backup) {
-            Ok(removed) => {
-                for name in removed {
-                    tracing::info!(agent = %p.key.agent, backup = %p.key.backup, archive = %name, "rotated out");
-                }
-            }
-            // The new archive is safe; a failed rotation only keeps an extra old one.
-            Err(e) => tracing::warn!(agent = %p.key.agent, backup = %p.key.backup, "rotation failed: {e}"),
-        }
-        Ok(Committed { archive: manifest.archive, size: commit.total_len, sha256: commit.sha256 })
+        rotate_logged(&self.storage, &p.key.agent, &p.key.backup);
+        let done = Committed { archive: manifest.archive, size: commit.total_len, sha256: commit.sha256 };
+        st.journal.done(&done_record(&done)).map_err(fail)?;
+        Ok(done)
     }
 
     /// Attaches a stream. A higher generation replaces the attached connection (which
@@ -381,6 +492,7 @@ impl Session {
         }
         let cancel = self.ended.child_token();
         streams.insert(stream, StreamSlot { generation, cancel: cancel.clone() });
+        *lock(&self.orphaned_since) = None;
         Ok(cancel)
     }
 
@@ -389,7 +501,24 @@ impl Session {
         let mut streams = lock(&self.streams);
         if streams.get(&stream).is_some_and(|s| s.generation == generation) {
             streams.remove(&stream);
+            if streams.is_empty() {
+                *lock(&self.orphaned_since) = Some(Instant::now());
+            }
         }
+    }
+
+    /// How long the session has had no stream attached, if it has none.
+    pub fn orphaned_for(&self) -> Option<Duration> {
+        lock(&self.orphaned_since).map(|t| t.elapsed())
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        Journal::path_for(&self.part_path)
+    }
+
+    /// Chunks held without a gap from chunk 0.
+    pub fn contiguous(&self) -> u64 {
+        lock(&self.chunks).next_hash
     }
 
     pub fn attached_streams(&self) -> usize {
@@ -412,8 +541,10 @@ impl Session {
                 session = %p.id, agent = %p.key.agent, backup = %p.key.backup, reason = %r.reason,
                 "session ended: {}", r.message
             );
-            if let Err(e) = fsutil::remove_if_exists(&self.part_path) {
-                tracing::warn!(path = %self.part_path.display(), "cannot remove upload: {e}");
+            for path in [self.part_path.clone(), Journal::path_for(&self.part_path)] {
+                if let Err(e) = fsutil::remove_if_exists(&path) {
+                    tracing::warn!(path = %path.display(), "cannot remove upload: {e}");
+                }
             }
         }
         self.ended.cancel();
@@ -434,6 +565,22 @@ fn check_geometry(st: &ChunkState, seq: u64, len: u64, cs: u64) -> Result<(), Re
         return Err(refuse(Reason::Protocol, format!("short chunk {seq} is not the last")));
     }
     Ok(())
+}
+
+/// Rotates an entry after a commit; a failure only keeps an extra old archive.
+pub(crate) fn rotate_logged(storage: &StorageArea, agent: &Name, backup: &Name) {
+    match storage.rotate(agent, backup) {
+        Ok(removed) => {
+            for name in removed {
+                tracing::info!(%agent, %backup, archive = %name, "rotated out");
+            }
+        }
+        Err(e) => tracing::warn!(%agent, %backup, "rotation failed: {e}"),
+    }
+}
+
+pub(crate) fn done_record(c: &Committed) -> journal::Done {
+    journal::Done { archive: c.archive.clone(), size: c.size, sha256: hex(&c.sha256) }
 }
 
 fn write_refusal(e: &std::io::Error, what: &str) -> Refusal {

@@ -6,9 +6,9 @@
 //! <base_dir>/.incoming/<session>.part                                          upload
 //! ```
 //!
-//! Crash ordering of a commit: fsync the `.part` → rename it to its final name (never
-//! replacing an existing file) → fsync both directories → write the manifest
-//! atomically → rotate. A crash leaves either the old set of archives or the new one;
+//! Crash ordering of a commit: record the intent in the session journal → fsync the
+//! `.part` → rename it to its final name (never replacing an existing file) → fsync
+//! both directories → write the manifest atomically → rotate → record completion. A crash leaves either the old set of archives or the new one;
 //! an archive name only ever points at verified, durable bytes. Rotation deletes an
 //! archive before its manifest, so an interrupted rotation leaves at worst an orphan
 //! manifest, never an archive whose checksum record is gone.
@@ -100,43 +100,41 @@ impl StorageArea {
         Ok(out)
     }
 
-    /// Moves a verified upload to its final name and records its manifest.
-    ///
-    /// `part` must already be complete; it is fsynced here. Returns the final path.
-    pub fn commit(
-        &self,
-        part_path: &Path,
-        part: &File,
-        manifest: &mut Manifest,
-        agent: &Name,
-        backup: &Name,
-        started: DateTime<Utc>,
-    ) -> io::Result<PathBuf> {
-        let compression = manifest.compression;
+    /// The name the next archive of an entry gets: the session's start time, with a
+    /// suffix one past the highest existing one of that second (never a freed lower
+    /// one: names must sort in commit order or rotation would delete the newest).
+    pub fn next_name(&self, agent: &Name, backup: &Name, started: DateTime<Utc>, compression: Compression) -> io::Result<String> {
+        let stamp = started.format("%Y%m%dT%H%M%SZ").to_string();
+        let n = self.list(agent, backup)?.iter().filter(|a| a.stamp == stamp).map(|a| a.n + 1).max().unwrap_or(1);
+        let suffix = if n == 1 { String::new() } else { format!("-{n}") };
+        Ok(format!("{agent}-{backup}-{stamp}{suffix}.{}", compression.extension()))
+    }
+
+    fn fault(&self, point: &str) -> io::Result<()> {
+        crate::fault::io(point, &self.cfg.base_dir.to_string_lossy())
+    }
+
+    /// Moves a verified upload to its final name and writes its manifest: fsync the
+    /// upload, rename it (never replacing a file), fsync both directories, write the
+    /// manifest atomically. Returns the archive's path.
+    pub fn install(&self, part_path: &Path, part: &File, agent: &Name, backup: &Name, manifest: &Manifest) -> io::Result<PathBuf> {
         part.sync_all()?;
         let dir = self.entry_dir(agent, backup);
         fsutil::create_dir_all_durable(&dir)?;
-        let stamp = started.format("%Y%m%dT%H%M%SZ").to_string();
-        // Always one past the highest suffix of this second, never a freed lower one:
-        // names must sort in commit order or rotation would delete the newest.
-        let mut n = self.list(agent, backup)?.iter().filter(|a| a.stamp == stamp).map(|a| a.n + 1).max().unwrap_or(1);
-        let final_path = loop {
-            let suffix = if n == 1 { String::new() } else { format!("-{n}") };
-            let name = format!("{agent}-{backup}-{stamp}{suffix}.{}", compression.extension());
-            let candidate = dir.join(&name);
-            match fsutil::rename_noreplace(part_path, &candidate) {
-                Ok(()) => {
-                    manifest.archive = name;
-                    break candidate;
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 10_000 => n += 1,
-                Err(e) => return Err(e),
-            }
-        };
+        let final_path = dir.join(&manifest.archive);
+        self.fault("commit:before-rename")?;
+        fsutil::rename_noreplace(part_path, &final_path)?;
+        self.fault("commit:after-rename")?;
         fsutil::fsync_dir(&dir)?;
         fsutil::fsync_dir(&self.incoming_dir())?;
-        fsutil::write_atomic(&sidecar_path(&final_path), manifest.to_json().as_bytes())?;
+        self.write_manifest(&final_path, manifest)?;
+        self.fault("commit:after-manifest")?;
         Ok(final_path)
+    }
+
+    /// Writes (or rewrites) an archive's manifest atomically.
+    pub fn write_manifest(&self, archive: &Path, manifest: &Manifest) -> io::Result<()> {
+        fsutil::write_atomic(&sidecar_path(archive), manifest.to_json().as_bytes())
     }
 
     /// Deletes the oldest archives of an entry beyond `max_backups`, archive first,
@@ -147,11 +145,26 @@ impl StorageArea {
         let mut removed = Vec::new();
         for old in archives.into_iter().take(excess) {
             fsutil::remove_if_exists(&old.path)?;
+            self.fault("rotate:after-delete")?;
             fsutil::remove_if_exists(&sidecar_path(&old.path))?;
             removed.push(old.name);
         }
+        // Manifests whose archive is gone: what an interrupted rotation leaves.
+        let dir = self.entry_dir(agent, backup);
+        let prefix = format!("{agent}-{backup}-");
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(archive) = name.strip_suffix(".json")
+                    && parse_archive_name(archive, &prefix).is_some()
+                    && !dir.join(archive).exists()
+                {
+                    fsutil::remove_if_exists(&e.path())?;
+                }
+            }
+        }
         if !removed.is_empty() {
-            fsutil::fsync_dir(&self.entry_dir(agent, backup))?;
+            fsutil::fsync_dir(&dir)?;
         }
         Ok(removed)
     }
@@ -232,7 +245,9 @@ mod tests {
         let part = s.incoming_dir().join(format!("{body}.part"));
         fs::write(&part, body).expect("part");
         let f = File::open(&part).expect("open");
-        s.commit(&part, &f, &mut manifest(), &a, &b, started).expect("commit")
+        let mut m = manifest();
+        m.archive = s.next_name(&a, &b, started, Compression::Gzip).expect("name");
+        s.install(&part, &f, &a, &b, &m).expect("install")
     }
 
     #[test]
@@ -290,6 +305,21 @@ mod tests {
         assert_eq!(left, vec!["a-b-20261122T040000Z.tar.gz", "a-b-20261122T050000Z.tar.gz"]);
         let files = fs::read_dir(s.entry_dir(&a, &b)).expect("ls").count();
         assert_eq!(files, 4, "two archives and their two manifests");
+    }
+
+    #[test]
+    fn rotation_removes_manifests_left_by_an_interrupted_rotation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = area(dir.path(), 5);
+        s.prepare().expect("prepare");
+        let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        let kept = commit_one(&s, t, "kept");
+        let gone = commit_one(&s, t, "gone");
+        fs::remove_file(&gone).expect("archive deleted, crash before its manifest");
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        s.rotate(&a, &b).expect("rotate");
+        assert!(!sidecar_path(&gone).exists());
+        assert!(sidecar_path(&kept).exists());
     }
 
     #[test]

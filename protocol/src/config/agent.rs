@@ -72,6 +72,7 @@ pub struct RawSource {
 pub struct RawResume {
     pub buffer_size: Option<ByteSize>,
     pub chunk_size: Option<ByteSize>,
+    pub ack_timeout: Option<HumanDuration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -125,11 +126,15 @@ pub struct BackupEntry {
     pub parallels: u16,
 }
 
-/// The in-memory window of unacknowledged data and the chunk size.
+/// The in-memory window of unacknowledged data, the chunk size, and how long a
+/// stream may go without acknowledgement before it is declared dead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Resume {
     pub buffer_size: u64,
     pub chunk_size: u32,
+    /// Floor of the no-acknowledgement timeout; the effective timeout is the larger
+    /// of this and 20 round trips.
+    pub ack_timeout: Duration,
 }
 
 /// Reconnect and re-run policy: exponential backoff from `initial_delay`, doubling up
@@ -157,7 +162,7 @@ impl Default for Retry {
 
 impl Default for Resume {
     fn default() -> Self {
-        Resume { buffer_size: 256 * ByteSize::MIB, chunk_size: ByteSize::MIB as u32 }
+        Resume { buffer_size: 256 * ByteSize::MIB, chunk_size: ByteSize::MIB as u32, ack_timeout: Duration::from_secs(30) }
     }
 }
 
@@ -425,7 +430,15 @@ fn resume(raw: &RawResume, src: &Source<'_>) -> Result<Resume, ConfigError> {
             Some("the window must be at least twice resume.chunk_size; 64mb to 1gb is typical".into()),
         ));
     }
-    Ok(Resume { buffer_size: buffer, chunk_size: chunk as u32 })
+    let ack_timeout = raw.ack_timeout.map_or(defaults.ack_timeout, |d| d.0);
+    if ack_timeout < Duration::from_millis(100) {
+        return Err(src.error(
+            Some("resume.ack_timeout"),
+            "must be at least 100ms",
+            Some("a stream without acknowledgement for this long is reconnected; 30s is typical".into()),
+        ));
+    }
+    Ok(Resume { buffer_size: buffer, chunk_size: chunk as u32, ack_timeout })
 }
 
 fn retry(raw: &RawRetry, src: &Source<'_>) -> Result<Retry, ConfigError> {

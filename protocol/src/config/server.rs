@@ -28,6 +28,7 @@ pub struct RawServerSection {
     pub listen: String,
     pub handshake_timeout: Option<HumanDuration>,
     pub session_ttl: Option<HumanDuration>,
+    pub orphan_timeout: Option<HumanDuration>,
     pub max_streams_per_session: Option<u16>,
 }
 
@@ -57,6 +58,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// A session with no traffic for this long is ended and its lock released.
     pub session_ttl: Duration,
+    /// A session whose streams are all gone (agent killed, network down) is ended
+    /// after this long unless the agent re-joins.
+    pub orphan_timeout: Duration,
     pub max_streams_per_session: u16,
     pub tls: ServerTls,
     pub storages: BTreeMap<Name, Storage>,
@@ -86,6 +90,7 @@ pub struct Storage {
 impl ServerConfig {
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_ORPHAN_TIMEOUT: Duration = Duration::from_secs(600);
     pub const DEFAULT_MAX_STREAMS: u16 = 16;
 
     /// Parses and validates `text`, read from `file` (used in messages and to resolve
@@ -112,6 +117,17 @@ impl ServerConfig {
         let session_ttl = raw.server.session_ttl.map_or(Self::DEFAULT_SESSION_TTL, |d| d.0);
         if session_ttl < Duration::from_secs(1) {
             return Err(src.error(Some("server.session_ttl"), "must be at least 1s", None));
+        }
+        let orphan_timeout = raw.server.orphan_timeout.map_or(Self::DEFAULT_ORPHAN_TIMEOUT, |d| d.0);
+        if orphan_timeout < Duration::from_millis(100) || orphan_timeout > session_ttl {
+            return Err(src.error(
+                Some("server.orphan_timeout"),
+                format!("{} is out of range", HumanDuration(orphan_timeout)),
+                Some(format!(
+                    "use 100ms to session_ttl ({}); it should exceed the agents' retry.max_delay",
+                    HumanDuration(session_ttl)
+                )),
+            ));
         }
         let max_streams = raw.server.max_streams_per_session.unwrap_or(Self::DEFAULT_MAX_STREAMS);
         if !(1..=MAX_STREAMS).contains(&max_streams) {
@@ -177,6 +193,7 @@ impl ServerConfig {
             listen,
             handshake_timeout,
             session_ttl,
+            orphan_timeout,
             max_streams_per_session: max_streams,
             tls: ServerTls {
                 ca_cert: resolve(&base, raw.tls.ca_cert),

@@ -131,7 +131,7 @@ fn golden_refused_and_abort() {
 fn golden_join_joined_health() {
     let f = Frame::Join(Join { session: SessionId([0x22; 16]), stream: 3, generation: 2 });
     assert_eq!(hex(&f.to_bytes()), format!("0400000016{}000300000002", "22".repeat(16)));
-    assert_eq!(hex(&Frame::Joined(Joined { stream: 3 }).to_bytes()), "05000000020003");
+    assert_eq!(hex(&Frame::Joined(Joined { stream: 3, contiguous: 5 }).to_bytes()), "050000000a00030000000000000005");
     let f = Frame::Health(Health {
         server_version: "1".into(),
         uptime_secs: 2,
@@ -156,6 +156,32 @@ fn golden_join_joined_health() {
          01\
          000000000000000a\
          0000000000000014"
+    );
+}
+
+#[test]
+fn golden_status_and_session_state() {
+    let f = Frame::Status(Status { session: SessionId([0x33; 16]) });
+    assert_eq!(hex(&f.to_bytes()), format!("2200000010{}", "33".repeat(16)));
+    assert_eq!(hex(&Frame::SessionState(SessionState::Unknown).to_bytes()), "230000000100");
+    assert_eq!(
+        hex(&Frame::SessionState(SessionState::Open { contiguous: 9 }).to_bytes()),
+        "23000000090100000000000000" .to_owned() + "09"
+    );
+    let done = Committed { archive: "a".into(), size: 1, sha256: [0xcc; 32] };
+    assert_eq!(
+        hex(&Frame::SessionState(SessionState::Committed(done)).to_bytes()),
+        format!("230000002c0200016100000000000000 01{}", "cc".repeat(32)).replace(' ', "")
+    );
+    let failed = SessionState::Failed(Refusal::new(Reason::Expired, "x"));
+    assert_eq!(hex(&Frame::SessionState(failed).to_bytes()), "230000000603000d000178");
+}
+
+#[test]
+fn rejects_unknown_session_states() {
+    assert_eq!(
+        decode_all(&[0x23, 0, 0, 0, 1, 7]),
+        Err(DecodeError::UnknownValue { field: "session state", value: 7 })
     );
 }
 
@@ -310,7 +336,16 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             stream,
             generation
         })),
-        any::<u16>().prop_map(|stream| Frame::Joined(Joined { stream })),
+        (any::<u16>(), any::<u64>()).prop_map(|(stream, contiguous)| Frame::Joined(Joined { stream, contiguous })),
+        any::<[u8; 16]>().prop_map(|s| Frame::Status(Status { session: SessionId(s) })),
+        prop_oneof![
+            Just(SessionState::Unknown),
+            any::<u64>().prop_map(|contiguous| SessionState::Open { contiguous }),
+            (".{0,40}", any::<u64>(), any::<[u8; 32]>())
+                .prop_map(|(archive, size, sha256)| SessionState::Committed(Committed { archive, size, sha256 })),
+            (arb_reason(), ".{0,40}").prop_map(|(r, m)| SessionState::Failed(Refusal::new(r, m))),
+        ]
+        .prop_map(Frame::SessionState),
         (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2048))
             .prop_map(|(seq, off, data)| Frame::Chunk(Chunk::new(seq, off, Bytes::from(data)))),
         any::<u64>().prop_map(|seq| Frame::Ack(Ack { seq })),
