@@ -129,9 +129,11 @@ impl TestServer {
         v
     }
 
+    /// Uploads, journals or temp files left in `.incoming` (the committed log is
+    /// state, not a leftover).
     pub fn incoming(&self, storage: &str) -> Vec<PathBuf> {
         fs::read_dir(self.storage_dir(storage).join(".incoming"))
-            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| !p.ends_with("committed.log")).collect())
             .unwrap_or_default()
     }
 

@@ -68,8 +68,6 @@ struct Finished {
     agent: Name,
     outcome: Outcome,
     at: Instant,
-    /// The committed session's journal, removed when the entry is forgotten.
-    journal: Option<std::path::PathBuf>,
 }
 
 struct Registry {
@@ -110,8 +108,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
         }
         for (id, agent, outcome, age) in recovered.finished {
             let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-            let journal = Some(area.incoming_dir().join(format!("{id}.journal")));
-            registry.finished.insert(id, Finished { agent, outcome, at, journal });
+            registry.finished.insert(id, Finished { agent, outcome, at });
         }
         storages.insert(name.clone(), area);
     }
@@ -169,10 +166,18 @@ async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) {
     let orphan = shared.config.orphan_timeout;
     let period = (orphan.min(ttl) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
     let mut tick = tokio::time::interval(period);
+    let mut compacted = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if compacted.elapsed() >= FINISHED_TTL / 4 {
+            compacted = Instant::now();
+            for area in shared.storages.values() {
+                let area = area.clone();
+                let _ = tokio::task::spawn_blocking(move || area.recent_commits(FINISHED_TTL)).await;
+            }
         }
         let sessions: Vec<Arc<Session>> = lock(&shared.registry).sessions.values().cloned().collect();
         for s in sessions {
@@ -184,17 +189,7 @@ async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) {
                 shared.end_session(&s, Outcome::Failed(Refusal::new(Reason::Expired, msg)));
             }
         }
-        let expired: Vec<Finished> = {
-            let mut reg = lock(&shared.registry);
-            let old: Vec<SessionId> =
-                reg.finished.iter().filter(|(_, f)| f.at.elapsed() >= FINISHED_TTL).map(|(id, _)| *id).collect();
-            old.iter().filter_map(|id| reg.finished.remove(id)).collect()
-        };
-        for f in expired {
-            if let Some(j) = f.journal {
-                let _ = crate::fsutil::remove_if_exists(&j);
-            }
-        }
+        lock(&shared.registry).finished.retain(|_, f| f.at.elapsed() < FINISHED_TTL);
     }
 }
 
@@ -216,9 +211,7 @@ impl Shared {
         if reg.locks.get(&session.params.key) == Some(&session.id()) {
             reg.locks.remove(&session.params.key);
         }
-        let journal = matches!(outcome, Outcome::Committed(_)).then(|| session.journal_path());
-        reg.finished
-            .insert(session.id(), Finished { agent: session.params.key.agent.clone(), outcome, at: Instant::now(), journal });
+        reg.finished.insert(session.id(), Finished { agent: session.params.key.agent.clone(), outcome, at: Instant::now() });
     }
 
     async fn handle_connection(self: Arc<Self>, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {

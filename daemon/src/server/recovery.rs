@@ -3,7 +3,7 @@
 //!
 //! | found in the journal | `.part` | archive | action |
 //! |---|---|---|---|
-//! | `committed` | — | — | remember the outcome (for `Status`) until it is older than the TTL |
+//! | `committed` | — | — | make sure the committed log has it; remove the journal |
 //! | `commit` intent | present | — | verify the `.part` against the intent's SHA-256, install, rotate |
 //! | `commit` intent | gone | present | verify the archive, (re)write its manifest, rotate |
 //! | `commit` intent | gone | gone | nothing to recover; forget |
@@ -12,11 +12,13 @@
 //!
 //! An archive that fails verification is deleted rather than left under a final name.
 //! `.part` files without a journal, and leftovers of atomic writes, are removed.
+//! Outcomes of recent commits come from the storage's committed log, which this also
+//! compacts to the last `finished_ttl`.
 
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -25,7 +27,7 @@ use nbackup_protocol::wire::Committed;
 use nbackup_protocol::{Name, SessionId};
 
 use super::journal::{self, Journal};
-use super::session::{Outcome, Session, done_record, rotate_logged};
+use super::session::{Outcome, Session, committed_entry, done_record, rotate_logged};
 use super::storage::StorageArea;
 use crate::fsutil;
 use crate::restore::verify_against_manifest;
@@ -50,12 +52,12 @@ pub fn recover(area: &Arc<StorageArea>, finished_ttl: Duration) -> Recovered {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "journal") {
             journals.push(p);
-        } else {
+        } else if p.file_name().is_some_and(|n| n != super::storage::COMMITTED_LOG) {
             others.push(p);
         }
     }
     for path in &journals {
-        if let Err(e) = recover_one(area, path, finished_ttl, &mut out) {
+        if let Err(e) = recover_one(area, path, &mut out) {
             warn!(journal = %path.display(), "cannot recover upload, removing it: {e}");
             remove(&path.with_extension("part"));
             remove(path);
@@ -68,6 +70,21 @@ pub fn recover(area: &Arc<StorageArea>, finished_ttl: Duration) -> Recovered {
             remove(&p);
         }
     }
+    match area.recent_commits(finished_ttl) {
+        Ok(entries) => {
+            let now = super::storage::unix_now();
+            for e in entries {
+                let (Some(id), Ok(agent), Ok(sha256)) =
+                    (SessionId::from_hex(&e.session), Name::new(e.agent.as_str()), parse_sha(&e.sha256))
+                else {
+                    continue;
+                };
+                let c = Committed { archive: e.archive, size: e.size, sha256 };
+                out.finished.push((id, agent, Outcome::Committed(c), Duration::from_secs(now.saturating_sub(e.at))));
+            }
+        }
+        Err(e) => warn!(storage = %area.cfg.name, "cannot read the committed log: {e}"),
+    }
     out
 }
 
@@ -77,15 +94,7 @@ fn remove(p: &Path) {
     }
 }
 
-fn age(p: &Path) -> Duration {
-    fs::metadata(p)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .unwrap_or_default()
-}
-
-fn recover_one(area: &Arc<StorageArea>, path: &Path, ttl: Duration, out: &mut Recovered) -> std::io::Result<()> {
+fn recover_one(area: &Arc<StorageArea>, path: &Path, out: &mut Recovered) -> std::io::Result<()> {
     let contents = Journal::read(path)?;
     let h = &contents.header;
     let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
@@ -98,13 +107,11 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path, ttl: Duration, out: &mut Re
     let part = path.with_extension("part");
 
     if let Some(done) = &contents.done {
-        let age = age(path);
-        if age >= ttl {
-            remove(path);
-            remove(&part);
-        } else {
-            out.finished.push((id, agent, Outcome::Committed(committed(done)?), age));
-        }
+        // Crashed between recording completion and writing the committed log.
+        let c = committed(done)?;
+        area.record_committed(&committed_entry(&id, &agent, &c))?;
+        remove(path);
+        remove(&part);
         return Ok(());
     }
 
@@ -136,7 +143,8 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path, ttl: Duration, out: &mut Re
             sha256: parse_sha(&intent.manifest.sha256)?,
         };
         Journal::reopen(path)?.done(&done_record(&c))?;
-        out.finished.push((id, agent, Outcome::Committed(c), Duration::ZERO));
+        area.record_committed(&committed_entry(&id, &agent, &c))?;
+        remove(path);
         return Ok(());
     }
 

@@ -468,6 +468,10 @@ impl Session {
         rotate_logged(&self.storage, &p.key.agent, &p.key.backup);
         let done = Committed { archive: manifest.archive, size: commit.total_len, sha256: commit.sha256 };
         st.journal.done(&done_record(&done)).map_err(fail)?;
+        self.storage.record_committed(&committed_entry(&p.id, &p.key.agent, &done)).map_err(fail)?;
+        drop(st);
+        // The outcome is in the committed log now; the journal has served its purpose.
+        let _ = fsutil::remove_if_exists(&self.journal_path());
         Ok(done)
     }
 
@@ -576,6 +580,17 @@ pub(crate) fn rotate_logged(storage: &StorageArea, agent: &Name, backup: &Name) 
             }
         }
         Err(e) => tracing::warn!(%agent, %backup, "rotation failed: {e}"),
+    }
+}
+
+pub(crate) fn committed_entry(id: &SessionId, agent: &Name, c: &Committed) -> super::storage::CommittedEntry {
+    super::storage::CommittedEntry {
+        session: id.to_string(),
+        agent: agent.to_string(),
+        archive: c.archive.clone(),
+        size: c.size,
+        sha256: hex(&c.sha256),
+        at: super::storage::unix_now(),
     }
 }
 

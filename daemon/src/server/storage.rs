@@ -29,6 +29,22 @@ use crate::fsutil;
 /// Name of the directory holding uploads in flight, inside `base_dir`.
 pub const INCOMING: &str = ".incoming";
 
+/// Recent commits, so that an agent whose connection died before it saw `Committed`
+/// learns the outcome from `Status` — even after a server restart.
+pub const COMMITTED_LOG: &str = "committed.log";
+
+/// One line of [`COMMITTED_LOG`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommittedEntry {
+    pub session: String,
+    pub agent: String,
+    pub archive: String,
+    pub size: u64,
+    pub sha256: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
 /// One storage's directory tree.
 #[derive(Debug, Clone)]
 pub struct StorageArea {
@@ -132,6 +148,47 @@ impl StorageArea {
         Ok(final_path)
     }
 
+    fn committed_log(&self) -> PathBuf {
+        self.incoming_dir().join(COMMITTED_LOG)
+    }
+
+    /// Appends a commit to the log (durably: the session's journal is removed next).
+    pub fn record_committed(&self, entry: &CommittedEntry) -> io::Result<()> {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new().create(true).append(true).open(self.committed_log())?;
+        let mut line = serde_json::to_string(entry).map_err(io::Error::other)?;
+        line.push('\n');
+        f.write_all(line.as_bytes())?;
+        f.sync_data()
+    }
+
+    /// Commits younger than `max_age`, and rewrites the log without the older ones.
+    /// Unreadable lines (a torn append) are dropped.
+    pub fn recent_commits(&self, max_age: std::time::Duration) -> io::Result<Vec<CommittedEntry>> {
+        let text = match fs::read_to_string(self.committed_log()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let now = unix_now();
+        let keep: Vec<CommittedEntry> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<CommittedEntry>(l).ok())
+            .filter(|e| now.saturating_sub(e.at) < max_age.as_secs())
+            .collect();
+        let mut out = String::new();
+        for e in &keep {
+            out.push_str(&serde_json::to_string(e).map_err(io::Error::other)?);
+            out.push('\n');
+        }
+        if keep.is_empty() {
+            fsutil::remove_if_exists(&self.committed_log())?;
+        } else if out != text {
+            fsutil::write_atomic(&self.committed_log(), out.as_bytes())?;
+        }
+        Ok(keep)
+    }
+
     /// Writes (or rewrites) an archive's manifest atomically.
     pub fn write_manifest(&self, archive: &Path, manifest: &Manifest) -> io::Result<()> {
         fsutil::write_atomic(&sidecar_path(archive), manifest.to_json().as_bytes())
@@ -168,6 +225,10 @@ impl StorageArea {
         }
         Ok(removed)
     }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// `<archive>.json`.
