@@ -1,11 +1,13 @@
 //! End-to-end tests: the real server and agent over real TLS on 127.0.0.1, real files,
 //! archives extracted by the system `tar` and compared with their sources.
 
+mod proxy;
 mod support;
 
 mod cli;
 mod fidelity;
 mod live_fs;
 mod refusals;
+mod resilience;
 mod security;
 mod storage;

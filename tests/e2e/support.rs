@@ -164,8 +164,36 @@ pub fn entry(name: &'static str, storage: &'static str, sources: &[&Path]) -> En
     }
 }
 
+/// Agent timing knobs; the defaults keep failing tests fast.
+pub struct Tuning {
+    pub buffer: &'static str,
+    pub chunk: &'static str,
+    pub ack_timeout: &'static str,
+    pub attempts: u32,
+    pub initial_delay: &'static str,
+    pub max_delay: &'static str,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning { buffer: "16mb", chunk: "256kb", ack_timeout: "30s", attempts: 2, initial_delay: "100ms", max_delay: "500ms" }
+    }
+}
+
 /// Agent YAML for `name` using certificate `cert` (prefix), talking to `addr`.
 pub fn agent_yaml(pki: &Pki, name: &str, cert: &Path, addr: SocketAddr, entries: &[EntrySpec], extra: &str) -> String {
+    agent_yaml_tuned(pki, name, cert, addr, entries, &Tuning::default(), extra)
+}
+
+pub fn agent_yaml_tuned(
+    pki: &Pki,
+    name: &str,
+    cert: &Path,
+    addr: SocketAddr,
+    entries: &[EntrySpec],
+    t: &Tuning,
+    extra: &str,
+) -> String {
     let mut yaml = format!(
         "agent:\n  name: {name}\nserver:\n  address: \"{addr}\"\ntls:\n  ca_cert: {}/ca.crt\n  client_cert: {}.crt\n  client_key: {}.key\nbackups:\n",
         pki.dir.display(),
@@ -187,9 +215,17 @@ pub fn agent_yaml(pki: &Pki, name: &str, cert: &Path, addr: SocketAddr, entries:
             }
         }
     }
-    yaml.push_str("resume:\n  buffer_size: 16mb\n  chunk_size: 256kb\nretry:\n  max_attempts: 2\n  initial_delay: 100ms\n  max_delay: 500ms\n");
+    yaml.push_str(&format!(
+        "resume:\n  buffer_size: {}\n  chunk_size: {}\n  ack_timeout: {}\nretry:\n  max_attempts: {}\n  initial_delay: {}\n  max_delay: {}\n",
+        t.buffer, t.chunk, t.ack_timeout, t.attempts, t.initial_delay, t.max_delay
+    ));
     yaml.push_str(extra);
     yaml
+}
+
+pub fn agent_config_tuned(pki: &Pki, addr: SocketAddr, entries: &[EntrySpec], t: &Tuning) -> AgentConfig {
+    let yaml = agent_yaml_tuned(pki, "web-01", &pki.agent("web-01"), addr, entries, t, "");
+    AgentConfig::parse(&yaml, Path::new("agent.yaml")).expect("agent config")
 }
 
 pub fn agent_config(pki: &Pki, addr: SocketAddr, entries: &[EntrySpec]) -> AgentConfig {
@@ -335,4 +371,99 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// `nbackup server` as a child process, so it can be killed with SIGKILL and started
+/// again on the same port and directories.
+pub struct ServerChild {
+    pub child: std::process::Child,
+    pub config: PathBuf,
+    pub addr: SocketAddr,
+}
+
+impl ServerChild {
+    /// Writes a config for `storages` under `root` on a free port.
+    pub fn configure(root: &Path, pki: &Pki, storages: &[StorageSpec], extra: &str) -> (PathBuf, SocketAddr) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let mut yaml = format!(
+            "server:\n  listen: \"{addr}\"\n{extra}tls:\n  ca_cert: {0}/ca.crt\n  server_cert: {0}/server.crt\n  server_key: {0}/server.key\nstorages:\n",
+            pki.dir.display()
+        );
+        for s in storages {
+            yaml.push_str(&format!(
+                "  {}:\n    base_dir: {}\n    max_backups: {}\n    compression: {}\n",
+                s.name,
+                root.join("storage").join(s.name).display(),
+                s.max_backups,
+                s.compression
+            ));
+        }
+        let path = root.join("server.yaml");
+        fs::write(&path, yaml).expect("server.yaml");
+        (path, addr)
+    }
+
+    /// Starts the server (with `faults` in `NBACKUP_FAULTS`) and waits until it is ready.
+    pub fn start(config: &Path, addr: SocketAddr, faults: &str) -> ServerChild {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nbackup"))
+            .args(["server", "--config"])
+            .arg(config)
+            .env("NBACKUP_FAULTS", faults)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("server starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("server ready") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("server exited before it was ready"),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        ServerChild { child, config: config.to_path_buf(), addr }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (polling) until the process has exited, e.g. after an injected abort.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn terminate(mut self) {
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::TERM);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Uploads, journals or temp files in a storage's `.incoming`.
+pub fn leftovers(storage_dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(storage_dir.join(".incoming"))
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| !p.ends_with("committed.log")).collect())
+        .unwrap_or_default()
 }
