@@ -9,6 +9,8 @@
 //! Nothing here opens sockets or files: callers hand in bytes or text.
 
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod manifest;
 pub mod name;
