@@ -164,7 +164,10 @@ mod tests {
     #[test]
     fn parses_env_rules() {
         let r = parse_rule("commit:after-rename@/srv=abort").expect("rule");
-        assert_eq!((r.point.as_str(), r.scope.as_str(), r.action, r.skip), ("commit:after-rename", "/srv", Action::Abort, 0));
+        assert_eq!(
+            (r.point.as_str(), r.scope.as_str(), r.action, r.skip),
+            ("commit:after-rename", "/srv", Action::Abort, 0)
+        );
         let r = parse_rule("chunk-write@/x=errno5+3*1").expect("rule");
         assert_eq!((r.action, r.skip, r.times), (Action::Errno(5), 3, 1));
         assert!(parse_rule("nonsense").is_none());

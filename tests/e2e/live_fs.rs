@@ -11,25 +11,44 @@ use std::time::{Duration, Instant};
 
 use nbackup_daemon::agent::NoticeKind;
 
+use crate::proxy::Proxy;
 use crate::support::*;
 
-/// Waits (polling) until this process has `path` open, then runs `change`.
-fn on_open(path: PathBuf, change: impl FnOnce(&Path) + Send + 'static) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let open = fs::read_dir("/proc/self/fd")
-                .expect("procfs")
-                .flatten()
-                .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == path));
-            if open {
-                change(&path);
-                return;
-            }
-            assert!(Instant::now() < deadline, "{} was never opened", path.display());
-            std::thread::sleep(Duration::from_micros(200));
+/// Runs a backup of `src` whose producer is provably in the middle of reading
+/// `path` when `change` runs: a proxy holds back the upload once chunks flow, the
+/// window fills and the archive thread blocks inside the (large) file; the test sees
+/// the file open in `/proc/self/fd`, changes it, and lets the upload go on.
+async fn backup_while_changing(
+    tmp: &Path,
+    src: &Path,
+    storage: StorageSpec,
+    path: PathBuf,
+    change: impl FnOnce(&Path),
+) -> (nbackup_daemon::agent::BackupReport, TestServer) {
+    let pki = Pki::new(&tmp.join("pki"));
+    let name = storage.name;
+    let server = TestServer::start(tmp, &pki, &[storage]).await;
+    let proxy = Proxy::start(server.addr).await;
+    proxy.pause_after(64 * 1024);
+    let cfg = agent_config(&pki, proxy.addr, &[entry("live", name, &[src])]);
+    let run = tokio::spawn(async move { backup(&cfg, 0).await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = fs::read_dir("/proc/self/fd")
+            .expect("procfs")
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == path));
+        // Open *and* stalled: only then is the archiver provably inside the file.
+        if open && proxy.is_paused() {
+            break;
         }
-    })
+        assert!(Instant::now() < deadline, "{} was never opened while paused", path.display());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    change(&path);
+    proxy.resume();
+    let report = run.await.expect("task").expect("backup commits");
+    (report, server)
 }
 
 /// Lists archive members with sizes using the system tar.
@@ -45,19 +64,15 @@ const BIG: usize = 48 << 20;
 #[tokio::test]
 async fn a_file_that_grows_is_cut_at_its_size_when_opened() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).expect("mkdir");
     fs::write(src.join("growing.bin"), noise(BIG, 1)).expect("write");
     fs::write(src.join("z-after.txt"), b"after\n").expect("write");
-    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
-    let cfg = agent_config(&pki, server.addr, &[entry("live", "main", &[&src])]);
-    let watcher = on_open(src.join("growing.bin"), |p| {
+    let (report, server) = backup_while_changing(tmp.path(), &src, gzip("main"), src.join("growing.bin"), |p| {
         let mut f = fs::OpenOptions::new().append(true).open(p).expect("append");
         f.write_all(&[b'x'; 1 << 20]).expect("grow");
-    });
-    let report = backup(&cfg, 0).await.expect("backup commits");
-    watcher.join().expect("watcher");
+    })
+    .await;
     let n: Vec<_> = report.notices.iter().filter(|n| n.path.ends_with("growing.bin")).collect();
     assert_eq!(n.len(), 1, "{:?}", report.notices);
     assert_eq!(n[0].kind, NoticeKind::Truncated);
@@ -74,18 +89,14 @@ async fn a_file_that_grows_is_cut_at_its_size_when_opened() {
 #[tokio::test]
 async fn a_file_that_shrinks_is_padded_and_the_archive_stays_valid() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).expect("mkdir");
     fs::write(src.join("shrinking.bin"), noise(BIG, 2)).expect("write");
     fs::write(src.join("z-after.txt"), b"after\n").expect("write");
-    let server = TestServer::start(tmp.path(), &pki, &[zstd("main")]).await;
-    let cfg = agent_config(&pki, server.addr, &[entry("live", "main", &[&src])]);
-    let watcher = on_open(src.join("shrinking.bin"), |p| {
+    let (report, server) = backup_while_changing(tmp.path(), &src, zstd("main"), src.join("shrinking.bin"), |p| {
         fs::OpenOptions::new().write(true).open(p).expect("open").set_len(4096).expect("truncate");
-    });
-    let report = backup(&cfg, 0).await.expect("backup commits");
-    watcher.join().expect("watcher");
+    })
+    .await;
     let n: Vec<_> = report.notices.iter().filter(|n| n.path.ends_with("shrinking.bin")).collect();
     assert_eq!(n.len(), 1, "{:?}", report.notices);
     assert_eq!(n[0].kind, NoticeKind::Padded);
@@ -105,22 +116,18 @@ async fn a_file_that_shrinks_is_padded_and_the_archive_stays_valid() {
 #[tokio::test]
 async fn files_and_directories_that_vanish_are_skipped_and_reported() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
     let src = tmp.path().join("src");
     fs::create_dir_all(src.join("b-dir/inner")).expect("mkdir");
     fs::write(src.join("a-big.bin"), noise(BIG, 3)).expect("write");
     fs::write(src.join("b-dir/inner/f.txt"), b"gone\n").expect("write");
     fs::write(src.join("c-vanish.txt"), b"gone\n").expect("write");
     fs::write(src.join("d-stays.txt"), b"stays\n").expect("write");
-    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
-    let cfg = agent_config(&pki, server.addr, &[entry("live", "main", &[&src])]);
     let s = src.clone();
-    let watcher = on_open(src.join("a-big.bin"), move |_| {
+    let (report, server) = backup_while_changing(tmp.path(), &src, gzip("main"), src.join("a-big.bin"), move |_| {
         fs::remove_file(s.join("c-vanish.txt")).expect("rm file");
         fs::remove_dir_all(s.join("b-dir")).expect("rm dir");
-    });
-    let report = backup(&cfg, 0).await.expect("backup commits despite vanished entries");
-    watcher.join().expect("watcher");
+    })
+    .await;
     let skipped: Vec<&str> =
         report.notices.iter().filter(|n| n.kind == NoticeKind::Skipped).map(|n| n.path.as_str()).collect();
     assert!(skipped.iter().any(|p| p.ends_with("c-vanish.txt")), "{:?}", report.notices);

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 /// What happens to one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 pub enum Fault {
     /// Close both sides (FIN) once this many bytes went agent → server.
     CutAfter(u64),
@@ -39,11 +40,24 @@ struct Plan {
     delay: Duration,
     /// Bytes per second per direction, 0 for unlimited.
     rate: u64,
+    pause_after: Option<u64>,
+}
+
+struct Pause {
+    rx: tokio::sync::watch::Receiver<bool>,
+    tx: Arc<tokio::sync::watch::Sender<bool>>,
+    after: Option<u64>,
+    /// Shared by all connections: the planned pause happens once.
+    armed: Arc<AtomicBool>,
 }
 
 pub struct Proxy {
     pub addr: SocketAddr,
     plan: Arc<Mutex<Plan>>,
+    /// While true, agent → server data is held back (not lost): backpressure reaches
+    /// the agent's window and stalls its producer.
+    paused: Arc<tokio::sync::watch::Sender<bool>>,
+    pause_armed: Arc<AtomicBool>,
     /// Connections accepted so far.
     pub accepted: Arc<AtomicUsize>,
     /// Connections the proxy broke on purpose.
@@ -59,7 +73,11 @@ impl Proxy {
         let accepted = Arc::new(AtomicUsize::new(0));
         let broken = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        let (p, a, b, s) = (plan.clone(), accepted.clone(), broken.clone(), stop.clone());
+        let (paused, pause_rx) = tokio::sync::watch::channel(false);
+        let paused = Arc::new(paused);
+        let pause_armed = Arc::new(AtomicBool::new(true));
+        let armed = pause_armed.clone();
+        let (p, a, b, s, pause_tx) = (plan.clone(), accepted.clone(), broken.clone(), stop.clone(), paused.clone());
         tokio::spawn(async move {
             loop {
                 let (client, _) = tokio::select! {
@@ -67,18 +85,39 @@ impl Proxy {
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => return },
                 };
                 let index = a.fetch_add(1, Ordering::SeqCst);
-                let (fault, random_cut, delay, rate) = {
+                let (fault, random_cut, delay, rate, pause_after) = {
                     let plan = p.lock().expect("plan");
-                    (plan.faults.get(&index).copied(), plan.random_cut, plan.delay, plan.rate)
+                    (plan.faults.get(&index).copied(), plan.random_cut, plan.delay, plan.rate, plan.pause_after)
                 };
                 let (b, s) = (b.clone(), s.clone());
+                let pause =
+                    Pause { rx: pause_rx.clone(), tx: pause_tx.clone(), after: pause_after, armed: armed.clone() };
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
-                    relay(client, server, fault, random_cut, delay, rate, b, s).await;
+                    relay(client, server, fault, random_cut, Shape { delay, rate }, b, s, pause).await;
                 });
             }
         });
-        Proxy { addr, plan, accepted, broken, stop }
+        Proxy { addr, plan, paused, pause_armed, accepted, broken, stop }
+    }
+
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// Pauses agent → server traffic once a connection has carried `bytes` upstream
+    /// (after the handshake and `Hello`, while chunks flow).
+    pub fn pause_after(&self, bytes: u64) {
+        self.plan.lock().expect("plan").pause_after = Some(bytes);
+    }
+
+    pub fn resume(&self) {
+        self.pause_armed.store(false, Ordering::SeqCst);
+        self.paused.send_replace(false);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
     }
 
     /// Plans a fault for connection `index` (0-based, in accept order).
@@ -114,17 +153,25 @@ struct Conn {
     kill: CancellationToken,
 }
 
+#[derive(Clone, Copy)]
+struct Shape {
+    delay: Duration,
+    rate: u64,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     client: TcpStream,
     server: TcpStream,
     fault: Option<Fault>,
     random_cut: Option<(Duration, Duration)>,
-    delay: Duration,
-    rate: u64,
+    shape: Shape,
     broken: Arc<AtomicUsize>,
     stop: CancellationToken,
+    pause: Pause,
 ) {
+    let Pause { rx: mut paused, tx: pause_tx, after: pause_after, armed } = pause;
+    let Shape { delay, rate } = shape;
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     // A linger of zero turns close into an RST. Only for connections planned to be
@@ -166,10 +213,20 @@ async fn relay(
                     Ok(n) => n,
                 };
                 let before = conn.up_bytes.fetch_add(n as u64, Ordering::SeqCst);
+                if let Some(after) = pause_after
+                    && before < after
+                    && before + n as u64 >= after
+                    && armed.swap(false, Ordering::SeqCst)
+                {
+                    pause_tx.send_replace(true);
+                }
                 let mut len = n;
                 if let Some(f) = fault {
                     let limit = match f {
-                        Fault::CutAfter(l) | Fault::ResetAfter(l) | Fault::BlackholeDownAfter(l) | Fault::BlackholeUpAfter(l) => l,
+                        Fault::CutAfter(l)
+                        | Fault::ResetAfter(l)
+                        | Fault::BlackholeDownAfter(l)
+                        | Fault::BlackholeUpAfter(l) => l,
                     };
                     if before + n as u64 >= limit && !conn.kill.is_cancelled() {
                         len = limit.saturating_sub(before) as usize;
@@ -198,6 +255,9 @@ async fn relay(
                 }
                 if conn.blackhole_up.load(Ordering::SeqCst) {
                     continue;
+                }
+                if paused.wait_for(|p| !*p).await.is_err() {
+                    return;
                 }
                 pace(delay, rate, len).await;
                 if sw.write_all(&buf[..len]).await.is_err() {

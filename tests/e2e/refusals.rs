@@ -263,5 +263,22 @@ async fn a_silent_peer_is_dropped_after_the_handshake_timeout() {
     let mut tls = raw_tls(server.addr, &pki, Some(&pki.agent("web-01")), false).await.expect("tls");
     tls.write_all(b"N").await.expect("one byte");
     assert!(read_frame(&mut tls).await.is_none(), "dropped after the preamble deadline");
+    // A trickle: a valid preamble and Hello, one byte every 100 ms. Each byte arrives
+    // well within any per-read timeout, but the phase as a whole has a deadline.
+    let mut tls = raw_tls(server.addr, &pki, Some(&pki.agent("web-01")), false).await.expect("tls");
+    let mut bytes = Preamble::new(ConnKind::Backup, Caps::GZIP).encode().to_vec();
+    bytes.extend_from_slice(&Frame::Hello(hello("web-01", "main", "etc")).to_bytes());
+    let started = Instant::now();
+    for b in bytes {
+        if tls.write_all(&[b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    assert!(read_frame(&mut tls).await.is_none(), "a trickling peer never gets a session");
+    assert!(server.incoming("main").is_empty());
     server.stop().await;
 }

@@ -177,7 +177,8 @@ async fn a_full_disk_fails_fast_removes_the_upload_and_spares_other_storages() {
     let mount = Tmpfs::mount(&small, "3m");
     let mounted = mount.is_some();
     let server = TestServer::start(tmp.path(), &pki, &[gzip("small"), gzip("big")]).await;
-    let _full = (!mounted).then(|| fault::inject("chunk-write", small.to_string_lossy(), Action::Errno(libc::ENOSPC), 4, 1));
+    let _full =
+        (!mounted).then(|| fault::inject("chunk-write", small.to_string_lossy(), Action::Errno(libc::ENOSPC), 4, 1));
     let cfg = agent_config(&pki, server.addr, &[entry("data", "small", &[&src]), entry("other", "big", &[&src])]);
     let started = Instant::now();
     let err = backup(&cfg, 0).await.expect_err("disk full");
@@ -242,7 +243,8 @@ async fn an_upload_survives_a_server_killed_with_sigkill() {
     let (config, addr) = ServerChild::configure(tmp.path(), &pki, &[gzip("main")], "");
     let mut server = ServerChild::start(&config, addr, "");
     let storage = tmp.path().join("storage/main");
-    let tuning = Tuning { attempts: 30, initial_delay: "100ms", max_delay: "300ms", ack_timeout: "2s", ..Tuning::default() };
+    let tuning =
+        Tuning { attempts: 30, initial_delay: "100ms", max_delay: "300ms", ack_timeout: "2s", ..Tuning::default() };
     let cfg = agent_config_tuned(&pki, addr, &[entry("data", "main", &[&src])], &tuning);
     let run = tokio::spawn(async move { backup(&cfg, 0).await });
     // Kill the server once a good part of the upload is on its disk.
@@ -276,7 +278,8 @@ async fn crash_during_commit(point: &str) {
     let (config, addr) = ServerChild::configure(tmp.path(), &pki, &[spec], "");
     let storage = tmp.path().join("storage/main");
     let entry_dir = storage.join("web-01/data");
-    let tuning = Tuning { attempts: 40, initial_delay: "100ms", max_delay: "200ms", ack_timeout: "2s", ..Tuning::default() };
+    let tuning =
+        Tuning { attempts: 40, initial_delay: "100ms", max_delay: "200ms", ack_timeout: "2s", ..Tuning::default() };
     let cfg = agent_config_tuned(&pki, addr, &[entry("data", "main", &[&src])], &tuning);
     // Two good archives to start with.
     let server = ServerChild::start(&config, addr, "");
@@ -314,8 +317,12 @@ async fn crash_during_commit(point: &str) {
     }
     let restored = tmp.path().join("restored");
     gnu_extract(&entry_dir.join(&report.archive), &restored);
-    assert_restored(&[src.clone()], &Excludes::none(), &restored);
-    let manifests = fs::read_dir(&entry_dir).expect("ls").flatten().filter(|e| e.path().extension().is_some_and(|x| x == "json")).count();
+    assert_restored(std::slice::from_ref(&src), &Excludes::none(), &restored);
+    let manifests = fs::read_dir(&entry_dir)
+        .expect("ls")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .count();
     assert_eq!(manifests, 2, "{point}: no orphan manifests");
     assert!(leftovers(&storage).is_empty(), "{point}: left behind: {:?}", leftovers(&storage));
     server.terminate();
@@ -390,7 +397,7 @@ async fn an_agent_killed_mid_backup_frees_its_entry() {
     backup(&cfg, 0).await.expect("next run accepted");
     let restored = tmp.path().join("restored");
     gnu_extract(&server.archives("main", "web-01", "data")[0], &restored);
-    assert_restored(&[src.clone()], &Excludes::none(), &restored);
+    assert_restored(std::slice::from_ref(&src), &Excludes::none(), &restored);
     server.stop().await;
 }
 
@@ -404,7 +411,8 @@ async fn a_session_the_server_forgot_is_restarted_fresh() {
     let (config, addr) = ServerChild::configure(tmp.path(), &pki, &[gzip("main")], "");
     let mut server = ServerChild::start(&config, addr, "");
     let storage = tmp.path().join("storage/main");
-    let tuning = Tuning { attempts: 30, initial_delay: "100ms", max_delay: "300ms", ack_timeout: "2s", ..Tuning::default() };
+    let tuning =
+        Tuning { attempts: 30, initial_delay: "100ms", max_delay: "300ms", ack_timeout: "2s", ..Tuning::default() };
     let cfg = agent_config_tuned(&pki, addr, &[entry("data", "main", &[&src])], &tuning);
     let run = tokio::spawn(async move { backup(&cfg, 0).await });
     while !fs::read_dir(storage.join(".incoming"))

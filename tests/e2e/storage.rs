@@ -69,7 +69,8 @@ async fn shutting_the_server_down_mid_backup_aborts_the_session_on_both_sides() 
     let incoming = server.storage_dir("main").join(".incoming");
     let run = tokio::spawn(async move { backup(&cfg, 0).await });
     // The upload file appears when the session opens.
-    while !fs::read_dir(&incoming).is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "part"))) {
+    while !fs::read_dir(&incoming).is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "part")))
+    {
         tokio::task::yield_now().await;
     }
     server.shutdown.cancel();

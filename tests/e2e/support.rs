@@ -176,7 +176,14 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Self {
-        Tuning { buffer: "16mb", chunk: "256kb", ack_timeout: "30s", attempts: 2, initial_delay: "100ms", max_delay: "500ms" }
+        Tuning {
+            buffer: "16mb",
+            chunk: "256kb",
+            ack_timeout: "30s",
+            attempts: 2,
+            initial_delay: "100ms",
+            max_delay: "500ms",
+        }
     }
 }
 
@@ -449,7 +456,8 @@ impl ServerChild {
     }
 
     pub fn terminate(mut self) {
-        let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::TERM);
+        let _ =
+            rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::TERM);
         let _ = self.child.wait();
     }
 }

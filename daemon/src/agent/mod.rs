@@ -18,7 +18,7 @@ pub mod stream;
 pub mod window;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -180,8 +180,7 @@ async fn run_session(
         retry: config.retry,
         progress: progress.clone(),
         cancel: cancel.clone(),
-        ack_floor: config.resume.ack_timeout,
-        srtt_us: AtomicU64::new(0),
+        rtt: stream::Rtt::new(config.resume.ack_timeout),
         fault_scope: format!("{}/{}", config.name, entry.name),
         live: AtomicUsize::new(usize::from(streams)),
     });

@@ -41,27 +41,55 @@ pub struct StreamCtx {
     pub retry: Retry,
     pub progress: Arc<Progress>,
     pub cancel: CancellationToken,
-    /// Floor of the no-acknowledgement timeout (`resume.ack_timeout`).
-    pub ack_floor: Duration,
-    /// Smoothed round-trip time in microseconds (0 until the first sample).
-    pub srtt_us: AtomicU64,
+    /// Smoothed RTT; with `resume.ack_timeout` it sets the no-acknowledgement limit.
+    pub rtt: Rtt,
     /// Scope for injected faults: `agent/backup`.
     pub fault_scope: String,
     /// Streams still trying; when the last one gives up, the transfer fails.
     pub live: AtomicUsize,
 }
 
-impl StreamCtx {
-    /// Folds one RTT sample into the EWMA (weight 1/8, as TCP does).
-    pub fn observe_rtt(&self, sample: Duration) {
+/// Smoothed round-trip time (an EWMA with weight 1/8, as TCP's SRTT) and the
+/// acknowledgement timeout derived from it.
+#[derive(Debug)]
+pub struct Rtt {
+    srtt_us: AtomicU64,
+    floor: Duration,
+}
+
+impl Rtt {
+    /// How many round trips an acknowledgement may take before the stream is
+    /// considered dead: generous, because a chunk queued behind others in socket
+    /// buffers waits for their transmission too.
+    const ACK_RTTS: u32 = 20;
+
+    pub fn new(floor: Duration) -> Self {
+        Rtt { srtt_us: AtomicU64::new(0), floor }
+    }
+
+    pub fn observe(&self, sample: Duration) {
         let us = sample.as_micros().min(u128::from(u64::MAX)) as u64;
         let _ = self.srtt_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
             Some(if old == 0 { us.max(1) } else { (old * 7 + us) / 8 })
         });
     }
 
+    pub fn smoothed(&self) -> Duration {
+        Duration::from_micros(self.srtt_us.load(Ordering::Relaxed))
+    }
+
     pub fn ack_timeout(&self) -> Duration {
-        self.ack_floor.max(Duration::from_micros(self.srtt_us.load(Ordering::Relaxed)) * 20)
+        self.floor.max(self.smoothed() * Self::ACK_RTTS)
+    }
+}
+
+impl StreamCtx {
+    pub fn observe_rtt(&self, sample: Duration) {
+        self.rtt.observe(sample);
+    }
+
+    pub fn ack_timeout(&self) -> Duration {
+        self.rtt.ack_timeout()
     }
 
     /// After a refused re-join: did the session commit, fail, or vanish?
@@ -265,5 +293,26 @@ async fn receive_loop(ctx: &StreamCtx, stream: u16, mut reader: Reader, acked: &
                 return End::Lost(format!("unexpected {} frame from the server", other.frame_type().name()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_timeout_follows_the_smoothed_rtt_above_its_floor() {
+        let rtt = Rtt::new(Duration::from_secs(1));
+        assert_eq!(rtt.ack_timeout(), Duration::from_secs(1), "floor before any sample");
+        rtt.observe(Duration::from_millis(10));
+        assert_eq!(rtt.smoothed(), Duration::from_millis(10));
+        assert_eq!(rtt.ack_timeout(), Duration::from_secs(1), "20 × 10 ms is below the floor");
+        rtt.observe(Duration::from_millis(810));
+        assert_eq!(rtt.smoothed(), Duration::from_millis(110), "(7 × 10 + 810) / 8");
+        assert_eq!(rtt.ack_timeout(), Duration::from_millis(2200));
+        for _ in 0..100 {
+            rtt.observe(Duration::from_millis(500));
+        }
+        assert!(rtt.smoothed().abs_diff(Duration::from_millis(500)) < Duration::from_millis(2));
     }
 }

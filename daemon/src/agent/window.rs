@@ -235,7 +235,9 @@ impl Window {
         });
         let oldest = chunks.min();
         match &st.commit {
-            CommitState::InFlight { stream: s, sent, .. } if *s == stream => Some(oldest.map_or(*sent, |o| o.min(*sent))),
+            CommitState::InFlight { stream: s, sent, .. } if *s == stream => {
+                Some(oldest.map_or(*sent, |o| o.min(*sent)))
+            }
             _ => oldest,
         }
     }

@@ -213,7 +213,12 @@ mod tests {
         };
         j.intent(&Intent { archive: "n".into(), manifest }).expect("intent");
         // A crash in the middle of the next append.
-        std::fs::OpenOptions::new().append(true).open(&path).expect("open").write_all(b"committed {\"arch").expect("torn");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open")
+            .write_all(b"committed {\"arch")
+            .expect("torn");
         let c = Journal::read(&path).expect("read");
         assert_eq!(c.header, header());
         assert_eq!(c.chunks.len(), 2);

@@ -32,8 +32,8 @@ use tracing::{debug, info, warn};
 use nbackup_protocol::config::ServerConfig;
 use nbackup_protocol::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use nbackup_protocol::wire::{
-    Caps, Chunk, ConnKind, Frame, FrameType, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal, SessionState,
-    Status, StorageHealth, Welcome,
+    Caps, Chunk, ConnKind, Frame, FrameType, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal,
+    SessionState, Status, StorageHealth, Welcome,
 };
 use nbackup_protocol::{Name, SessionId};
 
@@ -63,6 +63,10 @@ const FINISHED_TTL: Duration = Duration::from_secs(3600);
 
 /// Bound on sending one frame to an agent; a peer that stops reading is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long an aborted stream keeps draining what the agent still sends, so the
+/// Abort is read instead of lost to a connection reset.
+const LINGER: Duration = Duration::from_secs(2);
 
 struct Finished {
     agent: Name,
@@ -211,7 +215,8 @@ impl Shared {
         if reg.locks.get(&session.params.key) == Some(&session.id()) {
             reg.locks.remove(&session.params.key);
         }
-        reg.finished.insert(session.id(), Finished { agent: session.params.key.agent.clone(), outcome, at: Instant::now() });
+        reg.finished
+            .insert(session.id(), Finished { agent: session.params.key.agent.clone(), outcome, at: Instant::now() });
     }
 
     async fn handle_connection(self: Arc<Self>, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
@@ -446,7 +451,8 @@ impl Shared {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let join = match self.first_frame(&conn, &mut reader, &mut writer, &[FrameType::JOIN, FrameType::STATUS]).await {
+        let join = match self.first_frame(&conn, &mut reader, &mut writer, &[FrameType::JOIN, FrameType::STATUS]).await
+        {
             Some(Frame::Join(join)) => join,
             Some(Frame::Status(status)) => {
                 let answer = match self.session_state(&conn, status) {
@@ -601,21 +607,29 @@ impl Shared {
         };
         drop(disk_tx);
         let _ = disk_task.await;
+        let mut aborted = false;
         match (&end, session.outcome()) {
             (StreamEnd::AgentAborted, _) => {}
             // The session failed (disk full, expired, shutdown, …): tell the agent why.
             (_, Some(Outcome::Failed(r))) => {
-                let _ = out_tx.send(Frame::Abort(r)).await;
+                aborted = out_tx.send(Frame::Abort(r)).await.is_ok();
             }
             (StreamEnd::Error(e), None) => {
                 warn!(session = %session.id(), stream, "stream closed: {e}");
-                let _ = out_tx.send(Frame::Abort(Refusal::new(Reason::Protocol, e.clone()))).await;
+                aborted = out_tx.send(Frame::Abort(Refusal::new(Reason::Protocol, e.clone()))).await.is_ok();
             }
             (StreamEnd::Closed, None) => debug!(session = %session.id(), stream, "stream closed by agent"),
             _ => {}
         }
         drop(out_tx);
         let _ = out_task.await;
+        if aborted {
+            // Lingering close: the agent may be in the middle of sending chunks. Closing
+            // a socket with unread data makes the kernel answer with a reset, which can
+            // destroy the Abort before the agent reads it. So keep reading (and
+            // discarding) until the agent closes, for a bounded time.
+            let _ = timeout(LINGER, async { while reader.read_frame().await.is_ok() {} }).await;
+        }
         session.detach(stream, generation);
     }
 }

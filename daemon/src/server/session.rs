@@ -22,9 +22,9 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::time::Duration;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -223,7 +223,9 @@ impl Session {
         let started = DateTime::parse_from_rfc3339(&h.started)
             .map_err(|e| bad(format!("bad start time: {e}")))?
             .with_timezone(&Utc);
-        if !(nbackup_protocol::limits::MIN_CHUNK_SIZE..=nbackup_protocol::limits::MAX_CHUNK_SIZE).contains(&h.chunk_size) {
+        if !(nbackup_protocol::limits::MIN_CHUNK_SIZE..=nbackup_protocol::limits::MAX_CHUNK_SIZE)
+            .contains(&h.chunk_size)
+        {
             return Err(bad(format!("bad chunk size {}", h.chunk_size)));
         }
         let params = SessionParams {
@@ -430,10 +432,7 @@ impl Session {
         crate::fault::io("commit:before-intent", &scope).map_err(fail)?;
         let mut manifest = Manifest {
             format: MANIFEST_FORMAT,
-            archive: self
-                .storage
-                .next_name(&p.key.agent, &p.key.backup, p.started, p.compression)
-                .map_err(fail)?,
+            archive: self.storage.next_name(&p.key.agent, &p.key.backup, p.started, p.compression).map_err(fail)?,
             agent: p.key.agent.to_string(),
             backup: p.key.backup.to_string(),
             storage: p.key.storage.to_string(),
@@ -456,10 +455,8 @@ impl Session {
         st.journal
             .intent(&journal::Intent { archive: manifest.archive.clone(), manifest: manifest.clone() })
             .map_err(fail)?;
-        let path = self
-            .storage
-            .install(&self.part_path, &self.file, &p.key.agent, &p.key.backup, &manifest)
-            .map_err(fail)?;
+        let path =
+            self.storage.install(&self.part_path, &self.file, &p.key.agent, &p.key.backup, &manifest).map_err(fail)?;
         manifest.archive = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         tracing::info!(
             session = %p.id, agent = %p.key.agent, backup = %p.key.backup, storage = %p.key.storage,

@@ -119,7 +119,13 @@ impl StorageArea {
     /// The name the next archive of an entry gets: the session's start time, with a
     /// suffix one past the highest existing one of that second (never a freed lower
     /// one: names must sort in commit order or rotation would delete the newest).
-    pub fn next_name(&self, agent: &Name, backup: &Name, started: DateTime<Utc>, compression: Compression) -> io::Result<String> {
+    pub fn next_name(
+        &self,
+        agent: &Name,
+        backup: &Name,
+        started: DateTime<Utc>,
+        compression: Compression,
+    ) -> io::Result<String> {
         let stamp = started.format("%Y%m%dT%H%M%SZ").to_string();
         let n = self.list(agent, backup)?.iter().filter(|a| a.stamp == stamp).map(|a| a.n + 1).max().unwrap_or(1);
         let suffix = if n == 1 { String::new() } else { format!("-{n}") };
@@ -133,7 +139,14 @@ impl StorageArea {
     /// Moves a verified upload to its final name and writes its manifest: fsync the
     /// upload, rename it (never replacing a file), fsync both directories, write the
     /// manifest atomically. Returns the archive's path.
-    pub fn install(&self, part_path: &Path, part: &File, agent: &Name, backup: &Name, manifest: &Manifest) -> io::Result<PathBuf> {
+    pub fn install(
+        &self,
+        part_path: &Path,
+        part: &File,
+        agent: &Name,
+        backup: &Name,
+        manifest: &Manifest,
+    ) -> io::Result<PathBuf> {
         part.sync_all()?;
         let dir = self.entry_dir(agent, backup);
         fsutil::create_dir_all_durable(&dir)?;

@@ -162,7 +162,11 @@ impl Default for Retry {
 
 impl Default for Resume {
     fn default() -> Self {
-        Resume { buffer_size: 256 * ByteSize::MIB, chunk_size: ByteSize::MIB as u32, ack_timeout: Duration::from_secs(30) }
+        Resume {
+            buffer_size: 256 * ByteSize::MIB,
+            chunk_size: ByteSize::MIB as u32,
+            ack_timeout: Duration::from_secs(30),
+        }
     }
 }
 

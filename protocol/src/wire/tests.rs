@@ -166,7 +166,7 @@ fn golden_status_and_session_state() {
     assert_eq!(hex(&Frame::SessionState(SessionState::Unknown).to_bytes()), "230000000100");
     assert_eq!(
         hex(&Frame::SessionState(SessionState::Open { contiguous: 9 }).to_bytes()),
-        "23000000090100000000000000" .to_owned() + "09"
+        "23000000090100000000000000".to_owned() + "09"
     );
     let done = Committed { archive: "a".into(), size: 1, sha256: [0xcc; 32] };
     assert_eq!(
@@ -179,10 +179,7 @@ fn golden_status_and_session_state() {
 
 #[test]
 fn rejects_unknown_session_states() {
-    assert_eq!(
-        decode_all(&[0x23, 0, 0, 0, 1, 7]),
-        Err(DecodeError::UnknownValue { field: "session state", value: 7 })
-    );
+    assert_eq!(decode_all(&[0x23, 0, 0, 0, 1, 7]), Err(DecodeError::UnknownValue { field: "session state", value: 7 }));
 }
 
 #[test]
