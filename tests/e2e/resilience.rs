@@ -233,13 +233,15 @@ async fn a_write_error_is_typed_and_old_archives_stay_untouched() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn an_upload_survives_a_server_killed_with_sigkill() {
+/// Starts a child-process server, runs a backup of `noise_mib` MiB against it, and
+/// SIGKILLs the server once `kill_at` bytes of the upload are on its disk; `meanwhile`
+/// runs while it is down. The server is then restarted and the backup must complete.
+async fn kill_server_mid_upload(noise_mib: usize, kill_at: u64, meanwhile: impl FnOnce(&Path)) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&tmp.path().join("pki"));
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).expect("mkdir");
-    fs::write(src.join("noise.bin"), noise(64 << 20, 9)).expect("noise");
+    fs::write(src.join("noise.bin"), noise(noise_mib << 20, 9)).expect("noise");
     let (config, addr) = ServerChild::configure(tmp.path(), &pki, &[gzip("main")], "");
     let mut server = ServerChild::start(&config, addr, "");
     let storage = tmp.path().join("storage/main");
@@ -247,23 +249,42 @@ async fn an_upload_survives_a_server_killed_with_sigkill() {
         Tuning { attempts: 30, initial_delay: "100ms", max_delay: "300ms", ack_timeout: "2s", ..Tuning::default() };
     let cfg = agent_config_tuned(&pki, addr, &[entry("data", "main", &[&src])], &tuning);
     let run = tokio::spawn(async move { backup(&cfg, 0).await });
-    // Kill the server once a good part of the upload is on its disk.
-    let part = loop {
-        let part = fs::read_dir(storage.join(".incoming"))
-            .ok()
-            .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "part")));
-        if let Some(p) = part.filter(|p| fs::metadata(p).is_ok_and(|m| m.len() > 8 << 20)) {
-            break p;
-        }
+    while !fs::read_dir(storage.join(".incoming")).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "part") && e.metadata().is_ok_and(|m| m.len() > kill_at))
+    }) {
         tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    }
     server.kill9();
-    assert!(part.exists() && part.with_extension("journal").exists(), "upload and journal survive the kill");
+    meanwhile(&storage);
     let server = ServerChild::start(&config, addr, "");
     let report = run.await.expect("task").expect("the backup completes after the restart");
-    assert!(report.resent_chunks > 0 || report.bytes_transmitted >= report.bytes_sent);
+    assert_eq!(report.bytes_read, (noise_mib as u64) << 20);
     assert_single_archive_restores(&storage, "data", &src, &tmp.path().join("restored"));
     server.terminate();
+}
+
+#[tokio::test]
+async fn an_upload_survives_a_server_killed_with_sigkill() {
+    kill_server_mid_upload(64, 8 << 20, |storage| {
+        let kept = leftovers(storage);
+        assert!(kept.iter().any(|p| p.extension().is_some_and(|x| x == "part")), "upload survives the kill");
+        assert!(kept.iter().any(|p| p.extension().is_some_and(|x| x == "journal")), "journal survives the kill");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_session_the_server_forgot_is_restarted_fresh() {
+    // The upload is lost entirely while the server is down (as if its disk had been
+    // replaced): the agent learns the session is unknown and starts a fresh one,
+    // reading the sources again from the start.
+    kill_server_mid_upload(32, 2 << 20, |storage| {
+        for p in leftovers(storage) {
+            fs::remove_file(p).expect("rm");
+        }
+    })
+    .await;
 }
 
 /// Kills the server at one step of the commit and checks the archives on disk, before
@@ -399,37 +420,6 @@ async fn an_agent_killed_mid_backup_frees_its_entry() {
     gnu_extract(&server.archives("main", "web-01", "data")[0], &restored);
     assert_restored(std::slice::from_ref(&src), &Excludes::none(), &restored);
     server.stop().await;
-}
-
-#[tokio::test]
-async fn a_session_the_server_forgot_is_restarted_fresh() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
-    let src = tmp.path().join("src");
-    fs::create_dir_all(&src).expect("mkdir");
-    fs::write(src.join("noise.bin"), noise(32 << 20, 17)).expect("noise");
-    let (config, addr) = ServerChild::configure(tmp.path(), &pki, &[gzip("main")], "");
-    let mut server = ServerChild::start(&config, addr, "");
-    let storage = tmp.path().join("storage/main");
-    let tuning =
-        Tuning { attempts: 30, initial_delay: "100ms", max_delay: "300ms", ack_timeout: "2s", ..Tuning::default() };
-    let cfg = agent_config_tuned(&pki, addr, &[entry("data", "main", &[&src])], &tuning);
-    let run = tokio::spawn(async move { backup(&cfg, 0).await });
-    while !fs::read_dir(storage.join(".incoming"))
-        .is_ok_and(|d| d.flatten().any(|e| fs::metadata(e.path()).is_ok_and(|m| m.len() > 2 << 20)))
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    server.kill9();
-    // The upload is lost entirely (as if the disk had been replaced).
-    for p in leftovers(&storage) {
-        fs::remove_file(p).expect("rm");
-    }
-    let server = ServerChild::start(&config, addr, "");
-    let report = run.await.expect("task").expect("a fresh session completes the backup");
-    assert_single_archive_restores(&storage, "data", &src, &tmp.path().join("restored"));
-    assert_eq!(report.bytes_read, 32 << 20, "the sources were read again from the start");
-    server.terminate();
 }
 
 #[test]

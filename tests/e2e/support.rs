@@ -74,6 +74,25 @@ pub fn zstd(name: &'static str) -> StorageSpec {
     StorageSpec { name, compression: "zstd", max_backups: 5 }
 }
 
+/// Server YAML listening on `addr` with `storages` under `root/storage/`; `extra` is
+/// appended to the `server:` section.
+pub fn server_yaml(root: &Path, pki: &Pki, addr: SocketAddr, storages: &[StorageSpec], extra: &str) -> String {
+    let mut yaml = format!(
+        "server:\n  listen: \"{addr}\"\n{extra}tls:\n  ca_cert: {0}/ca.crt\n  server_cert: {0}/server.crt\n  server_key: {0}/server.key\nstorages:\n",
+        pki.dir.display()
+    );
+    for s in storages {
+        yaml.push_str(&format!(
+            "  {}:\n    base_dir: {}\n    max_backups: {}\n    compression: {}\n",
+            s.name,
+            root.join("storage").join(s.name).display(),
+            s.max_backups,
+            s.compression
+        ));
+    }
+    yaml
+}
+
 /// An in-process server on 127.0.0.1:0.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -91,19 +110,7 @@ impl TestServer {
     pub async fn start_with(root: &Path, pki: &Pki, storages: &[StorageSpec], extra: &str) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut yaml = format!(
-            "server:\n  listen: \"{addr}\"\n{extra}tls:\n  ca_cert: {0}/ca.crt\n  server_cert: {0}/server.crt\n  server_key: {0}/server.key\nstorages:\n",
-            pki.dir.display()
-        );
-        for s in storages {
-            yaml.push_str(&format!(
-                "  {}:\n    base_dir: {}\n    max_backups: {}\n    compression: {}\n",
-                s.name,
-                root.join("storage").join(s.name).display(),
-                s.max_backups,
-                s.compression
-            ));
-        }
+        let yaml = server_yaml(root, pki, addr, storages, extra);
         let path = root.join("server.yaml");
         fs::write(&path, &yaml).expect("write server.yaml");
         let config = ServerConfig::parse(&yaml, &path).expect("server config");
@@ -398,21 +405,8 @@ impl ServerChild {
     pub fn configure(root: &Path, pki: &Pki, storages: &[StorageSpec], extra: &str) -> (PathBuf, SocketAddr) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let mut yaml = format!(
-            "server:\n  listen: \"{addr}\"\n{extra}tls:\n  ca_cert: {0}/ca.crt\n  server_cert: {0}/server.crt\n  server_key: {0}/server.key\nstorages:\n",
-            pki.dir.display()
-        );
-        for s in storages {
-            yaml.push_str(&format!(
-                "  {}:\n    base_dir: {}\n    max_backups: {}\n    compression: {}\n",
-                s.name,
-                root.join("storage").join(s.name).display(),
-                s.max_backups,
-                s.compression
-            ));
-        }
         let path = root.join("server.yaml");
-        fs::write(&path, yaml).expect("server.yaml");
+        fs::write(&path, server_yaml(root, pki, addr, storages, extra)).expect("server.yaml");
         (path, addr)
     }
 
