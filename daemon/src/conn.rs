@@ -99,6 +99,25 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.inner.flush().await
     }
 
+    /// Sends a chunk in slices of `slice` bytes, awaiting `before(len)` ahead of each
+    /// (a bandwidth limiter), so a large chunk never goes out as one burst.
+    pub async fn send_chunk_paced<F, Fut>(&mut self, chunk: &Chunk, slice: usize, mut before: F) -> io::Result<()>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        self.scratch.clear();
+        chunk.encode_head(&mut self.scratch);
+        before(self.scratch.len()).await;
+        self.inner.write_all(&self.scratch).await?;
+        for piece in chunk.data.chunks(slice.max(1)) {
+            before(piece.len()).await;
+            self.inner.write_all(piece).await?;
+            self.inner.flush().await?;
+        }
+        self.inner.flush().await
+    }
+
     pub async fn send_preamble(&mut self, preamble: &Preamble) -> io::Result<()> {
         self.inner.write_all(&preamble.encode()).await?;
         self.inner.flush().await

@@ -17,7 +17,7 @@ mod units;
 use std::path::{Path, PathBuf};
 
 pub use agent::{
-    AgentConfig, AgentTls, BackupEntry, Excludes, RawAgentConfig, RawBackup, RawResume, RawRetry, RawSource, Resume,
+    AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, Excludes, RawAgentConfig, RawAutoScaler, ScaleMode, RawBackup, RawResume, RawRetry, RawSource, Resume,
     Retry, ServerEndpoint,
 };
 pub use error::{ConfigError, ConfigErrorDetails};

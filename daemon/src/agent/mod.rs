@@ -10,15 +10,17 @@
 //! server has committed the archive or the transfer has failed.
 
 pub mod archive;
+pub mod autoscale;
 pub mod connect;
 pub mod gzip;
 pub mod producer;
 pub mod progress;
 pub mod stream;
+pub mod throttle;
 pub mod window;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -32,6 +34,105 @@ pub use archive::{Notice, NoticeKind};
 pub use connect::{ConnectError, Connector};
 pub use progress::{Progress, ProgressSnapshot};
 use window::{Failure, Finished, Window};
+
+/// The streams of one backup: started, retired and finally awaited here.
+struct StreamSet {
+    ctx: Arc<stream::StreamCtx>,
+    max: u16,
+    tasks: tokio::task::JoinSet<()>,
+    /// Active streams by id, with the token that retires each.
+    active: std::collections::BTreeMap<u16, CancellationToken>,
+    peak: u16,
+}
+
+impl StreamSet {
+    fn new(ctx: Arc<stream::StreamCtx>, max: u16) -> Self {
+        StreamSet { ctx, max, tasks: tokio::task::JoinSet::new(), active: Default::default(), peak: 0 }
+    }
+
+    fn active(&self) -> u16 {
+        self.active.len() as u16
+    }
+
+    /// Starts a stream on `conn`, or joining with a new connection; false at the limit.
+    fn add(&mut self, conn: Option<connect::Connection>) -> bool {
+        let Some(id) = (0..self.max).find(|i| !self.active.contains_key(i)) else { return false };
+        let retire = CancellationToken::new();
+        self.active.insert(id, retire.clone());
+        self.ctx.live.fetch_add(1, Ordering::AcqRel);
+        self.tasks.spawn(stream::run(self.ctx.clone(), id, conn, retire));
+        self.peak = self.peak.max(self.active());
+        self.ctx.progress.streams.store(self.active(), Ordering::Relaxed);
+        true
+    }
+
+    /// Retires the newest stream, never the last one.
+    fn retire(&mut self) -> bool {
+        if self.active.len() <= 1 {
+            return false;
+        }
+        let Some((_, token)) = self.active.pop_last() else { return false };
+        token.cancel();
+        self.ctx.progress.streams.store(self.active(), Ordering::Relaxed);
+        true
+    }
+
+    /// Waits (bounded) for the streams to deliver their last frames, then stops them.
+    async fn shutdown(&mut self) {
+        let tasks = &mut self.tasks;
+        let _ = tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} }).await;
+        self.tasks.abort_all();
+    }
+}
+
+/// The autoscaler's loop: measure every `interval`, apply the decision, until the
+/// transfer is over; hands the stream set back.
+async fn scale(
+    mut scaler: autoscale::Autoscaler,
+    mut set: StreamSet,
+    interval: Duration,
+    window: Arc<Window>,
+    progress: Arc<Progress>,
+) -> StreamSet {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    let (mut acked, mut produced, mut last) =
+        (window.acked_bytes.load(Ordering::Relaxed), progress.bytes_compressed.load(Ordering::Relaxed), Instant::now());
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = window.wait_finished() => return set,
+        }
+        let now = Instant::now();
+        let secs = now.duration_since(last).as_secs_f64().max(1e-3);
+        let (a, p) = (window.acked_bytes.load(Ordering::Relaxed), progress.bytes_compressed.load(Ordering::Relaxed));
+        let sample = autoscale::Sample {
+            produce_bps: p.saturating_sub(produced) as f64 / secs,
+            drain_bps: a.saturating_sub(acked) as f64 / secs,
+            window_fill: window.used() as f64 / window.capacity().max(1) as f64,
+            streams: set.active(),
+            producer_done: window.producer_done(),
+        };
+        (acked, produced, last) = (a, p, now);
+        match scaler.tick(start.elapsed().as_millis() as u64, sample) {
+            autoscale::Decision::Add => {
+                set.add(None);
+            }
+            autoscale::Decision::Remove => {
+                set.retire();
+            }
+            autoscale::Decision::Hold => {}
+        }
+        if let Some(e) = scaler.history().last() {
+            let mut log = progress.scaler.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if log.len() >= autoscale::HISTORY {
+                log.remove(0);
+            }
+            log.push(e.clone());
+        }
+    }
+}
 
 /// The outcome of one successful backup run.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -55,7 +156,12 @@ pub struct BackupReport {
     /// Every entry that was skipped or stored differently than found, with why.
     pub notices: Vec<Notice>,
     pub sha256: String,
+    /// Most streams used at once.
     pub streams: u16,
+    /// Streams in use at the end.
+    pub streams_final: u16,
+    /// What the autoscaler changed and why (empty when it is off).
+    pub scaler_decisions: Vec<autoscale::ScalerEvent>,
     pub seconds: f64,
 }
 
@@ -153,10 +259,12 @@ async fn run_session(
         streams: entry.parallels,
     };
     let (conn, welcome) = open_with_retry(connector, config, hello, cancel).await?;
-    let streams = entry.parallels.min(welcome.max_streams).max(1);
+    let max_streams = entry.parallels.min(welcome.max_streams).max(1);
+    let scaling = entry.auto_scaler.enabled && max_streams > 1;
+    let first_streams = if scaling { 1 } else { max_streams };
     info!(
         entry = %entry.name, session = %welcome.session, compression = %welcome.compression,
-        level = welcome.level, streams, "session open"
+        level = welcome.level, streams = first_streams, max_streams, autoscaler = scaling, "session open"
     );
     let window = Window::new(config.resume.buffer_size);
     let producer = producer::spawn(
@@ -173,6 +281,7 @@ async fn run_session(
         tokio::runtime::Handle::current(),
     )
     .map_err(|e| BackupError::Internal(format!("cannot start the archiver thread: {e}")))?;
+    let throttle = (!entry.bandwidth.is_unlimited()).then(|| Arc::new(throttle::Throttle::new(entry.bandwidth.clone())));
     let ctx = Arc::new(stream::StreamCtx {
         connector: connector.clone(),
         session: welcome.session,
@@ -182,14 +291,24 @@ async fn run_session(
         cancel: cancel.clone(),
         rtt: stream::Rtt::new(config.resume.ack_timeout),
         fault_scope: format!("{}/{}", config.name, entry.name),
-        live: AtomicUsize::new(usize::from(streams)),
+        throttle,
+        joins: AtomicU32::new(0),
+        live: AtomicUsize::new(0),
     });
     ctx.observe_rtt(conn.rtt);
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(stream::run(ctx.clone(), 0, Some(conn)));
-    for s in 1..streams {
-        tasks.spawn(stream::run(ctx.clone(), s, None));
+    let mut set = StreamSet::new(ctx.clone(), max_streams);
+    set.add(Some(conn));
+    for _ in 1..first_streams {
+        set.add(None);
     }
+    // With the autoscaler on, its task owns the stream set until the transfer ends.
+    let (set, scaler_task) = if scaling {
+        let scaler = autoscale::Autoscaler::new(entry.auto_scaler.mode, 1, max_streams);
+        let task = tokio::spawn(scale(scaler, set, entry.auto_scaler.interval, window.clone(), progress.clone()));
+        (None, Some(task))
+    } else {
+        (Some(set), None)
+    };
     let finished = tokio::select! {
         f = window.wait_finished() => f,
         _ = cancel.cancelled() => {
@@ -198,8 +317,14 @@ async fn run_session(
         }
     };
     // Let streams deliver their Abort (bounded), then stop them.
-    let _ = tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} }).await;
-    tasks.abort_all();
+    let mut set = match (set, scaler_task) {
+        (Some(set), _) => set,
+        (None, Some(task)) => task.await.map_err(|e| BackupError::Internal(format!("autoscaler: {e}")))?,
+        (None, None) => unreachable!("the stream set is either here or with the autoscaler"),
+    };
+    let peak = set.peak;
+    let streams_final = set.active();
+    set.shutdown().await;
     let summary = tokio::task::spawn_blocking(move || producer.join())
         .await
         .map_err(|e| BackupError::Internal(format!("archiver thread: {e}")))?
@@ -226,7 +351,9 @@ async fn run_session(
         skipped: summary.skipped(),
         notices: summary.notices,
         sha256: hex(&committed.sha256),
-        streams,
+        streams: peak,
+        streams_final,
+        scaler_decisions: progress.scaler_events().into_iter().filter(|e| e.decision != autoscale::Decision::Hold).collect(),
         seconds: started.elapsed().as_secs_f64(),
     };
     info!(

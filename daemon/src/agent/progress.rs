@@ -1,10 +1,17 @@
 //! Live counters of one backup run, written by the pipeline threads and read by
 //! whoever displays progress (the CLI's progress bar, later the admin API).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+
+use super::autoscale::ScalerEvent;
 
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Streams in use now.
+    pub streams: AtomicU16,
+    /// The autoscaler's decisions with the numbers behind them (newest last, bounded).
+    pub scaler: Mutex<Vec<ScalerEvent>>,
     /// Bytes of file content read from the sources.
     pub bytes_read: AtomicU64,
     /// Archive members written.
@@ -39,6 +46,11 @@ impl Progress {
         for c in [&self.bytes_read, &self.entries, &self.bytes_compressed, &self.bytes_acked] {
             c.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// The autoscaler's recorded decisions (every interval, holds included).
+    pub fn scaler_events(&self) -> Vec<ScalerEvent> {
+        self.scaler.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn set_estimate(&self, entries: u64, bytes: u64) {

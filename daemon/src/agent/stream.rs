@@ -14,7 +14,7 @@
 //! server lost makes the backup start a fresh session.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::timeout;
@@ -27,6 +27,7 @@ use nbackup_protocol::wire::{Frame, Reason, Refusal, SessionState};
 
 use super::connect::{ConnectError, Connection, Connector, Reader, Writer};
 use super::progress::Progress;
+use super::throttle::{self, Throttle};
 use super::window::{Failure, Finished, Item, Window};
 use crate::conn::ConnError;
 
@@ -45,6 +46,11 @@ pub struct StreamCtx {
     pub rtt: Rtt,
     /// Scope for injected faults: `agent/backup`.
     pub fault_scope: String,
+    /// The entry's bandwidth limit, shared by all its streams; `None` if unlimited.
+    pub throttle: Option<Arc<Throttle>>,
+    /// Join generations, increasing across all streams of the session, so a stream id
+    /// reused after its stream retired is never mistaken for a duplicate join.
+    pub joins: AtomicU32,
     /// Streams still trying; when the last one gives up, the transfer fails.
     pub live: AtomicUsize,
 }
@@ -110,27 +116,29 @@ impl StreamCtx {
 enum End {
     /// The transfer is over (committed or failed); nothing more to do.
     Finished,
+    /// The stream was asked to retire and has drained.
+    Retired,
     /// The connection is gone; reconnect.
     Lost(String),
     /// The server ended the session; no point reconnecting.
     Fatal(Failure),
 }
 
-/// Runs stream `stream` until the transfer finishes. `first` is an already open
-/// connection (stream 0 gets the one that opened the session).
-pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>) {
+/// Runs stream `stream` until the transfer finishes or `retire` is cancelled (then it
+/// stops taking chunks, lets its in-flight ones be acknowledged, and closes). `first`
+/// is an already open connection (stream 0 gets the one that opened the session).
+pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, retire: CancellationToken) {
     let mut conn = first;
-    let mut generation: u32 = 0;
     let mut failures: u32 = 0;
     let mut last_error = String::new();
     loop {
-        if ctx.window.finished().is_some() {
+        if ctx.window.finished().is_some() || retire.is_cancelled() {
             break;
         }
         let c = match conn.take() {
             Some(c) => Some(c),
             None => {
-                generation += 1;
+                let generation = ctx.joins.fetch_add(1, Ordering::Relaxed) + 1;
                 let joined = tokio::select! {
                     r = ctx.connector.join(ctx.session, stream, generation) => r,
                     _ = ctx.window.wait_finished() => break,
@@ -146,7 +154,7 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>) {
                             )));
                             break;
                         }
-                        info!(session = %ctx.session, stream, generation, "stream re-joined");
+                        info!(session = %ctx.session, stream, generation, "stream joined");
                         Some(c)
                     }
                     Err(ConnectError::Refused(r)) if r.reason == Reason::UnknownSession => {
@@ -169,10 +177,10 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>) {
             }
         };
         if let Some(c) = c {
-            let (end, progressed) = drive(&ctx, stream, c).await;
+            let (end, progressed) = drive(&ctx, stream, c, &retire).await;
             ctx.window.requeue(stream);
             match end {
-                End::Finished => break,
+                End::Finished | End::Retired => break,
                 End::Fatal(f) => {
                     ctx.window.fail(f);
                     break;
@@ -206,11 +214,11 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>) {
 
 /// Sends and receives on one connection until it ends. Returns whether any item was
 /// acknowledged on it (to reset the retry budget).
-async fn drive(ctx: &StreamCtx, stream: u16, conn: Connection) -> (End, bool) {
+async fn drive(ctx: &StreamCtx, stream: u16, conn: Connection, retire: &CancellationToken) -> (End, bool) {
     let Connection { reader, writer, .. } = conn;
     let mut acked = false;
     let end = tokio::select! {
-        end = send_loop(ctx, stream, writer) => end,
+        end = send_loop(ctx, stream, writer, retire) => end,
         end = receive_loop(ctx, stream, reader, &mut acked) => end,
         _ = ctx.cancel.cancelled() => {
             ctx.window.fail(Failure::Cancelled);
@@ -220,9 +228,20 @@ async fn drive(ctx: &StreamCtx, stream: u16, conn: Connection) -> (End, bool) {
     (end, acked)
 }
 
-async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer) -> End {
+async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &CancellationToken) -> End {
     loop {
-        let item = match ctx.window.next_item(stream).await {
+        let next = tokio::select! {
+            biased;
+            _ = retire.cancelled() => None,
+            item = ctx.window.next_item(stream) => Some(item),
+        };
+        let Some(next) = next else {
+            // Retiring: take nothing more, let what is in flight be acknowledged.
+            ctx.window.wait_idle(stream).await;
+            let _ = writer.shutdown().await;
+            return End::Retired;
+        };
+        let item = match next {
             Ok(item) => item,
             Err(Finished::Committed(_)) => return End::Finished,
             Err(Finished::Failed(f)) => {
@@ -245,11 +264,11 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer) -> End {
         let sent = match &item {
             Item::Chunk(c) => match crate::fault::hit("send-chunk", &ctx.fault_scope) {
                 Some(crate::fault::Action::Drop) => Ok(()),
-                Some(crate::fault::Action::Duplicate) => match writer.send_chunk(c).await {
-                    Ok(()) => writer.send_chunk(c).await,
+                Some(crate::fault::Action::Duplicate) => match send_chunk(ctx, &mut writer, c).await {
+                    Ok(()) => send_chunk(ctx, &mut writer, c).await,
                     e => e,
                 },
-                _ => writer.send_chunk(c).await,
+                _ => send_chunk(ctx, &mut writer, c).await,
             },
             Item::Commit(c) => {
                 debug!(session = %ctx.session, stream, "sending commit");
@@ -259,6 +278,13 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer) -> End {
         if let Err(e) = sent {
             return End::Lost(format!("send failed: {e}"));
         }
+    }
+}
+
+async fn send_chunk(ctx: &StreamCtx, writer: &mut Writer, chunk: &nbackup_protocol::wire::Chunk) -> std::io::Result<()> {
+    match &ctx.throttle {
+        Some(t) => writer.send_chunk_paced(chunk, throttle::SLICE, |n| t.acquire(n)).await,
+        None => writer.send_chunk(chunk).await,
     }
 }
 

@@ -242,6 +242,25 @@ impl Window {
         }
     }
 
+    /// Whether the producer has finished (only the tail remains to be sent).
+    pub fn producer_done(&self) -> bool {
+        self.lock().produced.is_some()
+    }
+
+    /// Waits until `stream` has nothing sent and unanswered (a retiring stream lets
+    /// its last chunks be acknowledged before it closes).
+    pub async fn wait_idle(&self, stream: u16) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.oldest_in_flight(stream).is_none() || self.finished().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// `stream` died: everything it had in flight goes back to the queue.
     pub fn requeue(&self, stream: u16) {
         let mut st = self.lock();

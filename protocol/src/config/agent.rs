@@ -59,6 +59,94 @@ pub struct RawBackup {
     #[serde(default)]
     pub exclude: Vec<String>,
     pub parallels: Option<u16>,
+    pub auto_scaler: Option<RawAutoScaler>,
+    pub bandwidth_limit: Option<ByteSize>,
+    /// `"HH:MM-HH:MM": rate` windows of local time.
+    #[serde(default)]
+    pub bandwidth_schedule: std::collections::BTreeMap<String, ByteSize>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAutoScaler {
+    pub enabled: Option<bool>,
+    pub mode: Option<ScaleMode>,
+    pub interval: Option<HumanDuration>,
+}
+
+/// How the autoscaler judges an added stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleMode {
+    /// Keep a stream that raises total throughput by at least 5 %.
+    #[default]
+    Adaptive,
+    /// Keep a stream only if throughput per stream stays within 5 % — every stream
+    /// must pull its weight; fewer connections for the same speed.
+    Efficiency,
+}
+
+/// Autoscaler settings of an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoScaler {
+    pub enabled: bool,
+    pub mode: ScaleMode,
+    /// How often throughput is measured and a decision taken.
+    pub interval: Duration,
+}
+
+impl Default for AutoScaler {
+    fn default() -> Self {
+        AutoScaler { enabled: false, mode: ScaleMode::Adaptive, interval: Duration::from_secs(2) }
+    }
+}
+
+/// Upload rate limits of an entry: a limit for named times of day, else a default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bandwidth {
+    /// Bytes per second outside every window; `None` is unlimited.
+    pub default: Option<u64>,
+    /// (start minute of day, end minute of day, bytes per second); a window whose end
+    /// is before its start wraps midnight.
+    pub windows: Vec<(u16, u16, u64)>,
+}
+
+impl Bandwidth {
+    /// Smallest limit accepted, in bytes per second.
+    pub const MIN_RATE: u64 = 64 * 1024;
+
+    /// The limit in force at `minute` of the local day (0..1440).
+    pub fn rate_at(&self, minute: u16) -> Option<u64> {
+        self.windows
+            .iter()
+            .find(|(start, end, _)| {
+                if start <= end { (*start..*end).contains(&minute) } else { minute >= *start || minute < *end }
+            })
+            .map(|w| w.2)
+            .or(self.default)
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        self.default.is_none() && self.windows.is_empty()
+    }
+}
+
+/// Parses `"HH:MM-HH:MM"` into minutes of the day.
+pub fn parse_window(s: &str) -> Result<(u16, u16), String> {
+    let minute = |t: &str| -> Option<u16> {
+        let (h, m) = t.trim().split_once(':')?;
+        let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+        (h < 24 && m < 60).then_some(h * 60 + m)
+    };
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not a time window; write e.g. \"08:00-18:00\""))?;
+    let (start, end) = (
+        minute(a).ok_or_else(|| format!("{a:?} is not a time of day (HH:MM)"))?,
+        minute(b).ok_or_else(|| format!("{b:?} is not a time of day (HH:MM)"))?,
+    );
+    if start == end {
+        return Err(format!("{s:?} is empty"));
+    }
+    Ok((start, end))
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -122,8 +210,10 @@ pub struct BackupEntry {
     /// Absolute source paths; archive members are these paths without the leading `/`.
     pub sources: Vec<PathBuf>,
     pub exclude: Excludes,
-    /// Streams to use (1 to 64).
+    /// Streams to use (1 to 64); with the autoscaler, the most it may open.
     pub parallels: u16,
+    pub auto_scaler: AutoScaler,
+    pub bandwidth: Bandwidth,
 }
 
 /// The in-memory window of unacknowledged data, the chunk size, and how long a
@@ -343,7 +433,18 @@ impl AgentConfig {
                     Some("raise resume.buffer_size or lower parallels".into()),
                 ));
             }
-            backups.push(BackupEntry { name: b.name, storage: b.storage, schedule, sources, exclude, parallels });
+            let auto_scaler = auto_scaler(b.auto_scaler.as_ref(), &at, src)?;
+            let bandwidth = bandwidth(b.bandwidth_limit, &b.bandwidth_schedule, &at, src)?;
+            backups.push(BackupEntry {
+                name: b.name,
+                storage: b.storage,
+                schedule,
+                sources,
+                exclude,
+                parallels,
+                auto_scaler,
+                bandwidth,
+            });
         }
         Ok(AgentConfig {
             name: raw.agent.name,
@@ -414,6 +515,65 @@ fn rustls_name_ok(name: &str) -> Result<(), ()> {
             && !l.ends_with('-')
     });
     if name.len() <= 253 && labels_ok { Ok(()) } else { Err(()) }
+}
+
+fn auto_scaler(raw: Option<&RawAutoScaler>, at: &str, src: &Source<'_>) -> Result<AutoScaler, ConfigError> {
+    let d = AutoScaler::default();
+    let Some(raw) = raw else { return Ok(d) };
+    let interval = raw.interval.map_or(d.interval, |i| i.0);
+    if interval < Duration::from_millis(100) {
+        return Err(src.error(
+            Some(&format!("{at}.auto_scaler.interval")),
+            "must be at least 100ms",
+            Some("it is how often throughput is measured; 2s is typical".into()),
+        ));
+    }
+    Ok(AutoScaler { enabled: raw.enabled.unwrap_or(true), mode: raw.mode.unwrap_or_default(), interval })
+}
+
+fn bandwidth(
+    limit: Option<ByteSize>,
+    schedule: &std::collections::BTreeMap<String, ByteSize>,
+    at: &str,
+    src: &Source<'_>,
+) -> Result<Bandwidth, ConfigError> {
+    let check = |rate: u64, key: &str| {
+        if rate < Bandwidth::MIN_RATE {
+            Err(src.error(
+                Some(key),
+                format!("{} per second is below the minimum", ByteSize(rate)),
+                Some(format!("use at least {}; omit the key for no limit", ByteSize(Bandwidth::MIN_RATE))),
+            ))
+        } else {
+            Ok(rate)
+        }
+    };
+    let default = limit.map(|l| check(l.0, &format!("{at}.bandwidth_limit"))).transpose()?;
+    let mut windows: Vec<(u16, u16, u64)> = Vec::new();
+    for (window, rate) in schedule {
+        let key = format!("{at}.bandwidth_schedule");
+        let (start, end) = parse_window(window).map_err(|e| src.error(Some(&key), e, None))?;
+        let rate = check(rate.0, &key)?;
+        let minutes = |s: u16, e: u16| -> Vec<u16> {
+            if s < e { (s..e).collect() } else { (s..1440).chain(0..e).collect() }
+        };
+        let mine = minutes(start, end);
+        if let Some(other) = windows.iter().find(|(s, e, _)| minutes(*s, *e).iter().any(|m| mine.contains(m))) {
+            return Err(src.error(
+                Some(&key),
+                format!(
+                    "window {window:?} overlaps {:02}:{:02}-{:02}:{:02}",
+                    other.0 / 60,
+                    other.0 % 60,
+                    other.1 / 60,
+                    other.1 % 60
+                ),
+                Some("windows must not overlap".into()),
+            ));
+        }
+        windows.push((start, end, rate));
+    }
+    Ok(Bandwidth { default, windows })
 }
 
 fn resume(raw: &RawResume, src: &Source<'_>) -> Result<Resume, ConfigError> {
@@ -513,6 +673,31 @@ mod tests {
     fn rejects_bad_patterns() {
         assert_eq!(Excludes::new(&["ok", "[unclosed"]).unwrap_err().0, 1);
         assert_eq!(Excludes::new(&[""]).unwrap_err().0, 0);
+    }
+
+    #[test]
+    fn bandwidth_windows_apply_by_time_of_day_and_wrap_midnight() {
+        let b = Bandwidth {
+            default: Some(100_000),
+            windows: vec![(8 * 60, 18 * 60, 5_000_000), (22 * 60, 6 * 60, 50_000_000)],
+        };
+        assert_eq!(b.rate_at(7 * 60 + 59), Some(100_000));
+        assert_eq!(b.rate_at(8 * 60), Some(5_000_000));
+        assert_eq!(b.rate_at(17 * 60 + 59), Some(5_000_000));
+        assert_eq!(b.rate_at(18 * 60), Some(100_000));
+        assert_eq!(b.rate_at(23 * 60), Some(50_000_000));
+        assert_eq!(b.rate_at(0), Some(50_000_000));
+        assert_eq!(b.rate_at(6 * 60), Some(100_000));
+        assert_eq!(Bandwidth::default().rate_at(0), None);
+    }
+
+    #[test]
+    fn parses_time_windows() {
+        assert_eq!(parse_window("08:00-18:30"), Ok((480, 1110)));
+        assert_eq!(parse_window("22:00-06:00"), Ok((1320, 360)));
+        assert!(parse_window("8-18").is_err());
+        assert!(parse_window("24:00-01:00").is_err());
+        assert!(parse_window("10:00-10:00").is_err());
     }
 
     #[test]

@@ -1,0 +1,334 @@
+//! How many streams a backup uses, decided from measurements.
+//!
+//! Every interval the backup measures the producer (compressed bytes produced per
+//! second), the drain (bytes acknowledged per second) and how full the window is,
+//! and asks [`Autoscaler::tick`] what to do:
+//!
+//! * **Network-bound** (window at least half full): add a stream as a *probe*. After
+//!   one interval to let it connect, compare: keep it if throughput rose by at least
+//!   5 % (`adaptive`), or if throughput per stream stayed within 5 % (`efficiency`);
+//!   otherwise remove it again and wait longer before the next probe (2, 4, … 32
+//!   intervals: exponential back-off).
+//! * **Producer-bound** (window under 10 % full for three intervals in a row): the
+//!   extra streams idle; remove one.
+//! * The gap between the two thresholds, the settle interval and the cooldowns are
+//!   the hysteresis that keeps the count from flapping.
+//!
+//! The function is pure — samples in, decisions out — so tests drive it with
+//! synthetic rates; every decision is recorded with the numbers behind it.
+
+use std::collections::VecDeque;
+
+use nbackup_protocol::config::ScaleMode;
+
+/// Minimum gain that justifies keeping a probe stream.
+pub const GAIN: f64 = 0.05;
+/// Window fill at or above which the network is the bottleneck.
+pub const HIGH_FILL: f64 = 0.5;
+/// Window fill below which the producer is the bottleneck.
+pub const LOW_FILL: f64 = 0.1;
+/// Intervals of low fill before a stream is removed.
+pub const IDLE_TICKS: u32 = 3;
+/// Longest wait between probes, in intervals.
+pub const MAX_COOLDOWN: u32 = 32;
+/// Decisions kept for display.
+pub const HISTORY: usize = 600;
+
+/// One measurement interval.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    /// Compressed bytes produced per second.
+    pub produce_bps: f64,
+    /// Bytes acknowledged by the server per second.
+    pub drain_bps: f64,
+    /// Share of the window in use, 0 to 1.
+    pub window_fill: f64,
+    /// Streams in use.
+    pub streams: u16,
+    /// The producer has finished; only the tail is being sent.
+    pub producer_done: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Hold,
+    Add,
+    Remove,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScalerState {
+    Steady,
+    Probing,
+    Cooldown,
+    Draining,
+}
+
+/// A decision and why, for the console and logs.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ScalerEvent {
+    /// Milliseconds since the backup started.
+    pub at_ms: u64,
+    pub streams: u16,
+    pub produce_mbps: f64,
+    pub drain_mbps: f64,
+    pub window_fill: f64,
+    /// Drain rate over producer rate: 1 or more means the network keeps up.
+    pub efficiency: f64,
+    pub state: ScalerState,
+    pub decision: Decision,
+    pub reason: String,
+}
+
+struct Probe {
+    baseline: f64,
+    baseline_streams: u16,
+    settling: bool,
+}
+
+pub struct Autoscaler {
+    mode: ScaleMode,
+    min: u16,
+    max: u16,
+    probe: Option<Probe>,
+    cooldown: u32,
+    backoff: u32,
+    idle: u32,
+    history: VecDeque<ScalerEvent>,
+}
+
+impl Autoscaler {
+    pub fn new(mode: ScaleMode, min: u16, max: u16) -> Self {
+        Autoscaler {
+            mode,
+            min: min.max(1),
+            max: max.max(min.max(1)),
+            probe: None,
+            cooldown: 0,
+            backoff: 0,
+            idle: 0,
+            history: VecDeque::new(),
+        }
+    }
+
+    pub fn history(&self) -> impl Iterator<Item = &ScalerEvent> {
+        self.history.iter()
+    }
+
+    /// Takes one sample, returns what to do, and records it.
+    pub fn tick(&mut self, at_ms: u64, s: Sample) -> Decision {
+        let (decision, state, reason) = self.decide(&s);
+        let event = ScalerEvent {
+            at_ms,
+            streams: s.streams,
+            produce_mbps: s.produce_bps / 1e6,
+            drain_mbps: s.drain_bps / 1e6,
+            window_fill: s.window_fill,
+            efficiency: if s.produce_bps > 0.0 { s.drain_bps / s.produce_bps } else { 0.0 },
+            state,
+            decision,
+            reason,
+        };
+        if decision != Decision::Hold {
+            tracing::info!(
+                streams = s.streams, ?decision, drain_mbps = event.drain_mbps, produce_mbps = event.produce_mbps,
+                window_fill = s.window_fill, "autoscaler: {}", event.reason
+            );
+        }
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(event);
+        decision
+    }
+
+    fn decide(&mut self, s: &Sample) -> (Decision, ScalerState, String) {
+        use Decision::*;
+        use ScalerState::*;
+        let mbps = |b: f64| b / 1e6;
+        if s.producer_done {
+            self.probe = None;
+            return (Hold, Draining, "the producer finished; sending the rest".into());
+        }
+        if let Some(p) = &mut self.probe {
+            if p.settling {
+                p.settling = false;
+                return (Hold, Probing, format!("letting stream {} connect", s.streams));
+            }
+            let Probe { baseline, baseline_streams, .. } = *p;
+            self.probe = None;
+            let gain = if baseline > 0.0 { s.drain_bps / baseline - 1.0 } else { 1.0 };
+            let keep = match self.mode {
+                ScaleMode::Adaptive => gain >= GAIN,
+                ScaleMode::Efficiency => {
+                    let before = baseline / f64::from(baseline_streams.max(1));
+                    let now = s.drain_bps / f64::from(s.streams.max(1));
+                    now >= before * (1.0 - GAIN)
+                }
+            };
+            return if keep {
+                self.backoff = 0;
+                self.cooldown = 1;
+                let why = format!(
+                    "kept stream {}: {:.1} MB/s against {:.1} MB/s with {baseline_streams} ({:+.0} %)",
+                    s.streams,
+                    mbps(s.drain_bps),
+                    mbps(baseline),
+                    gain * 100.0
+                );
+                (Hold, Steady, why)
+            } else {
+                self.backoff = (self.backoff + 1).min(5);
+                self.cooldown = (1u32 << self.backoff).min(MAX_COOLDOWN);
+                let why = format!(
+                    "stream {} did not pay off ({:+.0} %); back to {baseline_streams}, next probe in {} intervals",
+                    s.streams,
+                    gain * 100.0,
+                    self.cooldown
+                );
+                (Remove, Cooldown, why)
+            };
+        }
+        if self.cooldown > 0 {
+            self.cooldown -= 1;
+            return (Hold, Cooldown, format!("cooling down ({} intervals left)", self.cooldown));
+        }
+        if s.window_fill >= HIGH_FILL {
+            self.idle = 0;
+            if s.streams < self.max {
+                self.probe = Some(Probe { baseline: s.drain_bps, baseline_streams: s.streams, settling: true });
+                let why = format!(
+                    "window {:.0} % full: the network is the bottleneck; probing stream {}",
+                    s.window_fill * 100.0,
+                    s.streams + 1
+                );
+                return (Add, Probing, why);
+            }
+            return (Hold, Steady, format!("network-bound at the maximum of {} streams", self.max));
+        }
+        if s.window_fill < LOW_FILL {
+            self.idle += 1;
+            if self.idle >= IDLE_TICKS && s.streams > self.min {
+                self.idle = 0;
+                self.cooldown = 2;
+                let why = format!(
+                    "window under {:.0} % for {IDLE_TICKS} intervals: the producer is the bottleneck; dropping stream {}",
+                    LOW_FILL * 100.0,
+                    s.streams
+                );
+                return (Remove, Cooldown, why);
+            }
+        } else {
+            self.idle = 0;
+        }
+        (Hold, Steady, "balanced".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(drain_mbps: f64, fill: f64, streams: u16) -> Sample {
+        Sample { produce_bps: 200e6, drain_bps: drain_mbps * 1e6, window_fill: fill, streams, producer_done: false }
+    }
+
+    /// A link where each stream carries `per` MB/s up to `cap` MB/s in total.
+    fn link(per: f64, cap: f64, streams: u16) -> Sample {
+        let drain = (per * f64::from(streams)).min(cap);
+        sample(drain, if drain < 200.0 { 0.9 } else { 0.05 }, streams)
+    }
+
+    fn run(scaler: &mut Autoscaler, ticks: u32, per: f64, cap: f64, mut streams: u16) -> u16 {
+        for t in 0..ticks {
+            match scaler.tick(u64::from(t) * 1000, link(per, cap, streams)) {
+                Decision::Add => streams += 1,
+                Decision::Remove => streams -= 1,
+                Decision::Hold => {}
+            }
+        }
+        streams
+    }
+
+    #[test]
+    fn adds_streams_while_each_one_raises_throughput() {
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
+        // 10 MB/s per stream, link capped at 45 MB/s: the fifth stream still adds
+        // 12 %, a sixth adds nothing.
+        let streams = run(&mut s, 60, 10.0, 45.0, 1);
+        assert!((5..=6).contains(&streams), "at 5, or probing a 6th: {streams}");
+        assert_eq!(kept(&s), vec![2, 3, 4, 5]);
+        let undone = s.history().filter(|e| e.decision == Decision::Remove).count();
+        assert!((2..=5).contains(&undone), "probes of a 6th back off exponentially: {undone}");
+    }
+
+    fn kept(s: &Autoscaler) -> Vec<u16> {
+        s.history().filter(|e| e.reason.starts_with("kept stream")).map(|e| e.streams).collect()
+    }
+
+    #[test]
+    fn a_probe_that_does_not_pay_off_is_undone_and_backs_off() {
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
+        assert_eq!(s.tick(0, sample(50.0, 0.9, 2)), Decision::Add);
+        assert_eq!(s.tick(1, sample(50.0, 0.9, 3)), Decision::Hold, "settling");
+        assert_eq!(s.tick(2, sample(51.0, 0.9, 3)), Decision::Remove, "+2 % is below 5 %");
+        // Back-off: the next probe waits 2 intervals, then 4 after another failure.
+        assert_eq!(s.tick(3, sample(50.0, 0.9, 2)), Decision::Hold);
+        assert_eq!(s.tick(4, sample(50.0, 0.9, 2)), Decision::Hold);
+        assert_eq!(s.tick(5, sample(50.0, 0.9, 2)), Decision::Add);
+        s.tick(6, sample(50.0, 0.9, 3));
+        assert_eq!(s.tick(7, sample(50.0, 0.9, 3)), Decision::Remove);
+        let waits = (8..20).take_while(|t| s.tick(*t, sample(50.0, 0.9, 2)) == Decision::Hold).count();
+        assert_eq!(waits, 4);
+    }
+
+    #[test]
+    fn removes_idle_streams_when_the_producer_is_the_bottleneck() {
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
+        assert_eq!(s.tick(0, sample(30.0, 0.05, 4)), Decision::Hold);
+        assert_eq!(s.tick(1, sample(30.0, 0.05, 4)), Decision::Hold);
+        assert_eq!(s.tick(2, sample(30.0, 0.05, 4)), Decision::Remove);
+        let e = s.history().last().expect("event");
+        assert!(e.reason.contains("producer is the bottleneck"), "{}", e.reason);
+        // Hysteresis: a fill between the thresholds resets the idle count.
+        s.tick(3, sample(30.0, 0.05, 3));
+        s.tick(4, sample(30.0, 0.05, 3));
+        s.tick(5, sample(30.0, 0.3, 3));
+        s.tick(6, sample(30.0, 0.05, 3));
+        assert_eq!(s.tick(7, sample(30.0, 0.05, 3)), Decision::Hold);
+        assert_eq!(s.tick(8, sample(30.0, 0.05, 3)), Decision::Remove);
+    }
+
+    #[test]
+    fn never_goes_below_the_minimum_or_above_the_maximum() {
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 3);
+        assert_eq!(run(&mut s, 80, 10.0, 1000.0, 1), 3);
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 3);
+        for t in 0..20 {
+            assert_ne!(s.tick(t, sample(10.0, 0.01, 1)), Decision::Remove);
+        }
+    }
+
+    #[test]
+    fn efficiency_mode_keeps_only_streams_that_pull_their_weight() {
+        // 10 MB/s per stream but a 25 MB/s link: the third stream adds +25 % (adaptive
+        // keeps it) but per-stream throughput falls from 10 to 8.3 MB/s.
+        let mut adaptive = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
+        let mut efficient = Autoscaler::new(ScaleMode::Efficiency, 1, 8);
+        run(&mut adaptive, 40, 10.0, 25.0, 1);
+        run(&mut efficient, 40, 10.0, 25.0, 1);
+        assert_eq!(kept(&adaptive), vec![2, 3]);
+        assert_eq!(kept(&efficient), vec![2]);
+    }
+
+    #[test]
+    fn holds_while_the_tail_drains() {
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
+        let mut x = sample(10.0, 0.9, 1);
+        x.producer_done = true;
+        assert_eq!(s.tick(0, x), Decision::Hold);
+        assert_eq!(s.history().last().map(|e| e.state), Some(ScalerState::Draining));
+    }
+}
