@@ -4,10 +4,14 @@
     bench/bench.py --nbackup target/release/nbackup [--size 1G] [--rounds 3]
 
 On the tree from bench/make-dataset.py it backs up over loopback (real server process,
-real agent process, mutual TLS) with gzip and with zstd, and in the same run measures
-`tar -cf - | pigz -p N -L` and `tar -cf - | zstd -T0 -L` into a file at the same level.
-Runs are interleaved (nbackup, baseline, nbackup, baseline, ...) so that noise from a
-shared machine hits both alike; medians are reported with ratios.
+real agent process, mutual TLS) with gzip and with zstd, with one stream and with N,
+and in the same run measures `tar -cf - | pigz -p N -L` and `tar -cf - | zstd -T0 -L`
+into a file at the same level. Runs are interleaved (nbackup, baseline, nbackup,
+baseline, ...) so that noise from a shared machine hits both alike; medians are
+reported with ratios.
+
+A latency case then backs up a smaller tree through bench/netsim.py (one-way delay,
+per-connection window, shared bandwidth cap) with one stream and with the autoscaler.
 
 Reported per case: MB/s of *source* data (bytes of file content / wall seconds), CPU
 seconds (user+sys; agent and server separately for nbackup, tar+compressor for the
@@ -103,8 +107,8 @@ def free_port():
 
 
 class Nbackup:
-    def __init__(self, exe, work, data, gzip_level, zstd_level, parallels, buffer):
-        self.exe, self.work, self.data = exe, work, data
+    def __init__(self, exe, work, gzip_level, zstd_level):
+        self.exe, self.work = exe, work
         pki = os.path.join(work, "pki")
         for args in (
             ["cert", "init-ca", "--out", pki],
@@ -112,24 +116,14 @@ class Nbackup:
             ["cert", "issue", "--ca", pki, "--agent", "bench", "--out", os.path.join(pki, "bench")],
         ):
             subprocess.run([exe] + args, check=True, stdout=subprocess.DEVNULL)
-        port = free_port()
-        self.storage = os.path.join(work, "storage")
+        self.port = free_port()
         with open(os.path.join(work, "server.yaml"), "w") as f:
             f.write(
-                f'server:\n  listen: "127.0.0.1:{port}"\n'
+                f'server:\n  listen: "127.0.0.1:{self.port}"\n  max_streams_per_session: 16\n'
                 "tls:\n  ca_cert: pki/ca.crt\n  server_cert: pki/server.crt\n  server_key: pki/server.key\n"
                 "storages:\n"
                 f"  gz:\n    base_dir: storage/gz\n    max_backups: 1\n    compression: gzip\n    compression_level: {gzip_level}\n"
                 f"  zs:\n    base_dir: storage/zs\n    max_backups: 1\n    compression: zstd\n    compression_level: {zstd_level}\n"
-            )
-        entries = ""
-        for name, storage in (("gzip", "gz"), ("zstd", "zs")):
-            entries += f"  - name: {name}\n    storage: {storage}\n    parallels: {parallels}\n    sources:\n      - path: {data}\n"
-        with open(os.path.join(work, "agent.yaml"), "w") as f:
-            f.write(
-                f'agent:\n  name: bench\nserver:\n  address: "127.0.0.1:{port}"\n'
-                "tls:\n  ca_cert: pki/ca.crt\n  client_cert: pki/bench.crt\n  client_key: pki/bench.key\n"
-                f"backups:\n{entries}resume:\n  buffer_size: {buffer}\n"
             )
         self.server = subprocess.Popen(
             [exe, "server", "--config", os.path.join(work, "server.yaml")],
@@ -144,13 +138,27 @@ class Nbackup:
         # Keep the server's stderr drained.
         self.drain = subprocess.Popen(["cat"], stdin=self.server.stderr, stdout=subprocess.DEVNULL)
 
-    def backup(self, entry):
+    def agent_config(self, name, address, entries, buffer):
+        """entries: list of (entry name, storage, parallels, extra yaml lines, source)."""
+        body = ""
+        for entry, storage, parallels, extra, source in entries:
+            body += f"  - name: {entry}\n    storage: {storage}\n    parallels: {parallels}\n{extra}    sources:\n      - path: {source}\n"
+        path = os.path.join(self.work, f"{name}.yaml")
+        with open(path, "w") as f:
+            f.write(
+                f'agent:\n  name: bench\nserver:\n  address: "{address}"\n'
+                "tls:\n  ca_cert: pki/ca.crt\n  client_cert: pki/bench.crt\n  client_key: pki/bench.key\n"
+                f"backups:\n{body}resume:\n  buffer_size: {buffer}\n"
+            )
+        return path
+
+    def backup(self, config, entry):
         pid = self.server.pid
         reset_hwm(pid)
         cpu0 = proc_cpu(pid)
         t0 = time.monotonic()
         p = subprocess.Popen(
-            [self.exe, "backup", "--json", "--entry", entry, "--config", os.path.join(self.work, "agent.yaml")],
+            [self.exe, "backup", "--json", "--entry", entry, "--config", config],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -168,12 +176,60 @@ class Nbackup:
             "server_rss": proc_hwm(pid),
             "archive": report["bytes_sent"],
             "source": report["bytes_read"],
+            "streams": report["streams"],
         }
 
     def stop(self):
         self.server.terminate()
         self.server.wait()
         self.drain.wait()
+
+
+class Netsim:
+    def __init__(self, upstream, delay_ms, window, rate):
+        self.p = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "netsim.py"), "--upstream", upstream,
+             "--delay-ms", str(delay_ms), "--window", window, "--rate", rate],
+            stdout=subprocess.PIPE,
+        )
+        line = self.p.stdout.readline().decode()
+        if not line.startswith("listening "):
+            sys.exit("netsim did not start")
+        self.address = line.split()[1]
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+
+
+def run_latency(args, nb, work):
+    """One stream against the autoscaler through a long fat link."""
+    data = os.path.join(work, "latency-data")
+    if not os.path.isdir(data) or not os.listdir(data):
+        subprocess.run([sys.executable, os.path.join(HERE, "make-dataset.py"), data, "--size", args.latency_size],
+                       check=True, stdout=subprocess.DEVNULL)
+    source_bytes = tree_bytes(data)
+    sim = Netsim(f"127.0.0.1:{nb.port}", args.latency_ms, args.latency_window, args.latency_rate)
+    try:
+        cfg = nb.agent_config("latency", sim.address, [
+            ("lat1", "zs", 1, "", data),
+            ("latauto", "zs", 16, "    auto_scaler:\n      enabled: true\n      interval: 1s\n", data),
+        ], args.buffer)
+        runs = {"1 stream": [], "autoscaler": []}
+        for r in range(args.latency_rounds):
+            print(f"latency round {r + 1}/{args.latency_rounds}", flush=True)
+            runs["1 stream"].append(nb.backup(cfg, "lat1"))
+            runs["autoscaler"].append(nb.backup(cfg, "latauto"))
+    finally:
+        sim.stop()
+    out = {"source_bytes": source_bytes, "delay_ms": args.latency_ms, "window": args.latency_window,
+           "rate": args.latency_rate, "rounds": args.latency_rounds, "cases": {}}
+    for name, rs in runs.items():
+        wall = statistics.median(r["wall"] for r in rs)
+        out["cases"][name] = {"wall_s": wall, "mb_per_s": source_bytes / 1e6 / wall,
+                              "streams": max(r["streams"] for r in rs), "runs": rs}
+    out["ratio"] = out["cases"]["1 stream"]["wall_s"] / out["cases"]["autoscaler"]["wall_s"]
+    return out
 
 
 def main():
@@ -185,7 +241,12 @@ def main():
     ap.add_argument("--work", help="scratch directory (default: a temp dir)")
     ap.add_argument("--gzip-level", type=int, default=6)
     ap.add_argument("--zstd-level", type=int, default=3)
-    ap.add_argument("--parallels", type=int, default=1)
+    ap.add_argument("--parallels", type=int, default=2, help="streams for the N-stream cases (1 to skip them)")
+    ap.add_argument("--latency-rounds", type=int, default=1, help="rounds of the latency case (0 to skip it)")
+    ap.add_argument("--latency-size", default="256M")
+    ap.add_argument("--latency-ms", type=float, default=50, help="one-way delay")
+    ap.add_argument("--latency-window", default="256k", help="in-flight bytes per connection and direction")
+    ap.add_argument("--latency-rate", default="40m", help="shared bandwidth cap, bytes/s")
     ap.add_argument("--buffer", default="256mb")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
@@ -204,21 +265,37 @@ def main():
     subprocess.run(f"tar -cf - -C / {data.lstrip('/')} | cat > /dev/null", shell=True, check=True)
 
     cores = os.cpu_count()
-    nb = Nbackup(os.path.abspath(args.nbackup), work, data, args.gzip_level, args.zstd_level, args.parallels, args.buffer)
+    nb = Nbackup(os.path.abspath(args.nbackup), work, args.gzip_level, args.zstd_level)
+    local = f"127.0.0.1:{nb.port}"
+    n = args.parallels
+    loop_cfg = nb.agent_config("loopback", local, [
+        ("gzip", "gz", 1, "", data), ("zstd", "zs", 1, "", data),
+        (f"gzip{n}", "gz", n, "", data), (f"zstd{n}", "zs", n, "", data),
+    ], args.buffer)
     tar = ["tar", "-cf", "-", "-C", "/", data.lstrip("/")]
     out = os.path.join(work, "baseline.out")
-    cases = {"nbackup gzip": [], f"tar | pigz -p{cores} -{args.gzip_level}": [],
-             "nbackup zstd": [], f"tar | zstd -T0 -{args.zstd_level}": []}
-    names = list(cases)
+    pigz_name, zstd_name = f"tar | pigz -p{cores} -{args.gzip_level}", f"tar | zstd -T0 -{args.zstd_level}"
+    names = ["nbackup gzip", pigz_name, "nbackup zstd", zstd_name]
+    if n > 1:
+        names += [f"nbackup gzip, {n} streams", f"nbackup zstd, {n} streams"]
+    cases = {name: [] for name in names}
+    baseline_of = {"nbackup gzip": pigz_name, "nbackup zstd": zstd_name,
+                   f"nbackup gzip, {n} streams": pigz_name, f"nbackup zstd, {n} streams": zstd_name}
+    latency = {}
     try:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
-            cases[names[0]].append(nb.backup("gzip"))
+            cases["nbackup gzip"].append(nb.backup(loop_cfg, "gzip"))
             w, c, rss, size = pipeline(tar, ["pigz", f"-p{cores}", f"-{args.gzip_level}"], out)
-            cases[names[1]].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
-            cases[names[2]].append(nb.backup("zstd"))
+            cases[pigz_name].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
+            cases["nbackup zstd"].append(nb.backup(loop_cfg, "zstd"))
             w, c, rss, size = pipeline(tar, ["zstd", "-T0", f"-{args.zstd_level}", "-q", "-c"], out)
-            cases[names[3]].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
+            cases[zstd_name].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
+            if n > 1:
+                cases[f"nbackup gzip, {n} streams"].append(nb.backup(loop_cfg, f"gzip{n}"))
+                cases[f"nbackup zstd, {n} streams"].append(nb.backup(loop_cfg, f"zstd{n}"))
+        if args.latency_rounds > 0:
+            latency = run_latency(args, nb, work)
     finally:
         nb.stop()
         if os.path.exists(out):
@@ -229,23 +306,22 @@ def main():
 
     results = {"source_bytes": source_bytes, "cores": cores, "rounds": args.rounds,
                "gzip_level": args.gzip_level, "zstd_level": args.zstd_level,
-               "parallels": args.parallels, "buffer": args.buffer, "cases": {}}
+               "parallels": n, "buffer": args.buffer, "cases": {}, "latency": latency}
     print()
     print(f"source: {source_bytes / 1e6:.0f} MB in {data}; {cores} cores; median of {args.rounds} interleaved rounds")
-    hdr = f"{'case':<26}{'MB/s':>8}{'ratio':>7}{'CPU s (agent/server)':>24}{'peak RSS MiB (agent/server)':>30}{'archive MB':>12}"
+    hdr = f"{'case':<28}{'MB/s':>8}{'ratio':>7}{'CPU s (agent/server)':>24}{'peak RSS MiB (agent/server)':>30}{'archive MB':>12}"
     print(hdr)
     print("-" * len(hdr))
-    for i, name in enumerate(names):
+    for name in names:
         runs = cases[name]
         wall = med(runs, "wall")
         mbs = source_bytes / 1e6 / wall
         entry = {"wall_s": wall, "mb_per_s": mbs, "archive_bytes": med(runs, "archive"), "runs": runs}
         if name.startswith("nbackup"):
-            base = cases[names[i + 1]]
-            ratio = med(base, "wall") / wall
+            ratio = med(cases[baseline_of[name]], "wall") / wall
             entry.update(agent_cpu_s=med(runs, "agent_cpu"), server_cpu_s=med(runs, "server_cpu"),
                          agent_rss=med(runs, "agent_rss"), server_rss=med(runs, "server_rss"),
-                         ratio_to_baseline=ratio)
+                         ratio_to_baseline=ratio, baseline=baseline_of[name])
             cpu = f"{entry['agent_cpu_s']:.1f} / {entry['server_cpu_s']:.1f}"
             rss = f"{entry['agent_rss'] / 2**20:.0f} / {entry['server_rss'] / 2**20:.0f}"
             ratio_s = f"{ratio:.2f}x"
@@ -255,8 +331,15 @@ def main():
             rss = f"{entry['rss'] / 2**20:.0f}"
             ratio_s = ""
         results["cases"][name] = entry
-        print(f"{name:<26}{mbs:>8.1f}{ratio_s:>7}{cpu:>24}{rss:>30}{entry['archive_bytes'] / 1e6:>12.1f}")
-    print("\nratio = nbackup throughput / the baseline's on the line below it (higher is better)")
+        print(f"{name:<28}{mbs:>8.1f}{ratio_s:>7}{cpu:>24}{rss:>30}{entry['archive_bytes'] / 1e6:>12.1f}")
+    print("\nratio = nbackup throughput / its baseline pipeline's (same compression, same level); higher is better")
+    if latency:
+        print(f"\nlatency case: {latency['source_bytes'] / 1e6:.0f} MB through netsim "
+              f"({latency['delay_ms']:.0f} ms each way, {latency['window']} window per connection, {latency['rate']}/s shared cap)")
+        for name in ("1 stream", "autoscaler"):
+            c = latency["cases"][name]
+            print(f"  {name:<12}{c['mb_per_s']:>8.1f} MB/s   peak streams {c['streams']}")
+        print(f"  autoscaler / 1 stream = {latency['ratio']:.2f}x")
     path = args.out or os.path.join(HERE, "results", time.strftime("%Y%m%dT%H%M%S") + ".json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -17,8 +17,8 @@ mod units;
 use std::path::{Path, PathBuf};
 
 pub use agent::{
-    AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, Excludes, RawAgentConfig, RawAutoScaler, ScaleMode, RawBackup, RawResume, RawRetry, RawSource, Resume,
-    Retry, ServerEndpoint,
+    AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, Excludes, RawAgentConfig, RawAutoScaler, RawBackup,
+    RawResume, RawRetry, RawSource, Resume, Retry, ScaleMode, ServerEndpoint,
 };
 pub use error::{ConfigError, ConfigErrorDetails};
 pub use server::{RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};

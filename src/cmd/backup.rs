@@ -153,6 +153,8 @@ fn print_report(r: &BackupReport, json: bool) {
             "warnings": warnings,
             "sha256": r.sha256,
             "streams": r.streams,
+            "streams_final": r.streams_final,
+            "scaler_decisions": r.scaler_decisions,
             "seconds": r.seconds,
         });
         println!("{out}");

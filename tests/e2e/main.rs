@@ -11,3 +11,4 @@ mod refusals;
 mod resilience;
 mod security;
 mod storage;
+mod streams;

@@ -41,6 +41,8 @@ struct Plan {
     /// Bytes per second per direction, 0 for unlimited.
     rate: u64,
     pause_after: Option<u64>,
+    /// Connections from this index on are closed at once.
+    refuse_from: Option<usize>,
 }
 
 struct Pause {
@@ -85,10 +87,23 @@ impl Proxy {
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => return },
                 };
                 let index = a.fetch_add(1, Ordering::SeqCst);
-                let (fault, random_cut, delay, rate, pause_after) = {
+                let (fault, random_cut, delay, rate, pause_after, refused) = {
                     let plan = p.lock().expect("plan");
-                    (plan.faults.get(&index).copied(), plan.random_cut, plan.delay, plan.rate, plan.pause_after)
+                    let refused = plan.refuse_from.is_some_and(|from| index >= from);
+                    (
+                        plan.faults.get(&index).copied(),
+                        plan.random_cut,
+                        plan.delay,
+                        plan.rate,
+                        plan.pause_after,
+                        refused,
+                    )
                 };
+                if refused {
+                    b.fetch_add(1, Ordering::SeqCst);
+                    drop(client);
+                    continue;
+                }
                 let (b, s) = (b.clone(), s.clone());
                 let pause =
                     Pause { rx: pause_rx.clone(), tx: pause_tx.clone(), after: pause_after, armed: armed.clone() };
@@ -123,6 +138,11 @@ impl Proxy {
     /// Plans a fault for connection `index` (0-based, in accept order).
     pub fn fault(&self, index: usize, fault: Fault) {
         self.plan.lock().expect("plan").faults.insert(index, fault);
+    }
+
+    /// Closes every connection from the `index`-th on (a host that became unreachable).
+    pub fn refuse_from(&self, index: usize) {
+        self.plan.lock().expect("plan").refuse_from = Some(index);
     }
 
     pub fn random_cuts(&self, between: Duration, and: Duration) {

@@ -1,16 +1,21 @@
 //! How many streams a backup uses, decided from measurements.
 //!
 //! Every interval the backup measures the producer (compressed bytes produced per
-//! second), the drain (bytes acknowledged per second) and how full the window is,
-//! and asks [`Autoscaler::tick`] what to do:
+//! second), the drain (bytes acknowledged per second), how full the window is and the
+//! *backlog*: how many seconds of draining the window holds. It asks
+//! [`Autoscaler::tick`] what to do:
 //!
-//! * **Network-bound** (window at least half full): add a stream as a *probe*. After
-//!   one interval to let it connect, compare: keep it if throughput rose by at least
-//!   5 % (`adaptive`), or if throughput per stream stayed within 5 % (`efficiency`);
-//!   otherwise remove it again and wait longer before the next probe (2, 4, … 32
-//!   intervals: exponential back-off).
-//! * **Producer-bound** (window under 10 % full for three intervals in a row): the
-//!   extra streams idle; remove one.
+//! * **Network-bound** (window at least half full, or more than two intervals of data
+//!   waiting — which also covers the final drain of a small archive through a slow
+//!   link): add streams as a *probe*. After one interval to let them connect,
+//!   compare: keep them if throughput rose by at least 5 % (`adaptive`), or if
+//!   throughput per stream stayed within 5 % (`efficiency`); otherwise remove them
+//!   again and wait longer before the next probe (2, 4, … 32 intervals: exponential
+//!   back-off). Like TCP's slow start, a probe that paid off nearly in proportion
+//!   doubles the next step (1, 2, 4 … streams); anything less resets it to one.
+//! * **Producer-bound** (window under 10 % full and less than half an interval of data
+//!   waiting, three intervals in a row): the extra streams idle; remove one.
+//! * **Tail** (the producer has finished and little is left): hold.
 //! * The gap between the two thresholds, the settle interval and the cooldowns are
 //!   the hysteresis that keeps the count from flapping.
 //!
@@ -43,6 +48,8 @@ pub struct Sample {
     pub drain_bps: f64,
     /// Share of the window in use, 0 to 1.
     pub window_fill: f64,
+    /// Seconds it would take to drain the window at the current drain rate.
+    pub backlog_secs: f64,
     /// Streams in use.
     pub streams: u16,
     /// The producer has finished; only the tail is being sent.
@@ -53,8 +60,10 @@ pub struct Sample {
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     Hold,
-    Add,
-    Remove,
+    /// Open this many more streams.
+    Add(u16),
+    /// Retire this many streams.
+    Remove(u16),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -85,14 +94,18 @@ pub struct ScalerEvent {
 struct Probe {
     baseline: f64,
     baseline_streams: u16,
+    added: u16,
     settling: bool,
 }
 
 pub struct Autoscaler {
     mode: ScaleMode,
+    interval_secs: f64,
     min: u16,
     max: u16,
     probe: Option<Probe>,
+    /// Streams the next probe adds.
+    step: u16,
     cooldown: u32,
     backoff: u32,
     idle: u32,
@@ -100,12 +113,14 @@ pub struct Autoscaler {
 }
 
 impl Autoscaler {
-    pub fn new(mode: ScaleMode, min: u16, max: u16) -> Self {
+    pub fn new(mode: ScaleMode, min: u16, max: u16, interval: std::time::Duration) -> Self {
         Autoscaler {
             mode,
+            interval_secs: interval.as_secs_f64(),
             min: min.max(1),
             max: max.max(min.max(1)),
             probe: None,
+            step: 1,
             cooldown: 0,
             backoff: 0,
             idle: 0,
@@ -131,10 +146,25 @@ impl Autoscaler {
             decision,
             reason,
         };
-        if decision != Decision::Hold {
+        if matches!(decision, Decision::Hold) {
+            tracing::debug!(
+                streams = s.streams,
+                drain_mbps = event.drain_mbps,
+                produce_mbps = event.produce_mbps,
+                window_fill = s.window_fill,
+                backlog_secs = s.backlog_secs,
+                "autoscaler: {}",
+                event.reason
+            );
+        } else {
             tracing::info!(
-                streams = s.streams, ?decision, drain_mbps = event.drain_mbps, produce_mbps = event.produce_mbps,
-                window_fill = s.window_fill, "autoscaler: {}", event.reason
+                streams = s.streams,
+                ?decision,
+                drain_mbps = event.drain_mbps,
+                produce_mbps = event.produce_mbps,
+                window_fill = s.window_fill,
+                "autoscaler: {}",
+                event.reason
             );
         }
         if self.history.len() == HISTORY {
@@ -148,16 +178,17 @@ impl Autoscaler {
         use Decision::*;
         use ScalerState::*;
         let mbps = |b: f64| b / 1e6;
-        if s.producer_done {
+        let network_bound = s.window_fill >= HIGH_FILL || s.backlog_secs >= 2.0 * self.interval_secs;
+        if s.producer_done && s.backlog_secs < self.interval_secs {
             self.probe = None;
             return (Hold, Draining, "the producer finished; sending the rest".into());
         }
         if let Some(p) = &mut self.probe {
             if p.settling {
                 p.settling = false;
-                return (Hold, Probing, format!("letting stream {} connect", s.streams));
+                return (Hold, Probing, format!("letting {} new stream(s) connect", p.added));
             }
-            let Probe { baseline, baseline_streams, .. } = *p;
+            let Probe { baseline, baseline_streams, added, .. } = *p;
             self.probe = None;
             let gain = if baseline > 0.0 { s.drain_bps / baseline - 1.0 } else { 1.0 };
             let keep = match self.mode {
@@ -169,10 +200,13 @@ impl Autoscaler {
                 }
             };
             return if keep {
+                // Nearly proportional gain: the link has room; double the next step.
+                let proportional = f64::from(added) / f64::from(baseline_streams.max(1));
+                self.step = if gain >= 0.75 * proportional { added.saturating_mul(2).max(1) } else { 1 };
                 self.backoff = 0;
-                self.cooldown = 1;
+                self.cooldown = 0;
                 let why = format!(
-                    "kept stream {}: {:.1} MB/s against {:.1} MB/s with {baseline_streams} ({:+.0} %)",
+                    "kept {added} stream(s), now {}: {:.1} MB/s against {:.1} MB/s with {baseline_streams} ({:+.0} %)",
                     s.streams,
                     mbps(s.drain_bps),
                     mbps(baseline),
@@ -180,35 +214,37 @@ impl Autoscaler {
                 );
                 (Hold, Steady, why)
             } else {
+                self.step = 1;
                 self.backoff = (self.backoff + 1).min(5);
                 self.cooldown = (1u32 << self.backoff).min(MAX_COOLDOWN);
                 let why = format!(
-                    "stream {} did not pay off ({:+.0} %); back to {baseline_streams}, next probe in {} intervals",
-                    s.streams,
+                    "{added} more stream(s) did not pay off ({:+.0} %); back to {baseline_streams}, next probe in {} intervals",
                     gain * 100.0,
                     self.cooldown
                 );
-                (Remove, Cooldown, why)
+                (Remove(added), Cooldown, why)
             };
         }
         if self.cooldown > 0 {
             self.cooldown -= 1;
             return (Hold, Cooldown, format!("cooling down ({} intervals left)", self.cooldown));
         }
-        if s.window_fill >= HIGH_FILL {
+        if network_bound {
             self.idle = 0;
             if s.streams < self.max {
-                self.probe = Some(Probe { baseline: s.drain_bps, baseline_streams: s.streams, settling: true });
+                let added = self.step.min(self.max - s.streams).max(1);
+                self.probe = Some(Probe { baseline: s.drain_bps, baseline_streams: s.streams, added, settling: true });
                 let why = format!(
-                    "window {:.0} % full: the network is the bottleneck; probing stream {}",
+                    "window {:.0} % full, {:.1} s of data waiting: the network is the bottleneck; probing {} stream(s) more",
                     s.window_fill * 100.0,
-                    s.streams + 1
+                    s.backlog_secs,
+                    added
                 );
-                return (Add, Probing, why);
+                return (Add(added), Probing, why);
             }
             return (Hold, Steady, format!("network-bound at the maximum of {} streams", self.max));
         }
-        if s.window_fill < LOW_FILL {
+        if s.window_fill < LOW_FILL && s.backlog_secs < 0.5 * self.interval_secs {
             self.idle += 1;
             if self.idle >= IDLE_TICKS && s.streams > self.min {
                 self.idle = 0;
@@ -218,7 +254,7 @@ impl Autoscaler {
                     LOW_FILL * 100.0,
                     s.streams
                 );
-                return (Remove, Cooldown, why);
+                return (Remove(1), Cooldown, why);
             }
         } else {
             self.idle = 0;
@@ -231,8 +267,18 @@ impl Autoscaler {
 mod tests {
     use super::*;
 
+    const SEC: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// A sample whose backlog matches its fill: a 256 MB window drained at `drain`.
     fn sample(drain_mbps: f64, fill: f64, streams: u16) -> Sample {
-        Sample { produce_bps: 200e6, drain_bps: drain_mbps * 1e6, window_fill: fill, streams, producer_done: false }
+        Sample {
+            produce_bps: 200e6,
+            drain_bps: drain_mbps * 1e6,
+            window_fill: fill,
+            backlog_secs: fill * 256.0 / drain_mbps,
+            streams,
+            producer_done: false,
+        }
     }
 
     /// A link where each stream carries `per` MB/s up to `cap` MB/s in total.
@@ -244,8 +290,8 @@ mod tests {
     fn run(scaler: &mut Autoscaler, ticks: u32, per: f64, cap: f64, mut streams: u16) -> u16 {
         for t in 0..ticks {
             match scaler.tick(u64::from(t) * 1000, link(per, cap, streams)) {
-                Decision::Add => streams += 1,
-                Decision::Remove => streams -= 1,
+                Decision::Add(n) => streams += n,
+                Decision::Remove(n) => streams -= n,
                 Decision::Hold => {}
             }
         }
@@ -254,60 +300,72 @@ mod tests {
 
     #[test]
     fn adds_streams_while_each_one_raises_throughput() {
-        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
-        // 10 MB/s per stream, link capped at 45 MB/s: the fifth stream still adds
-        // 12 %, a sixth adds nothing.
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8, SEC);
+        // 10 MB/s per stream, link capped at 45 MB/s. Slow start: +1 (2), +2 (4),
+        // then +4 (8) gains only 12 %: kept (≥ 5 %), step reset, and 8 is the maximum.
         let streams = run(&mut s, 60, 10.0, 45.0, 1);
-        assert!((5..=6).contains(&streams), "at 5, or probing a 6th: {streams}");
-        assert_eq!(kept(&s), vec![2, 3, 4, 5]);
-        let undone = s.history().filter(|e| e.decision == Decision::Remove).count();
-        assert!((2..=5).contains(&undone), "probes of a 6th back off exponentially: {undone}");
+        assert_eq!(kept(&s), vec![2, 4, 8]);
+        assert!((8..=8).contains(&streams), "{streams}");
+        let mut s = Autoscaler::new(ScaleMode::Efficiency, 1, 8, SEC);
+        // The same link in efficiency mode stops where streams stop pulling their weight.
+        run(&mut s, 60, 10.0, 45.0, 1);
+        assert_eq!(kept(&s), vec![2, 4]);
+    }
+
+    #[test]
+    fn slow_start_doubles_the_step_only_while_gains_are_proportional() {
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 32, SEC);
+        // 1 MB/s per stream on a 100 MB/s link: 1 → 2 → 4 → 8 → 16 → 32.
+        run(&mut s, 20, 1.0, 100.0, 1);
+        assert_eq!(kept(&s), vec![2, 4, 8, 16, 32]);
     }
 
     fn kept(s: &Autoscaler) -> Vec<u16> {
-        s.history().filter(|e| e.reason.starts_with("kept stream")).map(|e| e.streams).collect()
+        s.history().filter(|e| e.reason.starts_with("kept")).map(|e| e.streams).collect()
     }
 
     #[test]
     fn a_probe_that_does_not_pay_off_is_undone_and_backs_off() {
-        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
-        assert_eq!(s.tick(0, sample(50.0, 0.9, 2)), Decision::Add);
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8, SEC);
+        assert_eq!(s.tick(0, sample(50.0, 0.9, 2)), Decision::Add(1));
         assert_eq!(s.tick(1, sample(50.0, 0.9, 3)), Decision::Hold, "settling");
-        assert_eq!(s.tick(2, sample(51.0, 0.9, 3)), Decision::Remove, "+2 % is below 5 %");
+        assert_eq!(s.tick(2, sample(51.0, 0.9, 3)), Decision::Remove(1), "+2 % is below 5 %");
         // Back-off: the next probe waits 2 intervals, then 4 after another failure.
         assert_eq!(s.tick(3, sample(50.0, 0.9, 2)), Decision::Hold);
         assert_eq!(s.tick(4, sample(50.0, 0.9, 2)), Decision::Hold);
-        assert_eq!(s.tick(5, sample(50.0, 0.9, 2)), Decision::Add);
+        assert_eq!(s.tick(5, sample(50.0, 0.9, 2)), Decision::Add(1));
         s.tick(6, sample(50.0, 0.9, 3));
-        assert_eq!(s.tick(7, sample(50.0, 0.9, 3)), Decision::Remove);
+        assert_eq!(s.tick(7, sample(50.0, 0.9, 3)), Decision::Remove(1));
         let waits = (8..20).take_while(|t| s.tick(*t, sample(50.0, 0.9, 2)) == Decision::Hold).count();
         assert_eq!(waits, 4);
     }
 
     #[test]
     fn removes_idle_streams_when_the_producer_is_the_bottleneck() {
-        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8, SEC);
         assert_eq!(s.tick(0, sample(30.0, 0.05, 4)), Decision::Hold);
         assert_eq!(s.tick(1, sample(30.0, 0.05, 4)), Decision::Hold);
-        assert_eq!(s.tick(2, sample(30.0, 0.05, 4)), Decision::Remove);
+        assert_eq!(s.tick(2, sample(30.0, 0.05, 4)), Decision::Remove(1));
         let e = s.history().last().expect("event");
         assert!(e.reason.contains("producer is the bottleneck"), "{}", e.reason);
-        // Hysteresis: a fill between the thresholds resets the idle count.
+        // Hysteresis: a sample between the thresholds (fill 30 %, one interval of
+        // data waiting) resets the idle count without triggering a probe.
         s.tick(3, sample(30.0, 0.05, 3));
         s.tick(4, sample(30.0, 0.05, 3));
-        s.tick(5, sample(30.0, 0.3, 3));
+        let between = Sample { window_fill: 0.3, backlog_secs: 1.0, ..sample(30.0, 0.3, 3) };
+        assert_eq!(s.tick(5, between), Decision::Hold);
         s.tick(6, sample(30.0, 0.05, 3));
         assert_eq!(s.tick(7, sample(30.0, 0.05, 3)), Decision::Hold);
-        assert_eq!(s.tick(8, sample(30.0, 0.05, 3)), Decision::Remove);
+        assert_eq!(s.tick(8, sample(30.0, 0.05, 3)), Decision::Remove(1));
     }
 
     #[test]
     fn never_goes_below_the_minimum_or_above_the_maximum() {
-        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 3);
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 3, SEC);
         assert_eq!(run(&mut s, 80, 10.0, 1000.0, 1), 3);
-        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 3);
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 3, SEC);
         for t in 0..20 {
-            assert_ne!(s.tick(t, sample(10.0, 0.01, 1)), Decision::Remove);
+            assert!(!matches!(s.tick(t, sample(10.0, 0.01, 1)), Decision::Remove(_)));
         }
     }
 
@@ -315,20 +373,38 @@ mod tests {
     fn efficiency_mode_keeps_only_streams_that_pull_their_weight() {
         // 10 MB/s per stream but a 25 MB/s link: the third stream adds +25 % (adaptive
         // keeps it) but per-stream throughput falls from 10 to 8.3 MB/s.
-        let mut adaptive = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
-        let mut efficient = Autoscaler::new(ScaleMode::Efficiency, 1, 8);
+        let mut adaptive = Autoscaler::new(ScaleMode::Adaptive, 1, 8, SEC);
+        let mut efficient = Autoscaler::new(ScaleMode::Efficiency, 1, 8, SEC);
         run(&mut adaptive, 40, 10.0, 25.0, 1);
         run(&mut efficient, 40, 10.0, 25.0, 1);
-        assert_eq!(kept(&adaptive), vec![2, 3]);
+        // Adaptive: 2 (+100 %), then 4 (+25 %, kept, step back to 1), 5 adds nothing.
+        assert_eq!(kept(&adaptive), vec![2, 4]);
+        // Efficiency: 2 streams at 10 MB/s each; 4 would carry only 6.25 each.
         assert_eq!(kept(&efficient), vec![2]);
     }
 
     #[test]
-    fn holds_while_the_tail_drains() {
-        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8);
-        let mut x = sample(10.0, 0.9, 1);
+    fn holds_while_a_short_tail_drains() {
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8, SEC);
+        let mut x = sample(10.0, 0.01, 1);
         x.producer_done = true;
         assert_eq!(s.tick(0, x), Decision::Hold);
         assert_eq!(s.history().last().map(|e| e.state), Some(ScalerState::Draining));
+    }
+
+    #[test]
+    fn scales_a_long_final_drain_through_a_slow_link() {
+        // A small archive produced at once into a large window: 3 % full, but 8 s of
+        // data waiting at 1 MB/s. More streams help even though the producer is done.
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8, SEC);
+        let x = Sample {
+            produce_bps: 0.0,
+            drain_bps: 1e6,
+            window_fill: 0.03,
+            backlog_secs: 8.0,
+            streams: 1,
+            producer_done: true,
+        };
+        assert_eq!(s.tick(0, x), Decision::Add(1));
     }
 }

@@ -80,7 +80,8 @@ impl StreamSet {
     /// Waits (bounded) for the streams to deliver their last frames, then stops them.
     async fn shutdown(&mut self) {
         let tasks = &mut self.tasks;
-        let _ = tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} }).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(3), async { while tasks.join_next().await.is_some() {} }).await;
         self.tasks.abort_all();
     }
 }
@@ -107,20 +108,34 @@ async fn scale(
         let now = Instant::now();
         let secs = now.duration_since(last).as_secs_f64().max(1e-3);
         let (a, p) = (window.acked_bytes.load(Ordering::Relaxed), progress.bytes_compressed.load(Ordering::Relaxed));
+        let drain_bps = a.saturating_sub(acked) as f64 / secs;
+        let used = window.used() as f64;
         let sample = autoscale::Sample {
             produce_bps: p.saturating_sub(produced) as f64 / secs,
-            drain_bps: a.saturating_sub(acked) as f64 / secs,
-            window_fill: window.used() as f64 / window.capacity().max(1) as f64,
+            drain_bps,
+            window_fill: used / window.capacity().max(1) as f64,
+            // Nothing drained yet while data waits counts as a long backlog.
+            backlog_secs: if drain_bps > 0.0 {
+                used / drain_bps
+            } else if used > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            },
             streams: set.active(),
             producer_done: window.producer_done(),
         };
         (acked, produced, last) = (a, p, now);
         match scaler.tick(start.elapsed().as_millis() as u64, sample) {
-            autoscale::Decision::Add => {
-                set.add(None);
+            autoscale::Decision::Add(n) => {
+                for _ in 0..n {
+                    set.add(None);
+                }
             }
-            autoscale::Decision::Remove => {
-                set.retire();
+            autoscale::Decision::Remove(n) => {
+                for _ in 0..n {
+                    set.retire();
+                }
             }
             autoscale::Decision::Hold => {}
         }
@@ -281,7 +296,8 @@ async fn run_session(
         tokio::runtime::Handle::current(),
     )
     .map_err(|e| BackupError::Internal(format!("cannot start the archiver thread: {e}")))?;
-    let throttle = (!entry.bandwidth.is_unlimited()).then(|| Arc::new(throttle::Throttle::new(entry.bandwidth.clone())));
+    let throttle =
+        (!entry.bandwidth.is_unlimited()).then(|| Arc::new(throttle::Throttle::new(entry.bandwidth.clone())));
     let ctx = Arc::new(stream::StreamCtx {
         connector: connector.clone(),
         session: welcome.session,
@@ -303,7 +319,7 @@ async fn run_session(
     }
     // With the autoscaler on, its task owns the stream set until the transfer ends.
     let (set, scaler_task) = if scaling {
-        let scaler = autoscale::Autoscaler::new(entry.auto_scaler.mode, 1, max_streams);
+        let scaler = autoscale::Autoscaler::new(entry.auto_scaler.mode, 1, max_streams, entry.auto_scaler.interval);
         let task = tokio::spawn(scale(scaler, set, entry.auto_scaler.interval, window.clone(), progress.clone()));
         (None, Some(task))
     } else {
@@ -353,7 +369,11 @@ async fn run_session(
         sha256: hex(&committed.sha256),
         streams: peak,
         streams_final,
-        scaler_decisions: progress.scaler_events().into_iter().filter(|e| e.decision != autoscale::Decision::Hold).collect(),
+        scaler_decisions: progress
+            .scaler_events()
+            .into_iter()
+            .filter(|e| e.decision != autoscale::Decision::Hold)
+            .collect(),
         seconds: started.elapsed().as_secs_f64(),
     };
     info!(

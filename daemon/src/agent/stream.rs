@@ -185,8 +185,16 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
                     ctx.window.fail(f);
                     break;
                 }
+                // The session ended meanwhile (e.g. committed on another stream): the
+                // server closing this connection is expected.
+                End::Lost(_) if ctx.window.finished().is_some() => break,
                 End::Lost(e) => {
-                    warn!(session = %ctx.session, stream, "connection lost: {e}");
+                    if ctx.window.committing() {
+                        // Likely the server closing its other streams after committing.
+                        debug!(session = %ctx.session, stream, "connection closed during commit: {e}");
+                    } else {
+                        warn!(session = %ctx.session, stream, "connection lost: {e}");
+                    }
                     last_error = e;
                     if progressed {
                         // The retry budget is for failures in a row, not per backup.
@@ -281,7 +289,11 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &Ca
     }
 }
 
-async fn send_chunk(ctx: &StreamCtx, writer: &mut Writer, chunk: &nbackup_protocol::wire::Chunk) -> std::io::Result<()> {
+async fn send_chunk(
+    ctx: &StreamCtx,
+    writer: &mut Writer,
+    chunk: &nbackup_protocol::wire::Chunk,
+) -> std::io::Result<()> {
     match &ctx.throttle {
         Some(t) => writer.send_chunk_paced(chunk, throttle::SLICE, |n| t.acquire(n)).await,
         None => writer.send_chunk(chunk).await,

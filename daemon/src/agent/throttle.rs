@@ -50,11 +50,7 @@ impl Throttle {
     pub fn with_clock(policy: Bandwidth, clock: Box<dyn Fn() -> u16 + Send + Sync>) -> Self {
         let now = Instant::now();
         let rate = policy.rate_at(clock());
-        Throttle {
-            policy,
-            clock,
-            bucket: Mutex::new(Bucket { rate, tokens: 0.0, last: now, checked: now }),
-        }
+        Throttle { policy, clock, bucket: Mutex::new(Bucket { rate, tokens: 0.0, last: now, checked: now }) }
     }
 
     /// Whether this throttle can ever limit anything.

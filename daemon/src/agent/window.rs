@@ -242,6 +242,11 @@ impl Window {
         }
     }
 
+    /// Whether a `Commit` has been sent and not yet answered.
+    pub fn committing(&self) -> bool {
+        matches!(self.lock().commit, CommitState::InFlight { .. })
+    }
+
     /// Whether the producer has finished (only the tail remains to be sent).
     pub fn producer_done(&self) -> bool {
         self.lock().produced.is_some()

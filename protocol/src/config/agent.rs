@@ -119,9 +119,11 @@ impl Bandwidth {
     pub fn rate_at(&self, minute: u16) -> Option<u64> {
         self.windows
             .iter()
-            .find(|(start, end, _)| {
-                if start <= end { (*start..*end).contains(&minute) } else { minute >= *start || minute < *end }
-            })
+            .find(
+                |(start, end, _)| {
+                    if start <= end { (*start..*end).contains(&minute) } else { minute >= *start || minute < *end }
+                },
+            )
             .map(|w| w.2)
             .or(self.default)
     }
@@ -554,9 +556,8 @@ fn bandwidth(
         let key = format!("{at}.bandwidth_schedule");
         let (start, end) = parse_window(window).map_err(|e| src.error(Some(&key), e, None))?;
         let rate = check(rate.0, &key)?;
-        let minutes = |s: u16, e: u16| -> Vec<u16> {
-            if s < e { (s..e).collect() } else { (s..1440).chain(0..e).collect() }
-        };
+        let minutes =
+            |s: u16, e: u16| -> Vec<u16> { if s < e { (s..e).collect() } else { (s..1440).chain(0..e).collect() } };
         let mine = minutes(start, end);
         if let Some(other) = windows.iter().find(|(s, e, _)| minutes(*s, *e).iter().any(|m| mine.contains(m))) {
             return Err(src.error(
