@@ -5,6 +5,7 @@
 //! Daemons are library functions — [`server::run`] and [`agent::run_backup`] — so the
 //! CLI, the demo and the tests start them the same way, in-process.
 
+pub mod admin;
 pub mod agent;
 pub mod conn;
 pub mod fault;
@@ -12,6 +13,7 @@ pub mod fsutil;
 pub mod pki;
 pub mod restore;
 pub mod server;
+pub mod state;
 pub mod tls;
 
 /// This build's version, recorded in manifests and exchanged with peers.

@@ -17,11 +17,11 @@ mod units;
 use std::path::{Path, PathBuf};
 
 pub use agent::{
-    AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, Excludes, RawAgentConfig, RawAutoScaler, RawBackup,
+    AgentConfig, AgentTls, AutoScaler, BackupEntry, ControlChannel, Bandwidth, Excludes, RawAgentConfig, RawAutoScaler, RawBackup,
     RawResume, RawRetry, RawSource, Resume, Retry, ScaleMode, ServerEndpoint,
 };
 pub use error::{ConfigError, ConfigErrorDetails};
-pub use server::{RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};
+pub use server::{DEFAULT_STATE_DIR, RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};
 pub use units::{ByteSize, HumanDuration};
 
 /// Log verbosity.
@@ -83,6 +83,35 @@ impl Logging {
             format: raw.format.unwrap_or_default(),
             file: raw.file.map(|f| resolve(base, f)),
         }
+    }
+}
+
+/// `admin:` as written, in both daemons' files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub socket: Option<PathBuf>,
+    pub group: Option<String>,
+}
+
+/// The local admin API: where its Unix socket lives and which group may use it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Admin {
+    /// `None`: the default, `/run/nbackup/<daemon>.sock` as root, else
+    /// `$XDG_RUNTIME_DIR/nbackup/<daemon>.sock` (chosen by the daemon at start).
+    pub socket: Option<PathBuf>,
+    /// Members of this group may use the API besides root and the daemon's own user.
+    pub group: Option<String>,
+}
+
+impl Admin {
+    fn from_raw(raw: RawAdmin, base: &Path) -> Result<Self, String> {
+        if let Some(g) = &raw.group
+            && (g.is_empty() || !g.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
+            return Err(format!("{g:?} is not a group name"));
+        }
+        Ok(Admin { socket: raw.socket.map(|p| resolve(base, p)), group: raw.group })
     }
 }
 

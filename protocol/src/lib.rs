@@ -3,11 +3,13 @@
 //! * [`wire`] — the binary protocol between agent and server (preamble, frames,
 //!   limits in [`limits`]), documented byte by byte in `docs/protocol.md`;
 //! * [`name`] — validated names and session ids, the only values that reach paths;
+//! * [`admin`] — the request and response types of the daemons' local admin API;
 //! * [`config`] — the YAML configuration schema of both daemons, validated in two
 //!   stages, so the runtime and the setup wizard share one definition.
 //!
 //! Nothing here opens sockets or files: callers hand in bytes or text.
 
+pub mod admin;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;

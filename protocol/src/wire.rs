@@ -42,6 +42,8 @@ pub enum ConnKind {
     Join,
     /// One-shot health query.
     Ping,
+    /// The agent's persistent control channel.
+    Control,
 }
 
 impl ConnKind {
@@ -50,6 +52,7 @@ impl ConnKind {
             ConnKind::Backup => *b"NBKP",
             ConnKind::Join => *b"JOIN",
             ConnKind::Ping => *b"PING",
+            ConnKind::Control => *b"CTRL",
         }
     }
 
@@ -58,6 +61,7 @@ impl ConnKind {
             b"NBKP" => Some(ConnKind::Backup),
             b"JOIN" => Some(ConnKind::Join),
             b"PING" => Some(ConnKind::Ping),
+            b"CTRL" => Some(ConnKind::Control),
             _ => None,
         }
     }
@@ -488,6 +492,38 @@ pub struct Health {
     pub storages: Vec<StorageHealth>,
 }
 
+/// Control channel, agent → server: keep-alive; the server answers with `CtlPong`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtlPing {
+    pub nonce: u64,
+}
+
+/// Control channel, server → agent: the answer to `CtlPing`, with the server's load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtlPong {
+    pub nonce: u64,
+    /// 1-minute load average × 1000.
+    pub load_milli: u32,
+    /// Free bytes of the fullest storage.
+    pub free_bytes: u64,
+}
+
+/// Control channel: a JSON document (an `admin::AgentReport` going up, an
+/// `admin::ControlCommand` coming down), numbered by `id` for commands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CtlMessage {
+    pub id: u64,
+    pub json: String,
+}
+
+/// Control channel, agent → server: what became of command `id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CtlResult {
+    pub id: u64,
+    pub ok: bool,
+    pub message: String,
+}
+
 /// Every frame of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -504,6 +540,11 @@ pub enum Frame {
     Health(Health),
     Status(Status),
     SessionState(SessionState),
+    CtlPing(CtlPing),
+    CtlPong(CtlPong),
+    CtlReport(CtlMessage),
+    CtlCommand(CtlMessage),
+    CtlResult(CtlResult),
 }
 
 /// The type byte of a frame.
@@ -524,6 +565,11 @@ impl FrameType {
     pub const SESSION_STATE: FrameType = FrameType(0x23);
     pub const ABORT: FrameType = FrameType(0x30);
     pub const HEALTH: FrameType = FrameType(0x40);
+    pub const CTL_PING: FrameType = FrameType(0x50);
+    pub const CTL_PONG: FrameType = FrameType(0x51);
+    pub const CTL_REPORT: FrameType = FrameType(0x52);
+    pub const CTL_COMMAND: FrameType = FrameType(0x53);
+    pub const CTL_RESULT: FrameType = FrameType(0x54);
 
     /// Largest payload a frame of this type may declare, or `None` for unknown types.
     pub fn max_payload(self) -> Option<u32> {
@@ -540,7 +586,12 @@ impl FrameType {
             | FrameType::STATUS
             | FrameType::SESSION_STATE
             | FrameType::ABORT
-            | FrameType::HEALTH => Some(MAX_CONTROL_PAYLOAD),
+            | FrameType::HEALTH
+            | FrameType::CTL_PING
+            | FrameType::CTL_PONG
+            | FrameType::CTL_REPORT
+            | FrameType::CTL_COMMAND
+            | FrameType::CTL_RESULT => Some(MAX_CONTROL_PAYLOAD),
             _ => None,
         }
     }
@@ -560,6 +611,11 @@ impl FrameType {
             FrameType::SESSION_STATE => "SessionState",
             FrameType::ABORT => "Abort",
             FrameType::HEALTH => "Health",
+            FrameType::CTL_PING => "CtlPing",
+            FrameType::CTL_PONG => "CtlPong",
+            FrameType::CTL_REPORT => "CtlReport",
+            FrameType::CTL_COMMAND => "CtlCommand",
+            FrameType::CTL_RESULT => "CtlResult",
             _ => "unknown",
         }
     }
@@ -581,6 +637,11 @@ impl Frame {
             Frame::Health(_) => FrameType::HEALTH,
             Frame::Status(_) => FrameType::STATUS,
             Frame::SessionState(_) => FrameType::SESSION_STATE,
+            Frame::CtlPing(_) => FrameType::CTL_PING,
+            Frame::CtlPong(_) => FrameType::CTL_PONG,
+            Frame::CtlReport(_) => FrameType::CTL_REPORT,
+            Frame::CtlCommand(_) => FrameType::CTL_COMMAND,
+            Frame::CtlResult(_) => FrameType::CTL_RESULT,
         }
     }
 
@@ -623,6 +684,21 @@ impl Frame {
                 dst.put_u64(m.contiguous);
             }
             Frame::Status(m) => dst.put_slice(&m.session.0),
+            Frame::CtlPing(m) => dst.put_u64(m.nonce),
+            Frame::CtlPong(m) => {
+                dst.put_u64(m.nonce);
+                dst.put_u32(m.load_milli);
+                dst.put_u64(m.free_bytes);
+            }
+            Frame::CtlReport(m) | Frame::CtlCommand(m) => {
+                dst.put_u64(m.id);
+                put_json(dst, &m.json);
+            }
+            Frame::CtlResult(m) => {
+                dst.put_u64(m.id);
+                dst.put_u8(u8::from(m.ok));
+                put_text(dst, &m.message);
+            }
             Frame::SessionState(m) => match m {
                 SessionState::Unknown => dst.put_u8(0),
                 SessionState::Open { contiguous } => {
@@ -776,6 +852,13 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
         FrameType::JOIN => Frame::Join(Join { session: SessionId(r.array()?), stream: r.u16()?, generation: r.u32()? }),
         FrameType::JOINED => Frame::Joined(Joined { stream: r.u16()?, contiguous: r.u64()? }),
         FrameType::STATUS => Frame::Status(Status { session: SessionId(r.array()?) }),
+        FrameType::CTL_PING => Frame::CtlPing(CtlPing { nonce: r.u64()? }),
+        FrameType::CTL_PONG => Frame::CtlPong(CtlPong { nonce: r.u64()?, load_milli: r.u32()?, free_bytes: r.u64()? }),
+        FrameType::CTL_REPORT => Frame::CtlReport(CtlMessage { id: r.u64()?, json: r.json()? }),
+        FrameType::CTL_COMMAND => Frame::CtlCommand(CtlMessage { id: r.u64()?, json: r.json()? }),
+        FrameType::CTL_RESULT => {
+            Frame::CtlResult(CtlResult { id: r.u64()?, ok: r.bool("ok")?, message: r.text("message")? })
+        }
         FrameType::SESSION_STATE => Frame::SessionState(match r.u8()? {
             0 => SessionState::Unknown,
             1 => SessionState::Open { contiguous: r.u64()? },
@@ -833,6 +916,17 @@ fn put_text(dst: &mut BytesMut, text: &str) {
     }
     dst.put_u16(end as u16);
     dst.put_slice(&text.as_bytes()[..end]);
+}
+
+/// Longest JSON document in a control-channel frame.
+pub const MAX_JSON_LEN: usize = MAX_CONTROL_PAYLOAD as usize - 16;
+
+fn put_json(dst: &mut BytesMut, json: &str) {
+    // Callers keep documents under MAX_JSON_LEN; an oversized one is cut, and the
+    // peer's JSON parser then rejects it rather than the frame decoder.
+    let end = json.len().min(MAX_JSON_LEN);
+    dst.put_u32(end as u32);
+    dst.put_slice(&json.as_bytes()[..end]);
 }
 
 fn truncate_utf8(s: &mut String, max: usize) {
@@ -917,6 +1011,17 @@ impl<'a> Reader<'a> {
         }
         let bytes = self.take(len)?;
         std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| DecodeError::BadUtf8 { frame: self.frame, field })
+    }
+
+    fn json(&mut self) -> Result<String, DecodeError> {
+        let len = self.u32()? as usize;
+        if len > MAX_JSON_LEN {
+            return Err(DecodeError::TooLong { frame: self.frame, field: "json", len, max: MAX_JSON_LEN });
+        }
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::BadUtf8 { frame: self.frame, field: "json" })
     }
 
     fn refusal(&mut self) -> Result<Refusal, DecodeError> {

@@ -56,40 +56,7 @@ pub struct Sample {
     pub producer_done: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Decision {
-    Hold,
-    /// Open this many more streams.
-    Add(u16),
-    /// Retire this many streams.
-    Remove(u16),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScalerState {
-    Steady,
-    Probing,
-    Cooldown,
-    Draining,
-}
-
-/// A decision and why, for the console and logs.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct ScalerEvent {
-    /// Milliseconds since the backup started.
-    pub at_ms: u64,
-    pub streams: u16,
-    pub produce_mbps: f64,
-    pub drain_mbps: f64,
-    pub window_fill: f64,
-    /// Drain rate over producer rate: 1 or more means the network keeps up.
-    pub efficiency: f64,
-    pub state: ScalerState,
-    pub decision: Decision,
-    pub reason: String,
-}
+pub use nbackup_protocol::admin::{Decision, ScalerEvent, ScalerState};
 
 struct Probe {
     baseline: f64,

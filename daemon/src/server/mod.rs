@@ -9,6 +9,8 @@
 //! Backpressure flows back to TCP: a slow disk stops the reader, which stops the
 //! agent's window.
 
+mod admin;
+mod control;
 mod journal;
 mod recovery;
 mod session;
@@ -16,8 +18,9 @@ pub mod storage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -29,18 +32,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use nbackup_protocol::admin::HistoryRecord;
 use nbackup_protocol::config::ServerConfig;
 use nbackup_protocol::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use nbackup_protocol::wire::{
-    Caps, Chunk, ConnKind, Frame, FrameType, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal,
-    SessionState, Status, StorageHealth, Welcome,
+    Caps, Chunk, ConnKind, Frame, FrameType, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal, SessionState,
+    Status, StorageHealth, Welcome,
 };
 use nbackup_protocol::{Name, SessionId};
 
 use crate::conn::{ConnError, FrameReader, FrameWriter};
+use crate::state::{EventSpec, Events, History, Timeline, unix_now};
 use crate::tls;
 pub use session::{EntryKey, Outcome};
-use session::{Session, SessionParams, Written, lock};
+use session::{Session, SessionParams, StreamStats, Written, lock};
 use storage::StorageArea;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,14 +56,18 @@ pub enum ServerError {
     Storage { name: Name, path: std::path::PathBuf, source: std::io::Error },
     #[error("listener: {0}")]
     Listen(std::io::Error),
+    #[error("state directory {path}: {source}")]
+    State { path: std::path::PathBuf, source: std::io::Error },
+    #[error("admin socket {path}: {source}")]
+    Admin { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// How long shutdown waits for connections to finish after telling agents.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Finished sessions are remembered this long (across restarts, through their
-/// journals) so that an agent that lost the answer to its `Commit` learns the outcome
-/// when it asks again instead of sending the backup twice.
+/// Finished sessions are remembered this long (across restarts, through the
+/// committed log) so that an agent that lost the answer to its `Commit` learns the
+/// outcome when it asks again instead of sending the backup twice.
 const FINISHED_TTL: Duration = Duration::from_secs(3600);
 
 /// Bound on sending one frame to an agent; a peer that stops reading is dropped.
@@ -67,6 +76,24 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an aborted stream keeps draining what the agent still sends, so the
 /// Abort is read instead of lost to a connection reset.
 const LINGER: Duration = Duration::from_secs(2);
+
+/// Below this share of free space a storage is reported as low (event, metrics).
+const DISK_LOW: f64 = 0.10;
+
+/// What a server runs with besides its configuration.
+#[derive(Default)]
+pub struct Options {
+    /// The file to re-read on reload (SIGHUP, `POST /v1/reload`).
+    pub config_path: Option<PathBuf>,
+    /// Serve the admin API on the configured (or default) socket.
+    pub admin: bool,
+    /// Keep history and events under `state_dir` (otherwise in memory only).
+    pub persist_state: bool,
+    /// Reload requests, e.g. from SIGHUP.
+    pub reload: Option<mpsc::Receiver<()>>,
+    /// Told once the server accepts connections (systemd readiness).
+    pub ready: Option<oneshot::Sender<()>>,
+}
 
 struct Finished {
     agent: Name,
@@ -80,31 +107,82 @@ struct Registry {
     finished: HashMap<SessionId, Finished>,
 }
 
-/// State shared by all connections of one server.
-struct Shared {
+/// What a reload replaces: configuration, storages, certificates.
+struct Live {
     config: ServerConfig,
     storages: BTreeMap<Name, Arc<StorageArea>>,
+    acceptor: TlsAcceptor,
+}
+
+/// Counters for `/metrics` since the server started.
+#[derive(Default)]
+struct Metrics {
+    bytes_received: AtomicU64,
+    committed: Mutex<BTreeMap<String, u64>>,
+    failed: Mutex<BTreeMap<String, u64>>,
+    /// (agent, backup) → unix time of the last committed archive.
+    last_success: Mutex<BTreeMap<(String, String), u64>>,
+}
+
+/// State shared by all connections of one server.
+struct Shared {
+    live: RwLock<Arc<Live>>,
+    config_path: Option<PathBuf>,
+    listen: SocketAddr,
     /// One lock for the session table; held only for lookups and inserts.
     registry: Mutex<Registry>,
     started: Instant,
     draining: AtomicBool,
     tracker: TaskTracker,
+    events: Events,
+    history: History,
+    agents: control::Agents,
+    metrics: Metrics,
+    timeline: Timeline,
+    /// Storages last reported low on space, to warn once an hour.
+    disk_warned: Mutex<HashMap<Name, Instant>>,
 }
 
 /// Runs a server on `listener` until `shutdown` is cancelled, then tells connected
 /// agents, ends open sessions and returns once connections have closed (bounded).
 pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
-    let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
+    run_with(config, listener, shutdown, Options::default()).await
+}
+
+fn prepare_storages(
+    config: &ServerConfig,
+    previous: Option<&BTreeMap<Name, Arc<StorageArea>>>,
+) -> Result<BTreeMap<Name, Arc<StorageArea>>, ServerError> {
     let mut storages = BTreeMap::new();
-    let mut registry = Registry { sessions: HashMap::new(), locks: HashMap::new(), finished: HashMap::new() };
     for (name, cfg) in &config.storages {
+        // An unchanged storage keeps its identity; sessions in progress keep theirs.
+        if let Some(old) = previous.and_then(|p| p.get(name)).filter(|o| &o.cfg == cfg) {
+            storages.insert(name.clone(), old.clone());
+            continue;
+        }
         let area = Arc::new(StorageArea::new(cfg.clone()));
         area.prepare().map_err(|source| ServerError::Storage {
             name: name.clone(),
             path: cfg.base_dir.clone(),
             source,
         })?;
-        let recovered = recovery::recover(&area, FINISHED_TTL);
+        storages.insert(name.clone(), area);
+    }
+    Ok(storages)
+}
+
+/// [`run`] with options: admin API, persistent state, reload.
+pub async fn run_with(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    mut options: Options,
+) -> Result<(), ServerError> {
+    let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
+    let storages = prepare_storages(&config, None)?;
+    let mut registry = Registry { sessions: HashMap::new(), locks: HashMap::new(), finished: HashMap::new() };
+    for area in storages.values() {
+        let recovered = recovery::recover(area, FINISHED_TTL);
         for session in recovered.sessions {
             let session = Arc::new(session);
             registry.locks.insert(session.params.key.clone(), session.id());
@@ -114,30 +192,69 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
             let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
             registry.finished.insert(id, Finished { agent, outcome, at });
         }
-        storages.insert(name.clone(), area);
     }
+    let state_dir = options.persist_state.then(|| config.state_dir.clone());
+    let state_err = |source| ServerError::State { path: config.state_dir.clone(), source };
+    let events = Events::open(state_dir.as_deref(), "server-events.jsonl").map_err(state_err)?;
+    let history = History::open(state_dir.as_deref(), "server-history.jsonl").map_err(state_err)?;
+    let metrics = Metrics::default();
+    for r in history.list(None, usize::MAX).into_iter().rev().filter(|r| r.outcome == "committed") {
+        let at = chrono::DateTime::parse_from_rfc3339(&r.finished).map_or(0, |t| t.timestamp().max(0) as u64);
+        lock(&metrics.last_success).insert((r.agent, r.backup), at);
+    }
+    let admin_socket = config.admin.socket.clone().unwrap_or_else(|| crate::admin::default_socket("server"));
+    let admin_group = config.admin.group.clone();
+    let listen = listener.local_addr().map_err(ServerError::Listen)?;
     let shared = Arc::new(Shared {
-        config,
-        storages,
+        live: RwLock::new(Arc::new(Live { config, storages, acceptor })),
+        config_path: options.config_path.take(),
+        listen,
         registry: Mutex::new(registry),
         started: Instant::now(),
         draining: AtomicBool::new(false),
         tracker: TaskTracker::new(),
+        events,
+        history,
+        agents: control::Agents::default(),
+        metrics,
+        timeline: Timeline::new(Timeline::DEFAULT_POINTS),
+        disk_warned: Mutex::new(HashMap::new()),
     });
+    if options.admin {
+        let l = crate::admin::bind(&admin_socket, admin_group.as_deref())
+            .map_err(|source| ServerError::Admin { path: admin_socket.clone(), source })?;
+        let router = admin::router(shared.clone());
+        let (path, token) = (admin_socket.clone(), shutdown.clone());
+        shared.tracker.spawn(async move {
+            if let Err(e) = crate::admin::serve(l, path, admin_group.as_deref(), router, token).await {
+                warn!("admin API stopped: {e}");
+            }
+        });
+    }
     info!(
-        listen = %listener.local_addr().map_err(ServerError::Listen)?,
-        storages = shared.storages.len(),
+        listen = %listen,
+        storages = shared.live().storages.len(),
         version = crate::VERSION,
         "server ready"
     );
+    shared.events.record("started", EventSpec::default(), format!("server {} listening on {listen}", crate::VERSION));
+    if let Some(ready) = options.ready.take() {
+        let _ = ready.send(());
+    }
     shared.tracker.spawn(reaper(shared.clone(), shutdown.clone()));
+    shared.tracker.spawn(sampler(shared.clone(), shutdown.clone()));
+    let mut reload = options.reload.take();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(()) = async { match reload.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || s.reload()).await;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let shared2 = shared.clone();
-                    let acceptor = acceptor.clone();
+                    let acceptor = shared.live().acceptor.clone();
                     shared.tracker.spawn(async move { shared2.handle_connection(acceptor, tcp, peer).await });
                 }
                 // Out of file descriptors or similar: back off briefly instead of spinning.
@@ -155,31 +272,42 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
     for s in open {
         shared.end_session(&s, Outcome::Failed(Refusal::new(Reason::Draining, "server shutting down")));
     }
+    shared.agents.disconnect_all();
     shared.tracker.close();
     if timeout(DRAIN_TIMEOUT, shared.tracker.wait()).await.is_err() {
         warn!("some connections did not close within {DRAIN_TIMEOUT:?}");
     }
+    shared.events.record("stopped", EventSpec::default(), "server stopped");
     info!("server stopped");
     Ok(())
 }
 
 /// Ends sessions idle for longer than `session_ttl`, or without any stream for longer
-/// than `orphan_timeout`, releasing their locks; forgets old outcomes.
+/// than `orphan_timeout`, releasing their locks; forgets old outcomes; compacts the
+/// committed logs.
 async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let ttl = shared.config.session_ttl;
-    let orphan = shared.config.orphan_timeout;
-    let period = (orphan.min(ttl) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
-    let mut tick = tokio::time::interval(period);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut compacted = Instant::now();
+    let mut last = Instant::now() - Duration::from_secs(3600);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let (ttl, orphan) = {
+            let live = shared.live();
+            (live.config.session_ttl, live.config.orphan_timeout)
+        };
+        // Check as often as a quarter of the shortest limit, at most every 30 s.
+        let period = (orphan.min(ttl) / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        if last.elapsed() < period {
+            continue;
+        }
+        last = Instant::now();
         if compacted.elapsed() >= FINISHED_TTL / 4 {
             compacted = Instant::now();
-            for area in shared.storages.values() {
-                let area = area.clone();
+            let areas: Vec<Arc<StorageArea>> = shared.live().storages.values().cloned().collect();
+            for area in areas {
                 let _ = tokio::task::spawn_blocking(move || area.recent_commits(FINISHED_TTL)).await;
             }
         }
@@ -197,6 +325,36 @@ async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
+/// Once a second: receive rates, time series; every 30 s: low-disk warnings.
+async fn sampler(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = Instant::now();
+    let mut disk_check = Instant::now() - Duration::from_secs(30);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let secs = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        let sessions: Vec<Arc<Session>> = lock(&shared.registry).sessions.values().cloned().collect();
+        let mut rate = 0.0;
+        for s in &sessions {
+            s.sample(secs);
+            rate += s.rate();
+        }
+        let now = unix_now();
+        shared.timeline.push("sessions", now, sessions.len() as f64);
+        shared.timeline.push("receive_bps", now, rate);
+        shared.timeline.push("agents_connected", now, shared.agents.connected() as f64);
+        if disk_check.elapsed() >= Duration::from_secs(30) {
+            disk_check = Instant::now();
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || s.check_disks()).await;
+        }
+    }
+}
+
 /// What ended a stream's read loop.
 enum StreamEnd {
     Closed,
@@ -206,21 +364,134 @@ enum StreamEnd {
 }
 
 impl Shared {
+    fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Re-reads the config file and swaps storages, limits and certificates; open
+    /// sessions keep the storage they started with. Blocking (reads files).
+    fn reload(&self) -> Result<String, String> {
+        let Some(path) = &self.config_path else {
+            return Err("this server was started without a config file to re-read".into());
+        };
+        let result = (|| -> Result<String, String> {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let config = ServerConfig::parse(&text, path).map_err(|e| e.to_string())?;
+            let acceptor = TlsAcceptor::from(tls::server_config(&config.tls).map_err(|e| e.to_string())?);
+            let current = self.live();
+            let storages = prepare_storages(&config, Some(&current.storages)).map_err(|e| e.to_string())?;
+            let mut note = String::new();
+            if config.listen != current.config.listen {
+                note = format!("; server.listen changed to {} (takes effect after a restart)", config.listen);
+            }
+            let names: Vec<&str> = storages.keys().map(Name::as_str).collect();
+            let message = format!("configuration reloaded: storages {}{note}", names.join(", "));
+            *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Arc::new(Live { config, storages, acceptor });
+            Ok(message)
+        })();
+        match &result {
+            Ok(m) => {
+                info!("{m}");
+                self.events.record("reloaded", EventSpec::default(), m.clone());
+            }
+            Err(e) => {
+                warn!("reload rejected, keeping the running configuration: {e}");
+                self.events.record("reload_failed", EventSpec::default(), e.clone());
+            }
+        }
+        result
+    }
+
+    /// Records storages under [`DISK_LOW`] free space, at most once an hour each.
+    fn check_disks(&self) {
+        for (name, area) in &self.live().storages {
+            let Ok((free, total)) = area.disk_space() else { continue };
+            if total == 0 || (free as f64) / (total as f64) >= DISK_LOW {
+                continue;
+            }
+            let mut warned = lock(&self.disk_warned);
+            if warned.get(name).is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
+                continue;
+            }
+            warned.insert(name.clone(), Instant::now());
+            let msg = format!("storage {name} has {free} of {total} bytes free");
+            warn!("{msg}");
+            self.events.record("disk_low", EventSpec::default(), msg);
+        }
+    }
+
+    /// Free bytes of the fullest storage.
+    fn min_free(&self) -> u64 {
+        self.live().storages.values().filter_map(|a| a.disk_space().ok()).map(|(f, _)| f).min().unwrap_or(0)
+    }
+
     fn end_session(&self, session: &Arc<Session>, outcome: Outcome) {
         if !session.end(outcome.clone()) {
             return;
         }
-        let mut reg = lock(&self.registry);
-        reg.sessions.remove(&session.id());
-        if reg.locks.get(&session.params.key) == Some(&session.id()) {
-            reg.locks.remove(&session.params.key);
+        {
+            let mut reg = lock(&self.registry);
+            reg.sessions.remove(&session.id());
+            if reg.locks.get(&session.params.key) == Some(&session.id()) {
+                reg.locks.remove(&session.params.key);
+            }
+            reg.finished.insert(
+                session.id(),
+                Finished { agent: session.params.key.agent.clone(), outcome: outcome.clone(), at: Instant::now() },
+            );
         }
-        reg.finished
-            .insert(session.id(), Finished { agent: session.params.key.agent.clone(), outcome, at: Instant::now() });
+        let p = &session.params;
+        let id = p.id.to_string();
+        let who = || EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
+        let storage = p.key.storage.to_string();
+        let (kind, archive, reason, message) = match &outcome {
+            Outcome::Committed(c) => {
+                *lock(&self.metrics.committed).entry(storage.clone()).or_default() += 1;
+                lock(&self.metrics.last_success).insert((p.key.agent.to_string(), p.key.backup.to_string()), unix_now());
+                self.events.record("committed", who(), format!("committed {} ({} bytes)", c.archive, c.size));
+                for old in session.rotated() {
+                    self.events.record("rotated", who(), format!("rotated out {old}"));
+                }
+                ("committed", Some(c.archive.clone()), None, format!("{} bytes", c.size))
+            }
+            Outcome::Failed(r) => {
+                *lock(&self.metrics.failed).entry(storage.clone()).or_default() += 1;
+                let kind = match r.reason {
+                    Reason::Cancelled | Reason::Draining => "aborted",
+                    Reason::Expired => "expired",
+                    _ => "failed",
+                };
+                self.events.record(kind, who(), r.to_string());
+                (kind, None, Some(r.reason.to_string()), r.message.clone())
+            }
+        };
+        self.history.record(HistoryRecord {
+            session: id.clone(),
+            agent: p.key.agent.to_string(),
+            storage,
+            backup: p.key.backup.to_string(),
+            outcome: kind.to_string(),
+            archive,
+            reason,
+            message,
+            bytes: session.bytes_received.load(Ordering::Relaxed),
+            started: p.started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            finished: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        });
+    }
+
+    /// Refuses a request: logs it, records an event, tells the peer, closes.
+    async fn refuse<W: AsyncWrite + Unpin>(&self, conn: &Conn, writer: &mut FrameWriter<W>, refusal: Refusal) {
+        warn!(peer = %conn.peer, identities = ?conn.identities, reason = %refusal.reason, "refused: {}", refusal.message);
+        let agent = conn.identities.first().map(String::as_str);
+        self.events.record("refused", EventSpec { agent, ..Default::default() }, refusal.to_string());
+        let _ = writer.send(&Frame::Refused(refusal)).await;
+        let _ = writer.shutdown().await;
     }
 
     async fn handle_connection(self: Arc<Self>, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
-        let hs = self.config.handshake_timeout;
+        let hs = self.live().config.handshake_timeout;
         let _ = tcp.set_nodelay(true);
         let tls = match timeout(hs, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
@@ -269,11 +540,13 @@ impl Shared {
             ConnKind::Ping => self.handle_ping(&conn, writer).await,
             ConnKind::Backup => self.handle_backup(conn, reader, writer).await,
             ConnKind::Join => self.handle_join(conn, reader, writer).await,
+            ConnKind::Control => control::handle(self, conn, reader, writer).await,
         }
     }
 
     async fn handle_ping<W: AsyncWrite + Unpin>(&self, conn: &Conn, mut writer: FrameWriter<W>) {
         let storages = self
+            .live()
             .storages
             .values()
             .map(|s| {
@@ -306,13 +579,13 @@ impl Shared {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let hs = self.config.handshake_timeout;
+        let hs = self.live().config.handshake_timeout;
         match timeout(hs, reader.read_frame()).await {
             Ok(Ok(f)) if expected.contains(&f.frame_type()) => Some(f),
             Ok(Ok(other)) => {
                 let names: Vec<&str> = expected.iter().map(|t| t.name()).collect();
                 let msg = format!("expected {}, got {}", names.join(" or "), other.frame_type().name());
-                conn.refuse(writer, Refusal::new(Reason::Protocol, msg)).await;
+                self.refuse(conn, writer, Refusal::new(Reason::Protocol, msg)).await;
                 None
             }
             Ok(Err(e)) => {
@@ -338,7 +611,7 @@ impl Shared {
         let session = match self.open_session(&conn, &hello) {
             Ok(s) => s,
             Err(r) => {
-                conn.refuse(&mut writer, r).await;
+                self.refuse(&conn, &mut writer, r).await;
                 return;
             }
         };
@@ -353,14 +626,18 @@ impl Shared {
             self.end_session(&session, Outcome::Failed(Refusal::new(Reason::Cancelled, "agent left before Welcome")));
             return;
         }
-        let cancel = match session.attach(0, 0) {
+        let (cancel, stats) = match session.attach(0, 0) {
             Ok(c) => c,
             Err(r) => {
-                conn.refuse(&mut writer, r).await;
+                self.refuse(&conn, &mut writer, r).await;
                 return;
             }
         };
-        self.run_stream(session, 0, 0, cancel, reader, writer).await;
+        *lock(&stats.peer) = conn.peer.to_string();
+        let id = p.id.to_string();
+        let who = EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
+        self.events.record("started", who, format!("session opened from {} ({})", conn.peer, p.compression));
+        self.clone().run_stream(session, 0, 0, cancel, stats, reader, writer).await;
     }
 
     /// Checks a `Hello` against identity, storage, disk and locks, and opens the session.
@@ -378,8 +655,9 @@ impl Shared {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Refusal::new(Reason::Draining, "server is shutting down"));
         }
-        let storage = self.storages.get(&hello.storage).ok_or_else(|| {
-            let names: Vec<&str> = self.storages.keys().map(Name::as_str).collect();
+        let live = self.live();
+        let storage = live.storages.get(&hello.storage).ok_or_else(|| {
+            let names: Vec<&str> = live.storages.keys().map(Name::as_str).collect();
             Refusal::new(
                 Reason::UnknownStorage,
                 format!("no storage {:?}; this server has: {}", hello.storage.as_str(), names.join(", ")),
@@ -405,7 +683,7 @@ impl Shared {
             compression,
             level: storage.cfg.level,
             chunk_size: hello.chunk_size,
-            max_streams: hello.streams.clamp(1, self.config.max_streams_per_session),
+            max_streams: hello.streams.clamp(1, live.config.max_streams_per_session),
             agent_version: hello.agent_version.clone(),
             started: chrono::Utc::now(),
         };
@@ -465,10 +743,10 @@ impl Shared {
             }
             _ => return,
         };
-        let (session, cancel) = match self.join_session(&conn, &join) {
+        let (session, cancel, stats) = match self.join_session(&conn, &join) {
             Ok(x) => x,
             Err(r) => {
-                conn.refuse(&mut writer, r).await;
+                self.refuse(&conn, &mut writer, r).await;
                 return;
             }
         };
@@ -478,10 +756,24 @@ impl Shared {
             return;
         }
         info!(session = %session.id(), stream = join.stream, generation = join.generation, peer = %conn.peer, "stream joined");
-        self.run_stream(session, join.stream, join.generation, cancel, reader, writer).await;
+        *lock(&stats.peer) = conn.peer.to_string();
+        let joins = session.streams().iter().find(|s| s.stream == join.stream).map_or(1, |s| s.joins);
+        let (id, p) = (session.id().to_string(), &session.params);
+        let who = EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
+        let (kind, msg) = if joins > 1 {
+            ("stream_rejoined", format!("stream {} re-joined from {} ({} joins)", join.stream, conn.peer, joins))
+        } else {
+            ("stream_joined", format!("stream {} joined from {}", join.stream, conn.peer))
+        };
+        self.events.record(kind, who, msg);
+        self.clone().run_stream(session, join.stream, join.generation, cancel, stats, reader, writer).await;
     }
 
-    fn join_session(&self, conn: &Conn, join: &Join) -> Result<(Arc<Session>, CancellationToken), Refusal> {
+    fn join_session(
+        &self,
+        conn: &Conn,
+        join: &Join,
+    ) -> Result<(Arc<Session>, CancellationToken, Arc<StreamStats>), Refusal> {
         let session = {
             let reg = lock(&self.registry);
             match reg.sessions.get(&join.session) {
@@ -504,9 +796,9 @@ impl Shared {
         if !conn.owns(&session.params.key.agent) {
             return Err(Refusal::new(Reason::NotAllowed, "session belongs to another agent"));
         }
-        let cancel = session.attach(join.stream, join.generation)?;
+        let (cancel, stats) = session.attach(join.stream, join.generation)?;
         session.touch();
-        Ok((session, cancel))
+        Ok((session, cancel, stats))
     }
 
     /// What became of a session, for an agent that lost its connection.
@@ -535,6 +827,7 @@ impl Shared {
         stream: u16,
         generation: u32,
         cancel: CancellationToken,
+        stats: Arc<StreamStats>,
         mut reader: FrameReader<R>,
         writer: FrameWriter<W>,
     ) where
@@ -546,8 +839,8 @@ impl Shared {
         let (out_tx, out_rx) = mpsc::channel::<Frame>(64);
         let (disk_tx, disk_rx) = mpsc::channel::<DiskJob>(2);
         let out_task = tokio::spawn(write_out(writer, out_rx));
-        let disk_task = tokio::spawn(disk_loop(self.clone(), session.clone(), disk_rx, out_tx.clone()));
-        let ttl = self.config.session_ttl;
+        let disk_task = tokio::spawn(disk_loop(self.clone(), session.clone(), stats.clone(), disk_rx, out_tx.clone()));
+        let ttl = self.live().config.session_ttl;
         let end = loop {
             let frame = tokio::select! {
                 biased;
@@ -563,6 +856,9 @@ impl Shared {
             session.touch();
             match frame {
                 Frame::Chunk(chunk) => {
+                    let len = chunk.data.len() as u64;
+                    stats.bytes.fetch_add(len, Ordering::Relaxed);
+                    self.metrics.bytes_received.fetch_add(len, Ordering::Relaxed);
                     if !chunk.crc_ok() {
                         break StreamEnd::Error(format!("chunk {} failed its CRC32C check", chunk.seq));
                     }
@@ -616,9 +912,13 @@ impl Shared {
             }
             (StreamEnd::Error(e), None) => {
                 warn!(session = %session.id(), stream, "stream closed: {e}");
+                self.stream_lost(&session, stream, e);
                 aborted = out_tx.send(Frame::Abort(Refusal::new(Reason::Protocol, e.clone()))).await.is_ok();
             }
-            (StreamEnd::Closed, None) => debug!(session = %session.id(), stream, "stream closed by agent"),
+            (StreamEnd::Closed, None) => {
+                debug!(session = %session.id(), stream, "stream closed by agent");
+                self.stream_lost(&session, stream, "closed by the agent");
+            }
             _ => {}
         }
         drop(out_tx);
@@ -634,6 +934,14 @@ impl Shared {
     }
 }
 
+impl Shared {
+    fn stream_lost(&self, session: &Session, stream: u16, why: &str) {
+        let (id, p) = (session.id().to_string(), &session.params);
+        let who = EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
+        self.events.record("stream_lost", who, format!("stream {stream}: {why}"));
+    }
+}
+
 enum DiskJob {
     Write(Chunk),
     Barrier(oneshot::Sender<()>),
@@ -644,6 +952,7 @@ enum DiskJob {
 async fn disk_loop(
     shared: Arc<Shared>,
     session: Arc<Session>,
+    stats: Arc<StreamStats>,
     mut jobs: mpsc::Receiver<DiskJob>,
     out: mpsc::Sender<Frame>,
 ) {
@@ -663,6 +972,9 @@ async fn disk_loop(
         let result = tokio::task::spawn_blocking(move || s.write_chunk(&chunk))
             .await
             .unwrap_or_else(|e| Err(Refusal::new(Reason::Internal, format!("write task failed: {e}"))));
+        if result == Ok(Written::Duplicate) {
+            stats.resent.fetch_add(1, Ordering::Relaxed);
+        }
         match result {
             Ok(Written::New | Written::Duplicate) => {
                 if out.send(Frame::Ack(nbackup_protocol::wire::Ack { seq })).await.is_err() {
@@ -724,9 +1036,4 @@ impl Conn {
         self.identities.iter().any(|i| i == agent.as_str())
     }
 
-    async fn refuse<W: AsyncWrite + Unpin>(&self, writer: &mut FrameWriter<W>, refusal: Refusal) {
-        warn!(peer = %self.peer, identities = ?self.identities, reason = %refusal.reason, "refused: {}", refusal.message);
-        let _ = writer.send(&Frame::Refused(refusal)).await;
-        let _ = writer.shutdown().await;
-    }
 }

@@ -136,7 +136,7 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path, out: &mut Recovered) -> std
             return Err(bad("commit intent without upload or archive".into()));
         }
         info!(session = %id, archive = %archive.display(), "finished a commit interrupted by a restart");
-        rotate_logged(area, &agent, &backup);
+        let _ = rotate_logged(area, &agent, &backup);
         let c = Committed {
             archive: intent.archive.clone(),
             size: intent.manifest.size,

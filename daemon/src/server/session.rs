@@ -86,7 +86,14 @@ pub struct Session {
     file: File,
     chunks: Mutex<ChunkState>,
     commit: Mutex<Option<Result<Committed, Refusal>>>,
+    /// Archives the commit's rotation removed.
+    rotated: Mutex<Vec<String>>,
     streams: Mutex<HashMap<u16, StreamSlot>>,
+    /// How often each stream index has been joined (for "reconnects").
+    joins: Mutex<HashMap<u16, u32>>,
+    /// Receive rate over the last sampling interval (an `f64`'s bits).
+    rate_bits: AtomicU64,
+    sampled_bytes: AtomicU64,
     /// Since when no stream has been attached (the agent may be gone).
     orphaned_since: Mutex<Option<Instant>>,
     outcome: Mutex<Option<Outcome>>,
@@ -101,6 +108,41 @@ pub struct Session {
 struct StreamSlot {
     generation: u32,
     cancel: CancellationToken,
+    stats: Arc<StreamStats>,
+}
+
+/// Counters of one stream, shared with its task and read by the admin API.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    pub bytes: AtomicU64,
+    pub resent: AtomicU64,
+    /// Bytes per second over the last sampling interval (an `f64`'s bits).
+    pub rate_bits: AtomicU64,
+    sampled_bytes: AtomicU64,
+    pub peer: Mutex<String>,
+}
+
+impl StreamStats {
+    pub fn rate(&self) -> f64 {
+        f64::from_bits(self.rate_bits.load(Ordering::Relaxed))
+    }
+
+    /// Updates the rate from the bytes received since the last call, `secs` ago.
+    pub fn sample(&self, secs: f64) {
+        let now = self.bytes.load(Ordering::Relaxed);
+        let before = self.sampled_bytes.swap(now, Ordering::Relaxed);
+        let rate = now.saturating_sub(before) as f64 / secs.max(1e-3);
+        self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+    }
+}
+
+/// One attached stream, for the admin API.
+#[derive(Debug, Clone)]
+pub struct StreamView {
+    pub stream: u16,
+    pub generation: u32,
+    pub joins: u32,
+    pub stats: Arc<StreamStats>,
 }
 
 struct ChunkState {
@@ -200,7 +242,11 @@ impl Session {
             file,
             chunks: Mutex::new(chunks),
             commit: Mutex::new(None),
+            rotated: Mutex::new(Vec::new()),
             streams: Mutex::new(HashMap::new()),
+            joins: Mutex::new(HashMap::new()),
+            rate_bits: AtomicU64::new(0),
+            sampled_bytes: AtomicU64::new(0),
             orphaned_since: Mutex::new(orphaned_since),
             outcome: Mutex::new(None),
             ended: CancellationToken::new(),
@@ -462,7 +508,7 @@ impl Session {
             session = %p.id, agent = %p.key.agent, backup = %p.key.backup, storage = %p.key.storage,
             archive = %path.display(), bytes = commit.total_len, "committed"
         );
-        rotate_logged(&self.storage, &p.key.agent, &p.key.backup);
+        *lock(&self.rotated) = rotate_logged(&self.storage, &p.key.agent, &p.key.backup);
         let done = Committed { archive: manifest.archive, size: commit.total_len, sha256: commit.sha256 };
         st.journal.done(&done_record(&done)).map_err(fail)?;
         self.storage.record_committed(&committed_entry(&p.id, &p.key.agent, &done)).map_err(fail)?;
@@ -474,7 +520,7 @@ impl Session {
 
     /// Attaches a stream. A higher generation replaces the attached connection (which
     /// is told to stop); an equal or lower one is a duplicate.
-    pub fn attach(&self, stream: u16, generation: u32) -> Result<CancellationToken, Refusal> {
+    pub fn attach(&self, stream: u16, generation: u32) -> Result<(CancellationToken, Arc<StreamStats>), Refusal> {
         if stream >= self.params.max_streams {
             return Err(refuse(
                 Reason::TooManyStreams,
@@ -492,9 +538,11 @@ impl Session {
             slot.cancel.cancel();
         }
         let cancel = self.ended.child_token();
-        streams.insert(stream, StreamSlot { generation, cancel: cancel.clone() });
+        let stats = Arc::new(StreamStats::default());
+        streams.insert(stream, StreamSlot { generation, cancel: cancel.clone(), stats: stats.clone() });
+        *lock(&self.joins).entry(stream).or_insert(0) += 1;
         *lock(&self.orphaned_since) = None;
-        Ok(cancel)
+        Ok((cancel, stats))
     }
 
     /// Detaches a stream if `generation` is still the attached one.
@@ -513,6 +561,11 @@ impl Session {
         lock(&self.orphaned_since).map(|t| t.elapsed())
     }
 
+    /// Archives removed by the rotation after this session's commit.
+    pub fn rotated(&self) -> Vec<String> {
+        lock(&self.rotated).clone()
+    }
+
     pub fn journal_path(&self) -> PathBuf {
         Journal::path_for(&self.part_path)
     }
@@ -524,6 +577,49 @@ impl Session {
 
     pub fn attached_streams(&self) -> usize {
         lock(&self.streams).len()
+    }
+
+    /// The attached streams, by index.
+    pub fn streams(&self) -> Vec<StreamView> {
+        let joins = lock(&self.joins).clone();
+        let mut v: Vec<StreamView> = lock(&self.streams)
+            .iter()
+            .map(|(i, s)| StreamView {
+                stream: *i,
+                generation: s.generation,
+                joins: joins.get(i).copied().unwrap_or(1),
+                stats: s.stats.clone(),
+            })
+            .collect();
+        v.sort_by_key(|s| s.stream);
+        v
+    }
+
+    /// Closes one stream's connection; the agent re-joins and resends what it had
+    /// in flight (operator "rotate"). False if no such stream is attached.
+    pub fn rotate(&self, stream: u16) -> bool {
+        match lock(&self.streams).get(&stream) {
+            Some(slot) => {
+                slot.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn rate(&self) -> f64 {
+        f64::from_bits(self.rate_bits.load(Ordering::Relaxed))
+    }
+
+    /// Updates receive rates (the session's and its streams'), `secs` after the last call.
+    pub fn sample(&self, secs: f64) {
+        let now = self.bytes_received.load(Ordering::Relaxed);
+        let before = self.sampled_bytes.swap(now, Ordering::Relaxed);
+        let rate = now.saturating_sub(before) as f64 / secs.max(1e-3);
+        self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+        for s in lock(&self.streams).values() {
+            s.stats.sample(secs);
+        }
     }
 
     /// Ends the session once: records the outcome, stops its streams, and removes the
@@ -569,14 +665,19 @@ fn check_geometry(st: &ChunkState, seq: u64, len: u64, cs: u64) -> Result<(), Re
 }
 
 /// Rotates an entry after a commit; a failure only keeps an extra old archive.
-pub(crate) fn rotate_logged(storage: &StorageArea, agent: &Name, backup: &Name) {
+/// Returns the names removed.
+pub(crate) fn rotate_logged(storage: &StorageArea, agent: &Name, backup: &Name) -> Vec<String> {
     match storage.rotate(agent, backup) {
         Ok(removed) => {
-            for name in removed {
+            for name in &removed {
                 tracing::info!(%agent, %backup, archive = %name, "rotated out");
             }
+            removed
         }
-        Err(e) => tracing::warn!(%agent, %backup, "rotation failed: {e}"),
+        Err(e) => {
+            tracing::warn!(%agent, %backup, "rotation failed: {e}");
+            Vec::new()
+        }
     }
 }
 
@@ -717,9 +818,10 @@ mod tests {
     fn a_newer_generation_replaces_a_stream_and_duplicates_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = session(dir.path(), 4);
-        let first = s.attach(1, 1).expect("attach");
+        let (first, _) = s.attach(1, 1).expect("attach");
         assert_eq!(s.attach(1, 1).expect_err("duplicate").reason, Reason::Busy);
-        let second = s.attach(1, 2).expect("rejoin");
+        let (second, _) = s.attach(1, 2).expect("rejoin");
+        assert_eq!(s.streams()[0].joins, 2);
         assert!(first.is_cancelled() && !second.is_cancelled());
         assert_eq!(s.attach(4, 1).expect_err("too many").reason, Reason::TooManyStreams);
         s.detach(1, 1);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::error::Source;
-use super::{ByteSize, ConfigError, HumanDuration, Logging, RawLogging, Schedule, base_dir, resolve};
+use super::{Admin, ByteSize, ConfigError, HumanDuration, Logging, RawAdmin, RawLogging, Schedule, base_dir, resolve};
 use crate::limits::{MAX_CHUNK_SIZE, MAX_STREAMS, MIN_CHUNK_SIZE};
 use crate::name::Name;
 
@@ -26,6 +26,47 @@ pub struct RawAgentConfig {
     pub retry: RawRetry,
     #[serde(default)]
     pub logging: RawLogging,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub daemon: RawDaemon,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    #[serde(default)]
+    pub control_channel: RawControlChannel,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControlChannel {
+    pub enabled: Option<bool>,
+    pub keepalive_interval: Option<HumanDuration>,
+    pub reconnect_delay: Option<HumanDuration>,
+    pub max_reconnect_delay: Option<HumanDuration>,
+}
+
+/// The agent daemon's persistent control connection to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlChannel {
+    pub enabled: bool,
+    pub keepalive_interval: Duration,
+    pub reconnect_delay: Duration,
+    pub max_reconnect_delay: Duration,
+}
+
+impl Default for ControlChannel {
+    fn default() -> Self {
+        ControlChannel {
+            enabled: true,
+            keepalive_interval: Duration::from_secs(30),
+            reconnect_delay: Duration::from_secs(5),
+            max_reconnect_delay: Duration::from_secs(300),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -59,6 +100,8 @@ pub struct RawBackup {
     #[serde(default)]
     pub exclude: Vec<String>,
     pub parallels: Option<u16>,
+    pub timezone: Option<String>,
+    pub catch_up: Option<bool>,
     pub auto_scaler: Option<RawAutoScaler>,
     pub bandwidth_limit: Option<ByteSize>,
     /// `"HH:MM-HH:MM": rate` windows of local time.
@@ -171,6 +214,7 @@ pub struct RawRetry {
     pub max_attempts: Option<u32>,
     pub initial_delay: Option<HumanDuration>,
     pub max_delay: Option<HumanDuration>,
+    pub attempt_timeout: Option<HumanDuration>,
 }
 
 /// Validated agent configuration.
@@ -184,6 +228,10 @@ pub struct AgentConfig {
     pub resume: Resume,
     pub retry: Retry,
     pub logging: Logging,
+    /// Where the agent daemon keeps results and events.
+    pub state_dir: PathBuf,
+    pub admin: Admin,
+    pub control_channel: ControlChannel,
 }
 
 /// Where the server is and which name its certificate must carry.
@@ -209,6 +257,10 @@ pub struct BackupEntry {
     pub storage: Name,
     /// `None`: the entry only runs on demand.
     pub schedule: Option<Schedule>,
+    /// Time zone the schedule is read in; `None` is the host's local time.
+    pub timezone: Option<chrono_tz::Tz>,
+    /// Run once at start if a scheduled run was missed while the agent was down.
+    pub catch_up: bool,
     /// Absolute source paths; archive members are these paths without the leading `/`.
     pub sources: Vec<PathBuf>,
     pub exclude: Excludes,
@@ -236,6 +288,8 @@ pub struct Retry {
     pub max_attempts: u32,
     pub initial_delay: Duration,
     pub max_delay: Duration,
+    /// Bound on one attempt of a scheduled run.
+    pub attempt_timeout: Duration,
 }
 
 impl Retry {
@@ -248,7 +302,12 @@ impl Retry {
 
 impl Default for Retry {
     fn default() -> Self {
-        Retry { max_attempts: 5, initial_delay: Duration::from_secs(1), max_delay: Duration::from_secs(300) }
+        Retry {
+            max_attempts: 5,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(300),
+            attempt_timeout: Duration::from_secs(24 * 3600),
+        }
     }
 }
 
@@ -435,12 +494,31 @@ impl AgentConfig {
                     Some("raise resume.buffer_size or lower parallels".into()),
                 ));
             }
+            let timezone = match &b.timezone {
+                None => None,
+                Some(tz) => Some(tz.parse::<chrono_tz::Tz>().map_err(|_| {
+                    src.error(
+                        Some(&format!("{at}.timezone")),
+                        format!("unknown time zone {tz:?}"),
+                        Some("use an IANA name such as Europe/Lisbon or UTC".into()),
+                    )
+                })?),
+            };
+            if b.catch_up == Some(true) && schedule.is_none() {
+                return Err(src.error(
+                    Some(&format!("{at}.catch_up")),
+                    "catch_up needs a schedule",
+                    Some("add `schedule:` or remove catch_up".into()),
+                ));
+            }
             let auto_scaler = auto_scaler(b.auto_scaler.as_ref(), &at, src)?;
             let bandwidth = bandwidth(b.bandwidth_limit, &b.bandwidth_schedule, &at, src)?;
             backups.push(BackupEntry {
                 name: b.name,
                 storage: b.storage,
                 schedule,
+                timezone,
+                catch_up: b.catch_up.unwrap_or(false),
                 sources,
                 exclude,
                 parallels,
@@ -460,6 +538,11 @@ impl AgentConfig {
             resume,
             retry,
             logging: Logging::from_raw(raw.logging, &base),
+            state_dir: raw
+                .state_dir
+                .map_or_else(|| PathBuf::from(super::server::DEFAULT_STATE_DIR), |p| resolve(&base, p)),
+            admin: Admin::from_raw(raw.admin, &base).map_err(|e| src.error(Some("admin.group"), e, None))?,
+            control_channel: control_channel(&raw.daemon.control_channel, src)?,
         })
     }
 
@@ -577,6 +660,32 @@ fn bandwidth(
     Ok(Bandwidth { default, windows })
 }
 
+fn control_channel(raw: &RawControlChannel, src: &Source<'_>) -> Result<ControlChannel, ConfigError> {
+    let d = ControlChannel::default();
+    let c = ControlChannel {
+        enabled: raw.enabled.unwrap_or(d.enabled),
+        keepalive_interval: raw.keepalive_interval.map_or(d.keepalive_interval, |x| x.0),
+        reconnect_delay: raw.reconnect_delay.map_or(d.reconnect_delay, |x| x.0),
+        max_reconnect_delay: raw.max_reconnect_delay.map_or(d.max_reconnect_delay, |x| x.0),
+    };
+    let at = "daemon.control_channel";
+    if c.keepalive_interval < Duration::from_millis(100) {
+        return Err(src.error(Some(&format!("{at}.keepalive_interval")), "must be at least 100ms", None));
+    }
+    if c.reconnect_delay.is_zero() || c.reconnect_delay > c.max_reconnect_delay {
+        return Err(src.error(
+            Some(&format!("{at}.reconnect_delay")),
+            format!(
+                "reconnect_delay {} must be more than 0 and at most max_reconnect_delay {}",
+                HumanDuration(c.reconnect_delay),
+                HumanDuration(c.max_reconnect_delay)
+            ),
+            None,
+        ));
+    }
+    Ok(c)
+}
+
 fn resume(raw: &RawResume, src: &Source<'_>) -> Result<Resume, ConfigError> {
     let defaults = Resume::default();
     let chunk = raw.chunk_size.map_or(u64::from(defaults.chunk_size), ByteSize::bytes);
@@ -612,7 +721,11 @@ fn retry(raw: &RawRetry, src: &Source<'_>) -> Result<Retry, ConfigError> {
         max_attempts: raw.max_attempts.unwrap_or(d.max_attempts),
         initial_delay: raw.initial_delay.map_or(d.initial_delay, |x| x.0),
         max_delay: raw.max_delay.map_or(d.max_delay, |x| x.0),
+        attempt_timeout: raw.attempt_timeout.map_or(d.attempt_timeout, |x| x.0),
     };
+    if r.attempt_timeout < Duration::from_secs(1) {
+        return Err(src.error(Some("retry.attempt_timeout"), "must be at least 1s", Some("e.g. 12h".into())));
+    }
     if r.max_attempts == 0 {
         return Err(src.error(Some("retry.max_attempts"), "must be at least 1", None));
     }
@@ -703,7 +816,12 @@ mod tests {
 
     #[test]
     fn retry_backs_off_exponentially_up_to_the_cap() {
-        let r = Retry { max_attempts: 9, initial_delay: Duration::from_secs(1), max_delay: Duration::from_secs(5) };
+        let r = Retry {
+            max_attempts: 9,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(60),
+        };
         let delays: Vec<u64> = (1..=5).map(|a| r.delay(a).as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 5, 5]);
         assert_eq!(r.delay(200), Duration::from_secs(5));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::error::Source;
-use super::{ConfigError, HumanDuration, Logging, RawLogging, base_dir, resolve};
+use super::{Admin, ConfigError, HumanDuration, Logging, RawAdmin, RawLogging, base_dir, resolve};
 use crate::limits::{MAX_STORAGES, MAX_STREAMS};
 use crate::name::Name;
 use crate::wire::Compression;
@@ -20,6 +20,9 @@ pub struct RawServerConfig {
     pub storages: BTreeMap<String, RawStorage>,
     #[serde(default)]
     pub logging: RawLogging,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub admin: RawAdmin,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -65,7 +68,13 @@ pub struct ServerConfig {
     pub tls: ServerTls,
     pub storages: BTreeMap<Name, Storage>,
     pub logging: Logging,
+    /// Where history and events are kept.
+    pub state_dir: PathBuf,
+    pub admin: Admin,
 }
+
+/// Default directory for daemon state.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/nbackup";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerTls {
@@ -202,6 +211,8 @@ impl ServerConfig {
             },
             storages,
             logging: Logging::from_raw(raw.logging, &base),
+            state_dir: raw.state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| resolve(&base, p)),
+            admin: Admin::from_raw(raw.admin, &base).map_err(|e| src.error(Some("admin.group"), e, None))?,
         })
     }
 }

@@ -178,6 +178,35 @@ fn golden_status_and_session_state() {
 }
 
 #[test]
+fn golden_control_channel() {
+    assert_eq!(&Preamble::new(ConnKind::Control, Caps::default()).encode()[..4], b"CTRL");
+    assert_eq!(hex(&Frame::CtlPing(CtlPing { nonce: 1 }).to_bytes()), "50000000080000000000000001");
+    assert_eq!(
+        hex(&Frame::CtlPong(CtlPong { nonce: 1, load_milli: 1500, free_bytes: 2 }).to_bytes()),
+        "51000000140000000000000001000005dc0000000000000002"
+    );
+    assert_eq!(
+        hex(&Frame::CtlReport(CtlMessage { id: 0, json: "{}".into() }).to_bytes()),
+        "520000000e0000000000000000000000027b7d"
+    );
+    assert_eq!(
+        hex(&Frame::CtlCommand(CtlMessage { id: 7, json: "{}".into() }).to_bytes()),
+        "530000000e0000000000000007000000027b7d"
+    );
+    assert_eq!(
+        hex(&Frame::CtlResult(CtlResult { id: 7, ok: true, message: "ok".into() }).to_bytes()),
+        "540000000d0000000000000007010002" .to_owned() + "6f6b"
+    );
+}
+
+#[test]
+fn rejects_oversized_json() {
+    let mut bytes = vec![0x52, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+    bytes.truncate(17);
+    assert!(matches!(decode_all(&bytes), Err(DecodeError::TooLong { field: "json", .. })));
+}
+
+#[test]
 fn rejects_unknown_session_states() {
     assert_eq!(decode_all(&[0x23, 0, 0, 0, 1, 7]), Err(DecodeError::UnknownValue { field: "session state", value: 7 }));
 }
@@ -343,6 +372,13 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             (arb_reason(), ".{0,40}").prop_map(|(r, m)| SessionState::Failed(Refusal::new(r, m))),
         ]
         .prop_map(Frame::SessionState),
+        any::<u64>().prop_map(|nonce| Frame::CtlPing(CtlPing { nonce })),
+        (any::<u64>(), any::<u32>(), any::<u64>())
+            .prop_map(|(nonce, load_milli, free_bytes)| Frame::CtlPong(CtlPong { nonce, load_milli, free_bytes })),
+        (any::<u64>(), ".{0,200}").prop_map(|(id, json)| Frame::CtlReport(CtlMessage { id, json })),
+        (any::<u64>(), ".{0,200}").prop_map(|(id, json)| Frame::CtlCommand(CtlMessage { id, json })),
+        (any::<u64>(), any::<bool>(), ".{0,40}")
+            .prop_map(|(id, ok, message)| Frame::CtlResult(CtlResult { id, ok, message })),
         (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2048))
             .prop_map(|(seq, off, data)| Frame::Chunk(Chunk::new(seq, off, Bytes::from(data)))),
         any::<u64>().prop_map(|seq| Frame::Ack(Ack { seq })),

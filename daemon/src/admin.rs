@@ -1,0 +1,191 @@
+//! The local admin API server: HTTP/1.1 + JSON on a Unix socket.
+//!
+//! The socket is created with mode 0660 (and the configured group), a stale socket
+//! left by a dead daemon is replaced, a live one is not, and every request's peer
+//! credentials (`SO_PEERCRED`) are checked: root, the daemon's own user, and members
+//! of the configured group (primary or supplementary) are served; anyone else gets
+//! 403. Group names are resolved from `/etc/group`.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use axum::Router;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use nbackup_protocol::admin::ApiError;
+
+/// Who is on the other end of an admin connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        let cred = stream.io().peer_cred().ok();
+        Peer { uid: cred.map(|c| c.uid()), gid: cred.map(|c| c.gid()), pid: cred.and_then(|c| c.pid()) }
+    }
+}
+
+/// Who may use the API.
+#[derive(Clone, Debug)]
+struct Access {
+    own_uid: u32,
+    group: Option<u32>,
+}
+
+/// The default socket for `daemon` (`agent` or `server`): under `/run/nbackup` as
+/// root, else under `$XDG_RUNTIME_DIR/nbackup` (or the temp dir without one).
+pub fn default_socket(daemon: &str) -> PathBuf {
+    let base = if rustix::process::geteuid().is_root() {
+        PathBuf::from("/run/nbackup")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR").map_or_else(std::env::temp_dir, PathBuf::from).join("nbackup")
+    };
+    base.join(format!("{daemon}.sock"))
+}
+
+/// Looks a group up in `/etc/group`.
+pub fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+/// Supplementary groups of a process, from `/proc/<pid>/status`.
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:").map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect()))
+        })
+        .unwrap_or_default()
+}
+
+fn allowed(access: &Access, peer: &Peer) -> bool {
+    let Some(uid) = peer.uid else { return false };
+    if uid == 0 || uid == access.own_uid {
+        return true;
+    }
+    match access.group {
+        Some(g) => peer.gid == Some(g) || peer.pid.is_some_and(|pid| supplementary_groups(pid).contains(&g)),
+        None => false,
+    }
+}
+
+async fn check_peer(
+    State(access): State<Access>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if allowed(&access, &peer) {
+        return next.run(request).await;
+    }
+    tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, path = %request.uri().path(), "admin API: access denied");
+    let body = ApiError { error: "access denied: root, the daemon's user or its admin group only".into() };
+    (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
+}
+
+/// Binds `path`, replacing a stale socket but never a live one or another file.
+pub fn bind(path: &Path, group: Option<&str>) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; not touching it", path.display()),
+            ));
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another daemon is already serving {}", path.display()),
+                ));
+            }
+            Err(_) => {
+                tracing::info!(path = %path.display(), "removing stale admin socket");
+                std::fs::remove_file(path)?;
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(g) = group {
+        let gid = group_id(g).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no group {g:?}")))?;
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    Ok(listener)
+}
+
+/// Serves `router` on `listener` until `shutdown`, then removes the socket file.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    group: Option<&str>,
+    router: Router,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let access = Access { own_uid: rustix::process::geteuid().as_raw(), group: group.and_then(group_id) };
+    let app = router.layer(middleware::from_fn_with_state(access, check_peer));
+    tracing::info!(socket = %path.display(), "admin API ready");
+    let result = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// A JSON error response.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(ApiError { error: message.into() })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_rules() {
+        let a = Access { own_uid: 1000, group: Some(500) };
+        let p = |uid, gid| Peer { uid: Some(uid), gid: Some(gid), pid: None };
+        assert!(allowed(&a, &p(0, 0)), "root");
+        assert!(allowed(&a, &p(1000, 1000)), "the daemon's user");
+        assert!(allowed(&a, &p(2000, 500)), "the admin group");
+        assert!(!allowed(&a, &p(2000, 2000)), "anyone else");
+        assert!(!allowed(&a, &Peer { uid: None, gid: None, pid: None }), "unknown peer");
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        let live = bind(&path, None).expect("stale socket replaced");
+        assert_eq!(std::fs::metadata(&path).expect("socket").permissions().mode() & 0o777, 0o660);
+        let err = bind(&path, None).expect_err("live socket kept");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(live);
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "x").expect("file");
+        assert_eq!(bind(&file, None).expect_err("not a socket").kind(), io::ErrorKind::AlreadyExists);
+    }
+}

@@ -1,0 +1,226 @@
+//! The server end of agents' control channels, and the registry of agents they
+//! build: who is connected, from where, with which version, round-trip time and
+//! load, and what each last reported; and the path for operator commands down to an
+//! agent. Backups never depend on any of this.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+use tracing::{info, warn};
+
+use nbackup_protocol::Name;
+use nbackup_protocol::admin::{AgentInfo, AgentReport, ControlCommand};
+use nbackup_protocol::wire::{CtlMessage, CtlPong, CtlResult, Frame};
+
+use super::{Conn, Shared, WRITE_TIMEOUT};
+use crate::conn::FrameReader;
+use crate::conn::FrameWriter;
+use crate::state::EventSpec;
+
+/// A control channel with no frame for this long is considered dead.
+const IDLE: Duration = Duration::from_secs(15 * 60);
+
+/// How long an operator waits for an agent to answer a command.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+struct Pending {
+    command: ControlCommand,
+    reply: oneshot::Sender<CtlResult>,
+}
+
+struct Entry {
+    info: AgentInfo,
+    commands: Option<mpsc::Sender<Pending>>,
+    /// Increases per connection, so a stale connection cannot mark a newer one gone.
+    epoch: u64,
+}
+
+/// Agents known from their control channels.
+#[derive(Default)]
+pub struct Agents {
+    inner: Mutex<BTreeMap<String, Entry>>,
+    epochs: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+impl Agents {
+    pub fn list(&self) -> Vec<AgentInfo> {
+        lock(&self.inner).values().map(|e| e.info.clone()).collect()
+    }
+
+    pub fn connected(&self) -> usize {
+        lock(&self.inner).values().filter(|e| e.info.connected).count()
+    }
+
+    pub fn disconnect_all(&self) {
+        for e in lock(&self.inner).values_mut() {
+            e.commands = None;
+            e.info.connected = false;
+        }
+    }
+
+    /// Sends `command` to `agent` and waits for its answer.
+    pub async fn command(&self, agent: &str, command: ControlCommand) -> Result<CtlResult, String> {
+        let tx = lock(&self.inner)
+            .get(agent)
+            .and_then(|e| e.commands.clone())
+            .ok_or_else(|| format!("agent {agent} has no control channel connected"))?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Pending { command, reply }).await.map_err(|_| format!("agent {agent} disconnected"))?;
+        match timeout(COMMAND_TIMEOUT, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(format!("agent {agent} disconnected before answering")),
+            Err(_) => Err(format!("agent {agent} did not answer within {COMMAND_TIMEOUT:?}")),
+        }
+    }
+}
+
+/// The host's 1-minute load average.
+pub fn load1() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+/// Serves one agent's control channel until it closes or the server stops.
+pub async fn handle<R, W>(shared: Arc<Shared>, conn: Conn, mut reader: FrameReader<R>, mut writer: FrameWriter<W>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(agent) = conn.identities.iter().find(|i| Name::new(i.as_str()).is_ok()).cloned() else {
+        warn!(peer = %conn.peer, "control channel refused: the certificate names no valid agent");
+        return;
+    };
+    let epoch = shared.agents.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Pending>(16);
+    {
+        let mut agents = lock(&shared.agents.inner);
+        let entry = agents.entry(agent.clone()).or_insert_with(|| Entry {
+            info: AgentInfo {
+                name: agent.clone(),
+                address: String::new(),
+                version: String::new(),
+                connected: false,
+                rtt_ms: None,
+                last_seen: now(),
+                load1: None,
+                sessions: Vec::new(),
+                last_results: Vec::new(),
+            },
+            commands: None,
+            epoch,
+        });
+        entry.info.connected = true;
+        entry.info.address = conn.peer.to_string();
+        entry.info.last_seen = now();
+        entry.commands = Some(tx);
+        entry.epoch = epoch;
+    }
+    info!(agent = %agent, peer = %conn.peer, "control channel connected");
+    shared.events.record(
+        "agent_connected",
+        EventSpec { agent: Some(&agent), ..Default::default() },
+        format!("control channel from {}", conn.peer),
+    );
+    let mut pending: HashMap<u64, oneshot::Sender<CtlResult>> = HashMap::new();
+    let mut next_id = 0u64;
+    let why = loop {
+        tokio::select! {
+            frame = timeout(IDLE, reader.read_frame()) => {
+                let frame = match frame {
+                    Err(_) => break format!("silent for {IDLE:?}"),
+                    Ok(Err(e)) => break e.to_string(),
+                    Ok(Ok(f)) => f,
+                };
+                touch(&shared, &agent);
+                let answer = match frame {
+                    Frame::CtlPing(p) => {
+                        let free_bytes = {
+                            let s = shared.clone();
+                            tokio::task::spawn_blocking(move || s.min_free()).await.unwrap_or(0)
+                        };
+                        let load_milli = load1().map_or(0, |l| (l * 1000.0) as u32);
+                        Some(Frame::CtlPong(CtlPong { nonce: p.nonce, load_milli, free_bytes }))
+                    }
+                    Frame::CtlReport(m) => {
+                        match serde_json::from_str::<AgentReport>(&m.json) {
+                            Ok(report) => apply_report(&shared, &agent, report),
+                            Err(e) => warn!(agent = %agent, "unreadable control report: {e}"),
+                        }
+                        None
+                    }
+                    Frame::CtlResult(r) => {
+                        if let Some(reply) = pending.remove(&r.id) {
+                            let _ = reply.send(r);
+                        }
+                        None
+                    }
+                    other => break format!("unexpected {} frame", other.frame_type().name()),
+                };
+                if let Some(frame) = answer
+                    && !matches!(timeout(WRITE_TIMEOUT, writer.send(&frame)).await, Ok(Ok(())))
+                {
+                    break "cannot send".to_string();
+                }
+            }
+            Some(cmd) = rx.recv() => {
+                next_id += 1;
+                let json = serde_json::to_string(&cmd.command).unwrap_or_default();
+                let frame = Frame::CtlCommand(CtlMessage { id: next_id, json });
+                if !matches!(timeout(WRITE_TIMEOUT, writer.send(&frame)).await, Ok(Ok(()))) {
+                    break "cannot send".to_string();
+                }
+                pending.insert(next_id, cmd.reply);
+            }
+            _ = wait_draining(&shared) => break "server shutting down".to_string(),
+        }
+    };
+    {
+        let mut agents = lock(&shared.agents.inner);
+        if let Some(e) = agents.get_mut(&agent).filter(|e| e.epoch == epoch) {
+            e.info.connected = false;
+            e.commands = None;
+        }
+    }
+    info!(agent = %agent, "control channel closed: {why}");
+    shared.events.record("agent_disconnected", EventSpec { agent: Some(&agent), ..Default::default() }, why);
+}
+
+async fn wait_draining(shared: &Shared) {
+    while !shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn touch(shared: &Shared, agent: &str) {
+    if let Some(e) = lock(&shared.agents.inner).get_mut(agent) {
+        e.info.last_seen = now();
+    }
+}
+
+fn apply_report(shared: &Shared, agent: &str, report: AgentReport) {
+    if let Some(e) = lock(&shared.agents.inner).get_mut(agent) {
+        e.info.version = report.version;
+        e.info.load1 = report.load1;
+        e.info.rtt_ms = report.rtt_ms;
+        e.info.last_results = report.last_results;
+    }
+}
+
+/// Fills in each agent's open sessions from the server's own table.
+pub fn with_sessions(mut agents: Vec<AgentInfo>, sessions: &[(String, String)]) -> Vec<AgentInfo> {
+    for a in &mut agents {
+        a.sessions = sessions.iter().filter(|(agent, _)| *agent == a.name).map(|(_, id)| id.clone()).collect();
+    }
+    agents
+}
