@@ -121,6 +121,7 @@ class Nbackup:
             f.write(
                 f'server:\n  listen: "127.0.0.1:{self.port}"\n  max_streams_per_session: 16\n'
                 "tls:\n  ca_cert: pki/ca.crt\n  server_cert: pki/server.crt\n  server_key: pki/server.key\n"
+                "state_dir: state\nadmin:\n  socket: server.sock\n"
                 "storages:\n"
                 f"  gz:\n    base_dir: storage/gz\n    max_backups: 1\n    compression: gzip\n    compression_level: {gzip_level}\n"
                 f"  zs:\n    base_dir: storage/zs\n    max_backups: 1\n    compression: zstd\n    compression_level: {zstd_level}\n"

@@ -36,6 +36,9 @@ pub enum Command {
     /// Run the server in the foreground until Ctrl-C / SIGTERM
     #[command(after_help = EXIT_CODES)]
     Server(ServerArgs),
+    /// Run the agent daemon in the foreground: schedules, control channel, admin API
+    #[command(after_help = EXIT_CODES)]
+    Agent(AgentArgs),
     /// Run backup entries once and exit
     #[command(after_help = EXIT_CODES)]
     Backup(BackupArgs),
@@ -98,6 +101,19 @@ pub struct ServerArgs {
     /// Server configuration file
     #[arg(short, long, value_name = "FILE", env = "NBACKUP_SERVER_CONFIG")]
     pub config: PathBuf,
+    /// Do not serve the local admin API
+    #[arg(long)]
+    pub no_admin: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Agent configuration file
+    #[arg(short, long, value_name = "FILE", env = "NBACKUP_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// Do not serve the local admin API
+    #[arg(long)]
+    pub no_admin: bool,
 }
 
 #[derive(Debug, Args)]

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Cert(c) => cmd::cert::run(c),
         Command::Server(a) => cmd::server::run(a),
+        Command::Agent(a) => cmd::agent::run(a),
         Command::Backup(a) => cmd::backup::run(a),
         Command::Health(a) => cmd::health::run(a),
         Command::Demo(a) => cmd::demo::run(a),

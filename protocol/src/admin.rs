@@ -281,8 +281,6 @@ pub struct AgentReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "command")]
 pub enum ControlCommand {
-    /// Close and re-open one stream of a running backup (its chunks are resent).
-    RotateStream { session: String, stream: u16 },
     /// Give up a running backup.
     Abort { entry: String, reason: String },
     /// Run an entry now, outside its schedule.

@@ -143,6 +143,11 @@ impl Schedule {
         self.cron.find_next_occurrence(after, false).ok()
     }
 
+    /// The last time at or before `at` at which the schedule fired.
+    pub fn prev_before<Tz: chrono::TimeZone>(&self, at: &chrono::DateTime<Tz>) -> Option<chrono::DateTime<Tz>> {
+        self.cron.find_previous_occurrence(at, true).ok()
+    }
+
     /// The expression in English, e.g. "At 02:00".
     pub fn describe(&self) -> String {
         self.cron.describe()

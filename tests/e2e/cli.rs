@@ -76,6 +76,7 @@ fn setup(root: &Path) -> (PathBuf, PathBuf, u16) {
         &server,
         format!(
             "server:\n  listen: \"127.0.0.1:{port}\"\ntls:\n  ca_cert: pki/ca.crt\n  server_cert: pki/server.crt\n  server_key: pki/server.key\n\
+             state_dir: state\nadmin:\n  socket: server.sock\n\
              storages:\n  main:\n    base_dir: storage\n    max_backups: 3\n    compression: gzip\n"
         ),
     )

@@ -78,8 +78,10 @@ pub fn zstd(name: &'static str) -> StorageSpec {
 /// appended to the `server:` section.
 pub fn server_yaml(root: &Path, pki: &Pki, addr: SocketAddr, storages: &[StorageSpec], extra: &str) -> String {
     let mut yaml = format!(
-        "server:\n  listen: \"{addr}\"\n{extra}tls:\n  ca_cert: {0}/ca.crt\n  server_cert: {0}/server.crt\n  server_key: {0}/server.key\nstorages:\n",
-        pki.dir.display()
+        "server:\n  listen: \"{addr}\"\n{extra}tls:\n  ca_cert: {0}/ca.crt\n  server_cert: {0}/server.crt\n  server_key: {0}/server.key\n\
+         state_dir: {1}/state\nadmin:\n  socket: {1}/server.sock\nstorages:\n",
+        pki.dir.display(),
+        root.display()
     );
     for s in storages {
         yaml.push_str(&format!(

@@ -209,6 +209,11 @@ impl Connector {
         }
     }
 
+    /// Opens the control channel.
+    pub async fn control(&self) -> Result<Connection, ConnectError> {
+        self.connect(ConnKind::Control).await
+    }
+
     /// Asks the server for its health.
     pub async fn health(&self) -> Result<Health, ConnectError> {
         let mut conn = self.connect(ConnKind::Ping).await?;

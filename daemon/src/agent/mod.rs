@@ -9,9 +9,12 @@
 //! servers per `retry.*`), starts the producer and the streams, and waits until the
 //! server has committed the archive or the transfer has failed.
 
+mod admin;
 pub mod archive;
 pub mod autoscale;
 pub mod connect;
+mod control;
+pub mod daemon;
 pub mod gzip;
 pub mod producer;
 pub mod progress;

@@ -86,11 +86,6 @@ impl Agents {
     }
 }
 
-/// The host's 1-minute load average.
-pub fn load1() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
-}
-
 /// Serves one agent's control channel until it closes or the server stops.
 pub async fn handle<R, W>(shared: Arc<Shared>, conn: Conn, mut reader: FrameReader<R>, mut writer: FrameWriter<W>)
 where
@@ -149,7 +144,7 @@ where
                             let s = shared.clone();
                             tokio::task::spawn_blocking(move || s.min_free()).await.unwrap_or(0)
                         };
-                        let load_milli = load1().map_or(0, |l| (l * 1000.0) as u32);
+                        let load_milli = crate::state::load1().map_or(0, |l| (l * 1000.0) as u32);
                         Some(Frame::CtlPong(CtlPong { nonce: p.nonce, load_milli, free_bytes }))
                     }
                     Frame::CtlReport(m) => {

@@ -1,0 +1,138 @@
+//! The agent daemon's admin API routes (`docs/admin-api.md`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use nbackup_protocol::admin::{AbortRequest, ActionResult, AgentStatus, EntryStatus, Event, Series, WatchItem};
+
+use super::daemon::{Agentd, Triggered};
+use crate::admin::error;
+
+type S = State<Arc<Agentd>>;
+
+pub(super) fn router(d: Arc<Agentd>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/entries", get(entries))
+        .route("/v1/entries/{name}", get(entry))
+        .route("/v1/entries/{name}/run", post(run))
+        .route("/v1/entries/{name}/abort", post(abort))
+        .route("/v1/entries/{name}/defer", post(defer))
+        .route("/v1/events", get(events))
+        .route("/v1/series", get(series))
+        .route("/v1/watch", get(watch))
+        .route("/v1/reload", post(reload))
+        .with_state(d)
+}
+
+async fn status(State(d): S) -> Json<AgentStatus> {
+    Json(d.status())
+}
+
+async fn entries(State(d): S) -> Json<Vec<EntryStatus>> {
+    Json(d.entry_statuses())
+}
+
+async fn entry(State(d): S, Path(name): Path<String>) -> Result<Json<EntryStatus>, Response> {
+    d.entry_statuses()
+        .into_iter()
+        .find(|e| e.name == name)
+        .map(Json)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no entry {name}")))
+}
+
+async fn run(State(d): S, Path(name): Path<String>) -> Result<(StatusCode, Json<ActionResult>), Response> {
+    match d.trigger(&name, "operator") {
+        Triggered::Started => {
+            Ok((StatusCode::ACCEPTED, Json(ActionResult { ok: true, message: format!("{name} started") })))
+        }
+        Triggered::Skipped => Err(error(StatusCode::CONFLICT, format!("{name} is already running; trigger skipped"))),
+        Triggered::Unknown => Err(error(StatusCode::NOT_FOUND, format!("no entry {name}"))),
+    }
+}
+
+async fn abort(
+    State(d): S,
+    Path(name): Path<String>,
+    body: Option<Json<AbortRequest>>,
+) -> Result<Json<ActionResult>, Response> {
+    let reason = body.and_then(|b| b.0.reason).unwrap_or_else(|| "aborted by the operator".into());
+    if d.abort(&name, &reason) {
+        Ok(Json(ActionResult { ok: true, message: format!("{name} aborting") }))
+    } else {
+        Err(error(StatusCode::CONFLICT, format!("{name} is not running")))
+    }
+}
+
+#[derive(Deserialize)]
+struct DeferQuery {
+    seconds: u64,
+}
+
+async fn defer(State(d): S, Path(name): Path<String>, Query(q): Query<DeferQuery>) -> Result<Json<ActionResult>, Response> {
+    match d.defer(&name, q.seconds) {
+        Some(until) => Ok(Json(ActionResult { ok: true, message: format!("{name} deferred until {}", until.to_rfc3339()) })),
+        None => Err(error(StatusCode::NOT_FOUND, format!("no entry {name}"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn events(State(d): S, Query(q): Query<EventsQuery>) -> Json<Vec<Event>> {
+    Json(d.events_since(q.since.unwrap_or(0), q.limit.unwrap_or(1000)))
+}
+
+async fn series(State(d): S) -> Json<Vec<Series>> {
+    Json(d.series())
+}
+
+async fn reload(State(d): S) -> Result<Json<ActionResult>, Response> {
+    let d2 = d.clone();
+    match tokio::task::spawn_blocking(move || d2.reload()).await {
+        Ok(Ok(message)) => Ok(Json(ActionResult { ok: true, message })),
+        Ok(Err(e)) => Err(error(StatusCode::UNPROCESSABLE_ENTITY, e)),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+/// NDJSON: a snapshot at once and every second, and every event as it happens.
+async fn watch(State(d): S) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
+    let mut events = d.events.subscribe();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let item = tokio::select! {
+                _ = tick.tick() => WatchItem::AgentSnapshot { status: d.status() },
+                e = events.recv() => match e {
+                    Ok(event) => WatchItem::Event { event },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                },
+            };
+            let mut line = serde_json::to_string(&item).unwrap_or_default();
+            line.push('\n');
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+        .into_response()
+}

@@ -1,0 +1,153 @@
+//! The agent end of the control channel: a persistent mTLS connection that pings the
+//! server (round-trip time as an EWMA, the server's load and free space in the
+//! answer), reports progress and results, and executes operator commands (run now,
+//! abort, defer). It reconnects with exponential backoff. Backups never depend on it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use nbackup_protocol::admin::ControlCommand;
+use nbackup_protocol::wire::{CtlMessage, CtlPing, CtlResult, Frame};
+
+use super::daemon::{Agentd, Triggered};
+use crate::state::EventSpec;
+
+/// How often progress is reported while something runs (and at least this often
+/// after a change otherwise).
+const REPORT_EVERY: Duration = Duration::from_secs(2);
+
+pub(super) async fn run(d: Arc<Agentd>) {
+    let mut failures: u32 = 0;
+    loop {
+        let cfg = d.config().control_channel;
+        if !cfg.enabled {
+            // Wait for a reload that might enable it.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                _ = d.shutdown().cancelled() => return,
+            }
+        }
+        let connector = d.connector();
+        let connected = tokio::select! {
+            c = connector.control() => c,
+            _ = d.shutdown().cancelled() => return,
+        };
+        match connected {
+            Ok(conn) => {
+                info!("control channel connected");
+                d.events.record("control_connected", EventSpec::default(), "control channel connected");
+                d.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner).connected = true;
+                let why = session(&d, conn).await;
+                {
+                    let mut c = d.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    c.connected = false;
+                }
+                if d.shutdown().is_cancelled() {
+                    return;
+                }
+                warn!("control channel lost: {why}");
+                d.events.record("control_lost", EventSpec::default(), why);
+                failures = 0;
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                debug!("control channel: {e}");
+            }
+        }
+        let factor = 1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+        let delay = cfg.reconnect_delay.saturating_mul(factor).min(cfg.max_reconnect_delay);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = d.shutdown().cancelled() => return,
+        }
+    }
+}
+
+async fn session(d: &Arc<Agentd>, conn: super::connect::Connection) -> String {
+    let super::connect::Connection { mut reader, mut writer, .. } = conn;
+    let keepalive = d.config().control_channel.keepalive_interval;
+    let mut ping = tokio::time::interval(keepalive);
+    let mut report = tokio::time::interval(REPORT_EVERY);
+    let mut reported_generation = u64::MAX;
+    let mut pings: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            _ = d.shutdown().cancelled() => return "shutting down".into(),
+            _ = ping.tick() => {
+                nonce += 1;
+                pings.insert(nonce, Instant::now());
+                pings.retain(|n, _| nonce - n < 16);
+                if let Err(e) = writer.send(&Frame::CtlPing(CtlPing { nonce })).await {
+                    return e.to_string();
+                }
+            }
+            _ = report.tick() => {
+                let generation = d.generation.load(Ordering::Relaxed);
+                let busy = !d.running().is_empty();
+                if busy || generation != reported_generation {
+                    reported_generation = generation;
+                    let json = serde_json::to_string(&d.report()).unwrap_or_default();
+                    if let Err(e) = writer.send(&Frame::CtlReport(CtlMessage { id: 0, json })).await {
+                        return e.to_string();
+                    }
+                }
+            }
+            frame = tokio::time::timeout(keepalive * 3, reader.read_frame()) => {
+                let frame = match frame {
+                    Err(_) => return format!("no answer for {:?}", keepalive * 3),
+                    Ok(Err(e)) => return e.to_string(),
+                    Ok(Ok(f)) => f,
+                };
+                match frame {
+                    Frame::CtlPong(p) => {
+                        if let Some(sent) = pings.remove(&p.nonce) {
+                            let sample = sent.elapsed().as_secs_f64() * 1000.0;
+                            let mut c = d.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            c.rtt_ms = Some(c.rtt_ms.map_or(sample, |r| r * 0.875 + sample * 0.125));
+                            c.server_load1 = Some(f64::from(p.load_milli) / 1000.0);
+                            c.server_free_bytes = Some(p.free_bytes);
+                        }
+                    }
+                    Frame::CtlCommand(m) => {
+                        let result = execute(d, m.id, &m.json);
+                        if let Err(e) = writer.send(&Frame::CtlResult(result)).await {
+                            return e.to_string();
+                        }
+                    }
+                    other => return format!("unexpected {} frame", other.frame_type().name()),
+                }
+            }
+        }
+    }
+}
+
+fn execute(d: &Arc<Agentd>, id: u64, json: &str) -> CtlResult {
+    let command: ControlCommand = match serde_json::from_str(json) {
+        Ok(c) => c,
+        Err(e) => return CtlResult { id, ok: false, message: format!("unknown command: {e}") },
+    };
+    info!(?command, "operator command from the server");
+    let (ok, message) = match command {
+        ControlCommand::RunNow { entry } => match d.trigger(&entry, "operator") {
+            Triggered::Started => (true, format!("{entry} started")),
+            Triggered::Skipped => (false, format!("{entry} is already running")),
+            Triggered::Unknown => (false, format!("no entry {entry}")),
+        },
+        ControlCommand::Abort { entry, reason } => {
+            if d.abort(&entry, &reason) {
+                (true, format!("{entry} aborting"))
+            } else {
+                (false, format!("{entry} is not running"))
+            }
+        }
+        ControlCommand::Defer { entry, seconds } => match d.defer(&entry, seconds) {
+            Some(until) => (true, format!("{entry} deferred until {}", until.to_rfc3339())),
+            None => (false, format!("no entry {entry}")),
+        },
+    };
+    CtlResult { id, ok, message }
+}

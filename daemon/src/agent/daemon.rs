@@ -1,0 +1,730 @@
+//! The agent daemon (`nbackup agent`): runs each entry on its schedule, keeps the
+//! results, talks to the server on a control channel, and serves the local admin API.
+//!
+//! * **Schedules.** One task computes every entry's next run in its time zone and
+//!   sleeps until the earliest. A trigger — scheduled, operator (`run`), control
+//!   channel, or catch-up — while the entry still runs is skipped and recorded.
+//!   A run missed while the daemon was down is replayed once at start only with
+//!   `catch_up: true` (the last handled occurrence is kept in the state file).
+//! * **Runs.** Each run makes up to `retry.max_attempts` attempts with exponential
+//!   backoff, each bounded by `retry.attempt_timeout`.
+//! * **Reload** (SIGHUP, `POST /v1/reload`) re-reads the config; an invalid one is
+//!   rejected and the old one stays; running backups finish with what they started
+//!   with; new certificates take effect for new connections.
+//! * **Shutdown** stops scheduling, cancels running backups (each tells the server
+//!   with `Abort` at once) and returns within a bounded time.
+//!
+//! Time comes from a [`Clock`], so tests can run schedules faster than real time.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use nbackup_protocol::admin::{
+    AgentReport, AgentStatus, ControlStatus, EntryResult, EntryStatus, Event, RunningBackup, Series,
+};
+use nbackup_protocol::config::{AgentConfig, BackupEntry};
+
+use super::{BackupError, Connector, Progress, run_backup};
+use crate::state::{EventSpec, Events, Timeline, unix_now};
+
+/// Where "now" comes from, and how to wait for a wall-clock time.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+    fn sleep_until(&self, at: DateTime<Utc>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// The real clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+        Box::pin(tokio::time::sleep(wait))
+    }
+}
+
+/// A clock that starts at `origin` and runs `speed` times faster than real time —
+/// for tests of schedules, without pausing the timers real I/O depends on.
+pub struct FastClock {
+    origin: DateTime<Utc>,
+    started: Instant,
+    speed: f64,
+}
+
+impl FastClock {
+    pub fn new(origin: DateTime<Utc>, speed: f64) -> Self {
+        FastClock { origin, started: Instant::now(), speed }
+    }
+}
+
+impl Clock for FastClock {
+    fn now(&self) -> DateTime<Utc> {
+        let elapsed = self.started.elapsed().as_secs_f64() * self.speed;
+        self.origin + chrono::Duration::milliseconds((elapsed * 1000.0) as i64)
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let wait = (at - self.now()).to_std().unwrap_or_default().div_f64(self.speed);
+        Box::pin(tokio::time::sleep(wait))
+    }
+}
+
+/// What an agent daemon runs with besides its configuration.
+pub struct Options {
+    /// The file to re-read on reload.
+    pub config_path: Option<PathBuf>,
+    /// Serve the admin API on the configured (or default) socket.
+    pub admin: bool,
+    /// Keep results and events under `state_dir`.
+    pub persist_state: bool,
+    /// Reload requests, e.g. from SIGHUP.
+    pub reload: Option<mpsc::Receiver<()>>,
+    /// Told once the daemon is running (systemd readiness).
+    pub ready: Option<oneshot::Sender<()>>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            config_path: None,
+            admin: false,
+            persist_state: false,
+            reload: None,
+            ready: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("state directory {path}: {source}")]
+    State { path: PathBuf, source: std::io::Error },
+    #[error("admin socket {path}: {source}")]
+    Admin { path: PathBuf, source: std::io::Error },
+}
+
+/// A backup in progress.
+struct Running {
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+    attempt: u32,
+    started: DateTime<Utc>,
+}
+
+#[derive(Default)]
+struct EntryState {
+    running: Option<Running>,
+    last: Option<EntryResult>,
+    next_run: Option<DateTime<Utc>>,
+    deferred_until: Option<DateTime<Utc>>,
+    /// The last scheduled occurrence handled (fired, skipped or deliberately missed).
+    last_fire: Option<DateTime<Utc>>,
+}
+
+/// What survives a restart, in `<state_dir>/agent-state.json`.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    entries: BTreeMap<String, PersistedEntry>,
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct PersistedEntry {
+    last: Option<EntryResult>,
+    last_fire: Option<DateTime<Utc>>,
+}
+
+/// The control channel as the daemon sees it.
+#[derive(Default)]
+pub(super) struct ControlView {
+    pub connected: bool,
+    pub rtt_ms: Option<f64>,
+    pub server_load1: Option<f64>,
+    pub server_free_bytes: Option<u64>,
+}
+
+pub(super) struct Agentd {
+    config: RwLock<Arc<AgentConfig>>,
+    connector: RwLock<Arc<Connector>>,
+    config_path: Option<PathBuf>,
+    started: Instant,
+    entries: Mutex<BTreeMap<String, EntryState>>,
+    pub(super) events: Events,
+    state_file: Option<PathBuf>,
+    pub(super) timeline: Timeline,
+    pub(super) control: Mutex<ControlView>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+    runs: TaskTracker,
+    /// Wakes the scheduler when schedules change (reload, defer).
+    schedule_changed: Notify,
+    /// Bumps when results change, so the control channel reports promptly.
+    pub(super) generation: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn next_after(entry: &BackupEntry, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let schedule = entry.schedule.as_ref()?;
+    match entry.timezone {
+        Some(tz) => schedule.next_after(&after.with_timezone(&tz)).map(|t| t.with_timezone(&Utc)),
+        None => schedule.next_after(&after.with_timezone(&chrono::Local)).map(|t| t.with_timezone(&Utc)),
+    }
+}
+
+fn prev_before(entry: &BackupEntry, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let schedule = entry.schedule.as_ref()?;
+    match entry.timezone {
+        Some(tz) => schedule.prev_before(&at.with_timezone(&tz)).map(|t| t.with_timezone(&Utc)),
+        None => schedule.prev_before(&at.with_timezone(&chrono::Local)).map(|t| t.with_timezone(&Utc)),
+    }
+}
+
+/// What became of a trigger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Triggered {
+    Started,
+    /// The entry was already running.
+    Skipped,
+    Unknown,
+}
+
+/// Runs the agent daemon until `shutdown`.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken, mut options: Options) -> Result<(), DaemonError> {
+    let connector = Connector::new(&config)?;
+    let state_dir = options.persist_state.then(|| config.state_dir.clone());
+    let state_err = |source| DaemonError::State { path: config.state_dir.clone(), source };
+    if let Some(dir) = &state_dir {
+        std::fs::create_dir_all(dir).map_err(state_err)?;
+    }
+    let events = Events::open(state_dir.as_deref(), "agent-events.jsonl").map_err(state_err)?;
+    let state_file = state_dir.as_ref().map(|d| d.join("agent-state.json"));
+    let persisted: Persisted = state_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let mut entries = BTreeMap::new();
+    for e in &config.backups {
+        let p = persisted.entries.get(e.name.as_str());
+        entries.insert(
+            e.name.to_string(),
+            EntryState {
+                last: p.and_then(|p| p.last.clone()),
+                last_fire: p.and_then(|p| p.last_fire),
+                ..Default::default()
+            },
+        );
+    }
+    let admin_socket = config.admin.socket.clone().unwrap_or_else(|| crate::admin::default_socket("agent"));
+    let admin_group = config.admin.group.clone();
+    let d = Arc::new(Agentd {
+        config: RwLock::new(Arc::new(config)),
+        connector: RwLock::new(Arc::new(connector)),
+        config_path: options.config_path.take(),
+        started: Instant::now(),
+        entries: Mutex::new(entries),
+        events,
+        state_file,
+        timeline: Timeline::new(Timeline::DEFAULT_POINTS),
+        control: Mutex::new(ControlView::default()),
+        clock: options.clock.clone(),
+        shutdown: shutdown.clone(),
+        runs: TaskTracker::new(),
+        schedule_changed: Notify::new(),
+        generation: AtomicU64::new(0),
+    });
+    let background = TaskTracker::new();
+    if options.admin {
+        let l = crate::admin::bind(&admin_socket, admin_group.as_deref())
+            .map_err(|source| DaemonError::Admin { path: admin_socket.clone(), source })?;
+        let router = super::admin::router(d.clone());
+        let (path, token) = (admin_socket.clone(), shutdown.clone());
+        background.spawn(async move {
+            if let Err(e) = crate::admin::serve(l, path, admin_group.as_deref(), router, token).await {
+                warn!("admin API stopped: {e}");
+            }
+        });
+    }
+    let config = d.config();
+    info!(agent = %config.name, entries = config.backups.len(), server = %config.server.address, "agent daemon ready");
+    d.events.record("started", d.who(None), format!("agent {} with {} entries", crate::VERSION, config.backups.len()));
+    d.catch_up();
+    if let Some(ready) = options.ready.take() {
+        let _ = ready.send(());
+    }
+    background.spawn(d.clone().scheduler());
+    background.spawn(d.clone().sampler());
+    background.spawn(super::control::run(d.clone()));
+    let mut reload = options.reload.take();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(()) = async { match reload.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                let d2 = d.clone();
+                let _ = tokio::task::spawn_blocking(move || d2.reload()).await;
+            }
+        }
+    }
+    info!("shutting down: no new runs; aborting running backups");
+    d.runs.close();
+    // Running backups watch `shutdown` (their tokens are its children) and abort.
+    if tokio::time::timeout(Duration::from_secs(15), d.runs.wait()).await.is_err() {
+        warn!("some backups did not stop within 15 s");
+    }
+    background.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
+    d.events.record("stopped", d.who(None), "agent stopped");
+    Ok(())
+}
+
+impl Agentd {
+    pub(super) fn config(&self) -> Arc<AgentConfig> {
+        self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub(super) fn connector(&self) -> Arc<Connector> {
+        self.connector.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub(super) fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn who<'a>(&'a self, entry: Option<&'a str>) -> EventSpec<'a> {
+        EventSpec { agent: None, backup: entry, session: None }
+    }
+
+    fn save(&self) {
+        let Some(path) = &self.state_file else { return };
+        let p = Persisted {
+            entries: lock(&self.entries)
+                .iter()
+                .map(|(k, v)| (k.clone(), PersistedEntry { last: v.last.clone(), last_fire: v.last_fire }))
+                .collect(),
+        };
+        let json = serde_json::to_string_pretty(&p).unwrap_or_default();
+        if let Err(e) = crate::fsutil::write_atomic(path, json.as_bytes()) {
+            warn!("cannot save agent state {}: {e}", path.display());
+        }
+    }
+
+    /// Replays, once, a scheduled run missed while the daemon was down — for entries
+    /// with `catch_up`; for the others, only notes that it was missed.
+    fn catch_up(self: &Arc<Self>) {
+        let now = self.clock.now();
+        let config = self.config();
+        let mut due = Vec::new();
+        {
+            let mut entries = lock(&self.entries);
+            for e in &config.backups {
+                let Some(state) = entries.get_mut(e.name.as_str()) else { continue };
+                let Some(prev) = prev_before(e, now) else { continue };
+                match state.last_fire {
+                    Some(last) if last < prev => {
+                        if e.catch_up {
+                            due.push(e.name.to_string());
+                        } else {
+                            self.events.record(
+                                "missed",
+                                self.who(Some(e.name.as_str())),
+                                format!("run of {} missed while the agent was down (catch_up is off)", rfc3339(prev)),
+                            );
+                        }
+                        state.last_fire = Some(prev);
+                    }
+                    Some(_) => {}
+                    // First start: nothing was missed, but remember where we are.
+                    None => state.last_fire = Some(prev),
+                }
+            }
+        }
+        self.save();
+        for name in due {
+            info!(entry = %name, "catching up a run missed while the agent was down");
+            self.trigger(&name, "catch-up");
+        }
+    }
+
+    /// Starts a run of `entry` unless it is running (then the trigger is skipped).
+    pub(super) fn trigger(self: &Arc<Self>, entry: &str, source: &str) -> Triggered {
+        if self.shutdown.is_cancelled() {
+            return Triggered::Skipped;
+        }
+        let config = self.config();
+        let Some(spec) = config.backups.iter().find(|b| b.name.as_str() == entry).cloned() else {
+            return Triggered::Unknown;
+        };
+        let progress = Arc::new(Progress::default());
+        let cancel = self.shutdown.child_token();
+        {
+            let mut entries = lock(&self.entries);
+            let state = entries.entry(entry.to_string()).or_default();
+            if let Some(r) = &state.running {
+                let msg = format!("{source} trigger skipped: still running since {}", rfc3339(r.started));
+                info!(entry, "{msg}");
+                self.events.record("skipped", self.who(Some(entry)), msg);
+                return Triggered::Skipped;
+            }
+            state.running = Some(Running {
+                progress: progress.clone(),
+                cancel: cancel.clone(),
+                attempt: 1,
+                started: self.clock.now(),
+            });
+        }
+        self.events.record("run_started", self.who(Some(entry)), format!("{source} run"));
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        let d = self.clone();
+        self.runs.spawn(async move { d.run_entry(spec, config, progress, cancel).await });
+        Triggered::Started
+    }
+
+    async fn run_entry(
+        self: Arc<Self>,
+        entry: BackupEntry,
+        config: Arc<AgentConfig>,
+        progress: Arc<Progress>,
+        cancel: CancellationToken,
+    ) {
+        let name = entry.name.to_string();
+        let started = Instant::now();
+        let connector = self.connector();
+        let mut attempt = 1;
+        let result = loop {
+            // Each attempt has its own token, so a timeout cancels it properly (the
+            // server is told, the archive thread stops) rather than abandoning it.
+            let attempt_cancel = cancel.child_token();
+            let run = run_backup(&connector, &config, &entry, progress.clone(), attempt_cancel.clone());
+            tokio::pin!(run);
+            let outcome = tokio::select! {
+                r = &mut run => r,
+                _ = tokio::time::sleep(config.retry.attempt_timeout) => {
+                    attempt_cancel.cancel();
+                    let _ = run.await;
+                    Err(BackupError::Internal(format!(
+                        "attempt {attempt} did not finish within {:?}",
+                        config.retry.attempt_timeout
+                    )))
+                }
+            };
+            match outcome {
+                Err(e)
+                    if attempt < config.retry.max_attempts
+                        && !cancel.is_cancelled()
+                        && (e.is_transient() || matches!(e, BackupError::Internal(_))) =>
+                {
+                    let delay = config.retry.delay(attempt);
+                    warn!(entry = %name, attempt, "run failed: {e}; retrying in {delay:?}");
+                    self.events.record("retry", self.who(Some(&name)), format!("attempt {attempt} failed: {e}"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => break Err(BackupError::Cancelled),
+                    }
+                    attempt += 1;
+                    progress.reset();
+                    if let Some(r) = lock(&self.entries).get_mut(&name).and_then(|s| s.running.as_mut()) {
+                        r.attempt = attempt;
+                    }
+                }
+                other => break other,
+            }
+        };
+        let finished = self.clock.now();
+        let record = match &result {
+            Ok(r) => EntryResult {
+                entry: name.clone(),
+                ok: true,
+                archive: Some(r.archive.clone()),
+                error: None,
+                finished: rfc3339(finished),
+                seconds: started.elapsed().as_secs_f64(),
+                bytes_read: r.bytes_read,
+                bytes_sent: r.bytes_sent,
+                skipped: r.skipped,
+            },
+            Err(e) => EntryResult {
+                entry: name.clone(),
+                ok: false,
+                archive: None,
+                error: Some(e.to_string()),
+                finished: rfc3339(finished),
+                seconds: started.elapsed().as_secs_f64(),
+                bytes_read: progress.bytes_read.load(Ordering::Relaxed),
+                bytes_sent: progress.bytes_acked.load(Ordering::Relaxed),
+                skipped: 0,
+            },
+        };
+        match &result {
+            Ok(r) => {
+                self.events.record("committed", self.who(Some(&name)), format!("committed {} in {:.1} s", r.archive, r.seconds))
+            }
+            Err(BackupError::Cancelled) => self.events.record("aborted", self.who(Some(&name)), "run cancelled"),
+            Err(e) => self.events.record("failed", self.who(Some(&name)), e.to_string()),
+        };
+        {
+            let mut entries = lock(&self.entries);
+            let state = entries.entry(name.clone()).or_default();
+            state.running = None;
+            state.last = Some(record);
+        }
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.save();
+    }
+
+    /// Stops a running entry.
+    pub(super) fn abort(&self, entry: &str, reason: &str) -> bool {
+        let entries = lock(&self.entries);
+        match entries.get(entry).and_then(|s| s.running.as_ref()) {
+            Some(r) => {
+                r.cancel.cancel();
+                self.events.record("abort_requested", self.who(Some(entry)), reason.to_string());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Postpones the next scheduled run of `entry` by `seconds`.
+    pub(super) fn defer(&self, entry: &str, seconds: u64) -> Option<DateTime<Utc>> {
+        let until = self.clock.now() + chrono::Duration::seconds(seconds as i64);
+        let mut entries = lock(&self.entries);
+        let state = entries.get_mut(entry)?;
+        state.deferred_until = Some(until);
+        drop(entries);
+        self.events.record("deferred", self.who(Some(entry)), format!("next run not before {}", rfc3339(until)));
+        self.schedule_changed.notify_one();
+        Some(until)
+    }
+
+    /// Re-reads the config; keeps the old one if the new one is invalid. Blocking.
+    pub(super) fn reload(&self) -> Result<String, String> {
+        let Some(path) = &self.config_path else {
+            return Err("this agent was started without a config file to re-read".into());
+        };
+        let result = (|| -> Result<String, String> {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let config = AgentConfig::parse(&text, path).map_err(|e| e.to_string())?;
+            let connector = Connector::new(&config).map_err(|e| e.to_string())?;
+            {
+                let mut entries = lock(&self.entries);
+                for e in &config.backups {
+                    entries.entry(e.name.to_string()).or_default();
+                }
+                let names: Vec<String> = config.backups.iter().map(|b| b.name.to_string()).collect();
+                entries.retain(|k, v| names.contains(k) || v.running.is_some());
+            }
+            let n = config.backups.len();
+            *self.connector.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(connector);
+            *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+            Ok(format!("configuration reloaded: {n} entries"))
+        })();
+        match &result {
+            Ok(m) => {
+                info!("{m}");
+                self.events.record("reloaded", self.who(None), m.clone());
+                self.schedule_changed.notify_one();
+                self.generation.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                warn!("reload rejected, keeping the running configuration: {e}");
+                self.events.record("reload_failed", self.who(None), e.clone());
+            }
+        }
+        result
+    }
+
+    /// Sleeps until the earliest next run, fires what is due, repeats.
+    async fn scheduler(self: Arc<Self>) {
+        loop {
+            let now = self.clock.now();
+            let config = self.config();
+            let mut earliest: Option<DateTime<Utc>> = None;
+            let mut due = Vec::new();
+            {
+                let mut entries = lock(&self.entries);
+                for e in &config.backups {
+                    let Some(state) = entries.get_mut(e.name.as_str()) else { continue };
+                    // The next occurrence after the last one handled, never before a deferral.
+                    let mut next = next_after(e, state.last_fire.unwrap_or(now));
+                    if let (Some(n), Some(until)) = (next, state.deferred_until)
+                        && n < until
+                    {
+                        next = next_after(e, until - chrono::Duration::milliseconds(1));
+                    }
+                    state.next_run = next;
+                    match next {
+                        Some(n) if n <= now => due.push((e.name.to_string(), n)),
+                        Some(n) => earliest = Some(earliest.map_or(n, |x| x.min(n))),
+                        None => {}
+                    }
+                }
+                for (name, at) in &due {
+                    if let Some(s) = entries.get_mut(name) {
+                        s.last_fire = Some(*at);
+                        s.deferred_until = None;
+                    }
+                }
+            }
+            if !due.is_empty() {
+                self.save();
+                for (name, at) in due {
+                    info!(entry = %name, at = %rfc3339(at), "scheduled run");
+                    self.trigger(&name, "scheduled");
+                }
+                continue;
+            }
+            let sleep = match earliest {
+                Some(at) => self.clock.sleep_until(at),
+                None => Box::pin(std::future::pending()),
+            };
+            tokio::select! {
+                _ = sleep => {}
+                _ = self.schedule_changed.notified() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Once a second: time series for charts.
+    async fn sampler(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let (mut read, mut acked, mut last) = (0u64, 0u64, Instant::now());
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let (mut r, mut a, mut streams, mut efficiency) = (0, 0, 0u16, None);
+            for run in lock(&self.entries).values().filter_map(|s| s.running.as_ref()) {
+                r += run.progress.bytes_read.load(Ordering::Relaxed);
+                a += run.progress.bytes_acked.load(Ordering::Relaxed);
+                streams += run.progress.streams.load(Ordering::Relaxed);
+                efficiency = run.progress.scaler_events().last().map(|e| e.efficiency).or(efficiency);
+            }
+            let secs = last.elapsed().as_secs_f64().max(1e-3);
+            let now = unix_now();
+            self.timeline.push("read_bps", now, r.saturating_sub(read) as f64 / secs);
+            self.timeline.push("sent_bps", now, a.saturating_sub(acked) as f64 / secs);
+            self.timeline.push("streams", now, f64::from(streams));
+            if let Some(e) = efficiency {
+                self.timeline.push("efficiency", now, e);
+            }
+            if let Some(rtt) = lock(&self.control).rtt_ms {
+                self.timeline.push("rtt_ms", now, rtt);
+            }
+            (read, acked, last) = (r, a, Instant::now());
+        }
+    }
+
+    pub(super) fn entry_statuses(&self) -> Vec<EntryStatus> {
+        let config = self.config();
+        let now = self.clock.now();
+        let entries = lock(&self.entries);
+        config
+            .backups
+            .iter()
+            .map(|e| {
+                let state = entries.get(e.name.as_str());
+                let last = state.and_then(|s| s.last.clone());
+                let last_age_secs = last.as_ref().and_then(|l| {
+                    DateTime::parse_from_rfc3339(&l.finished).ok().map(|t| (now - t.with_timezone(&Utc)).num_seconds().max(0) as u64)
+                });
+                EntryStatus {
+                    name: e.name.to_string(),
+                    storage: e.storage.to_string(),
+                    schedule: e.schedule.as_ref().map(|s| s.as_str().to_string()),
+                    timezone: e.timezone.map_or_else(|| "local".to_string(), |tz| tz.name().to_string()),
+                    next_run: state.and_then(|s| s.next_run).map(rfc3339),
+                    running: state.is_some_and(|s| s.running.is_some()),
+                    last,
+                    last_age_secs,
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn running(&self) -> Vec<RunningBackup> {
+        lock(&self.entries)
+            .iter()
+            .filter_map(|(name, s)| {
+                let r = s.running.as_ref()?;
+                let snap = r.progress.snapshot();
+                Some(RunningBackup {
+                    entry: name.clone(),
+                    attempt: r.attempt,
+                    started: rfc3339(r.started),
+                    bytes_read: snap.bytes_read,
+                    bytes_compressed: snap.bytes_compressed,
+                    bytes_acked: snap.bytes_acked,
+                    entries: snap.entries,
+                    estimate_bytes: snap.estimate.map(|e| e.0),
+                    streams: r.progress.streams.load(Ordering::Relaxed),
+                    scaler: r.progress.scaler_events(),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn status(&self) -> AgentStatus {
+        let config = self.config();
+        let control = lock(&self.control);
+        AgentStatus {
+            version: crate::VERSION.to_string(),
+            agent: config.name.to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            server: config.server.address.clone(),
+            control_channel: ControlStatus {
+                enabled: config.control_channel.enabled,
+                connected: control.connected,
+                rtt_ms: control.rtt_ms,
+                server_load1: control.server_load1,
+                server_free_bytes: control.server_free_bytes,
+            },
+            entries: self.entry_statuses(),
+            running: self.running(),
+        }
+    }
+
+    pub(super) fn report(&self) -> AgentReport {
+        AgentReport {
+            version: crate::VERSION.to_string(),
+            load1: crate::state::load1(),
+            rtt_ms: lock(&self.control).rtt_ms,
+            running: self.running(),
+            last_results: lock(&self.entries).values().filter_map(|s| s.last.clone()).collect(),
+        }
+    }
+
+    pub(super) fn events_since(&self, since: u64, limit: usize) -> Vec<Event> {
+        self.events.since(since, limit)
+    }
+
+    pub(super) fn series(&self) -> Vec<Series> {
+        self.timeline.snapshot()
+    }
+}
