@@ -13,6 +13,14 @@ Exit status:
   4    the server refused (identity, storage, disk full, busy, …)
   130  interrupted (Ctrl-C / SIGTERM)";
 
+const CTL_EXIT_CODES: &str = "\
+Exit status:
+  0    success
+  1    the daemon refused the action (not found, not running, invalid)
+  2    usage error
+  3    no daemon reachable on the socket
+  4    access denied (not root, the daemon's user, or its admin group)";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nbackup",
@@ -45,6 +53,9 @@ pub enum Command {
     /// Ask the server for its status, version and free space per storage
     #[command(after_help = EXIT_CODES)]
     Health(HealthArgs),
+    /// Query and command the daemons running here through their admin API
+    #[command(after_help = CTL_EXIT_CODES)]
+    Ctl(CtlArgs),
     /// Back up, verify and restore a tree over loopback with a throwaway PKI and server
     #[command(after_help = EXIT_CODES)]
     Demo(DemoArgs),
@@ -165,6 +176,75 @@ pub struct DemoArgs {
     /// Parallel streams
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallels: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Admin socket (default: the one daemon running here)
+    #[arg(long, global = true, value_name = "PATH", env = "NBACKUP_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Print JSON instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Status of the daemon
+    Status,
+    /// Sessions in progress, with their streams (server)
+    Sessions,
+    /// Agents known from their control channels (server)
+    Agents,
+    /// Backup entries with schedule, next run and last result (agent)
+    Entries,
+    /// Finished sessions, newest first (server)
+    History {
+        /// Only this agent's
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Recorded events
+    Events {
+        /// Only events numbered above this
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Archives on the server
+    Archives {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        backup: Option<String>,
+        #[arg(long)]
+        storage: Option<String>,
+    },
+    /// Abort a session (server: session id) or an entry's running backup (agent: entry)
+    Abort {
+        target: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Close one stream of a session; the agent re-joins it and resends (server)
+    Rotate { session: String, stream: u16 },
+    /// Run an entry now (agent: ENTRY; server: AGENT/ENTRY via the control channel)
+    Run { entry: String },
+    /// Postpone an entry's next scheduled run (agent: ENTRY; server: AGENT/ENTRY)
+    Defer {
+        entry: String,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// Re-read the daemon's configuration
+    Reload,
+    /// Prometheus metrics (server)
+    Metrics,
 }
 
 #[derive(Debug, Args)]

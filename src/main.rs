@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => cmd::agent::run(a),
         Command::Backup(a) => cmd::backup::run(a),
         Command::Health(a) => cmd::health::run(a),
+        Command::Ctl(a) => cmd::ctl::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Completions(a) => cmd::docs::completions(a),
         Command::Man(a) => cmd::docs::man(a),

@@ -46,12 +46,13 @@ struct Access {
 /// The default socket for `daemon` (`agent` or `server`): under `/run/nbackup` as
 /// root, else under `$XDG_RUNTIME_DIR/nbackup` (or the temp dir without one).
 pub fn default_socket(daemon: &str) -> PathBuf {
-    let base = if rustix::process::geteuid().is_root() {
-        PathBuf::from("/run/nbackup")
-    } else {
-        std::env::var_os("XDG_RUNTIME_DIR").map_or_else(std::env::temp_dir, PathBuf::from).join("nbackup")
-    };
-    base.join(format!("{daemon}.sock"))
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+    nbackup_protocol::admin::default_socket(
+        daemon,
+        rustix::process::geteuid().is_root(),
+        runtime.as_deref(),
+        &std::env::temp_dir(),
+    )
 }
 
 /// Looks a group up in `/etc/group`.

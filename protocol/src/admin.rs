@@ -4,7 +4,21 @@
 //!
 //! Times are RFC 3339 strings in UTC; sizes are bytes; rates are bytes per second.
 
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
+
+/// Where a daemon's admin socket is when the config does not say: `/run/nbackup` for
+/// root, else `$XDG_RUNTIME_DIR/nbackup` (or `fallback_dir/nbackup`). `daemon` is
+/// `agent` or `server`. Pure, so daemons and clients agree.
+pub fn default_socket(daemon: &str, is_root: bool, runtime_dir: Option<&Path>, fallback_dir: &Path) -> PathBuf {
+    let base = if is_root {
+        PathBuf::from("/run/nbackup")
+    } else {
+        runtime_dir.unwrap_or(fallback_dir).join("nbackup")
+    };
+    base.join(format!("{daemon}.sock"))
+}
 
 use crate::wire::Compression;
 

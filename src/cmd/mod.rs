@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod backup;
 pub mod cert;
+pub mod ctl;
 pub mod demo;
 pub mod docs;
 pub mod health;
@@ -21,14 +22,20 @@ fn read_config(path: &Path) -> anyhow::Result<String> {
         .map_err(|e| fail(Exit::Usage, e))
 }
 
+/// Relative paths inside a config are resolved against its directory; make that
+/// directory absolute so daemons do not depend on their working directory.
+fn absolute(path: &Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 pub fn load_agent_config(path: &Path) -> anyhow::Result<AgentConfig> {
     let text = read_config(path)?;
-    AgentConfig::parse(&text, path).map_err(|e| fail(Exit::Usage, e))
+    AgentConfig::parse(&text, &absolute(path)).map_err(|e| fail(Exit::Usage, e))
 }
 
 pub fn load_server_config(path: &Path) -> anyhow::Result<ServerConfig> {
     let text = read_config(path)?;
-    ServerConfig::parse(&text, path).map_err(|e| fail(Exit::Usage, e))
+    ServerConfig::parse(&text, &absolute(path)).map_err(|e| fail(Exit::Usage, e))
 }
 
 /// A multi-threaded runtime for one command.

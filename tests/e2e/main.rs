@@ -5,6 +5,7 @@ mod proxy;
 mod support;
 
 mod cli;
+mod daemons;
 mod fidelity;
 mod live_fs;
 mod refusals;

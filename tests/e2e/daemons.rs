@@ -1,0 +1,594 @@
+//! The daemons: schedules, skip-while-running, catch-up, reload, shutdown, the
+//! control channel, the admin API (and its permissions), `nbackup ctl`, persistence.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use nbackup_daemon::agent::daemon::{self as agentd, Clock, FastClock, SystemClock};
+use nbackup_protocol::admin::{
+    ActionResult, AgentInfo, AgentStatus, EntryStatus, Event, HistoryRecord, ServerStatus, SessionInfo, WatchItem,
+};
+use nbackup_protocol::config::{AgentConfig, Excludes, ServerConfig};
+use nbackup_tui::client::{AdminClient, ClientError};
+
+use crate::proxy::{Fault, Proxy};
+use crate::support::*;
+
+struct ServerDaemon {
+    addr: SocketAddr,
+    socket: PathBuf,
+    client: AdminClient,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl ServerDaemon {
+    async fn start(root: &Path, pki: &Pki, storages: &[StorageSpec]) -> ServerDaemon {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        Self::start_on(root, pki, storages, listener, addr).await
+    }
+
+    async fn start_on(
+        root: &Path,
+        pki: &Pki,
+        storages: &[StorageSpec],
+        listener: tokio::net::TcpListener,
+        addr: SocketAddr,
+    ) -> ServerDaemon {
+        let yaml = server_yaml(root, pki, addr, storages, "");
+        let path = root.join("server.yaml");
+        fs::write(&path, &yaml).expect("server.yaml");
+        let config = ServerConfig::parse(&yaml, &path).expect("config");
+        let socket = root.join("server.sock");
+        let shutdown = CancellationToken::new();
+        let (ready, ready_rx) = tokio::sync::oneshot::channel();
+        let options = nbackup_daemon::server::Options {
+            config_path: Some(path),
+            admin: true,
+            persist_state: true,
+            reload: None,
+            ready: Some(ready),
+        };
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            nbackup_daemon::server::run_with(config, listener, token, options).await.expect("server runs");
+        });
+        ready_rx.await.expect("server ready");
+        wait_for_socket(&socket).await;
+        ServerDaemon { addr, client: AdminClient::new(&socket), socket, shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("server task");
+    }
+}
+
+async fn wait_for_socket(path: &Path) {
+    let start = Instant::now();
+    while tokio::net::UnixStream::connect(path).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{} never came up", path.display());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct AgentDaemon {
+    config: PathBuf,
+    client: AdminClient,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Agent YAML with admin socket and state under `root`; `backups` is the raw
+/// `backups:` list.
+fn agent_daemon_yaml(pki: &Pki, addr: SocketAddr, root: &Path, backups: &str, extra: &str) -> String {
+    format!(
+        "agent:\n  name: web-01\nserver:\n  address: \"{addr}\"\ntls:\n  ca_cert: {pki}/ca.crt\n  client_cert: {pki}/web-01.crt\n  client_key: {pki}/web-01.key\n\
+         state_dir: {root}/agent-state\nadmin:\n  socket: {root}/agent.sock\n\
+         retry:\n  max_attempts: 2\n  initial_delay: 100ms\n  max_delay: 500ms\n\
+         backups:\n{backups}{extra}",
+        pki = pki.dir.display(),
+        root = root.display()
+    )
+}
+
+impl AgentDaemon {
+    async fn start(root: &Path, yaml: &str, clock: Arc<dyn Clock>) -> AgentDaemon {
+        let path = root.join("agent.yaml");
+        fs::write(&path, yaml).expect("agent.yaml");
+        let config = AgentConfig::parse(yaml, &path).expect("agent config");
+        let shutdown = CancellationToken::new();
+        let (ready, ready_rx) = tokio::sync::oneshot::channel();
+        let options = agentd::Options {
+            config_path: Some(path.clone()),
+            admin: true,
+            persist_state: true,
+            reload: None,
+            ready: Some(ready),
+            clock,
+        };
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move { agentd::run(config, token, options).await.expect("agent runs") });
+        ready_rx.await.expect("agent ready");
+        let socket = root.join("agent.sock");
+        wait_for_socket(&socket).await;
+        AgentDaemon { config: path, client: AdminClient::new(&socket), shutdown, task }
+    }
+
+    async fn entry(&self, name: &str) -> EntryStatus {
+        self.client.get(&format!("/v1/entries/{name}")).await.expect("entry")
+    }
+
+    /// Waits until `entry` has a last result, and returns it.
+    async fn wait_result(&self, name: &str, within: Duration) -> nbackup_protocol::admin::EntryResult {
+        let start = Instant::now();
+        loop {
+            let e = self.entry(name).await;
+            if let (Some(last), false) = (e.last, e.running) {
+                return last;
+            }
+            assert!(start.elapsed() < within, "{name} produced no result within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task).await.expect("agent stops in time").expect("task");
+    }
+}
+
+fn entry_yaml(name: &str, src: &Path, extra: &str) -> String {
+    format!("  - name: {name}\n    storage: main\n    sources:\n      - path: {}\n{extra}", src.display())
+}
+
+async fn events(client: &AdminClient) -> Vec<Event> {
+    client.get("/v1/events?since=0&limit=10000").await.expect("events")
+}
+
+fn utc(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc)
+}
+
+#[tokio::test]
+async fn a_scheduled_run_fires_at_its_time_in_its_time_zone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 51);
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
+    // 01:59:40 in Lisbon in winter is 01:59:40 UTC; the clock runs 20× fast, so
+    // 02:00 arrives after one real second.
+    let clock = Arc::new(FastClock::new(utc("2026-11-22T01:59:40Z"), 20.0));
+    let backups = entry_yaml("nightly", &src, "    schedule: \"0 2 * * *\"\n    timezone: Europe/Lisbon\n");
+    let agent = AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), clock).await;
+    let before = agent.entry("nightly").await;
+    assert_eq!(before.next_run.as_deref(), Some("2026-11-22T02:00:00Z"));
+    assert!(before.last.is_none(), "nothing ran before the time");
+    let last = agent.wait_result("nightly", Duration::from_secs(30)).await;
+    assert!(last.ok, "{last:?}");
+    let after = agent.entry("nightly").await;
+    assert_eq!(after.next_run.as_deref(), Some("2026-11-23T02:00:00Z"), "tomorrow's run is next");
+    let archives = fs::read_dir(tmp.path().join("storage/main/web-01/nightly")).expect("entry dir").count();
+    assert_eq!(archives, 2, "one archive and its manifest");
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_trigger_while_the_entry_runs_is_skipped_and_recorded() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(3 << 20, 61)).expect("noise");
+    let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
+    // A slow entry: 3 MiB at 1 MiB/s.
+    let backups = entry_yaml("slow", &src, "    bandwidth_limit: 1mb\n");
+    let agent =
+        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), Arc::new(SystemClock))
+            .await;
+    let r: ActionResult = agent.client.post::<_, ()>("/v1/entries/slow/run", None).await.expect("run");
+    assert!(r.ok);
+    match agent.client.post::<ActionResult, ()>("/v1/entries/slow/run", None).await {
+        Err(ClientError::Api { status: 409, message }) => assert!(message.contains("already running"), "{message}"),
+        other => panic!("expected 409, got {other:?}"),
+    }
+    let skipped: Vec<Event> = events(&agent.client).await.into_iter().filter(|e| e.kind == "skipped").collect();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(skipped[0].message.contains("still running"));
+    assert!(agent.wait_result("slow", Duration::from_secs(60)).await.ok);
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn missed_runs_are_caught_up_only_when_asked() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 71);
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
+    // The agent last handled yesterday's 02:00 run; it is now 03:00 today.
+    let state = tmp.path().join("agent-state");
+    fs::create_dir_all(&state).expect("state dir");
+    fs::write(
+        state.join("agent-state.json"),
+        r#"{"entries":{"eager":{"last_fire":"2026-11-21T02:00:00Z"},"lazy":{"last_fire":"2026-11-21T02:00:00Z"}}}"#,
+    )
+    .expect("state");
+    let schedule = "    schedule: \"0 2 * * *\"\n    timezone: UTC\n";
+    let backups = format!(
+        "{}{}",
+        entry_yaml("eager", &src, &format!("{schedule}    catch_up: true\n")),
+        entry_yaml("lazy", &src, schedule)
+    );
+    let clock = Arc::new(FastClock::new(utc("2026-11-22T03:00:00Z"), 1.0));
+    let agent = AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), clock).await;
+    assert!(agent.wait_result("eager", Duration::from_secs(30)).await.ok, "the missed run was replayed");
+    let lazy = agent.entry("lazy").await;
+    assert!(lazy.last.is_none() && !lazy.running, "catch_up off: not replayed");
+    assert_eq!(lazy.next_run.as_deref(), Some("2026-11-23T02:00:00Z"));
+    let missed: Vec<Event> = events(&agent.client).await.into_iter().filter(|e| e.kind == "missed").collect();
+    assert_eq!(missed.len(), 1);
+    assert_eq!(missed[0].backup.as_deref(), Some("lazy"));
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reload_keeps_running_backups_and_rejects_an_invalid_config() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(3 << 20, 81)).expect("noise");
+    let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
+    let backups = entry_yaml("slow", &src, "    bandwidth_limit: 1mb\n");
+    let yaml = agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, "");
+    let agent = AgentDaemon::start(tmp.path(), &yaml, Arc::new(SystemClock)).await;
+    agent.client.post::<ActionResult, ()>("/v1/entries/slow/run", None).await.expect("run");
+
+    // An invalid config mid-backup: rejected with the reason, old one kept.
+    fs::write(&agent.config, yaml.replace("bandwidth_limit", "bandwith_limit")).expect("write");
+    match agent.client.post::<ActionResult, ()>("/v1/reload", None).await {
+        Err(ClientError::Api { status: 422, message }) => {
+            assert!(message.contains("did you mean `bandwidth_limit`?"), "{message}")
+        }
+        other => panic!("expected 422, got {other:?}"),
+    }
+    // A valid one with a new entry: accepted; the running backup is not disturbed.
+    let more = format!("{backups}{}", entry_yaml("extra", &src, ""));
+    fs::write(&agent.config, agent_daemon_yaml(&pki, server.addr, tmp.path(), &more, "")).expect("write");
+    let r: ActionResult = agent.client.post::<_, ()>("/v1/reload", None).await.expect("reload");
+    assert!(r.message.contains("2 entries"), "{}", r.message);
+    let entries: Vec<EntryStatus> = agent.client.get("/v1/entries").await.expect("entries");
+    assert_eq!(entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["slow", "extra"]);
+    assert!(entries[0].running, "still running after both reloads");
+    assert!(agent.wait_result("slow", Duration::from_secs(60)).await.ok);
+    let kinds: Vec<String> = events(&agent.client).await.into_iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&"reload_failed".to_string()) && kinds.contains(&"reloaded".to_string()), "{kinds:?}");
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_the_agent_mid_backup_aborts_the_session_on_the_server_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(8 << 20, 91)).expect("noise");
+    let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
+    let backups = entry_yaml("slow", &src, "    bandwidth_limit: 1mb\n");
+    let agent =
+        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), Arc::new(SystemClock))
+            .await;
+    agent.client.post::<ActionResult, ()>("/v1/entries/slow/run", None).await.expect("run");
+    loop {
+        let s: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
+        if s.first().is_some_and(|s| s.bytes_received > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopping = Instant::now();
+    agent.stop().await; // what SIGTERM does
+    assert!(stopping.elapsed() < Duration::from_secs(10), "bounded shutdown: {:?}", stopping.elapsed());
+    let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
+    assert_eq!(history.len(), 1, "the server learned at once (not after a timeout)");
+    assert_eq!(history[0].outcome, "aborted", "{:?}", history[0]);
+    assert!(history[0].message.contains("cancelled"), "{:?}", history[0]);
+    let sessions: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
+    assert!(sessions.is_empty());
+    assert!(leftovers(&tmp.path().join("storage/main")).is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn backups_run_with_the_control_channel_down() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "2M", 101);
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let proxy = Proxy::start(server.addr).await;
+    // The control channel connects first and is cut at once; it retries only in an
+    // hour. The backup's own connections go through.
+    proxy.fault(0, Fault::CutAfter(0));
+    let extra = "daemon:\n  control_channel:\n    reconnect_delay: 1h\n    max_reconnect_delay: 1h\n";
+    let backups = entry_yaml("data", &src, "");
+    let agent =
+        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, proxy.addr, tmp.path(), &backups, extra), Arc::new(SystemClock))
+            .await;
+    agent.client.post::<ActionResult, ()>("/v1/entries/data/run", None).await.expect("run");
+    assert!(agent.wait_result("data", Duration::from_secs(30)).await.ok);
+    let status: AgentStatus = agent.client.get("/v1/status").await.expect("status");
+    assert!(status.control_channel.enabled && !status.control_channel.connected);
+    let restored = tmp.path().join("restored");
+    let archive = fs::read_dir(tmp.path().join("storage/main/web-01/data"))
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| !p.to_string_lossy().ends_with(".json"))
+        .expect("archive");
+    gnu_extract(&archive, &restored);
+    assert_restored(&[src], &Excludes::none(), &restored);
+    agent.stop().await;
+    server.stop().await;
+}
+
+fn ctl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nbackup")).arg("ctl").args(args).output().expect("ctl runs")
+}
+
+#[tokio::test]
+async fn operator_commands_round_trip_through_ctl_the_server_and_the_agent() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 111);
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let backups = entry_yaml("data", &src, "    schedule: \"0 4 * * *\"\n");
+    let extra = "daemon:\n  control_channel:\n    keepalive_interval: 200ms\n";
+    let agent =
+        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, extra), Arc::new(SystemClock))
+            .await;
+    let (ssock, asock) = (server.socket.display().to_string(), tmp.path().join("agent.sock").display().to_string());
+    // Wait for the control channel.
+    let start = Instant::now();
+    loop {
+        let agents: Vec<AgentInfo> = server.client.get("/v1/agents").await.expect("agents");
+        if agents.iter().any(|a| a.connected) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "control channel never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Operator → server → control channel → agent.
+    let o = ctl(&["--socket", &ssock, "run", "web-01/data"]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("data started"));
+    assert!(agent.wait_result("data", Duration::from_secs(30)).await.ok);
+    // Defer through the server; the agent's next run moves.
+    let o = ctl(&["--socket", &ssock, "defer", "web-01/data", "--seconds", "172800"]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = agent.entry("data").await;
+    let next = utc(e.next_run.as_deref().expect("next run"));
+    assert!(next - Utc::now() > chrono::Duration::hours(47), "deferred two days: {next}");
+    // Tables and JSON from both daemons.
+    let o = ctl(&["--socket", &ssock, "history", "--json"]);
+    let h: Vec<HistoryRecord> = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(h[0].outcome, "committed");
+    let o = ctl(&["--socket", &asock, "entries"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("ENTRY") && out.contains("0 4 * * *"), "{out}");
+    let o = ctl(&["--socket", &ssock, "agents", "--json"]);
+    let a: Vec<AgentInfo> = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(a[0].connected && a[0].rtt_ms.is_some() && a[0].last_results.iter().any(|r| r.ok), "{a:?}");
+    // Exit codes: not found (1), wrong daemon (2), unreachable (3).
+    assert_eq!(ctl(&["--socket", &ssock, "rotate", &"0".repeat(32), "0"]).status.code(), Some(1));
+    assert_eq!(ctl(&["--socket", &asock, "sessions"]).status.code(), Some(2));
+    assert_eq!(ctl(&["--socket", "/nonexistent/x.sock", "status"]).status.code(), Some(3));
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rotate_and_abort_act_on_a_running_session() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(6 << 20, 121)).expect("noise");
+    let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
+    let backups = entry_yaml("slow", &src, "    bandwidth_limit: 2mb\n");
+    let agent =
+        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), Arc::new(SystemClock))
+            .await;
+    agent.client.post::<ActionResult, ()>("/v1/entries/slow/run", None).await.expect("run");
+    let session = loop {
+        let s: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
+        if let Some(s) = s.into_iter().find(|s| s.bytes_received > 0 && !s.streams.is_empty()) {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let r: ActionResult =
+        server.client.post::<_, ()>(&format!("/v1/sessions/{}/streams/0/rotate", session.id), None).await.expect("rotate");
+    assert!(r.ok);
+    // The agent re-joins stream 0 and carries on.
+    let start = Instant::now();
+    loop {
+        let s: SessionInfo = server.client.get(&format!("/v1/sessions/{}", session.id)).await.expect("session");
+        if s.streams.iter().any(|st| st.reconnects >= 1) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "stream never re-joined");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = nbackup_protocol::admin::AbortRequest { reason: Some("maintenance".into()) };
+    let r: ActionResult =
+        server.client.post(&format!("/v1/sessions/{}/abort", session.id), Some(&body)).await.expect("abort");
+    assert!(r.ok);
+    let last = agent.wait_result("slow", Duration::from_secs(30)).await;
+    assert!(!last.ok);
+    assert!(last.error.as_deref().is_some_and(|e| e.contains("aborted by the operator: maintenance")), "{last:?}");
+    let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
+    assert_eq!(history[0].outcome, "aborted");
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_socket_refuses_other_users() {
+    if !nbackup_daemon::restore::running_as_root() {
+        eprintln!("skipped: needs root to act as another user");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let mode = fs::metadata(&server.socket).expect("socket").permissions().mode();
+    assert_eq!(mode & 0o777, 0o660);
+    let as_nobody = |socket: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_nbackup"))
+            .args(["ctl", "--socket"])
+            .arg(socket)
+            .arg("status")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("ctl runs")
+    };
+    // The file mode already keeps others out.
+    assert_eq!(as_nobody(&server.socket).status.code(), Some(3), "0660 socket: connect refused");
+    // Even with a careless mode, the peer-credential check refuses them.
+    fs::set_permissions(&server.socket, fs::Permissions::from_mode(0o666)).expect("chmod");
+    let o = as_nobody(&server.socket);
+    assert_eq!(o.status.code(), Some(4), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("access denied"));
+    // Root is served.
+    let s: ServerStatus = server.client.get("/v1/status").await.expect("root is allowed");
+    assert_eq!(s.version, nbackup_daemon::VERSION);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn members_of_the_admin_group_are_served() {
+    if !nbackup_daemon::restore::running_as_root() || nbackup_daemon::admin::group_id("nogroup").is_none() {
+        eprintln!("skipped: needs root and a `nogroup` group");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 131);
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let backups = entry_yaml("data", &src, "");
+    let yaml = agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, "").replace(
+        &format!("admin:\n  socket: {}/agent.sock\n", tmp.path().display()),
+        &format!("admin:\n  socket: {}/agent.sock\n  group: nogroup\n", tmp.path().display()),
+    );
+    let agent = AgentDaemon::start(tmp.path(), &yaml, Arc::new(SystemClock)).await;
+    let sock = tmp.path().join("agent.sock");
+    let o = Command::new(env!("CARGO_BIN_EXE_nbackup"))
+        .args(["ctl", "--json", "--socket"])
+        .arg(&sock)
+        .arg("status")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("ctl runs");
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: AgentStatus = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(s.agent, "web-01");
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn history_and_events_survive_a_server_restart_and_metrics_parse() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 141);
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    let report = backup(&cfg, 0).await.expect("backup");
+    let before: Vec<Event> = server.client.get("/v1/events").await.expect("events");
+    let addr = server.addr;
+    server.stop().await;
+
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("same port");
+    let server = ServerDaemon::start_on(tmp.path(), &pki, &[gzip("main")], listener, addr).await;
+    let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].archive.as_deref(), Some(report.archive.as_str()));
+    let after: Vec<Event> = server.client.get("/v1/events").await.expect("events");
+    assert!(after.len() > before.len());
+    assert_eq!(&after[..before.len()], &before[..], "old events kept, numbering continued");
+    assert!(after.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+
+    let text = server.client.get_text("/metrics").await.expect("metrics");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("prometheus text");
+    let value = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    assert_eq!(value("nbackup_sessions_active"), 0.0);
+    assert!(value("nbackup_storage_free_bytes") > 0.0);
+    let last = value("nbackup_last_success_timestamp_seconds");
+    assert!((last - Utc::now().timestamp() as f64).abs() < 600.0, "last success restored from history: {last}");
+    assert!(scrape.docs.contains_key("nbackup_backups_committed_total"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn watch_streams_snapshots_and_events() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 151);
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let mut watch = server.client.watch().await.expect("watch");
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.recv()).await.expect("item").expect("open");
+    assert!(matches!(first, WatchItem::ServerSnapshot { .. }), "{first:?}");
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    backup(&cfg, 0).await.expect("backup");
+    let start = Instant::now();
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(5), watch.recv()).await.expect("item").expect("open");
+        if let WatchItem::Event { event } = item
+            && event.kind == "committed"
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+    server.stop().await;
+}
+
+#[test]
+fn agent_status_is_served_as_documented() {
+    // The admin types round-trip through JSON as the docs show them.
+    let json = r#"{"version":"0.1.0","agent":"web-01","uptime_secs":5,"server":"backup:9847",
+      "control_channel":{"enabled":true,"connected":true,"rtt_ms":0.4},
+      "entries":[{"name":"etc","storage":"main","schedule":"0 2 * * *","timezone":"local","running":false}],
+      "running":[]}"#;
+    let s: AgentStatus = serde_json::from_str(json).expect("parses");
+    assert_eq!(s.entries[0].next_run, None);
+}
