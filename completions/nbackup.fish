@@ -28,8 +28,10 @@ complete -c nbackup -n "__fish_nbackup_needs_command" -s h -l help -d 'Print hel
 complete -c nbackup -n "__fish_nbackup_needs_command" -s V -l version -d 'Print version'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "cert" -d 'Create a certificate authority and issue server and agent certificates'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "backup" -d 'Run backup entries once and exit'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "ctl" -d 'Query and command the daemons running here through their admin API'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "completions" -d 'Print a shell completion script'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "man" -d 'Write man pages into a directory'
@@ -54,7 +56,11 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_su
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand server" -s c -l config -d 'Server configuration file' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand server" -l no-admin -d 'Do not serve the local admin API'
 complete -c nbackup -n "__fish_nbackup_using_subcommand server" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand agent" -s c -l config -d 'Agent configuration file' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand agent" -l no-admin -d 'Do not serve the local admin API'
+complete -c nbackup -n "__fish_nbackup_using_subcommand agent" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -s c -l config -d 'Agent configuration file' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -s e -l entry -d 'Run only this entry (repeatable; default: all entries)' -r
 complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -l progress -d 'Show a progress bar'
@@ -64,6 +70,85 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -s h -l help -d 
 complete -c nbackup -n "__fish_nbackup_using_subcommand health" -s c -l config -d 'Agent configuration file (for the server address and certificates)' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand health" -l json -d 'Print JSON'
 complete -c nbackup -n "__fish_nbackup_using_subcommand health" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "status" -d 'Status of the daemon'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "sessions" -d 'Sessions in progress, with their streams (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "agents" -d 'Agents known from their control channels (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "entries" -d 'Backup entries with schedule, next run and last result (agent)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "history" -d 'Finished sessions, newest first (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "events" -d 'Recorded events'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "archives" -d 'Archives on the server'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "abort" -d 'Abort a session (server: session id) or an entry\'s running backup (agent: entry)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "rotate" -d 'Close one stream of a session; the agent re-joins it and resends (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "run" -d 'Run an entry now (agent: ENTRY; server: AGENT/ENTRY via the control channel)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "defer" -d 'Postpone an entry\'s next scheduled run (agent: ENTRY; server: AGENT/ENTRY)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "reload" -d 'Re-read the daemon\'s configuration'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "metrics" -d 'Prometheus metrics (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer reload metrics help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from status" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from status" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from status" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from sessions" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from sessions" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from sessions" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from agents" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from agents" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from agents" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from entries" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from entries" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from entries" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from history" -l agent -d 'Only this agent\'s' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from history" -l limit -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from history" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from history" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from history" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from events" -l since -d 'Only events numbered above this' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from events" -l limit -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from events" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from events" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from events" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l agent -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l backup -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l storage -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from abort" -l reason -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from abort" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from abort" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from abort" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from rotate" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from rotate" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from rotate" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from run" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from run" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from run" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from defer" -l seconds -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from defer" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from defer" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from defer" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from reload" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from reload" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from reload" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from metrics" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from metrics" -l json -d 'Print JSON instead of tables'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from metrics" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "status" -d 'Status of the daemon'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "sessions" -d 'Sessions in progress, with their streams (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "agents" -d 'Agents known from their control channels (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "entries" -d 'Backup entries with schedule, next run and last result (agent)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "history" -d 'Finished sessions, newest first (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "events" -d 'Recorded events'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "archives" -d 'Archives on the server'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "abort" -d 'Abort a session (server: session id) or an entry\'s running backup (agent: entry)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "rotate" -d 'Close one stream of a session; the agent re-joins it and resends (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "run" -d 'Run an entry now (agent: ENTRY; server: AGENT/ENTRY via the control channel)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "defer" -d 'Postpone an entry\'s next scheduled run (agent: ENTRY; server: AGENT/ENTRY)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "reload" -d 'Re-read the daemon\'s configuration'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "metrics" -d 'Prometheus metrics (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -l keep -d 'Keep the PKI, configs, archive and restore in this directory instead of deleting them' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -l compression -d 'Compression of the demo storage' -r -f -a "gzip\t''
 zstd\t''"
@@ -71,13 +156,28 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -l parallels -d 'P
 complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand man" -s h -l help -d 'Print help'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "cert" -d 'Create a certificate authority and issue server and agent certificates'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "backup" -d 'Run backup entries once and exit'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "completions" -d 'Print a shell completion script'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "man" -d 'Write man pages into a directory'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server backup health demo completions man help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "cert" -d 'Create a certificate authority and issue server and agent certificates'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "backup" -d 'Run backup entries once and exit'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "ctl" -d 'Query and command the daemons running here through their admin API'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "completions" -d 'Print a shell completion script'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "man" -d 'Write man pages into a directory'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl demo completions man help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "init-ca" -d 'Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "status" -d 'Status of the daemon'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "sessions" -d 'Sessions in progress, with their streams (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "agents" -d 'Agents known from their control channels (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "entries" -d 'Backup entries with schedule, next run and last result (agent)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "history" -d 'Finished sessions, newest first (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "events" -d 'Recorded events'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "archives" -d 'Archives on the server'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "abort" -d 'Abort a session (server: session id) or an entry\'s running backup (agent: entry)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "rotate" -d 'Close one stream of a session; the agent re-joins it and resends (server)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "run" -d 'Run an entry now (agent: ENTRY; server: AGENT/ENTRY via the control channel)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "defer" -d 'Postpone an entry\'s next scheduled run (agent: ENTRY; server: AGENT/ENTRY)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "reload" -d 'Re-read the daemon\'s configuration'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "metrics" -d 'Prometheus metrics (server)'

@@ -200,11 +200,14 @@ impl History {
     }
 }
 
+/// (unix seconds, value), oldest first.
+type Points = VecDeque<(u64, f64)>;
+
 /// A few minutes of one-second samples per named series, for charts in a console
 /// that connects late.
 pub struct Timeline {
     capacity: usize,
-    series: Mutex<Vec<(String, VecDeque<(u64, f64)>)>>,
+    series: Mutex<Vec<(String, Points)>>,
 }
 
 impl Timeline {
@@ -291,7 +294,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = JsonlLog::open(dir.path().join("t.jsonl"), LOG_CAP).expect("open");
         log.append(&1u32).expect("append");
-        OpenOptions::new().append(true).open(dir.path().join("t.jsonl")).expect("open").write_all(b"{\"tor").expect("torn");
+        OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("t.jsonl"))
+            .expect("open")
+            .write_all(b"{\"tor")
+            .expect("torn");
         assert_eq!(log.read_all::<u32>(), vec![1]);
     }
 

@@ -12,11 +12,8 @@ use serde::{Deserialize, Serialize};
 /// root, else `$XDG_RUNTIME_DIR/nbackup` (or `fallback_dir/nbackup`). `daemon` is
 /// `agent` or `server`. Pure, so daemons and clients agree.
 pub fn default_socket(daemon: &str, is_root: bool, runtime_dir: Option<&Path>, fallback_dir: &Path) -> PathBuf {
-    let base = if is_root {
-        PathBuf::from("/run/nbackup")
-    } else {
-        runtime_dir.unwrap_or(fallback_dir).join("nbackup")
-    };
+    let base =
+        if is_root { PathBuf::from("/run/nbackup") } else { runtime_dir.unwrap_or(fallback_dir).join("nbackup") };
     base.join(format!("{daemon}.sock"))
 }
 
@@ -315,8 +312,16 @@ pub struct AbortRequest {
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum WatchItem {
     /// The state, sent first and then every second.
-    ServerSnapshot { status: ServerStatus, sessions: Vec<SessionInfo>, agents: Vec<AgentInfo> },
-    AgentSnapshot { status: AgentStatus },
+    ServerSnapshot {
+        status: ServerStatus,
+        sessions: Vec<SessionInfo>,
+        agents: Vec<AgentInfo>,
+    },
+    AgentSnapshot {
+        status: AgentStatus,
+    },
     /// A new event.
-    Event { event: Event },
+    Event {
+        event: Event,
+    },
 }

@@ -17,8 +17,8 @@ mod units;
 use std::path::{Path, PathBuf};
 
 pub use agent::{
-    AgentConfig, AgentTls, AutoScaler, BackupEntry, ControlChannel, Bandwidth, Excludes, RawAgentConfig, RawAutoScaler, RawBackup,
-    RawResume, RawRetry, RawSource, Resume, Retry, ScaleMode, ServerEndpoint,
+    AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, ControlChannel, Excludes, RawAgentConfig, RawAutoScaler,
+    RawBackup, RawResume, RawRetry, RawSource, Resume, Retry, ScaleMode, ServerEndpoint,
 };
 pub use error::{ConfigError, ConfigErrorDetails};
 pub use server::{DEFAULT_STATE_DIR, RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};

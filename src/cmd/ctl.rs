@@ -72,7 +72,13 @@ fn need(kind: DaemonKind, wanted: DaemonKind, what: &str) -> anyhow::Result<()> 
 /// Query-string encoding for the few values we pass.
 fn q(v: &str) -> String {
     v.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.@+".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.@+".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -173,7 +179,8 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
                 print_json(&v);
             } else {
                 for e in &v {
-                    let who = [e.agent.as_deref(), e.backup.as_deref()].into_iter().flatten().collect::<Vec<_>>().join("/");
+                    let who =
+                        [e.agent.as_deref(), e.backup.as_deref()].into_iter().flatten().collect::<Vec<_>>().join("/");
                     println!("{:>6} {} {:<18} {:<16} {}", e.seq, e.time, e.kind, who, e.message);
                 }
             }
@@ -224,7 +231,9 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
                 (Agent, None) => format!("/v1/entries/{}/run", q(&entry)),
                 (Server, Some((agent, e))) => format!("/v1/agents/{}/entries/{}/run", q(agent), q(e)),
                 (Server, None) => return Err(fail(Exit::Usage, anyhow::anyhow!("on the server, name AGENT/ENTRY"))),
-                (Agent, Some(_)) => return Err(fail(Exit::Usage, anyhow::anyhow!("on the agent, name just the entry"))),
+                (Agent, Some(_)) => {
+                    return Err(fail(Exit::Usage, anyhow::anyhow!("on the agent, name just the entry")));
+                }
             };
             return act(c, &path, None, json).await;
         }
@@ -234,7 +243,12 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
                 (Server, Some((agent, e))) => {
                     format!("/v1/agents/{}/entries/{}/defer?seconds={seconds}", q(agent), q(e))
                 }
-                _ => return Err(fail(Exit::Usage, anyhow::anyhow!("name ENTRY on the agent, AGENT/ENTRY on the server"))),
+                _ => {
+                    return Err(fail(
+                        Exit::Usage,
+                        anyhow::anyhow!("name ENTRY on the agent, AGENT/ENTRY on the server"),
+                    ));
+                }
             };
             return act(c, &path, None, json).await;
         }

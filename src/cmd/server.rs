@@ -13,9 +13,8 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let config = super::load_server_config(&args.config)?;
     let _guard = logging::init(&config.logging, Mode::Daemon)?;
     super::runtime()?.block_on(async move {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let shutdown = super::shutdown_on_signals();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {

@@ -5,8 +5,6 @@ use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -171,7 +169,8 @@ async fn a_scheduled_run_fires_at_its_time_in_its_time_zone() {
     // 02:00 arrives after one real second.
     let clock = Arc::new(FastClock::new(utc("2026-11-22T01:59:40Z"), 20.0));
     let backups = entry_yaml("nightly", &src, "    schedule: \"0 2 * * *\"\n    timezone: Europe/Lisbon\n");
-    let agent = AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), clock).await;
+    let agent =
+        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), clock).await;
     let before = agent.entry("nightly").await;
     assert_eq!(before.next_run.as_deref(), Some("2026-11-22T02:00:00Z"));
     assert!(before.last.is_none(), "nothing ran before the time");
@@ -195,9 +194,12 @@ async fn a_trigger_while_the_entry_runs_is_skipped_and_recorded() {
     let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
     // A slow entry: 3 MiB at 1 MiB/s.
     let backups = entry_yaml("slow", &src, "    bandwidth_limit: 1mb\n");
-    let agent =
-        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), Arc::new(SystemClock))
-            .await;
+    let agent = AgentDaemon::start(
+        tmp.path(),
+        &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""),
+        Arc::new(SystemClock),
+    )
+    .await;
     let r: ActionResult = agent.client.post::<_, ()>("/v1/entries/slow/run", None).await.expect("run");
     assert!(r.ok);
     match agent.client.post::<ActionResult, ()>("/v1/entries/slow/run", None).await {
@@ -233,7 +235,8 @@ async fn missed_runs_are_caught_up_only_when_asked() {
         entry_yaml("lazy", &src, schedule)
     );
     let clock = Arc::new(FastClock::new(utc("2026-11-22T03:00:00Z"), 1.0));
-    let agent = AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), clock).await;
+    let agent =
+        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), clock).await;
     assert!(agent.wait_result("eager", Duration::from_secs(30)).await.ok, "the missed run was replayed");
     let lazy = agent.entry("lazy").await;
     assert!(lazy.last.is_none() && !lazy.running, "catch_up off: not replayed");
@@ -290,9 +293,12 @@ async fn stopping_the_agent_mid_backup_aborts_the_session_on_the_server_at_once(
     fs::write(src.join("noise.bin"), noise(8 << 20, 91)).expect("noise");
     let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
     let backups = entry_yaml("slow", &src, "    bandwidth_limit: 1mb\n");
-    let agent =
-        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), Arc::new(SystemClock))
-            .await;
+    let agent = AgentDaemon::start(
+        tmp.path(),
+        &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""),
+        Arc::new(SystemClock),
+    )
+    .await;
     agent.client.post::<ActionResult, ()>("/v1/entries/slow/run", None).await.expect("run");
     loop {
         let s: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
@@ -304,8 +310,17 @@ async fn stopping_the_agent_mid_backup_aborts_the_session_on_the_server_at_once(
     let stopping = Instant::now();
     agent.stop().await; // what SIGTERM does
     assert!(stopping.elapsed() < Duration::from_secs(10), "bounded shutdown: {:?}", stopping.elapsed());
-    let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
-    assert_eq!(history.len(), 1, "the server learned at once (not after a timeout)");
+    // The agent sent Abort before it exited; the server records it as soon as it
+    // reads it — well before any stream timeout (minutes) could have fired.
+    let history = loop {
+        let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
+        if !history.is_empty() {
+            break history;
+        }
+        assert!(stopping.elapsed() < Duration::from_secs(15), "the server never learned of the abort");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(history.len(), 1);
     assert_eq!(history[0].outcome, "aborted", "{:?}", history[0]);
     assert!(history[0].message.contains("cancelled"), "{:?}", history[0]);
     let sessions: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
@@ -326,9 +341,12 @@ async fn backups_run_with_the_control_channel_down() {
     proxy.fault(0, Fault::CutAfter(0));
     let extra = "daemon:\n  control_channel:\n    reconnect_delay: 1h\n    max_reconnect_delay: 1h\n";
     let backups = entry_yaml("data", &src, "");
-    let agent =
-        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, proxy.addr, tmp.path(), &backups, extra), Arc::new(SystemClock))
-            .await;
+    let agent = AgentDaemon::start(
+        tmp.path(),
+        &agent_daemon_yaml(&pki, proxy.addr, tmp.path(), &backups, extra),
+        Arc::new(SystemClock),
+    )
+    .await;
     agent.client.post::<ActionResult, ()>("/v1/entries/data/run", None).await.expect("run");
     assert!(agent.wait_result("data", Duration::from_secs(30)).await.ok);
     let status: AgentStatus = agent.client.get("/v1/status").await.expect("status");
@@ -346,8 +364,18 @@ async fn backups_run_with_the_control_channel_down() {
     server.stop().await;
 }
 
-fn ctl(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_nbackup")).arg("ctl").args(args).output().expect("ctl runs")
+/// Runs `nbackup ctl` without blocking the runtime the daemons under test live on.
+async fn ctl(args: &[&str]) -> std::process::Output {
+    ctl_as(args, None).await
+}
+
+async fn ctl_as(args: &[&str], user: Option<(u32, u32)>) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_nbackup"));
+    cmd.arg("ctl").args(args);
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd.output().await.expect("ctl runs")
 }
 
 #[tokio::test]
@@ -358,9 +386,12 @@ async fn operator_commands_round_trip_through_ctl_the_server_and_the_agent() {
     let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
     let backups = entry_yaml("data", &src, "    schedule: \"0 4 * * *\"\n");
     let extra = "daemon:\n  control_channel:\n    keepalive_interval: 200ms\n";
-    let agent =
-        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, extra), Arc::new(SystemClock))
-            .await;
+    let agent = AgentDaemon::start(
+        tmp.path(),
+        &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, extra),
+        Arc::new(SystemClock),
+    )
+    .await;
     let (ssock, asock) = (server.socket.display().to_string(), tmp.path().join("agent.sock").display().to_string());
     // Wait for the control channel.
     let start = Instant::now();
@@ -373,30 +404,30 @@ async fn operator_commands_round_trip_through_ctl_the_server_and_the_agent() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Operator → server → control channel → agent.
-    let o = ctl(&["--socket", &ssock, "run", "web-01/data"]);
+    let o = ctl(&["--socket", &ssock, "run", "web-01/data"]).await;
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("data started"));
     assert!(agent.wait_result("data", Duration::from_secs(30)).await.ok);
     // Defer through the server; the agent's next run moves.
-    let o = ctl(&["--socket", &ssock, "defer", "web-01/data", "--seconds", "172800"]);
+    let o = ctl(&["--socket", &ssock, "defer", "web-01/data", "--seconds", "172800"]).await;
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let e = agent.entry("data").await;
     let next = utc(e.next_run.as_deref().expect("next run"));
     assert!(next - Utc::now() > chrono::Duration::hours(47), "deferred two days: {next}");
     // Tables and JSON from both daemons.
-    let o = ctl(&["--socket", &ssock, "history", "--json"]);
+    let o = ctl(&["--socket", &ssock, "history", "--json"]).await;
     let h: Vec<HistoryRecord> = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(h[0].outcome, "committed");
-    let o = ctl(&["--socket", &asock, "entries"]);
+    let o = ctl(&["--socket", &asock, "entries"]).await;
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("ENTRY") && out.contains("0 4 * * *"), "{out}");
-    let o = ctl(&["--socket", &ssock, "agents", "--json"]);
+    let o = ctl(&["--socket", &ssock, "agents", "--json"]).await;
     let a: Vec<AgentInfo> = serde_json::from_slice(&o.stdout).expect("json");
     assert!(a[0].connected && a[0].rtt_ms.is_some() && a[0].last_results.iter().any(|r| r.ok), "{a:?}");
     // Exit codes: not found (1), wrong daemon (2), unreachable (3).
-    assert_eq!(ctl(&["--socket", &ssock, "rotate", &"0".repeat(32), "0"]).status.code(), Some(1));
-    assert_eq!(ctl(&["--socket", &asock, "sessions"]).status.code(), Some(2));
-    assert_eq!(ctl(&["--socket", "/nonexistent/x.sock", "status"]).status.code(), Some(3));
+    assert_eq!(ctl(&["--socket", &ssock, "rotate", &"0".repeat(32), "0"]).await.status.code(), Some(1));
+    assert_eq!(ctl(&["--socket", &asock, "sessions"]).await.status.code(), Some(2));
+    assert_eq!(ctl(&["--socket", "/nonexistent/x.sock", "status"]).await.status.code(), Some(3));
     agent.stop().await;
     server.stop().await;
 }
@@ -410,9 +441,12 @@ async fn rotate_and_abort_act_on_a_running_session() {
     fs::write(src.join("noise.bin"), noise(6 << 20, 121)).expect("noise");
     let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
     let backups = entry_yaml("slow", &src, "    bandwidth_limit: 2mb\n");
-    let agent =
-        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), Arc::new(SystemClock))
-            .await;
+    let agent = AgentDaemon::start(
+        tmp.path(),
+        &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""),
+        Arc::new(SystemClock),
+    )
+    .await;
     agent.client.post::<ActionResult, ()>("/v1/entries/slow/run", None).await.expect("run");
     let session = loop {
         let s: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
@@ -421,8 +455,11 @@ async fn rotate_and_abort_act_on_a_running_session() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let r: ActionResult =
-        server.client.post::<_, ()>(&format!("/v1/sessions/{}/streams/0/rotate", session.id), None).await.expect("rotate");
+    let r: ActionResult = server
+        .client
+        .post::<_, ()>(&format!("/v1/sessions/{}/streams/0/rotate", session.id), None)
+        .await
+        .expect("rotate");
     assert!(r.ok);
     // The agent re-joins stream 0 and carries on.
     let start = Instant::now();
@@ -459,21 +496,17 @@ async fn the_admin_socket_refuses_other_users() {
     let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
     let mode = fs::metadata(&server.socket).expect("socket").permissions().mode();
     assert_eq!(mode & 0o777, 0o660);
-    let as_nobody = |socket: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_nbackup"))
-            .args(["ctl", "--socket"])
-            .arg(socket)
-            .arg("status")
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .expect("ctl runs")
-    };
+    let socket = server.socket.display().to_string();
+    let nobody = Some((65534, 65534));
     // The file mode already keeps others out.
-    assert_eq!(as_nobody(&server.socket).status.code(), Some(3), "0660 socket: connect refused");
+    assert_eq!(
+        ctl_as(&["--socket", &socket, "status"], nobody).await.status.code(),
+        Some(3),
+        "0660 socket: connect refused"
+    );
     // Even with a careless mode, the peer-credential check refuses them.
     fs::set_permissions(&server.socket, fs::Permissions::from_mode(0o666)).expect("chmod");
-    let o = as_nobody(&server.socket);
+    let o = ctl_as(&["--socket", &socket, "status"], nobody).await;
     assert_eq!(o.status.code(), Some(4), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("access denied"));
     // Root is served.
@@ -499,15 +532,8 @@ async fn members_of_the_admin_group_are_served() {
         &format!("admin:\n  socket: {}/agent.sock\n  group: nogroup\n", tmp.path().display()),
     );
     let agent = AgentDaemon::start(tmp.path(), &yaml, Arc::new(SystemClock)).await;
-    let sock = tmp.path().join("agent.sock");
-    let o = Command::new(env!("CARGO_BIN_EXE_nbackup"))
-        .args(["ctl", "--json", "--socket"])
-        .arg(&sock)
-        .arg("status")
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("ctl runs");
+    let sock = tmp.path().join("agent.sock").display().to_string();
+    let o = ctl_as(&["--json", "--socket", &sock, "status"], Some((65534, 65534))).await;
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let s: AgentStatus = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(s.agent, "web-01");
@@ -545,7 +571,9 @@ async fn history_and_events_survive_a_server_restart_and_metrics_parse() {
             .iter()
             .find(|s| s.metric == name)
             .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
                 _ => f64::NAN,
             })
             .unwrap_or_else(|| panic!("{name} missing:\n{text}"))

@@ -52,7 +52,12 @@ impl AdminClient {
         &self.socket
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let unreachable = |source| ClientError::Unreachable { socket: self.socket.clone(), source };
         let stream = tokio::time::timeout(TIMEOUT, UnixStream::connect(&self.socket))
             .await
@@ -106,7 +111,11 @@ impl AdminClient {
     }
 
     /// `POST path` with an optional JSON body, decoded as `T`.
-    pub async fn post<T: DeserializeOwned, B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<T, ClientError> {
+    pub async fn post<T: DeserializeOwned, B: Serialize>(
+        &self,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
         let body = body.map(|b| serde_json::to_vec(b)).transpose().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let bytes = Self::body(self.send(Method::POST, path, body).await?).await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))

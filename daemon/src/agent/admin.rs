@@ -78,9 +78,15 @@ struct DeferQuery {
     seconds: u64,
 }
 
-async fn defer(State(d): S, Path(name): Path<String>, Query(q): Query<DeferQuery>) -> Result<Json<ActionResult>, Response> {
+async fn defer(
+    State(d): S,
+    Path(name): Path<String>,
+    Query(q): Query<DeferQuery>,
+) -> Result<Json<ActionResult>, Response> {
     match d.defer(&name, q.seconds) {
-        Some(until) => Ok(Json(ActionResult { ok: true, message: format!("{name} deferred until {}", until.to_rfc3339()) })),
+        Some(until) => {
+            Ok(Json(ActionResult { ok: true, message: format!("{name} deferred until {}", until.to_rfc3339()) }))
+        }
         None => Err(error(StatusCode::NOT_FOUND, format!("no entry {name}"))),
     }
 }

@@ -4,7 +4,6 @@
 //! abort, defer). It reconnects with exponential backoff. Backups never depend on it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -15,9 +14,11 @@ use nbackup_protocol::wire::{CtlMessage, CtlPing, CtlResult, Frame};
 use super::daemon::{Agentd, Triggered};
 use crate::state::EventSpec;
 
-/// How often progress is reported while something runs (and at least this often
-/// after a change otherwise).
-const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// How often progress is reported while something runs.
+const REPORT_BUSY: Duration = Duration::from_secs(2);
+
+/// How often the report is refreshed when idle (round-trip time, load).
+const REPORT_IDLE: Duration = Duration::from_secs(30);
 
 pub(super) async fn run(d: Arc<Agentd>) {
     let mut failures: u32 = 0;
@@ -70,8 +71,11 @@ async fn session(d: &Arc<Agentd>, conn: super::connect::Connection) -> String {
     let super::connect::Connection { mut reader, mut writer, .. } = conn;
     let keepalive = d.config().control_channel.keepalive_interval;
     let mut ping = tokio::time::interval(keepalive);
-    let mut report = tokio::time::interval(REPORT_EVERY);
-    let mut reported_generation = u64::MAX;
+    let mut report = tokio::time::interval(REPORT_BUSY);
+    // The first report goes out with the first round-trip time, the rest on change,
+    // every REPORT_BUSY while a backup runs, and every REPORT_IDLE otherwise.
+    let mut reported: Option<Instant> = None;
+    let mut rtt_reported = false;
     let mut pings: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
     let mut nonce = 0u64;
     loop {
@@ -85,12 +89,22 @@ async fn session(d: &Arc<Agentd>, conn: super::connect::Connection) -> String {
                     return e.to_string();
                 }
             }
-            _ = report.tick() => {
-                let generation = d.generation.load(Ordering::Relaxed);
-                let busy = !d.running().is_empty();
-                if busy || generation != reported_generation {
-                    reported_generation = generation;
-                    let json = serde_json::to_string(&d.report()).unwrap_or_default();
+            changed = async {
+                tokio::select! {
+                    _ = d.report_now.notified() => true,
+                    _ = report.tick() => false,
+                }
+            } => {
+                let report = d.report();
+                let due = reported.is_none_or(|at| {
+                    let every = if report.running.is_empty() { REPORT_IDLE } else { REPORT_BUSY };
+                    at.elapsed() >= every
+                });
+                let rtt_news = !rtt_reported && report.rtt_ms.is_some();
+                if changed || due || rtt_news {
+                    reported = Some(Instant::now());
+                    rtt_reported |= report.rtt_ms.is_some();
+                    let json = serde_json::to_string(&report).unwrap_or_default();
                     if let Err(e) = writer.send(&Frame::CtlReport(CtlMessage { id: 0, json })).await {
                         return e.to_string();
                     }

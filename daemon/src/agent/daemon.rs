@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -176,8 +176,9 @@ pub(super) struct Agentd {
     runs: TaskTracker,
     /// Wakes the scheduler when schedules change (reload, defer).
     schedule_changed: Notify,
-    /// Bumps when results change, so the control channel reports promptly.
-    pub(super) generation: AtomicU64,
+    /// Signalled when runs start or end or the configuration changes, so the control
+    /// channel reports at once rather than on its next tick.
+    pub(super) report_now: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -256,7 +257,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, mut options: 
         shutdown: shutdown.clone(),
         runs: TaskTracker::new(),
         schedule_changed: Notify::new(),
-        generation: AtomicU64::new(0),
+        report_now: Notify::new(),
     });
     let background = TaskTracker::new();
     if options.admin {
@@ -398,7 +399,7 @@ impl Agentd {
             });
         }
         self.events.record("run_started", self.who(Some(entry)), format!("{source} run"));
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.report_now.notify_one();
         let d = self.clone();
         self.runs.spawn(async move { d.run_entry(spec, config, progress, cancel).await });
         Triggered::Started
@@ -480,9 +481,11 @@ impl Agentd {
             },
         };
         match &result {
-            Ok(r) => {
-                self.events.record("committed", self.who(Some(&name)), format!("committed {} in {:.1} s", r.archive, r.seconds))
-            }
+            Ok(r) => self.events.record(
+                "committed",
+                self.who(Some(&name)),
+                format!("committed {} in {:.1} s", r.archive, r.seconds),
+            ),
             Err(BackupError::Cancelled) => self.events.record("aborted", self.who(Some(&name)), "run cancelled"),
             Err(e) => self.events.record("failed", self.who(Some(&name)), e.to_string()),
         };
@@ -492,7 +495,7 @@ impl Agentd {
             state.running = None;
             state.last = Some(record);
         }
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.report_now.notify_one();
         self.save();
     }
 
@@ -548,7 +551,7 @@ impl Agentd {
                 info!("{m}");
                 self.events.record("reloaded", self.who(None), m.clone());
                 self.schedule_changed.notify_one();
-                self.generation.fetch_add(1, Ordering::Relaxed);
+                self.report_now.notify_one();
             }
             Err(e) => {
                 warn!("reload rejected, keeping the running configuration: {e}");
@@ -652,7 +655,9 @@ impl Agentd {
                 let state = entries.get(e.name.as_str());
                 let last = state.and_then(|s| s.last.clone());
                 let last_age_secs = last.as_ref().and_then(|l| {
-                    DateTime::parse_from_rfc3339(&l.finished).ok().map(|t| (now - t.with_timezone(&Utc)).num_seconds().max(0) as u64)
+                    DateTime::parse_from_rfc3339(&l.finished)
+                        .ok()
+                        .map(|t| (now - t.with_timezone(&Utc)).num_seconds().max(0) as u64)
                 });
                 EntryStatus {
                     name: e.name.to_string(),

@@ -34,6 +34,9 @@ use crate::conn::ConnError;
 /// How often the reader re-checks that deadline while waiting for frames.
 const ACK_CHECK: Duration = Duration::from_millis(500);
 
+/// How long a cancelled stream may take to finish its frame and send Abort.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
 /// What all streams of one backup share.
 pub struct StreamCtx {
     pub connector: Connector,
@@ -225,11 +228,17 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
 async fn drive(ctx: &StreamCtx, stream: u16, conn: Connection, retire: &CancellationToken) -> (End, bool) {
     let Connection { reader, writer, .. } = conn;
     let mut acked = false;
+    let send = send_loop(ctx, stream, writer, retire);
+    tokio::pin!(send);
     let end = tokio::select! {
-        end = send_loop(ctx, stream, writer, retire) => end,
+        end = &mut send => end,
         end = receive_loop(ctx, stream, reader, &mut acked) => end,
         _ = ctx.cancel.cancelled() => {
             ctx.window.fail(Failure::Cancelled);
+            // The send loop finishes the frame it is writing (no longer throttled)
+            // and then sends Abort, so the server frees the entry now rather than
+            // after a timeout. Bounded, for a peer that stopped reading.
+            let _ = timeout(CANCEL_GRACE, &mut send).await;
             End::Finished
         }
     };
@@ -295,7 +304,15 @@ async fn send_chunk(
     chunk: &nbackup_protocol::wire::Chunk,
 ) -> std::io::Result<()> {
     match &ctx.throttle {
-        Some(t) => writer.send_chunk_paced(chunk, throttle::SLICE, |n| t.acquire(n)).await,
+        Some(t) => {
+            let paced = |n| async move {
+                tokio::select! {
+                    _ = t.acquire(n) => {}
+                    _ = ctx.cancel.cancelled() => {}
+                }
+            };
+            writer.send_chunk_paced(chunk, throttle::SLICE, paced).await
+        }
         None => writer.send_chunk(chunk).await,
     }
 }

@@ -167,18 +167,19 @@ async fn sessions(State(shared): S) -> Json<Vec<SessionInfo>> {
     Json(session_list(&shared))
 }
 
-fn find(shared: &Shared, id: &str) -> Result<Arc<Session>, Response> {
+/// The open session `id`, or the status and message to answer with.
+fn find(shared: &Shared, id: &str) -> Result<Arc<Session>, (StatusCode, String)> {
     let sid = nbackup_protocol::SessionId::from_hex(id)
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("{id:?} is not a session id")))?;
+        .ok_or_else(|| (StatusCode::BAD_REQUEST, format!("{id:?} is not a session id")))?;
     lock(&shared.registry)
         .sessions
         .get(&sid)
         .cloned()
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no session {id} in progress")))
+        .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no session {id} in progress")))
 }
 
 async fn session(State(shared): S, Path(id): Path<String>) -> Result<Json<SessionInfo>, Response> {
-    let s = find(&shared, &id)?;
+    let s = find(&shared, &id).map_err(|(code, msg)| error(code, msg))?;
     Ok(Json(session_info(&s)))
 }
 
@@ -187,7 +188,7 @@ async fn abort(
     Path(id): Path<String>,
     body: Option<Json<AbortRequest>>,
 ) -> Result<Json<ActionResult>, Response> {
-    let s = find(&shared, &id)?;
+    let s = find(&shared, &id).map_err(|(code, msg)| error(code, msg))?;
     let reason = body.and_then(|b| b.0.reason).unwrap_or_else(|| "no reason given".into());
     let refusal = Refusal::new(Reason::Cancelled, format!("aborted by the operator: {reason}"));
     shared.end_session(&s, Outcome::Failed(refusal));
@@ -195,7 +196,7 @@ async fn abort(
 }
 
 async fn rotate(State(shared): S, Path((id, n)): Path<(String, u16)>) -> Result<Json<ActionResult>, Response> {
-    let s = find(&shared, &id)?;
+    let s = find(&shared, &id).map_err(|(code, msg)| error(code, msg))?;
     if !s.rotate(n) {
         return Err(error(StatusCode::NOT_FOUND, format!("session {id} has no stream {n} attached")));
     }
@@ -214,7 +215,10 @@ async fn send_command(shared: &Shared, agent: &str, command: ControlCommand) -> 
     }
 }
 
-async fn agent_run(State(shared): S, Path((name, entry)): Path<(String, String)>) -> Result<Json<ActionResult>, Response> {
+async fn agent_run(
+    State(shared): S,
+    Path((name, entry)): Path<(String, String)>,
+) -> Result<Json<ActionResult>, Response> {
     send_command(&shared, &name, ControlCommand::RunNow { entry }).await
 }
 
@@ -302,7 +306,11 @@ async fn series(State(shared): S) -> Json<Vec<Series>> {
 }
 
 fn snapshot(shared: &Shared) -> WatchItem {
-    WatchItem::ServerSnapshot { status: server_status(shared), sessions: session_list(shared), agents: agent_list(shared) }
+    WatchItem::ServerSnapshot {
+        status: server_status(shared),
+        sessions: session_list(shared),
+        agents: agent_list(shared),
+    }
 }
 
 /// NDJSON: a snapshot at once and every second, and every event as it happens.

@@ -36,8 +36,8 @@ use nbackup_protocol::admin::HistoryRecord;
 use nbackup_protocol::config::ServerConfig;
 use nbackup_protocol::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use nbackup_protocol::wire::{
-    Caps, Chunk, ConnKind, Frame, FrameType, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal, SessionState,
-    Status, StorageHealth, Welcome,
+    Caps, Chunk, ConnKind, Frame, FrameType, Health, Hello, Join, Joined, PROTOCOL_VERSION, Reason, Refusal,
+    SessionState, Status, StorageHealth, Welcome,
 };
 use nbackup_protocol::{Name, SessionId};
 
@@ -356,6 +356,15 @@ async fn sampler(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 /// What ended a stream's read loop.
+/// One connection's place in a session: which stream and join it is, how to stop
+/// it, and its counters.
+struct Slot {
+    stream: u16,
+    generation: u32,
+    cancel: CancellationToken,
+    stats: Arc<StreamStats>,
+}
+
 enum StreamEnd {
     Closed,
     Stopped,
@@ -443,12 +452,14 @@ impl Shared {
         }
         let p = &session.params;
         let id = p.id.to_string();
-        let who = || EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
+        let who =
+            || EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
         let storage = p.key.storage.to_string();
         let (kind, archive, reason, message) = match &outcome {
             Outcome::Committed(c) => {
                 *lock(&self.metrics.committed).entry(storage.clone()).or_default() += 1;
-                lock(&self.metrics.last_success).insert((p.key.agent.to_string(), p.key.backup.to_string()), unix_now());
+                lock(&self.metrics.last_success)
+                    .insert((p.key.agent.to_string(), p.key.backup.to_string()), unix_now());
                 self.events.record("committed", who(), format!("committed {} ({} bytes)", c.archive, c.size));
                 for old in session.rotated() {
                     self.events.record("rotated", who(), format!("rotated out {old}"));
@@ -635,9 +646,10 @@ impl Shared {
         };
         *lock(&stats.peer) = conn.peer.to_string();
         let id = p.id.to_string();
-        let who = EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
+        let who =
+            EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
         self.events.record("started", who, format!("session opened from {} ({})", conn.peer, p.compression));
-        self.clone().run_stream(session, 0, 0, cancel, stats, reader, writer).await;
+        self.clone().run_stream(session, Slot { stream: 0, generation: 0, cancel, stats }, reader, writer).await;
     }
 
     /// Checks a `Hello` against identity, storage, disk and locks, and opens the session.
@@ -759,14 +771,16 @@ impl Shared {
         *lock(&stats.peer) = conn.peer.to_string();
         let joins = session.streams().iter().find(|s| s.stream == join.stream).map_or(1, |s| s.joins);
         let (id, p) = (session.id().to_string(), &session.params);
-        let who = EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
+        let who =
+            EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
         let (kind, msg) = if joins > 1 {
             ("stream_rejoined", format!("stream {} re-joined from {} ({} joins)", join.stream, conn.peer, joins))
         } else {
             ("stream_joined", format!("stream {} joined from {}", join.stream, conn.peer))
         };
         self.events.record(kind, who, msg);
-        self.clone().run_stream(session, join.stream, join.generation, cancel, stats, reader, writer).await;
+        let slot = Slot { stream: join.stream, generation: join.generation, cancel, stats };
+        self.clone().run_stream(session, slot, reader, writer).await;
     }
 
     fn join_session(
@@ -824,16 +838,14 @@ impl Shared {
     async fn run_stream<R, W>(
         self: Arc<Self>,
         session: Arc<Session>,
-        stream: u16,
-        generation: u32,
-        cancel: CancellationToken,
-        stats: Arc<StreamStats>,
+        slot: Slot,
         mut reader: FrameReader<R>,
         writer: FrameWriter<W>,
     ) where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        let Slot { stream, generation, cancel, stats } = slot;
         // Depths: a few acks/answers, and two chunks queued for the disk so reading the
         // next one overlaps writing the current one.
         let (out_tx, out_rx) = mpsc::channel::<Frame>(64);
@@ -937,7 +949,8 @@ impl Shared {
 impl Shared {
     fn stream_lost(&self, session: &Session, stream: u16, why: &str) {
         let (id, p) = (session.id().to_string(), &session.params);
-        let who = EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
+        let who =
+            EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
         self.events.record("stream_lost", who, format!("stream {stream}: {why}"));
     }
 }
@@ -1035,5 +1048,4 @@ impl Conn {
     fn owns(&self, agent: &Name) -> bool {
         self.identities.iter().any(|i| i == agent.as_str())
     }
-
 }

@@ -195,7 +195,7 @@ fn golden_control_channel() {
     );
     assert_eq!(
         hex(&Frame::CtlResult(CtlResult { id: 7, ok: true, message: "ok".into() }).to_bytes()),
-        "540000000d0000000000000007010002" .to_owned() + "6f6b"
+        "540000000d0000000000000007010002".to_owned() + "6f6b"
     );
 }
 
@@ -377,8 +377,11 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             .prop_map(|(nonce, load_milli, free_bytes)| Frame::CtlPong(CtlPong { nonce, load_milli, free_bytes })),
         (any::<u64>(), ".{0,200}").prop_map(|(id, json)| Frame::CtlReport(CtlMessage { id, json })),
         (any::<u64>(), ".{0,200}").prop_map(|(id, json)| Frame::CtlCommand(CtlMessage { id, json })),
-        (any::<u64>(), any::<bool>(), ".{0,40}")
-            .prop_map(|(id, ok, message)| Frame::CtlResult(CtlResult { id, ok, message })),
+        (any::<u64>(), any::<bool>(), ".{0,40}").prop_map(|(id, ok, message)| Frame::CtlResult(CtlResult {
+            id,
+            ok,
+            message
+        })),
         (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2048))
             .prop_map(|(seq, off, data)| Frame::Chunk(Chunk::new(seq, off, Bytes::from(data)))),
         any::<u64>().prop_map(|seq| Frame::Ack(Ack { seq })),
