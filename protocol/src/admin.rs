@@ -156,6 +156,9 @@ pub struct EntryResult {
     pub error: Option<String>,
     pub finished: String,
     pub seconds: f64,
+    /// Attempts made, the successful or last one included.
+    #[serde(default)]
+    pub attempts: u32,
     pub bytes_read: u64,
     pub bytes_sent: u64,
     pub skipped: u64,

@@ -620,3 +620,196 @@ fn agent_status_is_served_as_documented() {
     let s: AgentStatus = serde_json::from_str(json).expect("parses");
     assert_eq!(s.entries[0].next_run, None);
 }
+
+#[tokio::test]
+async fn each_attempt_is_bounded_and_retried() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(4 << 20, 161)).expect("noise");
+    let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
+    // 4 MiB at 1 MB/s cannot finish in an attempt of 1 s.
+    let backups = entry_yaml("slow", &src, "    bandwidth_limit: 1mb\n");
+    let yaml = agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, "")
+        .replace("  max_delay: 500ms\n", "  max_delay: 500ms\n  attempt_timeout: 1s\n");
+    let agent = AgentDaemon::start(tmp.path(), &yaml, Arc::new(SystemClock)).await;
+    agent.client.post::<ActionResult, ()>("/v1/entries/slow/run", None).await.expect("run");
+    let last = agent.wait_result("slow", Duration::from_secs(30)).await;
+    assert!(!last.ok);
+    assert_eq!(last.attempts, 2, "retry.max_attempts: 2 → {last:?}");
+    assert!(last.error.as_deref().is_some_and(|e| e.contains("did not finish within 1s")), "{last:?}");
+    let retries = events(&agent.client).await.into_iter().filter(|e| e.kind == "retry").count();
+    assert_eq!(retries, 1);
+    // Each timed-out attempt told the server, which freed the entry at once.
+    let start = Instant::now();
+    let history = loop {
+        let h: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
+        if h.len() == 2 {
+            break h;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{h:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(history.iter().all(|h| h.outcome == "aborted"), "{history:?}");
+    assert!(leftovers(&tmp.path().join("storage/main")).is_empty());
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn server_reload_adds_storages_and_certificates_without_dropping_sessions() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(3 << 20, 171)).expect("noise");
+    let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
+    let backups = entry_yaml("slow", &src, "    bandwidth_limit: 1mb\n");
+    let agent = AgentDaemon::start(
+        tmp.path(),
+        &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""),
+        Arc::new(SystemClock),
+    )
+    .await;
+    agent.client.post::<ActionResult, ()>("/v1/entries/slow/run", None).await.expect("run");
+    loop {
+        let s: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
+        if s.first().is_some_and(|s| s.bytes_received > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let config = tmp.path().join("server.yaml");
+    let storages = [zstd("main"), gzip("second")];
+    // A typo: rejected with the reason, the running configuration stays.
+    let good = server_yaml(tmp.path(), &pki, server.addr, &storages, "");
+    fs::write(&config, good.replace("max_backups", "max_backup")).expect("write");
+    match server.client.post::<ActionResult, ()>("/v1/reload", None).await {
+        Err(ClientError::Api { status: 422, message }) => assert!(message.contains("max_backups"), "{message}"),
+        other => panic!("expected 422, got {other:?}"),
+    }
+    // A new storage and a renewed server certificate.
+    let renewed = nbackup_daemon::pki::issue(&pki.ca, &nbackup_daemon::pki::Leaf::Server(vec!["127.0.0.1".into()]), 5)
+        .expect("renewed certificate");
+    nbackup_daemon::pki::write_pair(&pki.dir.join("server"), &renewed, true).expect("write");
+    fs::write(&config, &good).expect("write");
+    let r: ActionResult = server.client.post::<_, ()>("/v1/reload", None).await.expect("reload");
+    assert!(r.message.contains("main, second"), "{}", r.message);
+    let status: ServerStatus = server.client.get("/v1/status").await.expect("status");
+    assert_eq!(status.storages.len(), 2);
+    // New connections get the new certificate...
+    let tls = raw_tls(server.addr, &pki, Some(&pki.agent("web-01")), false).await.expect("handshake");
+    let presented = tls.get_ref().1.peer_certificates().expect("server certificate")[0].clone();
+    let on_disk = nbackup_daemon::tls::pem_certs(renewed.cert_pem.as_bytes()).expect("pem")[0].clone();
+    assert_eq!(presented, on_disk);
+    // ...and the session that was running carries on to commit.
+    assert!(agent.wait_result("slow", Duration::from_secs(60)).await.ok);
+    let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
+    assert_eq!(history[0].outcome, "committed", "{history:?}");
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// A daemon run as a child process, the way systemd runs it.
+struct DaemonProcess {
+    child: tokio::process::Child,
+}
+
+impl DaemonProcess {
+    /// Starts `nbackup <what> --config <config>` with `NOTIFY_SOCKET` and waits for
+    /// `READY=1` on it.
+    async fn start(what: &str, config: &Path, root: &Path) -> DaemonProcess {
+        let notify = root.join(format!("{what}-notify.sock"));
+        let listener = tokio::net::UnixDatagram::bind(&notify).expect("notify socket");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nbackup"))
+            .arg(what)
+            .arg("--config")
+            .arg(config)
+            .env("NOTIFY_SOCKET", &notify)
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("daemon starts");
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(20), listener.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what} never sent READY=1"))
+            .expect("notify");
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+        DaemonProcess { child }
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id().expect("running") as i32).expect("pid");
+        rustix::process::kill_process(pid, signal).expect("signal");
+    }
+
+    async fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
+        tokio::time::timeout(within, self.child.wait()).await.expect("exits in time").expect("wait")
+    }
+}
+
+#[tokio::test]
+async fn real_signals_readiness_reload_and_a_bounded_sigterm_mid_backup() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let pki = Pki::new(&root.join("pki"));
+    let src = root.join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(8 << 20, 181)).expect("noise");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    fs::write(root.join("server.yaml"), server_yaml(root, &pki, addr, &[zstd("main")], "")).expect("server.yaml");
+    let server = DaemonProcess::start("server", &root.join("server.yaml"), root).await;
+    let server_api = AdminClient::new(&root.join("server.sock"));
+
+    let backups = entry_yaml("slow", &src, "    bandwidth_limit: 1mb\n");
+    let config = root.join("agent.yaml");
+    fs::write(&config, agent_daemon_yaml(&pki, addr, root, &backups, "")).expect("agent.yaml");
+    let agent = DaemonProcess::start("agent", &config, root).await;
+    let agent_api = AdminClient::new(&root.join("agent.sock"));
+
+    // SIGHUP re-reads the file.
+    let more = format!("{backups}{}", entry_yaml("extra", &src, ""));
+    fs::write(&config, agent_daemon_yaml(&pki, addr, root, &more, "")).expect("agent.yaml");
+    agent.signal(rustix::process::Signal::HUP);
+    let start = Instant::now();
+    loop {
+        let entries: Vec<EntryStatus> = agent_api.get("/v1/entries").await.expect("entries");
+        if entries.len() == 2 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // SIGTERM mid-backup: the agent aborts the session, the server records it, the
+    // agent exits cleanly and promptly.
+    agent_api.post::<ActionResult, ()>("/v1/entries/slow/run", None).await.expect("run");
+    loop {
+        let s: Vec<SessionInfo> = server_api.get("/v1/sessions").await.expect("sessions");
+        if s.first().is_some_and(|s| s.bytes_received > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = agent.terminate(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status:?}");
+    let start = Instant::now();
+    let history = loop {
+        let h: Vec<HistoryRecord> = server_api.get("/v1/history").await.expect("history");
+        if !h.is_empty() {
+            break h;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the server never learned of the abort");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(history[0].outcome, "aborted");
+    assert!(history[0].message.contains("cancelled"), "{:?}", history[0]);
+    assert!(!root.join("agent.sock").exists(), "the agent removes its socket");
+
+    let status = server.terminate(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(!root.join("server.sock").exists(), "the server removes its socket");
+}

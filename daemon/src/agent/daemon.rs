@@ -456,29 +456,27 @@ impl Agentd {
             }
         };
         let finished = self.clock.now();
-        let record = match &result {
-            Ok(r) => EntryResult {
-                entry: name.clone(),
-                ok: true,
-                archive: Some(r.archive.clone()),
-                error: None,
-                finished: rfc3339(finished),
-                seconds: started.elapsed().as_secs_f64(),
-                bytes_read: r.bytes_read,
-                bytes_sent: r.bytes_sent,
-                skipped: r.skipped,
-            },
-            Err(e) => EntryResult {
-                entry: name.clone(),
-                ok: false,
-                archive: None,
-                error: Some(e.to_string()),
-                finished: rfc3339(finished),
-                seconds: started.elapsed().as_secs_f64(),
-                bytes_read: progress.bytes_read.load(Ordering::Relaxed),
-                bytes_sent: progress.bytes_acked.load(Ordering::Relaxed),
-                skipped: 0,
-            },
+        let (archive, error, bytes_read, bytes_sent, skipped) = match &result {
+            Ok(r) => (Some(r.archive.clone()), None, r.bytes_read, r.bytes_sent, r.skipped),
+            Err(e) => (
+                None,
+                Some(e.to_string()),
+                progress.bytes_read.load(Ordering::Relaxed),
+                progress.bytes_acked.load(Ordering::Relaxed),
+                0,
+            ),
+        };
+        let record = EntryResult {
+            entry: name.clone(),
+            ok: result.is_ok(),
+            archive,
+            error,
+            finished: rfc3339(finished),
+            seconds: started.elapsed().as_secs_f64(),
+            attempts: attempt,
+            bytes_read,
+            bytes_sent,
+            skipped,
         };
         match &result {
             Ok(r) => self.events.record(
