@@ -111,6 +111,15 @@ pub struct SessionInfo {
     pub contiguous_chunks: u64,
     pub duplicate_chunks: u64,
     pub idle_secs: f64,
+    /// Source bytes the agent expects to read (its pre-scan), if it reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_bytes: Option<u64>,
+    /// Source bytes the agent has read so far, as it last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_bytes_read: Option<u64>,
+    /// Seconds left at the agent's current read rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<f64>,
     pub streams: Vec<StreamInfo>,
 }
 
@@ -119,6 +128,9 @@ pub struct SessionInfo {
 pub struct StreamInfo {
     pub stream: u16,
     pub generation: u32,
+    /// `receiving` (data in the last second), `idle`, or `closed` (lost or retired,
+    /// not joined again yet).
+    pub state: String,
     pub peer: String,
     pub bytes: u64,
     pub rate_bps: f64,
@@ -126,6 +138,9 @@ pub struct StreamInfo {
     pub reconnects: u32,
     /// Chunks received on this stream that the server already had (resends).
     pub resent_chunks: u64,
+    /// Round trip of this stream's connection, as its agent measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
 }
 
 /// An agent known to the server through its control channel.
@@ -141,6 +156,9 @@ pub struct AgentInfo {
     pub load1: Option<f64>,
     /// Sessions of this agent open on the server now.
     pub sessions: Vec<String>,
+    /// What the agent last reported running.
+    #[serde(default)]
+    pub running: Vec<RunningBackup>,
     /// Last result per entry, as the agent reported it.
     pub last_results: Vec<EntryResult>,
 }
@@ -270,14 +288,54 @@ pub struct RunningBackup {
     pub entry: String,
     pub attempt: u32,
     pub started: String,
+    /// The server session, once one is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
     pub bytes_read: u64,
     pub bytes_compressed: u64,
     pub bytes_acked: u64,
     pub entries: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimate_bytes: Option<u64>,
+    /// Source read rate, smoothed over a few seconds.
+    #[serde(default)]
+    pub read_bps: f64,
+    /// Compressed bytes acknowledged per second, smoothed likewise.
+    #[serde(default)]
+    pub acked_bps: f64,
+    /// Seconds until the last byte is acknowledged at that rate, once the pre-scan
+    /// knows the total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<f64>,
+    /// Streams in use now.
     pub streams: u16,
+    /// Every stream this run opened, by index.
+    #[serde(default)]
+    pub stream_table: Vec<AgentStreamInfo>,
+    /// The autoscaler's decisions with the numbers behind them.
     pub scaler: Vec<ScalerEvent>,
+}
+
+/// One stream of a running backup, as the agent sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentStreamInfo {
+    pub stream: u16,
+    /// `connecting`, `sending`, `retiring`, `reconnecting` or `closed`.
+    pub state: String,
+    /// Compressed bytes put on this stream, resends included.
+    pub bytes_sent: u64,
+    /// Round trip of the current connection's join handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Smoothed time from sending a chunk to its acknowledgement, so queueing in
+    /// socket buffers and the server's disk write included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_ms: Option<f64>,
+    /// Connections after the first.
+    pub reconnects: u32,
+    /// Chunks taken back from this stream to be resent elsewhere (its connection
+    /// was lost).
+    pub requeued_chunks: u64,
 }
 
 /// What an agent reports on its control channel (agent → server).

@@ -92,13 +92,13 @@ fn start_bar(entry: &BackupEntry, progress: &Arc<Progress>) -> (ProgressBar, Can
         .progress_chars("=> "),
     );
     bar.set_prefix(entry.name.to_string());
-    // Pre-scan for the ETA in parallel: the backup does not wait for it.
-    let (sources, excludes, p) = (entry.sources.clone(), entry.exclude.clone(), progress.clone());
-    std::thread::spawn(move || {
-        let (files, bytes) = agent::archive::prescan(&sources, &excludes);
-        p.set_estimate(files, bytes);
-    });
     let ticker = CancellationToken::new();
+    agent::archive::estimate_in_background(
+        entry.sources.clone(),
+        entry.exclude.clone(),
+        progress.clone(),
+        ticker.clone(),
+    );
     let (b, p, t) = (bar.clone(), progress.clone(), ticker.clone());
     tokio::spawn(async move {
         let start = Instant::now();

@@ -127,7 +127,7 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
                                 yes(a.connected),
                                 a.address.clone(),
                                 a.version.clone(),
-                                a.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms")),
+                                ms(a.rtt_ms),
                                 a.load1.map_or("-".into(), |l| format!("{l:.2}")),
                                 a.sessions.len().to_string(),
                                 a.last_seen.clone(),
@@ -311,7 +311,7 @@ fn print_server_status(s: &ServerStatus) {
 
 fn print_sessions(v: &[SessionInfo]) {
     table(
-        &["SESSION", "AGENT", "BACKUP", "STORAGE", "PHASE", "RECEIVED", "RATE", "STREAMS"],
+        &["SESSION", "AGENT", "BACKUP", "STORAGE", "PHASE", "RECEIVED", "RATE", "ETA", "STREAMS"],
         v.iter()
             .map(|s| {
                 vec![
@@ -321,7 +321,8 @@ fn print_sessions(v: &[SessionInfo]) {
                     s.storage.clone(),
                     s.phase.clone(),
                     human_bytes(s.bytes_received),
-                    format!("{:.1} MB/s", s.rate_bps / 1e6),
+                    mbps(s.rate_bps),
+                    eta(s.eta_secs),
                     s.streams.len().to_string(),
                 ]
             })
@@ -330,15 +331,17 @@ fn print_sessions(v: &[SessionInfo]) {
     for s in v.iter().filter(|s| !s.streams.is_empty()) {
         println!("\n{} streams:", s.id);
         table(
-            &["STREAM", "PEER", "BYTES", "RATE", "RECONNECTS", "RESENT"],
+            &["STREAM", "STATE", "PEER", "BYTES", "RATE", "RTT", "RECONNECTS", "RESENT"],
             s.streams
                 .iter()
                 .map(|st| {
                     vec![
                         st.stream.to_string(),
+                        st.state.clone(),
                         st.peer.clone(),
                         human_bytes(st.bytes),
-                        format!("{:.1} MB/s", st.rate_bps / 1e6),
+                        mbps(st.rate_bps),
+                        ms(st.rtt_ms),
                         st.reconnects.to_string(),
                         st.resent_chunks.to_string(),
                     ]
@@ -348,25 +351,62 @@ fn print_sessions(v: &[SessionInfo]) {
     }
 }
 
+fn mbps(bps: f64) -> String {
+    format!("{:.1} MB/s", bps / 1e6)
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |r| format!("{r:.1} ms"))
+}
+
+fn eta(secs: Option<f64>) -> String {
+    match secs {
+        None => "-".into(),
+        Some(s) if s < 60.0 => format!("{s:.0}s"),
+        Some(s) if s < 3600.0 => format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
+        Some(s) => format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64),
+    }
+}
+
 fn print_agent_status(s: &AgentStatus) {
     let cc = &s.control_channel;
     let control = match (cc.enabled, cc.connected) {
         (false, _) => "disabled".to_string(),
         (true, false) => "not connected".to_string(),
-        (true, true) => format!("connected, RTT {}", cc.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"))),
+        (true, true) => format!("connected, RTT {}", ms(cc.rtt_ms)),
     };
     println!("nbackup agent {} ({}), up {}s, server {}", s.agent, s.version, s.uptime_secs, s.server);
     println!("control channel: {control}");
     print_entries(&s.entries);
     for r in &s.running {
         println!(
-            "running {}: attempt {}, {} read, {} sent, {} entries, {} stream(s)",
+            "\nrunning {} (session {}): attempt {}, {} read at {}, {} sent at {}, {} entries, ETA {}",
             r.entry,
+            r.session.as_deref().unwrap_or("-"),
             r.attempt,
             human_bytes(r.bytes_read),
+            mbps(r.read_bps),
             human_bytes(r.bytes_acked),
+            mbps(r.acked_bps),
             r.entries,
-            r.streams
+            eta(r.eta_secs),
+        );
+        table(
+            &["STREAM", "STATE", "SENT", "RTT", "ACK", "RECONNECTS", "REQUEUED"],
+            r.stream_table
+                .iter()
+                .map(|st| {
+                    vec![
+                        st.stream.to_string(),
+                        st.state.clone(),
+                        human_bytes(st.bytes_sent),
+                        ms(st.rtt_ms),
+                        ms(st.ack_ms),
+                        st.reconnects.to_string(),
+                        st.requeued_chunks.to_string(),
+                    ]
+                })
+                .collect(),
         );
     }
 }

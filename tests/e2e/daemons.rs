@@ -438,7 +438,7 @@ async fn rotate_and_abort_act_on_a_running_session() {
     let pki = Pki::new(&tmp.path().join("pki"));
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).expect("mkdir");
-    fs::write(src.join("noise.bin"), noise(6 << 20, 121)).expect("noise");
+    fs::write(src.join("noise.bin"), noise(16 << 20, 121)).expect("noise");
     let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
     let backups = entry_yaml("slow", &src, "    bandwidth_limit: 2mb\n");
     let agent = AgentDaemon::start(
@@ -470,6 +470,25 @@ async fn rotate_and_abort_act_on_a_running_session() {
         }
         assert!(start.elapsed() < Duration::from_secs(20), "stream never re-joined");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The agent's view of the same stream...
+    let status: AgentStatus = agent.client.get("/v1/status").await.expect("status");
+    let run = &status.running[0];
+    assert_eq!(run.session.as_deref(), Some(session.id.as_str()));
+    let row = &run.stream_table[0];
+    assert!(row.reconnects >= 1 && row.rtt_ms.is_some() && row.bytes_sent > 0, "{row:?}");
+    // ...and, through the control channel, the agent's numbers in the server's table.
+    let start = Instant::now();
+    loop {
+        let s: SessionInfo = server.client.get(&format!("/v1/sessions/{}", session.id)).await.expect("session");
+        if s.eta_secs.is_some() && s.streams.iter().any(|st| st.rtt_ms.is_some()) {
+            assert_eq!(s.estimate_bytes, Some(16 << 20), "the pre-scan's total");
+            assert!(s.streams.iter().all(|st| ["receiving", "idle", "closed"].contains(&st.state.as_str())));
+            break;
+        }
+        let agents: Vec<AgentInfo> = server.client.get("/v1/agents").await.expect("agents");
+        assert!(start.elapsed() < Duration::from_secs(5), "no agent report reached the server: {s:?} {agents:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let body = nbackup_protocol::admin::AbortRequest { reason: Some("maintenance".into()) };
     let r: ActionResult =
@@ -762,13 +781,13 @@ async fn real_signals_readiness_reload_and_a_bounded_sigterm_mid_backup() {
     let addr = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
     fs::write(root.join("server.yaml"), server_yaml(root, &pki, addr, &[zstd("main")], "")).expect("server.yaml");
     let server = DaemonProcess::start("server", &root.join("server.yaml"), root).await;
-    let server_api = AdminClient::new(&root.join("server.sock"));
+    let server_api = AdminClient::new(root.join("server.sock"));
 
     let backups = entry_yaml("slow", &src, "    bandwidth_limit: 1mb\n");
     let config = root.join("agent.yaml");
     fs::write(&config, agent_daemon_yaml(&pki, addr, root, &backups, "")).expect("agent.yaml");
     let agent = DaemonProcess::start("agent", &config, root).await;
-    let agent_api = AdminClient::new(&root.join("agent.sock"));
+    let agent_api = AdminClient::new(root.join("agent.sock"));
 
     // SIGHUP re-reads the file.
     let more = format!("{backups}{}", entry_yaml("extra", &src, ""));

@@ -134,7 +134,18 @@ impl TestServer {
         let mut v: Vec<PathBuf> =
             fs::read_dir(&dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         v.retain(|p| !p.to_string_lossy().ends_with(".json"));
-        v.sort();
+        // Commit order: `…T120000Z.tar.gz` before `…T120000Z-2.tar.gz`, which a plain
+        // byte sort gets wrong ('-' < '.').
+        v.sort_by_key(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let (head, n) = match name.split_once("Z-") {
+                Some((head, rest)) => {
+                    (head.to_string(), rest.split('.').next().and_then(|n| n.parse().ok()).unwrap_or(1))
+                }
+                None => (name.split_once("Z.").map_or(name.clone(), |(h, _)| h.to_string()), 1u32),
+            };
+            (head, n)
+        });
         v
     }
 

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tar::{EntryType, Header, HeaderMode};
+use tokio_util::sync::CancellationToken;
 
 use nbackup_protocol::config::Excludes;
 
@@ -366,8 +367,9 @@ impl Read for ExactReader<'_> {
     }
 }
 
-/// Counts the files and bytes an entry would archive, for progress estimates.
-pub fn prescan(sources: &[PathBuf], excludes: &Excludes) -> (u64, u64) {
+/// Counts the files and bytes an entry would archive, for progress estimates;
+/// `None` if `stop` was cancelled first.
+pub fn prescan(sources: &[PathBuf], excludes: &Excludes, stop: &CancellationToken) -> Option<(u64, u64)> {
     let (mut files, mut bytes) = (0u64, 0u64);
     for root in sources {
         let walker = walkdir::WalkDir::new(root).follow_links(false).into_iter().filter_entry(|e| {
@@ -375,6 +377,9 @@ pub fn prescan(sources: &[PathBuf], excludes: &Excludes) -> (u64, u64) {
                 || !excludes.is_excluded(e.path(), e.path().strip_prefix(root).unwrap_or(e.path()), e.file_name())
         });
         for entry in walker.flatten() {
+            if stop.is_cancelled() {
+                return None;
+            }
             if let Ok(m) = entry.metadata() {
                 files += 1;
                 if m.is_file() {
@@ -383,5 +388,23 @@ pub fn prescan(sources: &[PathBuf], excludes: &Excludes) -> (u64, u64) {
             }
         }
     }
-    (files, bytes)
+    Some((files, bytes))
+}
+
+/// Runs [`prescan`] on a thread of its own (the backup does not wait for it) and
+/// records the estimate in `progress`; cancel `stop` once the estimate is moot.
+pub fn estimate_in_background(
+    sources: Vec<PathBuf>,
+    excludes: Excludes,
+    progress: Arc<Progress>,
+    stop: CancellationToken,
+) {
+    let spawned = std::thread::Builder::new().name("nbackup-prescan".into()).spawn(move || {
+        if let Some((files, bytes)) = prescan(&sources, &excludes, &stop) {
+            progress.set_estimate(files, bytes);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::debug!("no pre-scan (progress without ETA): {e}");
+    }
 }

@@ -415,6 +415,10 @@ impl Agentd {
         let name = entry.name.to_string();
         let started = Instant::now();
         let connector = self.connector();
+        // The ETA's total; the walk stops when the run does.
+        let prescan = CancellationToken::new();
+        let _stop_prescan = prescan.clone().drop_guard();
+        super::archive::estimate_in_background(entry.sources.clone(), entry.exclude.clone(), progress.clone(), prescan);
         let mut attempt = 1;
         let result = loop {
             // Each attempt has its own token, so a timeout cancels it properly (the
@@ -626,6 +630,7 @@ impl Agentd {
                 a += run.progress.bytes_acked.load(Ordering::Relaxed);
                 streams += run.progress.streams.load(Ordering::Relaxed);
                 efficiency = run.progress.scaler_events().last().map(|e| e.efficiency).or(efficiency);
+                run.progress.sample_rates();
             }
             let secs = last.elapsed().as_secs_f64().max(1e-3);
             let now = unix_now();
@@ -681,12 +686,17 @@ impl Agentd {
                     entry: name.clone(),
                     attempt: r.attempt,
                     started: rfc3339(r.started),
+                    session: r.progress.session(),
                     bytes_read: snap.bytes_read,
                     bytes_compressed: snap.bytes_compressed,
                     bytes_acked: snap.bytes_acked,
                     entries: snap.entries,
                     estimate_bytes: snap.estimate.map(|e| e.0),
+                    read_bps: r.progress.read_rate(),
+                    acked_bps: r.progress.acked_rate(),
+                    eta_secs: r.progress.eta().map(|d| d.as_secs_f64()),
                     streams: r.progress.streams.load(Ordering::Relaxed),
+                    stream_table: r.progress.streams(),
                     scaler: r.progress.scaler_events(),
                 })
             })

@@ -143,7 +143,7 @@ async fn scale(
             autoscale::Decision::Hold => {}
         }
         if let Some(e) = scaler.history().last() {
-            let mut log = progress.scaler.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut log = progress.scaler_log();
             if log.len() >= autoscale::HISTORY {
                 log.remove(0);
             }
@@ -284,6 +284,7 @@ async fn run_session(
         entry = %entry.name, session = %welcome.session, compression = %welcome.compression,
         level = welcome.level, streams = first_streams, max_streams, autoscaler = scaling, "session open"
     );
+    progress.set_session(welcome.session.to_string());
     let window = Window::new(config.resume.buffer_size);
     let producer = producer::spawn(
         producer::ProducerSpec {

@@ -1,8 +1,12 @@
 //! Live counters of one backup run, written by the pipeline threads and read by
 //! whoever displays progress (the CLI's progress bar, later the admin API).
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nbackup_protocol::admin::AgentStreamInfo;
 
 use super::autoscale::ScalerEvent;
 
@@ -24,6 +28,37 @@ pub struct Progress {
     pub estimate_bytes: AtomicU64,
     pub estimate_entries: AtomicU64,
     pub estimate_done: AtomicBool,
+    /// The server session in use (hex), once one is open.
+    pub session: Mutex<Option<String>>,
+    /// Every stream opened in this session, by index.
+    pub stream_table: Mutex<BTreeMap<u16, AgentStreamInfo>>,
+    read_rate: Mutex<RateMeter>,
+    acked_rate: Mutex<RateMeter>,
+}
+
+/// A smoothed rate from a counter sampled now and then.
+#[derive(Debug, Default)]
+struct RateMeter {
+    last: Option<(Instant, u64)>,
+    bps: f64,
+}
+
+impl RateMeter {
+    /// Weight 1/4 per sample, so about the last few seconds count.
+    fn sample(&mut self, now: Instant, count: u64) {
+        if let Some((at, before)) = self.last {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs > 0.0 {
+                let rate = count.saturating_sub(before) as f64 / secs;
+                self.bps = if self.bps == 0.0 { rate } else { self.bps * 0.75 + rate * 0.25 };
+            }
+        }
+        self.last = Some((now, count));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Progress {
@@ -46,11 +81,72 @@ impl Progress {
         for c in [&self.bytes_read, &self.entries, &self.bytes_compressed, &self.bytes_acked] {
             c.store(0, Ordering::Relaxed);
         }
+        *lock(&self.session) = None;
+        lock(&self.stream_table).clear();
+        *lock(&self.read_rate) = RateMeter::default();
+        *lock(&self.acked_rate) = RateMeter::default();
+    }
+
+    pub fn set_session(&self, session: String) {
+        *lock(&self.session) = Some(session);
+    }
+
+    pub fn session(&self) -> Option<String> {
+        lock(&self.session).clone()
+    }
+
+    /// The autoscaler's log, to append to.
+    pub fn scaler_log(&self) -> std::sync::MutexGuard<'_, Vec<ScalerEvent>> {
+        lock(&self.scaler)
+    }
+
+    /// Changes stream `stream`'s row (creating it).
+    pub fn update_stream(&self, stream: u16, f: impl FnOnce(&mut AgentStreamInfo)) {
+        let mut table = lock(&self.stream_table);
+        f(table.entry(stream).or_insert_with(|| AgentStreamInfo { stream, ..Default::default() }));
+    }
+
+    pub fn streams(&self) -> Vec<AgentStreamInfo> {
+        lock(&self.stream_table).values().cloned().collect()
+    }
+
+    /// Folds the bytes read and acknowledged since the last call into the smoothed
+    /// rates. Call about once a second.
+    pub fn sample_rates(&self) {
+        let now = Instant::now();
+        lock(&self.read_rate).sample(now, self.bytes_read.load(Ordering::Relaxed));
+        lock(&self.acked_rate).sample(now, self.bytes_acked.load(Ordering::Relaxed));
+    }
+
+    /// Source bytes read per second, smoothed.
+    pub fn read_rate(&self) -> f64 {
+        lock(&self.read_rate).bps
+    }
+
+    /// Compressed bytes acknowledged per second, smoothed.
+    pub fn acked_rate(&self) -> f64 {
+        lock(&self.acked_rate).bps
+    }
+
+    /// Time until the last byte is acknowledged at the current rate, once the
+    /// pre-scan knows the total: the compressed size is projected from the ratio so
+    /// far, and is exact once everything is read.
+    pub fn eta(&self) -> Option<Duration> {
+        let snap = self.snapshot();
+        let (total, _) = snap.estimate?;
+        let rate = self.acked_rate();
+        if rate <= 0.0 || snap.bytes_read == 0 {
+            return None;
+        }
+        let total = total.max(snap.bytes_read);
+        let projected = snap.bytes_compressed as f64 * total as f64 / snap.bytes_read as f64;
+        let left = (projected - snap.bytes_acked as f64).max(0.0);
+        Some(Duration::from_secs_f64(left / rate))
     }
 
     /// The autoscaler's recorded decisions (every interval, holds included).
     pub fn scaler_events(&self) -> Vec<ScalerEvent> {
-        self.scaler.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        lock(&self.scaler).clone()
     }
 
     pub fn set_estimate(&self, entries: u64, bytes: u64) {

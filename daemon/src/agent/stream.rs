@@ -141,6 +141,9 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
         let c = match conn.take() {
             Some(c) => Some(c),
             None => {
+                ctx.progress.update_stream(stream, |r| {
+                    r.state = if r.rtt_ms.is_some() { "reconnecting" } else { "connecting" }.into();
+                });
                 let generation = ctx.joins.fetch_add(1, Ordering::Relaxed) + 1;
                 let joined = tokio::select! {
                     r = ctx.connector.join(ctx.session, stream, generation) => r,
@@ -180,8 +183,20 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
             }
         };
         if let Some(c) = c {
+            let rtt_ms = c.rtt.as_secs_f64() * 1000.0;
+            ctx.progress.update_stream(stream, |r| {
+                if r.rtt_ms.is_some() {
+                    r.reconnects += 1;
+                }
+                r.rtt_ms = Some(rtt_ms);
+                r.state = "sending".into();
+            });
             let (end, progressed) = drive(&ctx, stream, c, &retire).await;
-            ctx.window.requeue(stream);
+            let requeued = ctx.window.requeue(stream) as u64;
+            ctx.progress.update_stream(stream, |r| {
+                r.requeued_chunks += requeued;
+                r.state = "reconnecting".into();
+            });
             match end {
                 End::Finished | End::Retired => break,
                 End::Fatal(f) => {
@@ -218,6 +233,7 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
             _ = ctx.window.wait_finished() => break,
         }
     }
+    ctx.progress.update_stream(stream, |r| r.state = "closed".into());
     if ctx.live.fetch_sub(1, Ordering::AcqRel) == 1 && ctx.window.finished().is_none() {
         ctx.window.fail(Failure::Connection(last_error));
     }
@@ -254,6 +270,7 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &Ca
         };
         let Some(next) = next else {
             // Retiring: take nothing more, let what is in flight be acknowledged.
+            ctx.progress.update_stream(stream, |r| r.state = "retiring".into());
             ctx.window.wait_idle(stream).await;
             let _ = writer.shutdown().await;
             return End::Retired;
@@ -292,8 +309,13 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &Ca
                 writer.send(&Frame::Commit(c.clone())).await
             }
         };
-        if let Err(e) = sent {
-            return End::Lost(format!("send failed: {e}"));
+        match (sent, &item) {
+            (Err(e), _) => return End::Lost(format!("send failed: {e}")),
+            (Ok(()), Item::Chunk(c)) => {
+                let len = c.data.len() as u64;
+                ctx.progress.update_stream(stream, |r| r.bytes_sent += len);
+            }
+            (Ok(()), Item::Commit(_)) => {}
         }
     }
 }
@@ -335,7 +357,12 @@ async fn receive_loop(ctx: &StreamCtx, stream: u16, mut reader: Reader, acked: &
         };
         match frame {
             Frame::Ack(ack) => {
-                ctx.window.ack(ack.seq);
+                if let Some(took) = ctx.window.ack(ack.seq) {
+                    let sample = took.as_secs_f64() * 1000.0;
+                    ctx.progress.update_stream(stream, |r| {
+                        r.ack_ms = Some(r.ack_ms.map_or(sample, |a| a * 0.875 + sample * 0.125));
+                    });
+                }
                 ctx.progress.bytes_acked.store(ctx.window.acked_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
                 *acked = true;
             }

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -206,15 +206,19 @@ impl Window {
         }
     }
 
-    /// Chunk `seq` is on disk at the server.
-    pub fn ack(&self, seq: u64) {
+    /// Chunk `seq` is on disk at the server. Returns how long ago it was sent, if it
+    /// was in flight.
+    pub fn ack(&self, seq: u64) -> Option<Duration> {
         let mut st = self.lock();
-        if let Some(p) = st.pending.remove(&seq) {
-            st.queued.remove(&seq);
-            self.acked_bytes.fetch_add(p.chunk.data.len() as u64, Ordering::Relaxed);
-            Self::update_commit(&mut st);
-            drop(st);
-            self.signal();
+        let p = st.pending.remove(&seq)?;
+        st.queued.remove(&seq);
+        self.acked_bytes.fetch_add(p.chunk.data.len() as u64, Ordering::Relaxed);
+        Self::update_commit(&mut st);
+        drop(st);
+        self.signal();
+        match p.slot {
+            Slot::InFlight { sent, .. } => Some(sent.elapsed()),
+            Slot::Queued => None,
         }
     }
 
@@ -267,7 +271,8 @@ impl Window {
     }
 
     /// `stream` died: everything it had in flight goes back to the queue.
-    pub fn requeue(&self, stream: u16) {
+    /// Returns how many chunks it took back.
+    pub fn requeue(&self, stream: u16) -> usize {
         let mut st = self.lock();
         let mut moved = Vec::new();
         for (seq, p) in st.pending.iter_mut() {
@@ -276,7 +281,8 @@ impl Window {
                 moved.push(*seq);
             }
         }
-        self.resent_chunks.fetch_add(moved.len() as u64, Ordering::Relaxed);
+        let count = moved.len();
+        self.resent_chunks.fetch_add(count as u64, Ordering::Relaxed);
         st.queued.extend(moved);
         if let CommitState::InFlight { commit, stream: s, .. } = &st.commit
             && *s == stream
@@ -285,6 +291,7 @@ impl Window {
         }
         drop(st);
         self.signal();
+        count
     }
 
     /// The server committed the archive.

@@ -116,40 +116,62 @@ async fn status(State(shared): S) -> Result<Json<ServerStatus>, Response> {
     Ok(Json(blocking(move || server_status(&shared)).await?))
 }
 
-fn session_info(s: &Session) -> SessionInfo {
+/// A session as the server sees it, completed with what its agent last reported
+/// over the control channel (expected size, ETA, per-stream round trips), if it has
+/// one connected.
+fn session_info(shared: &Shared, s: &Session) -> SessionInfo {
     let p = &s.params;
+    let id = p.id.to_string();
+    let reported = shared.agents.running(p.key.agent.as_str(), &id);
     let streams: Vec<StreamInfo> = s
         .streams()
         .into_iter()
-        .map(|v| StreamInfo {
-            stream: v.stream,
-            generation: v.generation,
-            peer: lock(&v.stats.peer).clone(),
-            bytes: v.stats.bytes.load(Ordering::Relaxed),
-            rate_bps: v.stats.rate(),
-            reconnects: v.joins.saturating_sub(1),
-            resent_chunks: v.stats.resent.load(Ordering::Relaxed),
+        .map(|v| {
+            let rate_bps = v.stats.rate();
+            let state = match (v.attached, rate_bps > 0.0) {
+                (false, _) => "closed",
+                (true, true) => "receiving",
+                (true, false) => "idle",
+            };
+            let rtt_ms = reported
+                .as_ref()
+                .and_then(|r| r.stream_table.iter().find(|t| t.stream == v.stream))
+                .and_then(|t| t.rtt_ms);
+            StreamInfo {
+                stream: v.stream,
+                generation: v.generation,
+                state: state.into(),
+                peer: lock(&v.stats.peer).clone(),
+                bytes: v.stats.bytes.load(Ordering::Relaxed),
+                rate_bps,
+                reconnects: v.joins.saturating_sub(1),
+                resent_chunks: v.stats.resent.load(Ordering::Relaxed),
+                rtt_ms,
+            }
         })
         .collect();
     SessionInfo {
-        id: p.id.to_string(),
+        id,
         agent: p.key.agent.to_string(),
         storage: p.key.storage.to_string(),
         backup: p.key.backup.to_string(),
-        phase: if streams.is_empty() { "waiting" } else { "receiving" }.into(),
+        phase: if s.attached_streams() == 0 { "waiting" } else { "receiving" }.into(),
         started: p.started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         bytes_received: s.bytes_received.load(Ordering::Relaxed),
         rate_bps: s.rate(),
         contiguous_chunks: s.contiguous(),
         duplicate_chunks: s.duplicates.load(Ordering::Relaxed),
         idle_secs: s.idle_for().as_secs_f64(),
+        estimate_bytes: reported.as_ref().and_then(|r| r.estimate_bytes),
+        source_bytes_read: reported.as_ref().map(|r| r.bytes_read),
+        eta_secs: reported.as_ref().and_then(|r| r.eta_secs),
         streams,
     }
 }
 
 fn session_list(shared: &Shared) -> Vec<SessionInfo> {
     let sessions: Vec<Arc<Session>> = lock(&shared.registry).sessions.values().cloned().collect();
-    let mut v: Vec<SessionInfo> = sessions.iter().map(|s| session_info(s)).collect();
+    let mut v: Vec<SessionInfo> = sessions.iter().map(|s| session_info(shared, s)).collect();
     v.sort_by(|a, b| a.started.cmp(&b.started).then(a.id.cmp(&b.id)));
     v
 }
@@ -180,7 +202,7 @@ fn find(shared: &Shared, id: &str) -> Result<Arc<Session>, (StatusCode, String)>
 
 async fn session(State(shared): S, Path(id): Path<String>) -> Result<Json<SessionInfo>, Response> {
     let s = find(&shared, &id).map_err(|(code, msg)| error(code, msg))?;
-    Ok(Json(session_info(&s)))
+    Ok(Json(session_info(&shared, &s)))
 }
 
 async fn abort(

@@ -13,7 +13,7 @@ use tokio::time::timeout;
 use tracing::{info, warn};
 
 use nbackup_protocol::Name;
-use nbackup_protocol::admin::{AgentInfo, AgentReport, ControlCommand};
+use nbackup_protocol::admin::{AgentInfo, AgentReport, ControlCommand, RunningBackup};
 use nbackup_protocol::wire::{CtlMessage, CtlPong, CtlResult, Frame};
 
 use super::{Conn, Shared, WRITE_TIMEOUT};
@@ -63,6 +63,13 @@ impl Agents {
         lock(&self.inner).values().filter(|e| e.info.connected).count()
     }
 
+    /// What `agent` last reported about the backup running in `session`.
+    pub fn running(&self, agent: &str, session: &str) -> Option<RunningBackup> {
+        let agents = lock(&self.inner);
+        let e = agents.get(agent).filter(|e| e.info.connected)?;
+        e.info.running.iter().find(|r| r.session.as_deref() == Some(session)).cloned()
+    }
+
     pub fn disconnect_all(&self) {
         for e in lock(&self.inner).values_mut() {
             e.commands = None;
@@ -110,6 +117,7 @@ where
                 last_seen: now(),
                 load1: None,
                 sessions: Vec::new(),
+                running: Vec::new(),
                 last_results: Vec::new(),
             },
             commands: None,
@@ -208,6 +216,7 @@ fn apply_report(shared: &Shared, agent: &str, report: AgentReport) {
         e.info.version = report.version;
         e.info.load1 = report.load1;
         e.info.rtt_ms = report.rtt_ms;
+        e.info.running = report.running;
         e.info.last_results = report.last_results;
     }
 }

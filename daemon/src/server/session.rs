@@ -89,6 +89,8 @@ pub struct Session {
     /// Archives the commit's rotation removed.
     rotated: Mutex<Vec<String>>,
     streams: Mutex<HashMap<u16, StreamSlot>>,
+    /// Streams lost or retired and not joined again, with their last counters.
+    closed: Mutex<HashMap<u16, (u32, Arc<StreamStats>)>>,
     /// How often each stream index has been joined (for "reconnects").
     joins: Mutex<HashMap<u16, u32>>,
     /// Receive rate over the last sampling interval (an `f64`'s bits).
@@ -142,6 +144,8 @@ pub struct StreamView {
     pub stream: u16,
     pub generation: u32,
     pub joins: u32,
+    /// False for a stream lost or retired and not joined again.
+    pub attached: bool,
     pub stats: Arc<StreamStats>,
 }
 
@@ -244,6 +248,7 @@ impl Session {
             commit: Mutex::new(None),
             rotated: Mutex::new(Vec::new()),
             streams: Mutex::new(HashMap::new()),
+            closed: Mutex::new(HashMap::new()),
             joins: Mutex::new(HashMap::new()),
             rate_bits: AtomicU64::new(0),
             sampled_bytes: AtomicU64::new(0),
@@ -540,6 +545,7 @@ impl Session {
         let cancel = self.ended.child_token();
         let stats = Arc::new(StreamStats::default());
         streams.insert(stream, StreamSlot { generation, cancel: cancel.clone(), stats: stats.clone() });
+        lock(&self.closed).remove(&stream);
         *lock(&self.joins).entry(stream).or_insert(0) += 1;
         *lock(&self.orphaned_since) = None;
         Ok((cancel, stats))
@@ -549,7 +555,10 @@ impl Session {
     pub fn detach(&self, stream: u16, generation: u32) {
         let mut streams = lock(&self.streams);
         if streams.get(&stream).is_some_and(|s| s.generation == generation) {
-            streams.remove(&stream);
+            if let Some(slot) = streams.remove(&stream) {
+                slot.stats.rate_bits.store(0f64.to_bits(), Ordering::Relaxed);
+                lock(&self.closed).insert(stream, (slot.generation, slot.stats));
+            }
             if streams.is_empty() {
                 *lock(&self.orphaned_since) = Some(Instant::now());
             }
@@ -579,18 +588,19 @@ impl Session {
         lock(&self.streams).len()
     }
 
-    /// The attached streams, by index.
+    /// The streams, attached or not, by index.
     pub fn streams(&self) -> Vec<StreamView> {
         let joins = lock(&self.joins).clone();
-        let mut v: Vec<StreamView> = lock(&self.streams)
-            .iter()
-            .map(|(i, s)| StreamView {
-                stream: *i,
-                generation: s.generation,
-                joins: joins.get(i).copied().unwrap_or(1),
-                stats: s.stats.clone(),
-            })
-            .collect();
+        let view = |stream: u16, generation: u32, attached: bool, stats: &Arc<StreamStats>| StreamView {
+            stream,
+            generation,
+            joins: joins.get(&stream).copied().unwrap_or(1),
+            attached,
+            stats: stats.clone(),
+        };
+        let mut v: Vec<StreamView> =
+            lock(&self.streams).iter().map(|(i, s)| view(*i, s.generation, true, &s.stats)).collect();
+        v.extend(lock(&self.closed).iter().map(|(i, (generation, stats))| view(*i, *generation, false, stats)));
         v.sort_by_key(|s| s.stream);
         v
     }
