@@ -225,7 +225,8 @@ pub enum CtlCommand {
         #[arg(long)]
         storage: Option<String>,
     },
-    /// Abort a session (server: session id) or an entry's running backup (agent: entry)
+    /// Abort a session (server: SESSION id, or AGENT/ENTRY via the control channel) or an
+    /// entry's running backup (agent: ENTRY)
     Abort {
         target: String,
         #[arg(long)]

@@ -147,13 +147,33 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let access = Access { own_uid: rustix::process::geteuid().as_raw(), group: group.and_then(group_id) };
-    let app = router.layer(middleware::from_fn_with_state(access, check_peer));
+    let app = router
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint (see docs/admin-api.md)") })
+        .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn_with_state(access, check_peer));
     tracing::info!(socket = %path.display(), "admin API ready");
     let result = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
     let _ = std::fs::remove_file(&path);
     result
+}
+
+/// Makes every error answer `{"error": …}`, including those axum writes itself (a
+/// malformed query or body, a wrong method), so clients parse one shape.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_lowercase() } else { text };
+    error(status, message)
 }
 
 /// A JSON error response.

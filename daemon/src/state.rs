@@ -11,6 +11,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -255,9 +256,92 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// A smoothed rate of a growing counter, sampled about once a second: an EWMA with
+/// weight 1/4 per sample, so the last few seconds count and one empty second (a
+/// large chunk still in transit) does not read as a stall.
+#[derive(Debug, Default)]
+pub struct RateMeter {
+    inner: Mutex<MeterState>,
+}
+
+#[derive(Debug, Default)]
+struct MeterState {
+    last: Option<(Instant, u64)>,
+    bps: f64,
+    /// Samples in a row without growth.
+    quiet: u32,
+}
+
+impl RateMeter {
+    pub fn sample(&self, count: u64) {
+        self.sample_at(Instant::now(), count);
+    }
+
+    fn sample_at(&self, now: Instant, count: u64) {
+        let mut m = lock(&self.inner);
+        if let Some((at, before)) = m.last {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs <= 0.0 {
+                return;
+            }
+            let delta = count.saturating_sub(before);
+            let rate = delta as f64 / secs;
+            m.bps = if m.bps > 0.0 { m.bps * 0.75 + rate * 0.25 } else { rate };
+            m.quiet = if delta == 0 { m.quiet.saturating_add(1) } else { 0 };
+        }
+        m.last = Some((now, count));
+    }
+
+    /// Bytes (or whatever is counted) per second.
+    pub fn rate(&self) -> f64 {
+        lock(&self.inner).bps
+    }
+
+    /// Whether the counter grew within the last few samples.
+    pub fn active(&self) -> bool {
+        let m = lock(&self.inner);
+        m.last.is_some() && m.quiet < 3
+    }
+
+    /// Forgets the rate (a stream that closed).
+    pub fn stop(&self) {
+        let mut m = lock(&self.inner);
+        m.bps = 0.0;
+        m.quiet = u32::MAX;
+    }
+
+    pub fn reset(&self) {
+        *lock(&self.inner) = MeterState::default();
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    #[test]
+    fn a_rate_meter_smooths_and_notices_silence() {
+        let m = RateMeter::default();
+        let t0 = Instant::now();
+        m.sample_at(t0, 0);
+        assert_eq!(m.rate(), 0.0);
+        m.sample_at(t0 + Duration::from_secs(1), 1000);
+        assert_eq!(m.rate(), 1000.0, "the first interval seeds the average");
+        m.sample_at(t0 + Duration::from_secs(2), 1000);
+        assert_eq!(m.rate(), 750.0, "one empty second lowers it by a quarter");
+        assert!(m.active());
+        m.sample_at(t0 + Duration::from_secs(3), 1000);
+        m.sample_at(t0 + Duration::from_secs(4), 1000);
+        assert!(!m.active(), "three empty seconds: quiet");
+        m.sample_at(t0 + Duration::from_secs(5), 3000);
+        assert!(m.active());
+        assert_eq!(m.rate(), 421.875 * 0.75 + 2000.0 * 0.25);
+        m.stop();
+        assert_eq!(m.rate(), 0.0);
+        assert!(!m.active());
+    }
 
     #[test]
     fn events_survive_a_restart_and_keep_numbering() {

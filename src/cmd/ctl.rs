@@ -216,9 +216,13 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
         }
         CtlCommand::Abort { target, reason } => {
             let body = AbortRequest { reason };
-            let path = match kind {
-                Server => format!("/v1/sessions/{}/abort", q(&target)),
-                Agent => format!("/v1/entries/{}/abort", q(&target)),
+            let path = match (kind, target.split_once('/')) {
+                (Server, None) => format!("/v1/sessions/{}/abort", q(&target)),
+                (Server, Some((agent, e))) => format!("/v1/agents/{}/entries/{}/abort", q(agent), q(e)),
+                (Agent, None) => format!("/v1/entries/{}/abort", q(&target)),
+                (Agent, Some(_)) => {
+                    return Err(fail(Exit::Usage, anyhow::anyhow!("on the agent, name just the entry")));
+                }
             };
             return act(c, &path, Some(&body), json).await;
         }

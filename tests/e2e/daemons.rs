@@ -424,6 +424,24 @@ async fn operator_commands_round_trip_through_ctl_the_server_and_the_agent() {
     let o = ctl(&["--socket", &ssock, "agents", "--json"]).await;
     let a: Vec<AgentInfo> = serde_json::from_slice(&o.stdout).expect("json");
     assert!(a[0].connected && a[0].rtt_ms.is_some() && a[0].last_results.iter().any(|r| r.ok), "{a:?}");
+    // Abort through the server reaches the agent, which says there is nothing to abort.
+    let o = ctl(&["--socket", &ssock, "abort", "web-01/data", "--reason", "test"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("data is not running"), "{o:?}");
+    // Every error is JSON, axum's own rejections and unknown paths included.
+    for (path, status, text) in [
+        ("/v1/agents/web-01/entries/data/defer", 400, "seconds"),
+        ("/v1/sessions/xyz/streams/notanumber/rotate", 400, "notanumber"),
+        ("/v1/nope", 404, "no such endpoint"),
+    ] {
+        match server.client.post::<ActionResult, ()>(path, None).await {
+            Err(ClientError::Api { status: s, message }) => {
+                assert_eq!(s, status, "{path}: {message}");
+                assert!(message.contains(text), "{path}: {message}");
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+    }
     // Exit codes: not found (1), wrong daemon (2), unreachable (3).
     assert_eq!(ctl(&["--socket", &ssock, "rotate", &"0".repeat(32), "0"]).await.status.code(), Some(1));
     assert_eq!(ctl(&["--socket", &asock, "sessions"]).await.status.code(), Some(2));

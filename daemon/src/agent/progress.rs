@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nbackup_protocol::admin::AgentStreamInfo;
 
 use super::autoscale::ScalerEvent;
+use crate::state::RateMeter;
 
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -32,29 +33,8 @@ pub struct Progress {
     pub session: Mutex<Option<String>>,
     /// Every stream opened in this session, by index.
     pub stream_table: Mutex<BTreeMap<u16, AgentStreamInfo>>,
-    read_rate: Mutex<RateMeter>,
-    acked_rate: Mutex<RateMeter>,
-}
-
-/// A smoothed rate from a counter sampled now and then.
-#[derive(Debug, Default)]
-struct RateMeter {
-    last: Option<(Instant, u64)>,
-    bps: f64,
-}
-
-impl RateMeter {
-    /// Weight 1/4 per sample, so about the last few seconds count.
-    fn sample(&mut self, now: Instant, count: u64) {
-        if let Some((at, before)) = self.last {
-            let secs = now.duration_since(at).as_secs_f64();
-            if secs > 0.0 {
-                let rate = count.saturating_sub(before) as f64 / secs;
-                self.bps = if self.bps == 0.0 { rate } else { self.bps * 0.75 + rate * 0.25 };
-            }
-        }
-        self.last = Some((now, count));
-    }
+    read_rate: RateMeter,
+    acked_rate: RateMeter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -83,8 +63,8 @@ impl Progress {
         }
         *lock(&self.session) = None;
         lock(&self.stream_table).clear();
-        *lock(&self.read_rate) = RateMeter::default();
-        *lock(&self.acked_rate) = RateMeter::default();
+        self.read_rate.reset();
+        self.acked_rate.reset();
     }
 
     pub fn set_session(&self, session: String) {
@@ -113,19 +93,18 @@ impl Progress {
     /// Folds the bytes read and acknowledged since the last call into the smoothed
     /// rates. Call about once a second.
     pub fn sample_rates(&self) {
-        let now = Instant::now();
-        lock(&self.read_rate).sample(now, self.bytes_read.load(Ordering::Relaxed));
-        lock(&self.acked_rate).sample(now, self.bytes_acked.load(Ordering::Relaxed));
+        self.read_rate.sample(self.bytes_read.load(Ordering::Relaxed));
+        self.acked_rate.sample(self.bytes_acked.load(Ordering::Relaxed));
     }
 
     /// Source bytes read per second, smoothed.
     pub fn read_rate(&self) -> f64 {
-        lock(&self.read_rate).bps
+        self.read_rate.rate()
     }
 
     /// Compressed bytes acknowledged per second, smoothed.
     pub fn acked_rate(&self) -> f64 {
-        lock(&self.acked_rate).bps
+        self.acked_rate.rate()
     }
 
     /// Time until the last byte is acknowledged at the current rate, once the

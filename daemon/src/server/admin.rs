@@ -40,6 +40,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agents", get(agents))
         .route("/v1/agents/{name}/entries/{entry}/run", post(agent_run))
         .route("/v1/agents/{name}/entries/{entry}/defer", post(agent_defer))
+        .route("/v1/agents/{name}/entries/{entry}/abort", post(agent_abort))
         .route("/v1/history", get(history))
         .route("/v1/events", get(events))
         .route("/v1/archives", get(archives))
@@ -127,8 +128,8 @@ fn session_info(shared: &Shared, s: &Session) -> SessionInfo {
         .streams()
         .into_iter()
         .map(|v| {
-            let rate_bps = v.stats.rate();
-            let state = match (v.attached, rate_bps > 0.0) {
+            let rate_bps = v.stats.rate.rate();
+            let state = match (v.attached, v.stats.rate.active()) {
                 (false, _) => "closed",
                 (true, true) => "receiving",
                 (true, false) => "idle",
@@ -242,6 +243,15 @@ async fn agent_run(
     Path((name, entry)): Path<(String, String)>,
 ) -> Result<Json<ActionResult>, Response> {
     send_command(&shared, &name, ControlCommand::RunNow { entry }).await
+}
+
+async fn agent_abort(
+    State(shared): S,
+    Path((name, entry)): Path<(String, String)>,
+    body: Option<Json<AbortRequest>>,
+) -> Result<Json<ActionResult>, Response> {
+    let reason = body.and_then(|Json(b)| b.reason).unwrap_or_else(|| "aborted by the operator".into());
+    send_command(&shared, &name, ControlCommand::Abort { entry, reason }).await
 }
 
 #[derive(Deserialize)]

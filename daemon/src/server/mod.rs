@@ -328,19 +328,16 @@ async fn reaper(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// Once a second: receive rates, time series; every 30 s: low-disk warnings.
 async fn sampler(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut last = Instant::now();
     let mut disk_check = Instant::now() - Duration::from_secs(30);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let secs = last.elapsed().as_secs_f64();
-        last = Instant::now();
         let sessions: Vec<Arc<Session>> = lock(&shared.registry).sessions.values().cloned().collect();
         let mut rate = 0.0;
         for s in &sessions {
-            s.sample(secs);
+            s.sample();
             rate += s.rate();
         }
         let now = unix_now();

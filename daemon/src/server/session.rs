@@ -38,6 +38,7 @@ use nbackup_protocol::{Name, SessionId};
 use super::journal::{self, ChunkRecord, Journal};
 use super::storage::StorageArea;
 use crate::fsutil;
+use crate::state::RateMeter;
 
 /// Most chunks one session may have: 2^24 chunks, i.e. 1 TiB at the smallest chunk
 /// size and 256 TiB at the largest; the bitmap stays ≤ 2 MiB.
@@ -93,9 +94,8 @@ pub struct Session {
     closed: Mutex<HashMap<u16, (u32, Arc<StreamStats>)>>,
     /// How often each stream index has been joined (for "reconnects").
     joins: Mutex<HashMap<u16, u32>>,
-    /// Receive rate over the last sampling interval (an `f64`'s bits).
-    rate_bits: AtomicU64,
-    sampled_bytes: AtomicU64,
+    /// Receive rate, sampled by the server's sampler.
+    rate: RateMeter,
     /// Since when no stream has been attached (the agent may be gone).
     orphaned_since: Mutex<Option<Instant>>,
     outcome: Mutex<Option<Outcome>>,
@@ -118,24 +118,9 @@ struct StreamSlot {
 pub struct StreamStats {
     pub bytes: AtomicU64,
     pub resent: AtomicU64,
-    /// Bytes per second over the last sampling interval (an `f64`'s bits).
-    pub rate_bits: AtomicU64,
-    sampled_bytes: AtomicU64,
+    /// Receive rate, sampled by the server's sampler.
+    pub rate: RateMeter,
     pub peer: Mutex<String>,
-}
-
-impl StreamStats {
-    pub fn rate(&self) -> f64 {
-        f64::from_bits(self.rate_bits.load(Ordering::Relaxed))
-    }
-
-    /// Updates the rate from the bytes received since the last call, `secs` ago.
-    pub fn sample(&self, secs: f64) {
-        let now = self.bytes.load(Ordering::Relaxed);
-        let before = self.sampled_bytes.swap(now, Ordering::Relaxed);
-        let rate = now.saturating_sub(before) as f64 / secs.max(1e-3);
-        self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
-    }
 }
 
 /// One attached stream, for the admin API.
@@ -250,8 +235,7 @@ impl Session {
             streams: Mutex::new(HashMap::new()),
             closed: Mutex::new(HashMap::new()),
             joins: Mutex::new(HashMap::new()),
-            rate_bits: AtomicU64::new(0),
-            sampled_bytes: AtomicU64::new(0),
+            rate: RateMeter::default(),
             orphaned_since: Mutex::new(orphaned_since),
             outcome: Mutex::new(None),
             ended: CancellationToken::new(),
@@ -556,7 +540,7 @@ impl Session {
         let mut streams = lock(&self.streams);
         if streams.get(&stream).is_some_and(|s| s.generation == generation) {
             if let Some(slot) = streams.remove(&stream) {
-                slot.stats.rate_bits.store(0f64.to_bits(), Ordering::Relaxed);
+                slot.stats.rate.stop();
                 lock(&self.closed).insert(stream, (slot.generation, slot.stats));
             }
             if streams.is_empty() {
@@ -618,17 +602,14 @@ impl Session {
     }
 
     pub fn rate(&self) -> f64 {
-        f64::from_bits(self.rate_bits.load(Ordering::Relaxed))
+        self.rate.rate()
     }
 
-    /// Updates receive rates (the session's and its streams'), `secs` after the last call.
-    pub fn sample(&self, secs: f64) {
-        let now = self.bytes_received.load(Ordering::Relaxed);
-        let before = self.sampled_bytes.swap(now, Ordering::Relaxed);
-        let rate = now.saturating_sub(before) as f64 / secs.max(1e-3);
-        self.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+    /// Updates receive rates (the session's and its streams'); about once a second.
+    pub fn sample(&self) {
+        self.rate.sample(self.bytes_received.load(Ordering::Relaxed));
         for s in lock(&self.streams).values() {
-            s.stats.sample(secs);
+            s.stats.rate.sample(s.stats.bytes.load(Ordering::Relaxed));
         }
     }
 
