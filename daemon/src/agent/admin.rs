@@ -84,9 +84,7 @@ async fn defer(
     Query(q): Query<DeferQuery>,
 ) -> Result<Json<ActionResult>, Response> {
     match d.defer(&name, q.seconds) {
-        Some(until) => {
-            Ok(Json(ActionResult { ok: true, message: format!("{name} deferred until {}", until.to_rfc3339()) }))
-        }
+        Some(message) => Ok(Json(ActionResult { ok: true, message })),
         None => Err(error(StatusCode::NOT_FOUND, format!("no entry {name}"))),
     }
 }

@@ -36,6 +36,8 @@ pub const LOW_FILL: f64 = 0.1;
 pub const IDLE_TICKS: u32 = 3;
 /// Longest wait between probes, in intervals.
 pub const MAX_COOLDOWN: u32 = 32;
+/// Share of the bandwidth limit at which the limit, not the streams, sets the pace.
+pub const AT_LIMIT: f64 = 0.9;
 /// Decisions kept for display.
 pub const HISTORY: usize = 600;
 
@@ -54,6 +56,8 @@ pub struct Sample {
     pub streams: u16,
     /// The producer has finished; only the tail is being sent.
     pub producer_done: bool,
+    /// The bandwidth limit in force now, bytes per second, if any.
+    pub limit_bps: Option<f64>,
 }
 
 pub use nbackup_protocol::admin::{Decision, ScalerEvent, ScalerState};
@@ -198,6 +202,12 @@ impl Autoscaler {
         }
         if network_bound {
             self.idle = 0;
+            if let Some(limit) = s.limit_bps
+                && s.drain_bps >= AT_LIMIT * limit
+            {
+                let why = format!("at the bandwidth limit of {:.1} MB/s: more streams cannot go faster", mbps(limit));
+                return (Hold, Steady, why);
+            }
             if s.streams < self.max {
                 let added = self.step.min(self.max - s.streams).max(1);
                 self.probe = Some(Probe { baseline: s.drain_bps, baseline_streams: s.streams, added, settling: true });
@@ -245,6 +255,7 @@ mod tests {
             backlog_secs: fill * 256.0 / drain_mbps,
             streams,
             producer_done: false,
+            limit_bps: None,
         }
     }
 
@@ -371,7 +382,21 @@ mod tests {
             backlog_secs: 8.0,
             streams: 1,
             producer_done: true,
+            limit_bps: None,
         };
         assert_eq!(s.tick(0, x), Decision::Add(1));
+    }
+
+    #[test]
+    fn holds_at_the_bandwidth_limit() {
+        let mut s = Autoscaler::new(ScaleMode::Adaptive, 1, 8, SEC);
+        let capped = Sample { limit_bps: Some(1.05e6), ..sample(1.0, 0.9, 2) };
+        for t in 0..10 {
+            assert_eq!(s.tick(t * 1000, capped), Decision::Hold);
+        }
+        assert!(s.history().last().is_some_and(|e| e.reason.contains("bandwidth limit")));
+        // Below the limit the network is the bottleneck again: probe.
+        let below = Sample { limit_bps: Some(10e6), ..sample(1.0, 0.9, 2) };
+        assert_eq!(s.tick(10_000, below), Decision::Add(1));
     }
 }

@@ -159,7 +159,7 @@ fn execute(d: &Arc<Agentd>, id: u64, json: &str) -> CtlResult {
             }
         }
         ControlCommand::Defer { entry, seconds } => match d.defer(&entry, seconds) {
-            Some(until) => (true, format!("{entry} deferred until {}", until.to_rfc3339())),
+            Some(message) => (true, message),
             None => (false, format!("no entry {entry}")),
         },
     };

@@ -515,7 +515,9 @@ impl Agentd {
     }
 
     /// Postpones the next scheduled run of `entry` by `seconds`.
-    pub(super) fn defer(&self, entry: &str, seconds: u64) -> Option<DateTime<Utc>> {
+    /// Postpones `entry`'s scheduled runs by `seconds`; the answer for the operator,
+    /// or `None` for an unknown entry.
+    pub(super) fn defer(&self, entry: &str, seconds: u64) -> Option<String> {
         let until = self.clock.now() + chrono::Duration::seconds(seconds as i64);
         let mut entries = lock(&self.entries);
         let state = entries.get_mut(entry)?;
@@ -523,7 +525,7 @@ impl Agentd {
         drop(entries);
         self.events.record("deferred", self.who(Some(entry)), format!("next run not before {}", rfc3339(until)));
         self.schedule_changed.notify_one();
-        Some(until)
+        Some(format!("{entry}: no scheduled run before {}", rfc3339(until)))
     }
 
     /// Re-reads the config; keeps the old one if the new one is invalid. Blocking.

@@ -127,6 +127,7 @@ async fn scale(
             },
             streams: set.active(),
             producer_done: window.producer_done(),
+            limit_bps: set.ctx.throttle.as_ref().and_then(|t| t.current_rate()).map(|r| r as f64),
         };
         (acked, produced, last) = (a, p, now);
         match scaler.tick(start.elapsed().as_millis() as u64, sample) {
