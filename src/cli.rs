@@ -21,6 +21,17 @@ Exit status:
   3    no daemon reachable on the socket
   4    access denied (not root, the daemon's user, or its admin group)";
 
+const DAEMON_EXIT_CODES: &str = "\
+Signals: SIGHUP re-reads the configuration (an invalid one is rejected and the running
+one kept); SIGTERM / SIGINT stop it within seconds: no new sessions, running ones
+aborted explicitly so the other side knows at once, state flushed. Readiness is
+reported to systemd (Type=notify) when NOTIFY_SOCKET is set.
+
+Exit status:
+  0    stopped by a signal, cleanly
+  1    could not start (address in use, certificates unreadable, admin socket taken, …)
+  2    usage or configuration error";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nbackup",
@@ -42,10 +53,10 @@ pub enum Command {
     #[command(subcommand)]
     Cert(CertCommand),
     /// Run the server in the foreground until Ctrl-C / SIGTERM
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = DAEMON_EXIT_CODES)]
     Server(ServerArgs),
     /// Run the agent daemon in the foreground: schedules, control channel, admin API
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = DAEMON_EXIT_CODES)]
     Agent(AgentArgs),
     /// Run backup entries once and exit
     #[command(after_help = EXIT_CODES)]
