@@ -179,3 +179,25 @@ pub async fn discover(candidates: &[PathBuf]) -> Result<AdminClient, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn discovery_picks_the_one_daemon_that_answers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (server, agent) = (dir.path().join("server.sock"), dir.path().join("agent.sock"));
+        let candidates = [server.clone(), agent.clone()];
+        let none = discover(&candidates).await.err().expect("nothing listens");
+        assert!(none.contains("no nbackup daemon answers") && none.contains("--socket"), "{none}");
+        // A stale socket file (nobody accepting) does not count.
+        drop(std::os::unix::net::UnixListener::bind(&server).expect("stale"));
+        let _agent = tokio::net::UnixListener::bind(&agent).expect("agent");
+        assert_eq!(discover(&candidates).await.expect("one").socket(), agent);
+        std::fs::remove_file(&server).expect("rm stale");
+        let _server = tokio::net::UnixListener::bind(&server).expect("server");
+        let both = discover(&candidates).await.err().expect("ambiguous");
+        assert!(both.contains("both daemons run here"), "{both}");
+    }
+}
