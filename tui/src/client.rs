@@ -189,7 +189,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (server, agent) = (dir.path().join("server.sock"), dir.path().join("agent.sock"));
         let candidates = [server.clone(), agent.clone()];
-        let none = discover(&candidates).await.err().expect("nothing listens");
+        let none = discover(&candidates).await.expect_err("nothing listens");
         assert!(none.contains("no nbackup daemon answers") && none.contains("--socket"), "{none}");
         // A stale socket file (nobody accepting) does not count.
         drop(std::os::unix::net::UnixListener::bind(&server).expect("stale"));
@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(discover(&candidates).await.expect("one").socket(), agent);
         std::fs::remove_file(&server).expect("rm stale");
         let _server = tokio::net::UnixListener::bind(&server).expect("server");
-        let both = discover(&candidates).await.err().expect("ambiguous");
+        let both = discover(&candidates).await.expect_err("ambiguous");
         assert!(both.contains("both daemons run here"), "{both}");
     }
 }
