@@ -850,3 +850,56 @@ async fn real_signals_readiness_reload_and_a_bounded_sigterm_mid_backup() {
     assert!(status.success(), "{status:?}");
     assert!(!root.join("server.sock").exists(), "the server removes its socket");
 }
+
+#[tokio::test]
+async fn the_server_records_every_happening_as_an_event() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(2 << 20, 191)).expect("noise");
+    // A storage on a nearly full filesystem, when this test may mount one.
+    let small = tmp.path().join("storage/small");
+    fs::create_dir_all(&small).expect("mkdir");
+    let mounted = Tmpfs::mount(&small, "4m");
+    if mounted.is_some() {
+        fs::write(small.join("ballast"), vec![0u8; 3900 << 10]).expect("ballast");
+    } else {
+        eprintln!("disk_low not checked: cannot mount a tmpfs here");
+    }
+    let mut main = gzip("main");
+    main.max_backups = 1;
+    let server = ServerDaemon::start(tmp.path(), &pki, &[main, gzip("small")]).await;
+    // Stream 0 of the first session is cut mid-upload; the agent re-joins it.
+    let proxy = Proxy::start(server.addr).await;
+    proxy.fault(0, Fault::CutAfter(1 << 20));
+    let tuning = Tuning { attempts: 5, ..Tuning::default() };
+    let cfg = agent_config_tuned(&pki, proxy.addr, &[entry("data", "main", &[&src])], &tuning);
+    backup(&cfg, 0).await.expect("first backup, resumed");
+    backup(&cfg, 0).await.expect("second backup, which rotates the first away");
+    let lost = agent_config(&pki, server.addr, &[entry("data", "nowhere", &[&src])]);
+    backup(&lost, 0).await.expect_err("unknown storage");
+
+    let mut wanted = vec!["started", "stream_lost", "stream_rejoined", "committed", "rotated", "refused"];
+    if mounted.is_some() {
+        wanted.push("disk_low");
+    }
+    let start = Instant::now();
+    let seen = loop {
+        let seen: Vec<Event> = events(&server.client).await;
+        if wanted.iter().all(|k| seen.iter().any(|e| e.kind == *k)) {
+            break seen;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "missing {wanted:?} in {seen:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let refused = seen.iter().find(|e| e.kind == "refused").expect("refused");
+    assert!(refused.message.contains("nowhere"), "{refused:?}");
+    let rotated = seen.iter().find(|e| e.kind == "rotated").expect("rotated");
+    assert_eq!((rotated.agent.as_deref(), rotated.backup.as_deref()), (Some("web-01"), Some("data")));
+    if mounted.is_some() {
+        let low = seen.iter().find(|e| e.kind == "disk_low").expect("disk_low");
+        assert!(low.message.contains("storage small"), "{low:?}");
+    }
+    server.stop().await;
+}

@@ -482,3 +482,25 @@ pub fn leftovers(storage_dir: &Path) -> Vec<PathBuf> {
         .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| !p.ends_with("committed.log")).collect())
         .unwrap_or_default()
 }
+
+/// A small tmpfs, unmounted when dropped (also when the test fails).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts one at `at` if this process may (root, outside a locked-down container).
+    pub fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
