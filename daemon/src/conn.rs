@@ -28,11 +28,19 @@ pub enum ConnError {
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
+    /// When the last byte arrived (or the reader was made): silence is measured in
+    /// bytes, not frames, so a large chunk trickling in is still a live peer.
+    last_byte: std::time::Instant,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: BytesMut::with_capacity(8 * 1024) }
+        FrameReader { inner, buf: BytesMut::with_capacity(8 * 1024), last_byte: std::time::Instant::now() }
+    }
+
+    /// How long since a byte last arrived.
+    pub fn idle_for(&self) -> std::time::Duration {
+        self.last_byte.elapsed()
     }
 
     /// The next frame; `Err(Closed)` on a clean end of stream between frames.
@@ -46,6 +54,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.inner.read_buf(&mut self.buf).await? == 0 {
                 return Err(if self.buf.is_empty() { ConnError::Closed } else { ConnError::Truncated });
             }
+            self.last_byte = std::time::Instant::now();
         }
     }
 
@@ -85,7 +94,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             return self.send_chunk(chunk).await;
         }
         self.scratch.clear();
-        frame.encode(&mut self.scratch);
+        frame.encode(&mut self.scratch).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.inner.write_all(&self.scratch).await?;
         self.inner.flush().await
     }

@@ -13,8 +13,12 @@
 //!
 //! | point | where | actions |
 //! |---|---|---|
-//! | `chunk-write` | server, before writing a chunk (scope: storage dir) | `errnoN` |
-//! | `commit:before-intent`, `commit:before-rename`, `commit:after-rename`, `commit:after-manifest`, `rotate:after-delete` | server commit steps (scope: storage dir) | `abort` |
+//! | `chunk-write` | server, before writing a chunk (scope: storage dir) | `errnoN`, `delayMS` |
+//! | `commit:before-intent`, `commit:before-rename`, `commit:after-rename`, `commit:manifest`, `commit:after-manifest`, `commit:log`, `rotate:after-delete` | server commit steps (scope: storage dir) | `abort`, `errnoN`, `delayMS` |
+//! | `commit:verify` | server, before reading back each chunk at commit (scope: storage dir) | `errnoN`, `delayMS` |
+//! | `rename-noreplace`, `link` | the final rename, and the probe at start (scope: the file renamed) | `errnoN` |
+//! | `statvfs` | server, free-space checks (scope: storage dir) | `errnoN`, `delayMS` |
+//! | `producer:panic` | agent archive thread, at start (scope: `agent/backup`) | `abort` (panics the thread) |
 //! | `commit:answer` | server, before sending `Committed` (scope: storage dir) | `drop` |
 //! | `send-chunk` | agent, before sending a chunk (scope: `agent/backup`) | `drop`, `duplicate` |
 
@@ -32,6 +36,8 @@ pub enum Action {
     Drop,
     /// The message is sent twice.
     Duplicate,
+    /// The operation takes this long first (a slow or frozen disk); blocking.
+    Delay(std::time::Duration),
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +113,7 @@ fn parse_rule(s: &str) -> Option<Rule> {
         "abort" => Action::Abort,
         "drop" => Action::Drop,
         "duplicate" => Action::Duplicate,
+        a if a.starts_with("delay") => Action::Delay(std::time::Duration::from_millis(a[5..].parse().ok()?)),
         a => Action::Errno(a.strip_prefix("errno")?.parse().ok()?),
     };
     Some(Rule { id: next_id(), point: point.into(), scope: scope.into(), action, skip, times })
@@ -131,11 +138,16 @@ pub fn hit(point: &str, scope: &str) -> Option<Action> {
     Some(action)
 }
 
-/// For I/O points: an injected errno becomes an error; `abort` kills the process.
+/// For I/O points: an injected errno becomes an error, a delay blocks the calling
+/// thread, `abort` kills the process.
 pub fn io(point: &str, scope: &str) -> std::io::Result<()> {
     match hit(point, scope) {
         Some(Action::Errno(e)) => Err(std::io::Error::from_raw_os_error(e)),
         Some(Action::Abort) => std::process::abort(),
+        Some(Action::Delay(d)) => {
+            std::thread::sleep(d);
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -170,6 +182,8 @@ mod tests {
         );
         let r = parse_rule("chunk-write@/x=errno5+3*1").expect("rule");
         assert_eq!((r.action, r.skip, r.times), (Action::Errno(5), 3, 1));
+        let r = parse_rule("commit:verify@/x=delay1500*2").expect("rule");
+        assert_eq!((r.action, r.times), (Action::Delay(std::time::Duration::from_millis(1500)), 2));
         assert!(parse_rule("nonsense").is_none());
         assert!(parse_rule("p@s=explode").is_none());
     }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod agent;
 pub mod conn;
+pub mod daemon;
 pub mod fault;
 pub mod fsutil;
 pub mod pki;
@@ -15,6 +16,13 @@ pub mod restore;
 pub mod server;
 pub mod state;
 pub mod tls;
+
+/// Locks a mutex, recovering from poisoning. Every critical section in this crate
+/// leaves its state consistent before anything that could panic, so a panic
+/// elsewhere must not take the daemon down with it. The one lock helper.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// This build's version, recorded in manifests and exchanged with peers.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -347,6 +347,10 @@ pub struct AgentReport {
     pub rtt_ms: Option<f64>,
     pub running: Vec<RunningBackup>,
     pub last_results: Vec<EntryResult>,
+    /// How often the agent pings on its control channel; the server takes three
+    /// missed intervals of silence for a vanished agent.
+    #[serde(default)]
+    pub keepalive_ms: Option<u64>,
 }
 
 /// An operator command sent down a control channel (server → agent).

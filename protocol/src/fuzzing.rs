@@ -14,7 +14,7 @@ use crate::wire::{PREAMBLE_LEN, Preamble, decode_frame};
 pub fn frames(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     while let Ok(Some(frame)) = decode_frame(&mut buf) {
-        let mut again = frame.to_bytes();
+        let mut again = frame.to_bytes().expect("a decoded frame re-encodes");
         let decoded = decode_frame(&mut again);
         assert_eq!(decoded, Ok(Some(frame)), "re-encoded frame differs");
         assert!(again.is_empty());

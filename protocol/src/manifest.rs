@@ -37,6 +37,12 @@ pub struct Manifest {
     pub server_version: String,
     /// Session id, to find the session in logs and history.
     pub session: String,
+    /// Position of this archive in its entry's commit order (1, 2, …). Rotation and
+    /// "newest" follow it, never the time stamp in the name: clocks step. Absent in
+    /// manifests written before it existed; those archives count as older than every
+    /// numbered one, in name order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_seq: Option<u64>,
 }
 
 impl Manifest {
@@ -93,6 +99,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             server_version: "0.1.0".into(),
             session: "00".repeat(16),
+            commit_seq: Some(3),
         };
         assert_eq!(Manifest::from_json(&m.to_json()).expect("parses"), m);
         let extra = m.to_json().replacen('{', "{\"surprise\": 1,", 1);

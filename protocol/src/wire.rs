@@ -207,6 +207,7 @@ pub enum Reason {
     TooManyStreams,
     Cancelled,
     SourceFailed,
+    QuotaExceeded,
     Other(u16),
 }
 
@@ -230,6 +231,7 @@ impl Reason {
             Reason::TooManyStreams => 0x000f,
             Reason::Cancelled => 0x0010,
             Reason::SourceFailed => 0x0011,
+            Reason::QuotaExceeded => 0x0012,
             Reason::Other(code) => code,
         }
     }
@@ -253,6 +255,7 @@ impl Reason {
             0x000f => Reason::TooManyStreams,
             0x0010 => Reason::Cancelled,
             0x0011 => Reason::SourceFailed,
+            0x0012 => Reason::QuotaExceeded,
             other => Reason::Other(other),
         }
     }
@@ -282,6 +285,7 @@ impl Reason {
             Reason::TooManyStreams => "too many streams for this session".into(),
             Reason::Cancelled => "cancelled".into(),
             Reason::SourceFailed => "the agent could not read its sources".into(),
+            Reason::QuotaExceeded => "the agent's quota on this storage is used up".into(),
             Reason::Other(code) => format!("unknown reason 0x{code:04x}"),
         }
     }
@@ -307,6 +311,7 @@ impl fmt::Display for Reason {
             Reason::TooManyStreams => "too many streams",
             Reason::Cancelled => "cancelled",
             Reason::SourceFailed => "source failed",
+            Reason::QuotaExceeded => "quota exceeded",
             Reason::Other(code) => return write!(f, "reason 0x{code:04x}"),
         };
         f.write_str(s)
@@ -447,6 +452,16 @@ pub struct Committed {
     pub sha256: [u8; 32],
 }
 
+/// Server → agent while a commit runs (verifying the stored file can take minutes
+/// for a large archive): how far the read-back has come. It keeps the agent's
+/// deadline for the `Commit` from expiring while the server makes progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitProgress {
+    /// Bytes of the stored upload read back and hashed so far.
+    pub verified: u64,
+    pub total: u64,
+}
+
 /// A refusal or abort with its reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -545,6 +560,10 @@ pub enum Frame {
     CtlReport(CtlMessage),
     CtlCommand(CtlMessage),
     CtlResult(CtlResult),
+    /// Agent → server on a data stream with nothing to send, so silence means a
+    /// vanished peer, never an idle one.
+    Keepalive,
+    Committing(CommitProgress),
 }
 
 /// The type byte of a frame.
@@ -559,10 +578,12 @@ impl FrameType {
     pub const JOINED: FrameType = FrameType(0x05);
     pub const CHUNK: FrameType = FrameType(0x10);
     pub const ACK: FrameType = FrameType(0x11);
+    pub const KEEPALIVE: FrameType = FrameType(0x12);
     pub const COMMIT: FrameType = FrameType(0x20);
     pub const COMMITTED: FrameType = FrameType(0x21);
     pub const STATUS: FrameType = FrameType(0x22);
     pub const SESSION_STATE: FrameType = FrameType(0x23);
+    pub const COMMITTING: FrameType = FrameType(0x24);
     pub const ABORT: FrameType = FrameType(0x30);
     pub const HEALTH: FrameType = FrameType(0x40);
     pub const CTL_PING: FrameType = FrameType(0x50);
@@ -581,6 +602,8 @@ impl FrameType {
             | FrameType::JOIN
             | FrameType::JOINED
             | FrameType::ACK
+            | FrameType::KEEPALIVE
+            | FrameType::COMMITTING
             | FrameType::COMMIT
             | FrameType::COMMITTED
             | FrameType::STATUS
@@ -605,6 +628,8 @@ impl FrameType {
             FrameType::JOINED => "Joined",
             FrameType::CHUNK => "Chunk",
             FrameType::ACK => "Ack",
+            FrameType::KEEPALIVE => "Keepalive",
+            FrameType::COMMITTING => "Committing",
             FrameType::COMMIT => "Commit",
             FrameType::COMMITTED => "Committed",
             FrameType::STATUS => "Status",
@@ -642,16 +667,40 @@ impl Frame {
             Frame::CtlReport(_) => FrameType::CTL_REPORT,
             Frame::CtlCommand(_) => FrameType::CTL_COMMAND,
             Frame::CtlResult(_) => FrameType::CTL_RESULT,
+            Frame::Keepalive => FrameType::KEEPALIVE,
+            Frame::Committing(_) => FrameType::COMMITTING,
         }
     }
 
     /// Appends the whole frame, header included, to `dst`.
-    pub fn encode(&self, dst: &mut BytesMut) {
+    ///
+    /// A field over its limit is an error, never cut short: a truncated document
+    /// would only fail later, at the peer, far from its cause. On error `dst` is left
+    /// as it was.
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
         if let Frame::Chunk(chunk) = self {
+            if chunk.data.len() > crate::limits::MAX_CHUNK_SIZE as usize {
+                return Err(EncodeError::TooLong {
+                    frame: "Chunk",
+                    field: "data",
+                    len: chunk.data.len(),
+                    max: crate::limits::MAX_CHUNK_SIZE as usize,
+                });
+            }
             chunk.encode_head(dst);
             dst.extend_from_slice(&chunk.data);
-            return;
+            return Ok(());
         }
+        let start = dst.len();
+        let result = self.encode_control(dst);
+        if result.is_err() {
+            dst.truncate(start);
+        }
+        result
+    }
+
+    fn encode_control(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let frame = self.frame_type().name();
         let start = dst.len();
         dst.put_u8(self.frame_type().0);
         dst.put_u32(0); // patched below once the payload length is known
@@ -660,7 +709,7 @@ impl Frame {
                 put_name(dst, &m.agent);
                 put_name(dst, &m.storage);
                 put_name(dst, &m.backup);
-                put_text(dst, &m.agent_version);
+                put_text(dst, frame, "agent_version", &m.agent_version)?;
                 dst.put_u32(m.chunk_size);
                 dst.put_u16(m.streams);
             }
@@ -672,7 +721,7 @@ impl Frame {
             }
             Frame::Refused(m) | Frame::Abort(m) => {
                 dst.put_u16(m.reason.code());
-                put_text(dst, &m.message);
+                put_text(dst, frame, "message", &m.message)?;
             }
             Frame::Join(m) => {
                 dst.put_slice(&m.session.0);
@@ -692,12 +741,12 @@ impl Frame {
             }
             Frame::CtlReport(m) | Frame::CtlCommand(m) => {
                 dst.put_u64(m.id);
-                put_json(dst, &m.json);
+                put_json(dst, frame, &m.json)?;
             }
             Frame::CtlResult(m) => {
                 dst.put_u64(m.id);
                 dst.put_u8(u8::from(m.ok));
-                put_text(dst, &m.message);
+                put_text(dst, frame, "message", &m.message)?;
             }
             Frame::SessionState(m) => match m {
                 SessionState::Unknown => dst.put_u8(0),
@@ -707,17 +756,22 @@ impl Frame {
                 }
                 SessionState::Committed(c) => {
                     dst.put_u8(2);
-                    put_text(dst, &c.archive);
+                    put_text(dst, frame, "archive", &c.archive)?;
                     dst.put_u64(c.size);
                     dst.put_slice(&c.sha256);
                 }
                 SessionState::Failed(r) => {
                     dst.put_u8(3);
                     dst.put_u16(r.reason.code());
-                    put_text(dst, &r.message);
+                    put_text(dst, frame, "message", &r.message)?;
                 }
             },
             Frame::Ack(m) => dst.put_u64(m.seq),
+            Frame::Keepalive => {}
+            Frame::Committing(m) => {
+                dst.put_u64(m.verified);
+                dst.put_u64(m.total);
+            }
             Frame::Commit(m) => {
                 dst.put_u64(m.total_len);
                 dst.put_u64(m.chunks);
@@ -727,15 +781,23 @@ impl Frame {
                 dst.put_u64(m.stats.skipped);
             }
             Frame::Committed(m) => {
-                put_text(dst, &m.archive);
+                put_text(dst, frame, "archive", &m.archive)?;
                 dst.put_u64(m.size);
                 dst.put_slice(&m.sha256);
             }
             Frame::Health(m) => {
-                put_text(dst, &m.server_version);
+                put_text(dst, frame, "server_version", &m.server_version)?;
                 dst.put_u64(m.uptime_secs);
                 dst.put_u8(u8::from(m.draining));
                 dst.put_u32(m.active_sessions);
+                if m.storages.len() > MAX_STORAGES {
+                    return Err(EncodeError::TooLong {
+                        frame,
+                        field: "storages",
+                        len: m.storages.len(),
+                        max: MAX_STORAGES,
+                    });
+                }
                 dst.put_u16(m.storages.len() as u16);
                 for s in &m.storages {
                     put_name(dst, &s.name);
@@ -748,13 +810,14 @@ impl Frame {
         }
         let len = (dst.len() - start - FRAME_HEADER_LEN) as u32;
         dst[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        Ok(())
     }
 
     /// Convenience: the encoded frame as one buffer.
-    pub fn to_bytes(&self) -> BytesMut {
+    pub fn to_bytes(&self) -> Result<BytesMut, EncodeError> {
         let mut out = BytesMut::new();
-        self.encode(&mut out);
-        out
+        self.encode(&mut out)?;
+        Ok(out)
     }
 }
 
@@ -779,6 +842,13 @@ pub enum DecodeError {
     TooLong { frame: &'static str, field: &'static str, len: usize, max: usize },
     #[error("unknown {field} value 0x{value:x}")]
     UnknownValue { field: &'static str, value: u32 },
+}
+
+/// Why a frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{frame} frame: {field} is {len} bytes; the limit is {max}")]
+    TooLong { frame: &'static str, field: &'static str, len: usize, max: usize },
 }
 
 /// How many bytes `buf` must hold before [`decode_frame`] can make progress: the
@@ -867,6 +937,8 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
             v => return Err(DecodeError::UnknownValue { field: "session state", value: v.into() }),
         }),
         FrameType::ACK => Frame::Ack(Ack { seq: r.u64()? }),
+        FrameType::KEEPALIVE => Frame::Keepalive,
+        FrameType::COMMITTING => Frame::Committing(CommitProgress { verified: r.u64()?, total: r.u64()? }),
         FrameType::COMMIT => Frame::Commit(Commit {
             total_len: r.u64()?,
             chunks: r.u64()?,
@@ -909,24 +981,25 @@ fn put_name(dst: &mut BytesMut, name: &Name) {
     dst.put_slice(name.as_str().as_bytes());
 }
 
-fn put_text(dst: &mut BytesMut, text: &str) {
-    let mut end = text.len().min(MAX_TEXT_LEN);
-    while !text.is_char_boundary(end) {
-        end -= 1;
+fn put_text(dst: &mut BytesMut, frame: &'static str, field: &'static str, text: &str) -> Result<(), EncodeError> {
+    if text.len() > MAX_TEXT_LEN {
+        return Err(EncodeError::TooLong { frame, field, len: text.len(), max: MAX_TEXT_LEN });
     }
-    dst.put_u16(end as u16);
-    dst.put_slice(&text.as_bytes()[..end]);
+    dst.put_u16(text.len() as u16);
+    dst.put_slice(text.as_bytes());
+    Ok(())
 }
 
 /// Longest JSON document in a control-channel frame.
 pub const MAX_JSON_LEN: usize = MAX_CONTROL_PAYLOAD as usize - 16;
 
-fn put_json(dst: &mut BytesMut, json: &str) {
-    // Callers keep documents under MAX_JSON_LEN; an oversized one is cut, and the
-    // peer's JSON parser then rejects it rather than the frame decoder.
-    let end = json.len().min(MAX_JSON_LEN);
-    dst.put_u32(end as u32);
-    dst.put_slice(&json.as_bytes()[..end]);
+fn put_json(dst: &mut BytesMut, frame: &'static str, json: &str) -> Result<(), EncodeError> {
+    if json.len() > MAX_JSON_LEN {
+        return Err(EncodeError::TooLong { frame, field: "json", len: json.len(), max: MAX_JSON_LEN });
+    }
+    dst.put_u32(json.len() as u32);
+    dst.put_slice(json.as_bytes());
+    Ok(())
 }
 
 fn truncate_utf8(s: &mut String, max: usize) {

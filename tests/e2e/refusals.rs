@@ -179,7 +179,7 @@ async fn raw_join(
 ) -> (Option<Frame>, tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
     let mut tls = raw_tls(addr, pki, Some(&pki.agent(agent)), false).await.expect("tls");
     tls.write_all(&Preamble::new(ConnKind::Join, Caps::GZIP).encode()).await.expect("preamble");
-    tls.write_all(&Frame::Join(Join { session, stream, generation }).to_bytes()).await.expect("join");
+    tls.write_all(&Frame::Join(Join { session, stream, generation }).to_bytes().expect("encodes")).await.expect("join");
     (read_frame(&mut tls).await, tls)
 }
 
@@ -234,7 +234,7 @@ async fn hostile_bytes_are_refused_without_harming_other_sessions() {
     let mut c = raw_tls(server.addr, &pki, Some(&agent), false).await.expect("tls");
     c.write_all(&Preamble::new(ConnKind::Backup, Caps::GZIP).encode()).await.expect("preamble");
     let chunk = wire::Chunk::new(0, 0, bytes::Bytes::from_static(b"x"));
-    c.write_all(&Frame::Chunk(chunk).to_bytes()).await.expect("chunk");
+    c.write_all(&Frame::Chunk(chunk).to_bytes().expect("encodes")).await.expect("chunk");
     match read_frame(&mut c).await {
         Some(Frame::Refused(r)) => assert_eq!(r.reason, Reason::Protocol),
         other => panic!("expected a protocol refusal, got {other:?}"),
@@ -267,7 +267,7 @@ async fn a_silent_peer_is_dropped_after_the_handshake_timeout() {
     // well within any per-read timeout, but the phase as a whole has a deadline.
     let mut tls = raw_tls(server.addr, &pki, Some(&pki.agent("web-01")), false).await.expect("tls");
     let mut bytes = Preamble::new(ConnKind::Backup, Caps::GZIP).encode().to_vec();
-    bytes.extend_from_slice(&Frame::Hello(hello("web-01", "main", "etc")).to_bytes());
+    bytes.extend_from_slice(&Frame::Hello(hello("web-01", "main", "etc")).to_bytes().expect("encodes"));
     let started = Instant::now();
     for b in bytes {
         if tls.write_all(&[b]).await.is_err() {

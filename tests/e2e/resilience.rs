@@ -403,9 +403,14 @@ async fn an_agent_killed_mid_backup_frees_its_entry() {
 
 #[test]
 fn transfer_failures_are_classified_for_retry() {
+    use nbackup_daemon::agent::retry::ErrorClass;
+    use nbackup_protocol::wire::Refusal;
     let lost = BackupError::Transfer(Failure::SessionLost("gone".into()));
-    assert!(lost.needs_fresh_session());
-    assert!(lost.is_transient());
-    let full = BackupError::Transfer(Failure::Server(nbackup_protocol::wire::Refusal::new(Reason::DiskFull, "")));
-    assert!(!full.needs_fresh_session() && !full.is_transient());
+    assert_eq!(lost.class(), ErrorClass::FreshSession);
+    let full = BackupError::Transfer(Failure::Server(Refusal::new(Reason::DiskFull, "")));
+    assert_eq!(full.class(), ErrorClass::Permanent);
+    let draining = BackupError::Refused(Refusal::new(Reason::Draining, "restarting"));
+    assert_eq!(draining.class(), ErrorClass::Transient, "a server restarting is waited for, not an exit 4");
+    let changed = BackupError::Transfer(Failure::Server(Refusal::new(Reason::VerifyFailed, "chunk 3 changed")));
+    assert_eq!(changed.class(), ErrorClass::FreshSession);
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use nbackup_protocol::admin::ControlCommand;
-use nbackup_protocol::wire::{CtlMessage, CtlPing, CtlResult, Frame};
+use nbackup_protocol::admin::{AgentReport, ControlCommand};
+use nbackup_protocol::wire::{CtlMessage, CtlPing, CtlResult, Frame, MAX_JSON_LEN};
 
 use super::daemon::{Agentd, Triggered};
 use crate::state::EventSpec;
@@ -82,6 +82,11 @@ async fn session(d: &Arc<Agentd>, conn: super::connect::Connection) -> String {
         tokio::select! {
             _ = d.shutdown().cancelled() => return "shutting down".into(),
             _ = ping.tick() => {
+                // Silence, not a missing pong: the read below restarts its timer on
+                // every loop, so the deadline is checked here, against the last byte.
+                if reader.idle_for() > keepalive * 3 {
+                    return format!("no answer for {:.1} s; the server is gone or cut off", reader.idle_for().as_secs_f64());
+                }
                 nonce += 1;
                 pings.insert(nonce, Instant::now());
                 pings.retain(|n, _| nonce - n < 16);
@@ -104,17 +109,20 @@ async fn session(d: &Arc<Agentd>, conn: super::connect::Connection) -> String {
                 if changed || due || rtt_news {
                     reported = Some(Instant::now());
                     rtt_reported |= report.rtt_ms.is_some();
-                    let json = serde_json::to_string(&report).unwrap_or_default();
-                    if let Err(e) = writer.send(&Frame::CtlReport(CtlMessage { id: 0, json })).await {
-                        return e.to_string();
+                    match report_json(report) {
+                        Ok(json) => {
+                            if let Err(e) = writer.send(&Frame::CtlReport(CtlMessage { id: 0, json })).await {
+                                return e.to_string();
+                            }
+                        }
+                        Err(e) => warn!("control report not sent: {e}"),
                     }
                 }
             }
-            frame = tokio::time::timeout(keepalive * 3, reader.read_frame()) => {
+            frame = reader.read_frame() => {
                 let frame = match frame {
-                    Err(_) => return format!("no answer for {:?}", keepalive * 3),
-                    Ok(Err(e)) => return e.to_string(),
-                    Ok(Ok(f)) => f,
+                    Err(e) => return e.to_string(),
+                    Ok(f) => f,
                 };
                 match frame {
                     Frame::CtlPong(p) => {
@@ -137,6 +145,35 @@ async fn session(d: &Arc<Agentd>, conn: super::connect::Connection) -> String {
             }
         }
     }
+}
+
+/// Autoscaler decisions a report carries per running backup: the recent ones. The
+/// whole history stays in the agent's own admin API.
+const REPORT_DECISIONS: usize = 32;
+
+/// The report as JSON that fits one control frame however long a backup has run:
+/// only recent autoscaler decisions, fewer if needed, then no stream tables. A
+/// report that still does not fit is an error, never a truncated document.
+fn report_json(mut report: AgentReport) -> Result<String, String> {
+    let encode = |r: &AgentReport| serde_json::to_string(r).map_err(|e| e.to_string());
+    for keep in [REPORT_DECISIONS, 4, 0] {
+        for r in &mut report.running {
+            let excess = r.scaler.len().saturating_sub(keep);
+            r.scaler.drain(..excess);
+        }
+        let json = encode(&report)?;
+        if json.len() <= MAX_JSON_LEN {
+            return Ok(json);
+        }
+    }
+    for r in &mut report.running {
+        r.stream_table.clear();
+    }
+    let json = encode(&report)?;
+    if json.len() <= MAX_JSON_LEN {
+        return Ok(json);
+    }
+    Err(format!("the report is {} bytes even without history; the limit is {MAX_JSON_LEN}", json.len()))
 }
 
 fn execute(d: &Arc<Agentd>, id: u64, json: &str) -> CtlResult {
@@ -164,4 +201,55 @@ fn execute(d: &Arc<Agentd>, id: u64, json: &str) -> CtlResult {
         },
     };
     CtlResult { id, ok, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbackup_protocol::admin::{Decision, RunningBackup, ScalerEvent, ScalerState};
+
+    #[test]
+    fn a_report_stays_under_the_frame_limit_however_long_the_backup_ran() {
+        let event = ScalerEvent {
+            at_ms: 1,
+            decision: Decision::Hold,
+            streams: 4,
+            produce_mbps: 100.0,
+            drain_mbps: 90.0,
+            efficiency: 0.9,
+            window_fill: 0.5,
+            state: ScalerState::Steady,
+            reason: "a long explanation of why nothing changed this interval".into(),
+        };
+        let running = RunningBackup {
+            entry: "etc".into(),
+            attempt: 1,
+            started: String::new(),
+            session: None,
+            bytes_read: 0,
+            bytes_compressed: 0,
+            bytes_acked: 0,
+            entries: 0,
+            estimate_bytes: None,
+            read_bps: 0.0,
+            acked_bps: 0.0,
+            eta_secs: None,
+            streams: 4,
+            stream_table: Vec::new(),
+            scaler: vec![event; 5000],
+        };
+        let report = AgentReport {
+            version: "v".into(),
+            load1: None,
+            rtt_ms: None,
+            running: vec![running],
+            last_results: Vec::new(),
+            keepalive_ms: None,
+        };
+        assert!(serde_json::to_string(&report).expect("json").len() > MAX_JSON_LEN, "the test needs a big one");
+        let json = report_json(report).expect("fits");
+        assert!(json.len() <= MAX_JSON_LEN);
+        let back: AgentReport = serde_json::from_str(&json).expect("a whole document");
+        assert_eq!(back.running[0].scaler.len(), REPORT_DECISIONS, "the recent decisions are kept");
+    }
 }

@@ -35,7 +35,7 @@ use nbackup_protocol::admin::{
 };
 use nbackup_protocol::config::{AgentConfig, BackupEntry};
 
-use super::{BackupError, Connector, Progress, run_backup};
+use super::{BackupError, Connector, Progress};
 use crate::state::{EventSpec, Events, Timeline, unix_now};
 
 /// Where "now" comes from, and how to wait for a wall-clock time.
@@ -419,46 +419,15 @@ impl Agentd {
         let prescan = CancellationToken::new();
         let _stop_prescan = prescan.clone().drop_guard();
         super::archive::estimate_in_background(entry.sources.clone(), entry.exclude.clone(), progress.clone(), prescan);
-        let mut attempt = 1;
-        let result = loop {
-            // Each attempt has its own token, so a timeout cancels it properly (the
-            // server is told, the archive thread stops) rather than abandoning it.
-            let attempt_cancel = cancel.child_token();
-            let run = run_backup(&connector, &config, &entry, progress.clone(), attempt_cancel.clone());
-            tokio::pin!(run);
-            let outcome = tokio::select! {
-                r = &mut run => r,
-                _ = tokio::time::sleep(config.retry.attempt_timeout) => {
-                    attempt_cancel.cancel();
-                    let _ = run.await;
-                    Err(BackupError::Internal(format!(
-                        "attempt {attempt} did not finish within {:?}",
-                        config.retry.attempt_timeout
-                    )))
-                }
-            };
-            match outcome {
-                Err(e)
-                    if attempt < config.retry.max_attempts
-                        && !cancel.is_cancelled()
-                        && (e.is_transient() || matches!(e, BackupError::Internal(_))) =>
-                {
-                    let delay = config.retry.delay(attempt);
-                    warn!(entry = %name, attempt, "run failed: {e}; retrying in {delay:?}");
-                    self.events.record("retry", self.who(Some(&name)), format!("attempt {attempt} failed: {e}"));
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = cancel.cancelled() => break Err(BackupError::Cancelled),
-                    }
-                    attempt += 1;
-                    progress.reset();
-                    if let Some(r) = lock(&self.entries).get_mut(&name).and_then(|s| s.running.as_mut()) {
-                        r.attempt = attempt;
-                    }
-                }
-                other => break other,
+        let on_retry = |attempt: u32, e: &BackupError, delay: Duration| {
+            let msg = format!("attempt {attempt} failed: {e:#}; retrying in {:.0} s", delay.as_secs_f64());
+            self.events.record("retry", self.who(Some(&name)), msg);
+            if let Some(r) = lock(&self.entries).get_mut(&name).and_then(|s| s.running.as_mut()) {
+                r.attempt = attempt + 1;
             }
         };
+        let result = super::run_backup_with(&connector, &config, &entry, progress.clone(), cancel, &on_retry).await;
+        let attempt = progress.attempt.load(Ordering::Relaxed).max(1);
         let finished = self.clock.now();
         let (archive, error, bytes_read, bytes_sent, skipped) = match &result {
             Ok(r) => (Some(r.archive.clone()), None, r.bytes_read, r.bytes_sent, r.skipped),
@@ -732,6 +701,7 @@ impl Agentd {
             rtt_ms: lock(&self.control).rtt_ms,
             running: self.running(),
             last_results: lock(&self.entries).values().filter_map(|s| s.last.clone()).collect(),
+            keepalive_ms: Some(self.config().control_channel.keepalive_interval.as_millis() as u64),
         }
     }
 

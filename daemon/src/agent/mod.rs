@@ -5,9 +5,10 @@
 //! async streams:    window ─▶ stream 0..N-1 (TLS) ─▶ server ─▶ acks ─▶ window
 //! ```
 //!
-//! [`run_backup`] opens the session (retrying transient refusals and unreachable
-//! servers per `retry.*`), starts the producer and the streams, and waits until the
-//! server has committed the archive or the transfer has failed.
+//! [`run_backup`] is the one attempt loop: it opens a session, starts the producer
+//! and the streams, and waits until the server has committed the archive or the
+//! transfer has failed; then it decides, from the error's [class](retry::ErrorClass)
+//! and the run's one [`RetryBudget`](retry::RetryBudget), whether to try again.
 
 mod admin;
 pub mod archive;
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod gzip;
 pub mod producer;
 pub mod progress;
+pub mod retry;
 pub mod stream;
 pub mod throttle;
 pub mod window;
@@ -186,33 +188,45 @@ pub struct BackupReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{0}")]
+    #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("server refused: {0}")]
     Refused(Refusal),
-    #[error("{0}")]
+    #[error(transparent)]
     Transfer(Failure),
     #[error("cancelled")]
     Cancelled,
-    #[error("{0}")]
-    Internal(String),
+    #[error("the attempt did not finish within {0:?} (retry.attempt_timeout)")]
+    AttemptTimeout(Duration),
+    #[error("cannot start the archive thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("a backup task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl BackupError {
-    /// Whether running the entry again later can succeed unchanged.
-    pub fn is_transient(&self) -> bool {
+    /// What this failure means for the run (see [`retry`]).
+    pub fn class(&self) -> retry::ErrorClass {
+        use nbackup_protocol::wire::Reason;
+        use retry::ErrorClass::*;
         match self {
-            BackupError::Connect(e) => e.is_transient(),
-            BackupError::Refused(r) | BackupError::Transfer(Failure::Server(r)) => r.reason.is_transient(),
-            BackupError::Transfer(Failure::Connection(_) | Failure::SessionLost(_)) => true,
-            BackupError::Transfer(_) | BackupError::Cancelled | BackupError::Internal(_) => false,
+            BackupError::Connect(e) if e.is_transient() => Transient,
+            BackupError::Connect(_) => Permanent,
+            BackupError::Refused(r) | BackupError::Transfer(Failure::Server(r)) => match r.reason {
+                Reason::VerifyFailed => FreshSession,
+                r if r.is_transient() => Transient,
+                _ => Permanent,
+            },
+            BackupError::Transfer(Failure::Connection(_)) => Transient,
+            BackupError::Transfer(Failure::SessionLost(_)) => FreshSession,
+            BackupError::Transfer(Failure::Source(_) | Failure::Cancelled) | BackupError::Cancelled => Permanent,
+            BackupError::AttemptTimeout(_) | BackupError::Spawn(_) | BackupError::Task(_) => Transient,
         }
     }
 
-    /// Whether only a fresh session (re-reading the sources) can finish the backup.
-    pub fn needs_fresh_session(&self) -> bool {
-        matches!(self, BackupError::Transfer(Failure::SessionLost(_)))
-            || matches!(self, BackupError::Transfer(Failure::Server(r)) if r.reason == nbackup_protocol::wire::Reason::VerifyFailed)
+    /// Whether running the entry again later can succeed unchanged.
+    pub fn is_transient(&self) -> bool {
+        self.class() != retry::ErrorClass::Permanent
     }
 
     /// The server's refusal, if that is what this is.
@@ -230,11 +244,10 @@ pub fn compression_threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-/// Runs one backup entry to completion.
-///
-/// If the server loses the session (it forgot it, or lost data the window no longer
-/// holds) or rejects the archive at commit, the run starts over with a fresh session —
-/// reading the sources again — at most `retry.max_attempts` times.
+/// Called before each retry with the attempt that failed, its error and the delay.
+pub type OnRetry<'a> = &'a (dyn Fn(u32, &BackupError, Duration) + Send + Sync);
+
+/// Runs one backup entry to completion, retrying per `retry.*` (see [`retry`]).
 pub async fn run_backup(
     connector: &Connector,
     config: &AgentConfig,
@@ -242,21 +255,52 @@ pub async fn run_backup(
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<BackupReport, BackupError> {
+    run_backup_with(connector, config, entry, progress, cancel, &|_, _, _| {}).await
+}
+
+/// [`run_backup`], telling `on_retry` about every retry.
+pub async fn run_backup_with(
+    connector: &Connector,
+    config: &AgentConfig,
+    entry: &BackupEntry,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+    on_retry: OnRetry<'_>,
+) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
-    let mut attempt = 0;
+    let budget = Arc::new(retry::RetryBudget::new(config.retry));
     loop {
-        attempt += 1;
-        match run_session(connector, config, entry, &progress, &cancel, started).await {
-            Err(e) if e.needs_fresh_session() && attempt < config.retry.max_attempts => {
-                let delay = config.retry.delay(attempt);
-                warn!(entry = %entry.name, attempt, "{e}; starting a fresh session in {delay:?}");
-                progress.reset();
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err(BackupError::Cancelled),
-                }
+        let attempt = budget.attempts();
+        progress.attempt.store(attempt, Ordering::Relaxed);
+        // Each attempt has its own token, so a timeout cancels it properly (the
+        // server is told, the archive thread stops) rather than abandoning it.
+        let attempt_cancel = cancel.child_token();
+        let run = run_session(connector, config, entry, &progress, &attempt_cancel, started, &budget);
+        tokio::pin!(run);
+        let result = tokio::select! {
+            r = &mut run => r,
+            _ = tokio::time::sleep(config.retry.attempt_timeout) => {
+                attempt_cancel.cancel();
+                let _ = run.await;
+                Err(BackupError::AttemptTimeout(config.retry.attempt_timeout))
             }
-            other => return other,
+        };
+        let error = match result {
+            Ok(report) => return Ok(report),
+            Err(e) if cancel.is_cancelled() => return Err(e),
+            Err(e) if e.class() == retry::ErrorClass::Permanent => return Err(e),
+            Err(e) => e,
+        };
+        let Some(delay) = budget.failed() else {
+            warn!(entry = %entry.name, attempt, "giving up after {attempt} attempts: {error:#}");
+            return Err(error);
+        };
+        warn!(entry = %entry.name, attempt, "attempt failed: {error:#}; retrying in {delay:?}");
+        on_retry(attempt, &error, delay);
+        progress.reset();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return Err(BackupError::Cancelled),
         }
     }
 }
@@ -268,6 +312,7 @@ async fn run_session(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
     started: Instant,
+    budget: &Arc<retry::RetryBudget>,
 ) -> Result<BackupReport, BackupError> {
     let hello = Hello {
         agent: config.name.clone(),
@@ -277,7 +322,13 @@ async fn run_session(
         chunk_size: config.resume.chunk_size,
         streams: entry.parallels,
     };
-    let (conn, welcome) = open_with_retry(connector, config, hello, cancel).await?;
+    let (conn, welcome) = tokio::select! {
+        r = connector.open_session(hello) => r.map_err(|e| match e {
+            ConnectError::Refused(r) => BackupError::Refused(r),
+            e => BackupError::Connect(e),
+        })?,
+        _ = cancel.cancelled() => return Err(BackupError::Cancelled),
+    };
     let max_streams = entry.parallels.min(welcome.max_streams).max(1);
     let scaling = entry.auto_scaler.enabled && max_streams > 1;
     let first_streams = if scaling { 1 } else { max_streams };
@@ -299,15 +350,17 @@ async fn run_session(
         window.clone(),
         progress.clone(),
         tokio::runtime::Handle::current(),
+        format!("{}/{}", config.name, entry.name),
     )
-    .map_err(|e| BackupError::Internal(format!("cannot start the archiver thread: {e}")))?;
+    .map_err(BackupError::Spawn)?;
     let throttle =
         (!entry.bandwidth.is_unlimited()).then(|| Arc::new(throttle::Throttle::new(entry.bandwidth.clone())));
     let ctx = Arc::new(stream::StreamCtx {
         connector: connector.clone(),
         session: welcome.session,
         window: window.clone(),
-        retry: config.retry,
+        budget: budget.clone(),
+        keepalive: config.resume.keepalive_interval,
         progress: progress.clone(),
         cancel: cancel.clone(),
         rtt: stream::Rtt::new(config.resume.ack_timeout),
@@ -340,23 +393,22 @@ async fn run_session(
     // Let streams deliver their Abort (bounded), then stop them.
     let mut set = match (set, scaler_task) {
         (Some(set), _) => set,
-        (None, Some(task)) => task.await.map_err(|e| BackupError::Internal(format!("autoscaler: {e}")))?,
+        (None, Some(task)) => task.await.map_err(BackupError::Task)?,
         (None, None) => unreachable!("the stream set is either here or with the autoscaler"),
     };
     let peak = set.peak;
     let streams_final = set.active();
     set.shutdown().await;
-    let summary = tokio::task::spawn_blocking(move || producer.join())
-        .await
-        .map_err(|e| BackupError::Internal(format!("archiver thread: {e}")))?
-        .map_err(|_| BackupError::Internal("archiver thread panicked".into()))?;
+    let summary = tokio::task::spawn_blocking(move || producer.join()).await.map_err(BackupError::Task)?;
     let committed = match finished {
         Finished::Committed(c) => c,
         Finished::Failed(Failure::Cancelled) => return Err(BackupError::Cancelled),
         Finished::Failed(f) => return Err(BackupError::Transfer(f)),
     };
-    // The window only commits after the producer finished, so this cannot fail.
-    let summary = summary.map_err(BackupError::Internal)?;
+    // The window only commits after the producer finished, so neither can fail here.
+    let summary = summary
+        .map_err(|_| BackupError::Transfer(Failure::Source("the archive thread panicked".into())))?
+        .map_err(|e| BackupError::Transfer(Failure::Source(e)))?;
     let report = BackupReport {
         entry: entry.name.to_string(),
         storage: entry.storage.to_string(),
@@ -386,35 +438,4 @@ async fn run_session(
         bytes_sent = report.bytes_sent, skipped = report.skipped, seconds = report.seconds, "backup committed"
     );
     Ok(report)
-}
-
-async fn open_with_retry(
-    connector: &Connector,
-    config: &AgentConfig,
-    hello: Hello,
-    cancel: &CancellationToken,
-) -> Result<(connect::Connection, nbackup_protocol::wire::Welcome), BackupError> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = tokio::select! {
-            r = connector.open_session(hello.clone()) => r,
-            _ = cancel.cancelled() => return Err(BackupError::Cancelled),
-        };
-        match result {
-            Ok(x) => return Ok(x),
-            Err(ConnectError::Refused(r)) if !r.reason.is_transient() || attempt >= config.retry.max_attempts => {
-                return Err(BackupError::Refused(r));
-            }
-            Err(e) if !e.is_transient() || attempt >= config.retry.max_attempts => return Err(e.into()),
-            Err(e) => {
-                let delay = config.retry.delay(attempt);
-                warn!(entry = %hello.backup, attempt, "cannot open session: {e}; retrying in {delay:?}");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err(BackupError::Cancelled),
-                }
-            }
-        }
-    }
 }

@@ -34,6 +34,19 @@ pub struct ProducerSpec {
     pub threads: usize,
 }
 
+/// Fails the transfer if the producer thread ends without having finished it — a
+/// panic in the walker, tar or a compressor — so the run fails at once instead of
+/// waiting for chunks that never come.
+struct FailOnUnwind(Arc<Window>);
+
+impl Drop for FailOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.0.finished().is_none() {
+            self.0.fail(Failure::Source("the archive thread panicked (a bug; see the agent's log)".into()));
+        }
+    }
+}
+
 /// Starts the producer thread. Its result is the archive summary; failures are also
 /// reported to the window so the streams stop and tell the server.
 pub fn spawn(
@@ -41,8 +54,13 @@ pub fn spawn(
     window: Arc<Window>,
     progress: Arc<Progress>,
     runtime: Handle,
+    fault_scope: String,
 ) -> io::Result<JoinHandle<Result<ArchiveSummary, String>>> {
     std::thread::Builder::new().name("nbackup-archive".into()).spawn(move || {
+        let _guard = FailOnUnwind(window.clone());
+        if crate::fault::hit("producer:panic", &fault_scope) == Some(crate::fault::Action::Abort) {
+            panic!("injected fault: producer:panic");
+        }
         let sink = ChunkSink::new(window.clone(), spec.chunk_size as usize, progress.clone(), runtime);
         match produce(&spec, sink, &progress) {
             Ok((sink, summary)) => {

@@ -15,6 +15,8 @@ use crate::state::RateMeter;
 pub struct Progress {
     /// Streams in use now.
     pub streams: AtomicU16,
+    /// The attempt running now (1-based), set by the attempt loop.
+    pub attempt: std::sync::atomic::AtomicU32,
     /// The autoscaler's decisions with the numbers behind them (newest last, bounded).
     pub scaler: Mutex<Vec<ScalerEvent>>,
     /// Bytes of file content read from the sources.

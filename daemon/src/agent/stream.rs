@@ -8,6 +8,13 @@
 //! 20 round trips (an EWMA of request/answer times), but never below
 //! `resume.ack_timeout`.
 //!
+//! The acknowledgement deadline counts from when an item's last byte was written,
+//! never from when it was taken: time waiting in the bandwidth limit does not count.
+//! While the server reads a large upload back at commit it says `Committing` once a
+//! second, which keeps the commit's deadline from expiring. A server's transient
+//! refusal (`draining` during a restart, a passing shortage) is a lost connection:
+//! re-join, within the run's retry budget, and carry on.
+//!
 //! When a re-join is refused because the server no longer has the session, the
 //! stream asks `Status`: a session that was committed meanwhile (the answer to
 //! `Commit` was lost with the connection) counts as committed, never re-sent; one the
@@ -22,11 +29,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use nbackup_protocol::SessionId;
-use nbackup_protocol::config::Retry;
 use nbackup_protocol::wire::{Frame, Reason, Refusal, SessionState};
 
 use super::connect::{ConnectError, Connection, Connector, Reader, Writer};
 use super::progress::Progress;
+use super::retry::RetryBudget;
 use super::throttle::{self, Throttle};
 use super::window::{Failure, Finished, Item, Window};
 use crate::conn::ConnError;
@@ -42,7 +49,10 @@ pub struct StreamCtx {
     pub connector: Connector,
     pub session: SessionId,
     pub window: Arc<Window>,
-    pub retry: Retry,
+    /// The run's one retry budget: a re-join draws from it like any other attempt.
+    pub budget: Arc<RetryBudget>,
+    /// A stream with nothing to send sends `Keepalive` this often.
+    pub keepalive: Duration,
     pub progress: Arc<Progress>,
     pub cancel: CancellationToken,
     /// Smoothed RTT; with `resume.ack_timeout` it sets the no-acknowledgement limit.
@@ -132,7 +142,6 @@ enum End {
 /// is an already open connection (stream 0 gets the one that opened the session).
 pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, retire: CancellationToken) {
     let mut conn = first;
-    let mut failures: u32 = 0;
     let mut last_error = String::new();
     loop {
         if ctx.window.finished().is_some() || retire.is_cancelled() {
@@ -191,7 +200,7 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
                 r.rtt_ms = Some(rtt_ms);
                 r.state = "sending".into();
             });
-            let (end, progressed) = drive(&ctx, stream, c, &retire).await;
+            let end = drive(&ctx, stream, c, &retire).await;
             let requeued = ctx.window.requeue(stream) as u64;
             ctx.progress.update_stream(stream, |r| {
                 r.requeued_chunks += requeued;
@@ -214,19 +223,13 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
                         warn!(session = %ctx.session, stream, "connection lost: {e}");
                     }
                     last_error = e;
-                    if progressed {
-                        // The retry budget is for failures in a row, not per backup.
-                        failures = 0;
-                    }
                 }
             }
         }
-        failures += 1;
-        if failures >= ctx.retry.max_attempts {
-            warn!(session = %ctx.session, stream, "giving up after {failures} failed attempts: {last_error}");
+        let Some(delay) = ctx.budget.failed() else {
+            warn!(session = %ctx.session, stream, "giving up: retry budget spent: {last_error}");
             break;
-        }
-        let delay = ctx.retry.delay(failures);
+        };
         debug!(session = %ctx.session, stream, "reconnecting in {delay:?}");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -239,16 +242,14 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
     }
 }
 
-/// Sends and receives on one connection until it ends. Returns whether any item was
-/// acknowledged on it (to reset the retry budget).
-async fn drive(ctx: &StreamCtx, stream: u16, conn: Connection, retire: &CancellationToken) -> (End, bool) {
+/// Sends and receives on one connection until it ends.
+async fn drive(ctx: &StreamCtx, stream: u16, conn: Connection, retire: &CancellationToken) -> End {
     let Connection { reader, writer, .. } = conn;
-    let mut acked = false;
     let send = send_loop(ctx, stream, writer, retire);
     tokio::pin!(send);
-    let end = tokio::select! {
+    tokio::select! {
         end = &mut send => end,
-        end = receive_loop(ctx, stream, reader, &mut acked) => end,
+        end = receive_loop(ctx, stream, reader) => end,
         _ = ctx.cancel.cancelled() => {
             ctx.window.fail(Failure::Cancelled);
             // The send loop finishes the frame it is writing (no longer throttled)
@@ -257,8 +258,7 @@ async fn drive(ctx: &StreamCtx, stream: u16, conn: Connection, retire: &Cancella
             let _ = timeout(CANCEL_GRACE, &mut send).await;
             End::Finished
         }
-    };
-    (end, acked)
+    }
 }
 
 async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &CancellationToken) -> End {
@@ -267,6 +267,14 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &Ca
             biased;
             _ = retire.cancelled() => None,
             item = ctx.window.next_item(stream) => Some(item),
+            _ = tokio::time::sleep(ctx.keepalive) => {
+                // Nothing to send for a while: say so, or the server takes the
+                // silence for a vanished agent.
+                if let Err(e) = writer.send(&Frame::Keepalive).await {
+                    return End::Lost(format!("send failed: {e}"));
+                }
+                continue;
+            }
         };
         let Some(next) = next else {
             // Retiring: take nothing more, let what is in flight be acknowledged.
@@ -312,10 +320,11 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &Ca
         match (sent, &item) {
             (Err(e), _) => return End::Lost(format!("send failed: {e}")),
             (Ok(()), Item::Chunk(c)) => {
+                ctx.window.written(stream, Some(c.seq));
                 let len = c.data.len() as u64;
                 ctx.progress.update_stream(stream, |r| r.bytes_sent += len);
             }
-            (Ok(()), Item::Commit(_)) => {}
+            (Ok(()), Item::Commit(_)) => ctx.window.written(stream, None),
         }
     }
 }
@@ -333,13 +342,18 @@ async fn send_chunk(
                     _ = ctx.cancel.cancelled() => {}
                 }
             };
-            writer.send_chunk_paced(chunk, throttle::SLICE, paced).await
+            // Slices small enough that every stream sends something at least every
+            // quarter second even when many share a low limit.
+            let streams = ctx.live.load(Ordering::Relaxed).max(1) as u64;
+            let rate = t.current_rate().unwrap_or(u64::MAX);
+            let slice = (rate / 4 / streams).clamp(1024, throttle::SLICE as u64) as usize;
+            writer.send_chunk_paced(chunk, slice, paced).await
         }
         None => writer.send_chunk(chunk).await,
     }
 }
 
-async fn receive_loop(ctx: &StreamCtx, stream: u16, mut reader: Reader, acked: &mut bool) -> End {
+async fn receive_loop(ctx: &StreamCtx, stream: u16, mut reader: Reader) -> End {
     loop {
         let frame = match timeout(ACK_CHECK, reader.read_frame()).await {
             Err(_) => {
@@ -364,11 +378,19 @@ async fn receive_loop(ctx: &StreamCtx, stream: u16, mut reader: Reader, acked: &
                     });
                 }
                 ctx.progress.bytes_acked.store(ctx.window.acked_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
-                *acked = true;
+                ctx.budget.progressed();
+            }
+            Frame::Committing(p) => {
+                debug!(session = %ctx.session, stream, verified = p.verified, total = p.total, "server is committing");
+                ctx.window.written(stream, None);
             }
             Frame::Committed(c) => {
                 ctx.window.committed(c);
                 return End::Finished;
+            }
+            Frame::Abort(r) | Frame::Refused(r) if r.reason.is_transient() => {
+                info!(session = %ctx.session, stream, "server asks to retry: {r}");
+                return End::Lost(r.to_string());
             }
             Frame::Abort(r) | Frame::Refused(r) => return End::Fatal(Failure::Server(r)),
             other => {

@@ -60,7 +60,10 @@ pub enum Finished {
 
 enum Slot {
     Queued,
-    InFlight { stream: u16, sent: Instant },
+    /// Taken by `stream`; `sent` is when its last byte was written (`None` while it is
+    /// still being written, e.g. paced by the bandwidth limit). The acknowledgement
+    /// deadline counts from `sent`, so our own throttle never trips it.
+    InFlight { stream: u16, sent: Option<Instant> },
 }
 
 struct Pending {
@@ -77,7 +80,8 @@ enum CommitState {
     InFlight {
         commit: Commit,
         stream: u16,
-        sent: Instant,
+        /// When it was written, or the server last said it is still committing.
+        sent: Option<Instant>,
     },
 }
 
@@ -191,14 +195,14 @@ impl Window {
                 }
                 if let Some(seq) = st.queued.pop_first() {
                     let p = st.pending.get_mut(&seq).expect("queued chunks are pending");
-                    p.slot = Slot::InFlight { stream, sent: Instant::now() };
+                    p.slot = Slot::InFlight { stream, sent: None };
                     let chunk = p.chunk.clone();
                     self.sent_bytes.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
                     return Ok(Item::Chunk(chunk));
                 }
                 if let CommitState::Ready(c) = &st.commit {
                     let commit = c.clone();
-                    st.commit = CommitState::InFlight { commit: commit.clone(), stream, sent: Instant::now() };
+                    st.commit = CommitState::InFlight { commit: commit.clone(), stream, sent: None };
                     return Ok(Item::Commit(commit));
                 }
             }
@@ -217,7 +221,7 @@ impl Window {
         drop(st);
         self.signal();
         match p.slot {
-            Slot::InFlight { sent, .. } => Some(sent.elapsed()),
+            Slot::InFlight { sent, .. } => sent.map(|t| t.elapsed()),
             Slot::Queued => None,
         }
     }
@@ -234,16 +238,45 @@ impl Window {
     pub fn oldest_in_flight(&self, stream: u16) -> Option<Instant> {
         let st = self.lock();
         let chunks = st.pending.values().filter_map(|p| match p.slot {
-            Slot::InFlight { stream: s, sent } if s == stream => Some(sent),
+            Slot::InFlight { stream: s, sent } if s == stream => sent,
             _ => None,
         });
         let oldest = chunks.min();
         match &st.commit {
-            CommitState::InFlight { stream: s, sent, .. } if *s == stream => {
+            CommitState::InFlight { stream: s, sent: Some(sent), .. } if *s == stream => {
                 Some(oldest.map_or(*sent, |o| o.min(*sent)))
             }
             _ => oldest,
         }
+    }
+
+    /// `stream` wrote the last byte of chunk `seq`, or of the `Commit` (`None`): its
+    /// acknowledgement deadline starts now.
+    pub fn written(&self, stream: u16, seq: Option<u64>) {
+        let mut st = self.lock();
+        let now = Some(Instant::now());
+        match seq {
+            Some(seq) => {
+                if let Some(Pending { slot: Slot::InFlight { stream: s, sent }, .. }) = st.pending.get_mut(&seq)
+                    && *s == stream
+                {
+                    *sent = now;
+                }
+            }
+            None => {
+                if let CommitState::InFlight { stream: s, sent, .. } = &mut st.commit
+                    && *s == stream
+                {
+                    *sent = now;
+                }
+            }
+        }
+    }
+
+    /// Whether `stream` has taken items it has not finished writing.
+    pub fn writing(&self, stream: u16) -> bool {
+        let st = self.lock();
+        st.pending.values().any(|p| matches!(p.slot, Slot::InFlight { stream: s, sent: None } if s == stream))
     }
 
     /// Whether a `Commit` has been sent and not yet answered.
@@ -263,7 +296,7 @@ impl Window {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.oldest_in_flight(stream).is_none() || self.finished().is_some() {
+            if (self.oldest_in_flight(stream).is_none() && !self.writing(stream)) || self.finished().is_some() {
                 return;
             }
             notified.await;
@@ -400,9 +433,27 @@ mod tests {
         w.ack(0);
         let Ok(Item::Commit(c)) = waiter.await.expect("task") else { panic!("commit") };
         assert_eq!(c.chunks, 1);
+        assert!(w.oldest_in_flight(1).is_none(), "no deadline before it is written");
+        w.written(1, None);
         assert!(w.oldest_in_flight(1).is_some());
         w.requeue(1);
         let Ok(Item::Commit(_)) = w.next_item(2).await else { panic!("commit again") };
+    }
+
+    #[tokio::test]
+    async fn the_ack_deadline_starts_when_the_last_byte_is_written() {
+        let w = Window::new(100);
+        w.push(chunk(0, 4)).await;
+        let Ok(Item::Chunk(c)) = w.next_item(0).await else { panic!("chunk") };
+        // Taken, but still waiting for the bandwidth limit: no clock runs.
+        assert!(w.oldest_in_flight(0).is_none());
+        assert!(w.writing(0));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        w.written(0, Some(c.seq));
+        let since = w.oldest_in_flight(0).expect("in flight");
+        assert!(since.elapsed() < Duration::from_millis(30), "counted from the write, not the take");
+        assert!(!w.writing(0));
+        assert!(w.ack(0).expect("was sent") < Duration::from_millis(30));
     }
 
     #[tokio::test]

@@ -16,12 +16,14 @@ use nbackup_protocol::Name;
 use nbackup_protocol::admin::{AgentInfo, AgentReport, ControlCommand, RunningBackup};
 use nbackup_protocol::wire::{CtlMessage, CtlPong, CtlResult, Frame};
 
-use super::{Conn, Shared, WRITE_TIMEOUT};
+use super::listener::Conn;
+use super::{Server, WRITE_TIMEOUT};
 use crate::conn::FrameReader;
 use crate::conn::FrameWriter;
 use crate::state::EventSpec;
 
-/// A control channel with no frame for this long is considered dead.
+/// A control channel with no frame for this long is considered dead, until the
+/// agent's first report says how often it pings (then three of its intervals).
 const IDLE: Duration = Duration::from_secs(15 * 60);
 
 /// How long an operator waits for an agent to answer a command.
@@ -46,9 +48,7 @@ pub struct Agents {
     epochs: std::sync::atomic::AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use crate::lock;
 
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -94,7 +94,7 @@ impl Agents {
 }
 
 /// Serves one agent's control channel until it closes or the server stops.
-pub async fn handle<R, W>(shared: Arc<Shared>, conn: Conn, mut reader: FrameReader<R>, mut writer: FrameWriter<W>)
+pub async fn handle<R, W>(shared: Arc<Server>, conn: Conn, mut reader: FrameReader<R>, mut writer: FrameWriter<W>)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -130,34 +130,40 @@ where
         entry.epoch = epoch;
     }
     info!(agent = %agent, peer = %conn.peer, "control channel connected");
-    shared.events.record(
+    shared.telemetry.events.record(
         "agent_connected",
         EventSpec { agent: Some(&agent), ..Default::default() },
         format!("control channel from {}", conn.peer),
     );
     let mut pending: HashMap<u64, oneshot::Sender<CtlResult>> = HashMap::new();
     let mut next_id = 0u64;
+    let mut idle = IDLE;
     let why = loop {
         tokio::select! {
-            frame = timeout(IDLE, reader.read_frame()) => {
+            frame = timeout(Duration::from_secs(1), reader.read_frame()) => {
                 let frame = match frame {
-                    Err(_) => break format!("silent for {IDLE:?}"),
+                    Err(_) if reader.idle_for() > idle => {
+                        break format!("silent for {:.1} s; the agent is gone or cut off", reader.idle_for().as_secs_f64());
+                    }
+                    Err(_) => continue,
                     Ok(Err(e)) => break e.to_string(),
                     Ok(Ok(f)) => f,
                 };
                 touch(&shared, &agent);
                 let answer = match frame {
                     Frame::CtlPing(p) => {
-                        let free_bytes = {
-                            let s = shared.clone();
-                            tokio::task::spawn_blocking(move || s.min_free()).await.unwrap_or(0)
-                        };
+                        let free_bytes = shared.disk.min_free();
                         let load_milli = crate::state::load1().map_or(0, |l| (l * 1000.0) as u32);
                         Some(Frame::CtlPong(CtlPong { nonce: p.nonce, load_milli, free_bytes }))
                     }
                     Frame::CtlReport(m) => {
                         match serde_json::from_str::<AgentReport>(&m.json) {
-                            Ok(report) => apply_report(&shared, &agent, report),
+                            Ok(report) => {
+                                if let Some(ms) = report.keepalive_ms.filter(|ms| *ms > 0) {
+                                    idle = Duration::from_millis(ms.saturating_mul(3)).max(Duration::from_secs(1));
+                                }
+                                apply_report(&shared, &agent, report);
+                            }
                             Err(e) => warn!(agent = %agent, "unreadable control report: {e}"),
                         }
                         None
@@ -178,40 +184,49 @@ where
             }
             Some(cmd) = rx.recv() => {
                 next_id += 1;
-                let json = serde_json::to_string(&cmd.command).unwrap_or_default();
+                let json = match serde_json::to_string(&cmd.command) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        let _ = cmd.reply.send(CtlResult { id: 0, ok: false, message: format!("cannot encode: {e}") });
+                        continue;
+                    }
+                };
                 let frame = Frame::CtlCommand(CtlMessage { id: next_id, json });
                 if !matches!(timeout(WRITE_TIMEOUT, writer.send(&frame)).await, Ok(Ok(()))) {
                     break "cannot send".to_string();
                 }
                 pending.insert(next_id, cmd.reply);
             }
-            _ = wait_draining(&shared) => break "server shutting down".to_string(),
+            _ = shared.drain.cancelled() => break "server shutting down".to_string(),
         }
     };
-    {
+    // A connection replaced by a newer one of the same agent is not a disconnect.
+    let current = {
         let mut agents = lock(&shared.agents.inner);
-        if let Some(e) = agents.get_mut(&agent).filter(|e| e.epoch == epoch) {
-            e.info.connected = false;
-            e.commands = None;
+        match agents.get_mut(&agent).filter(|e| e.epoch == epoch) {
+            Some(e) => {
+                e.info.connected = false;
+                e.commands = None;
+                true
+            }
+            None => false,
         }
-    }
-    info!(agent = %agent, "control channel closed: {why}");
-    shared.events.record("agent_disconnected", EventSpec { agent: Some(&agent), ..Default::default() }, why);
-}
-
-async fn wait_draining(shared: &Shared) {
-    while !shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if current {
+        info!(agent = %agent, "control channel closed: {why}");
+        shared.telemetry.events.record("agent_disconnected", EventSpec { agent: Some(&agent), ..Default::default() }, why);
+    } else {
+        info!(agent = %agent, "superseded control channel closed: {why}");
     }
 }
 
-fn touch(shared: &Shared, agent: &str) {
+fn touch(shared: &Server, agent: &str) {
     if let Some(e) = lock(&shared.agents.inner).get_mut(agent) {
         e.info.last_seen = now();
     }
 }
 
-fn apply_report(shared: &Shared, agent: &str, report: AgentReport) {
+fn apply_report(shared: &Server, agent: &str, report: AgentReport) {
     if let Some(e) = lock(&shared.agents.inner).get_mut(agent) {
         e.info.version = report.version;
         e.info.load1 = report.load1;

@@ -10,7 +10,8 @@
 //! committed {"archive":"…","size":…,"sha256":"…"}                 done, fsynced
 //! ```
 //!
-//! A crash can tear the last line; a line without its newline is ignored. Chunk
+//! A crash can tear the last line; a line without its newline is ignored, and cut off
+//! when the journal is reopened, so the next record starts on a line of its own. Chunk
 //! records carry the chunk's CRC32C, so adoption re-reads each chunk from the `.part`
 //! and keeps only those that check out — after a power cut without `chunk_fsync`, a
 //! record may be on disk while its data is not, or the reverse.
@@ -95,9 +96,17 @@ impl Journal {
         Ok(j)
     }
 
-    /// Opens an existing journal to continue appending (after adoption).
+    /// Opens an existing journal to continue appending (after adoption or an
+    /// interrupted commit). A torn last record — what a power cut mid-append leaves —
+    /// is truncated first: appended to, it would swallow the next record.
     pub fn reopen(path: &Path) -> io::Result<Journal> {
+        let text = std::fs::read(path)?;
+        let whole = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         let file = OpenOptions::new().append(true).open(path)?;
+        if whole < text.len() {
+            file.set_len(whole as u64)?;
+            file.sync_data()?;
+        }
         Ok(Journal { file })
     }
 
@@ -210,6 +219,7 @@ mod tests {
             agent_version: String::new(),
             server_version: String::new(),
             session: String::new(),
+            commit_seq: None,
         };
         j.intent(&Intent { archive: "n".into(), manifest }).expect("intent");
         // A crash in the middle of the next append.
@@ -225,6 +235,26 @@ mod tests {
         assert_eq!(c.chunks[0].crc32c, 0xdead_beef);
         assert_eq!(c.intent.as_ref().map(|i| i.archive.as_str()), Some("n"));
         assert!(c.done.is_none(), "the torn record does not count");
+    }
+
+    #[test]
+    fn reopening_cuts_a_torn_record_and_keeps_every_whole_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.journal");
+        let mut j = Journal::create(&path, &header()).expect("create");
+        for seq in 0..3 {
+            j.chunk(ChunkRecord { seq, len: 65536, crc32c: seq as u32 }).expect("chunk");
+        }
+        drop(j);
+        // Power lost in the middle of the fourth record.
+        std::fs::OpenOptions::new().append(true).open(&path).expect("open").write_all(b"chunk 3 655").expect("torn");
+        let mut j = Journal::reopen(&path).expect("reopen");
+        j.chunk(ChunkRecord { seq: 3, len: 65536, crc32c: 3 }).expect("chunk");
+        drop(j);
+        let c = Journal::read(&path).expect("read");
+        let seqs: Vec<u64> = c.chunks.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [0, 1, 2, 3], "every complete record, and the new one readable");
+        assert!(std::fs::read_to_string(&path).expect("text").ends_with("chunk 3 65536 00000003\n"));
     }
 
     #[test]

@@ -1,5 +1,12 @@
 //! What a starting server does with `.incoming/`: adopt uploads in flight, finish or
-//! undo commits a crash interrupted, remember recent outcomes, and remove the rest.
+//! undo commits a crash (or a stop) interrupted, remember recent outcomes, and remove
+//! the rest.
+//!
+//! It runs in two steps so that a start never waits on the size of what is there:
+//! [`scan`], before readiness, reads only each journal's first line and registers the
+//! session as `recovering` (its entry locked; joins are answered "retry shortly");
+//! [`run`], after readiness, does the heavy part — re-reading chunks, verifying
+//! interrupted commits — on blocking threads, and hands each session to the registry.
 //!
 //! | found in the journal | `.part` | archive | action |
 //! |---|---|---|---|
@@ -7,16 +14,15 @@
 //! | `commit` intent | present | — | verify the `.part` against the intent's SHA-256, install, rotate |
 //! | `commit` intent | gone | present | verify the archive, (re)write its manifest, rotate |
 //! | `commit` intent | gone | gone | nothing to recover; forget |
-//! | chunks only | present | — | adopt: re-check chunks, re-hash, wait for the agent to re-join |
+//! | chunks only | present | — | adopt: re-check chunks, wait for the agent to re-join |
 //! | anything | unreadable journal | | remove journal and `.part` |
 //!
 //! An archive that fails verification is deleted rather than left under a final name.
 //! `.part` files without a journal, and leftovers of atomic writes, are removed.
-//! Outcomes of recent commits come from the storage's committed log, which this also
-//! compacts to the last `finished_ttl`.
 
 use std::fs;
-use std::path::Path;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,26 +32,33 @@ use nbackup_protocol::manifest::hex;
 use nbackup_protocol::wire::Committed;
 use nbackup_protocol::{Name, SessionId};
 
+use super::Server;
 use super::journal::{self, Journal};
-use super::session::{Outcome, Session, committed_entry, done_record, rotate_logged};
+use super::registry::{FINISHED_TTL, Outcome};
+use super::session::{EntryKey, Session, SessionParams, committed_entry, done_record};
 use super::storage::StorageArea;
 use crate::fsutil;
 use crate::restore::verify_against_manifest;
 
-/// The result of scanning one storage.
-#[derive(Default)]
-pub struct Recovered {
-    pub sessions: Vec<Session>,
-    /// (session, owner, outcome, age)
-    pub finished: Vec<(SessionId, Name, Outcome, Duration)>,
+/// One journal found by [`scan`], for [`run`].
+pub struct Pending {
+    area: Arc<StorageArea>,
+    journal: PathBuf,
+    id: SessionId,
 }
 
-/// Scans `area`'s `.incoming`. Never fails: whatever cannot be used is removed and
-/// logged, so a damaged leftover cannot keep the server from starting.
-pub fn recover(area: &Arc<StorageArea>, finished_ttl: Duration) -> Recovered {
-    let mut out = Recovered::default();
+/// Registers what every storage's `.incoming` holds; cheap (first lines only).
+pub fn scan(server: &Server) -> Vec<Pending> {
+    let mut pending = Vec::new();
+    for area in server.live().storages.values() {
+        scan_one(server, area, &mut pending);
+    }
+    pending
+}
+
+fn scan_one(server: &Server, area: &Arc<StorageArea>, pending: &mut Vec<Pending>) {
     let incoming = area.incoming_dir();
-    let Ok(entries) = fs::read_dir(&incoming) else { return out };
+    let Ok(entries) = fs::read_dir(&incoming) else { return };
     let mut journals = Vec::new();
     let mut others = Vec::new();
     for e in entries.flatten() {
@@ -56,23 +69,30 @@ pub fn recover(area: &Arc<StorageArea>, finished_ttl: Duration) -> Recovered {
             others.push(p);
         }
     }
-    for path in &journals {
-        if let Err(e) = recover_one(area, path, &mut out) {
-            warn!(journal = %path.display(), "cannot recover upload, removing it: {e}");
-            remove(&path.with_extension("part"));
-            remove(path);
+    for path in journals {
+        match header(&path).and_then(|h| params(area, &h)) {
+            Ok(params) => {
+                let id = params.id;
+                server.registry.recovering(params);
+                pending.push(Pending { area: area.clone(), journal: path, id });
+            }
+            Err(e) => {
+                warn!(journal = %path.display(), "cannot recover upload, removing it: {e}");
+                remove(&path.with_extension("part"));
+                remove(&path);
+            }
         }
     }
-    // Uploads with no journal (or whose journal was just removed) cannot be adopted.
+    // Uploads with no journal cannot be adopted; temp files are leftovers.
     for p in others {
-        if p.exists() && !(p.extension().is_some_and(|x| x == "part") && p.with_extension("journal").exists()) {
+        if !(p.extension().is_some_and(|x| x == "part") && p.with_extension("journal").exists()) {
             info!(path = %p.display(), "removing stale upload file");
             remove(&p);
         }
     }
-    match area.recent_commits(finished_ttl) {
+    match area.recent_commits(FINISHED_TTL) {
         Ok(entries) => {
-            let now = super::storage::unix_now();
+            let now = crate::state::unix_now();
             for e in entries {
                 let (Some(id), Ok(agent), Ok(sha256)) =
                     (SessionId::from_hex(&e.session), Name::new(e.agent.as_str()), parse_sha(&e.sha256))
@@ -80,12 +100,79 @@ pub fn recover(area: &Arc<StorageArea>, finished_ttl: Duration) -> Recovered {
                     continue;
                 };
                 let c = Committed { archive: e.archive, size: e.size, sha256 };
-                out.finished.push((id, agent, Outcome::Committed(c), Duration::from_secs(now.saturating_sub(e.at))));
+                let age = Duration::from_secs(now.saturating_sub(e.at));
+                server.registry.recovery_finished(id, Some((agent, Outcome::Committed(c), age)));
             }
         }
         Err(e) => warn!(storage = %area.cfg.name, "cannot read the committed log: {e}"),
     }
-    out
+}
+
+/// The journal's first record, read alone.
+fn header(path: &Path) -> std::io::Result<journal::Header> {
+    let mut line = String::new();
+    std::io::BufReader::new(fs::File::open(path)?).read_line(&mut line)?;
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let json = line.strip_suffix('\n').and_then(|l| l.strip_prefix("open ")).ok_or_else(|| bad("no header".into()))?;
+    serde_json::from_str(json).map_err(|e| bad(e.to_string()))
+}
+
+fn params(area: &StorageArea, h: &journal::Header) -> std::io::Result<SessionParams> {
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    if h.storage != area.cfg.name.as_str() {
+        return Err(bad(format!("journal of storage {:?} found in storage {}", h.storage, area.cfg.name)));
+    }
+    let name = |s: &str| Name::new(s).map_err(|e| bad(format!("bad name {s:?}: {e}")));
+    Ok(SessionParams {
+        id: SessionId::from_hex(&h.session).ok_or_else(|| bad("bad session id".into()))?,
+        key: EntryKey { agent: name(&h.agent)?, storage: name(&h.storage)?, backup: name(&h.backup)? },
+        compression: h.compression,
+        level: h.level,
+        chunk_size: h.chunk_size,
+        max_streams: h.max_streams.max(1),
+        agent_version: h.agent_version.clone(),
+        started: chrono::DateTime::parse_from_rfc3339(&h.started)
+            .map_err(|e| bad(format!("bad start time: {e}")))?
+            .with_timezone(&chrono::Utc),
+    })
+}
+
+/// Re-checks everything [`scan`] registered, one blocking task per upload.
+pub async fn run(server: Arc<Server>, pending: Vec<Pending>) {
+    for p in pending {
+        let s = server.clone();
+        server.tracker.spawn(async move {
+            let (id, journal) = (p.id, p.journal.clone());
+            let result = tokio::task::spawn_blocking(move || recover_one(&p.area, &p.journal)).await;
+            match result {
+                Ok(Ok(Recovered::Adopted(session))) => {
+                    info!(
+                        session = %id, agent = %session.params.key.agent, backup = %session.params.key.backup,
+                        contiguous = session.contiguous(), "adopted upload in flight; waiting for the agent to re-join"
+                    );
+                    s.registry.adopted(session);
+                }
+                Ok(Ok(Recovered::Finished(agent, c))) => {
+                    s.registry.recovery_finished(id, Some((agent, Outcome::Committed(c), Duration::ZERO)));
+                }
+                Ok(Err(e)) => {
+                    warn!(journal = %journal.display(), "cannot recover upload, removing it: {e}");
+                    remove(&journal.with_extension("part"));
+                    remove(&journal);
+                    s.registry.recovery_finished(id, None);
+                }
+                Err(e) => {
+                    warn!(journal = %journal.display(), "recovery task failed: {e}");
+                    s.registry.recovery_finished(id, None);
+                }
+            }
+        });
+    }
+}
+
+enum Recovered {
+    Adopted(Session),
+    Finished(Name, Committed),
 }
 
 fn remove(p: &Path) {
@@ -94,16 +181,12 @@ fn remove(p: &Path) {
     }
 }
 
-fn recover_one(area: &Arc<StorageArea>, path: &Path, out: &mut Recovered) -> std::io::Result<()> {
+fn recover_one(area: &Arc<StorageArea>, path: &Path) -> std::io::Result<Recovered> {
     let contents = Journal::read(path)?;
     let h = &contents.header;
     let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
-    if h.storage != area.cfg.name.as_str() {
-        return Err(bad(format!("journal of storage {:?} found in storage {}", h.storage, area.cfg.name)));
-    }
-    let id = SessionId::from_hex(&h.session).ok_or_else(|| bad("bad session id".into()))?;
-    let agent = Name::new(h.agent.as_str()).map_err(|e| bad(e.to_string()))?;
-    let backup = Name::new(h.backup.as_str()).map_err(|e| bad(e.to_string()))?;
+    let p = params(area, h)?;
+    let (id, agent, backup) = (p.id, p.key.agent.clone(), p.key.backup.clone());
     let part = path.with_extension("part");
 
     if let Some(done) = &contents.done {
@@ -112,7 +195,7 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path, out: &mut Recovered) -> std
         area.record_committed(&committed_entry(&id, &agent, &c))?;
         remove(path);
         remove(&part);
-        return Ok(());
+        return Ok(Recovered::Finished(agent, c));
     }
 
     if let Some(intent) = &contents.intent {
@@ -131,12 +214,14 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path, out: &mut Recovered) -> std
                 remove(&archive);
                 return Err(bad(why));
             }
-            area.write_manifest(&archive, &intent.manifest)?;
+            area.settle(&archive, &intent.manifest)?;
         } else {
             return Err(bad("commit intent without upload or archive".into()));
         }
         info!(session = %id, archive = %archive.display(), "finished a commit interrupted by a restart");
-        let _ = rotate_logged(area, &agent, &backup);
+        if let Err(e) = area.rotate(&agent, &backup, Some(&intent.archive)) {
+            warn!(%agent, %backup, "rotation failed: {e}");
+        }
         let c = Committed {
             archive: intent.archive.clone(),
             size: intent.manifest.size,
@@ -145,20 +230,13 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path, out: &mut Recovered) -> std
         Journal::reopen(path)?.done(&done_record(&c))?;
         area.record_committed(&committed_entry(&id, &agent, &c))?;
         remove(path);
-        return Ok(());
+        return Ok(Recovered::Finished(agent, c));
     }
 
     if !part.exists() {
         return Err(bad("journal without upload".into()));
     }
-    let session = Session::adopt(&contents, area.clone())?;
-    info!(
-        session = %id, agent = %agent, backup = %backup,
-        chunks = contents.chunks.len(), contiguous = session.contiguous(),
-        "adopted upload in flight; waiting for the agent to re-join"
-    );
-    out.sessions.push(session);
-    Ok(())
+    Ok(Recovered::Adopted(Session::adopt(&contents, area.clone())?))
 }
 
 fn parse_sha(s: &str) -> std::io::Result<[u8; 32]> {

@@ -1,35 +1,35 @@
-//! One upload session on the server: the `.part` file, which chunks it holds, the
-//! running SHA-256 of its contiguous prefix, its attached streams and its lifecycle.
+//! One upload on the server: the `.part` file, which chunks it holds and their
+//! checksums, and the commit that turns it into an archive. Its lifecycle (phase,
+//! streams, outcome) belongs to the [registry](super::registry), not to this type.
 //!
 //! Chunk geometry is fixed by the `Hello`: chunk `seq` lives at `seq * chunk_size` and
 //! is exactly `chunk_size` long, except the last, which may be shorter. That makes a
 //! write idempotent and the set of received chunks a bitmap.
 //!
-//! Hashing follows the contiguous prefix: a chunk that extends it is hashed from
-//! memory; a chunk that arrives early is written and hashed later, read back from the
-//! file when the prefix reaches it. So the server never buffers out-of-order data and
-//! its memory does not grow with the agent's window.
+//! **What is committed is what was verified.** Nothing is hashed on the way in: a
+//! chunk's CRC32C is checked on arrival and kept; at commit the stored file is made
+//! durable, then read back whole — every chunk's CRC32C against the one it arrived
+//! with, the SHA-256 over everything against the agent's. A byte that changed on the
+//! server's disk after it was received fails the commit naming its chunk and offset,
+//! and nothing unverified is ever renamed to an archive name.
 //!
 //! Every chunk is recorded in the session journal after its write and before its
 //! ack, so a restarted server can adopt the upload ([`Session::adopt`]).
 //!
-//! Locks: `chunks` guards the bitmap, the hasher and the journal and is held while hashing one
-//! chunk (≈1 ms per MiB); `commit` serialises commits so a repeated `Commit` waits for
-//! and returns the first one's result; `streams` is a short-lived table. None is held
-//! across an `.await`: all methods here are blocking and run on blocking threads.
+//! All methods are blocking and run on blocking threads. `chunks` is the only lock; it
+//! is never held across a data write, an fsync or a rename. What the admin API reads
+//! (bytes, contiguous chunks, commit progress) are atomics.
 
-use std::collections::HashMap;
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 
 use nbackup_protocol::manifest::{MANIFEST_FORMAT, Manifest, hex};
 use nbackup_protocol::wire::{Chunk, Commit, Committed, Compression, Reason, Refusal};
@@ -41,11 +41,11 @@ use crate::fsutil;
 use crate::state::RateMeter;
 
 /// Most chunks one session may have: 2^24 chunks, i.e. 1 TiB at the smallest chunk
-/// size and 256 TiB at the largest; the bitmap stays ≤ 2 MiB.
+/// size and 256 TiB at the largest; the bitmap stays ≤ 2 MiB and the checksums ≤ 64 MiB.
 pub const MAX_CHUNKS: u64 = 1 << 24;
 
 /// Identifies the entry a session writes; at most one session per key at a time.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EntryKey {
     pub agent: Name,
     pub storage: Name,
@@ -73,11 +73,34 @@ pub enum Written {
     Duplicate,
 }
 
-/// How a session ended.
+/// A commit that renamed the upload to its archive name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Committed(Committed),
-    Failed(Refusal),
+pub struct CommitDone {
+    pub committed: Committed,
+    /// Archives the rotation after it removed.
+    pub rotated: Vec<String>,
+    /// A step after the rename that failed (directory fsync, manifest, rotation,
+    /// commit log). The archive is committed all the same; the journal is kept so the
+    /// next start finishes the step.
+    pub incomplete: Option<String>,
+}
+
+/// Why a commit did not rename anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitFailure {
+    /// A passing shortage (descriptors, memory): the upload is intact and the agent
+    /// may send `Commit` again.
+    Retry(Refusal),
+    /// The upload cannot become this archive; the session ends.
+    Reject(Refusal),
+}
+
+impl CommitFailure {
+    pub fn refusal(&self) -> &Refusal {
+        match self {
+            CommitFailure::Retry(r) | CommitFailure::Reject(r) => r,
+        }
+    }
 }
 
 pub struct Session {
@@ -86,65 +109,27 @@ pub struct Session {
     pub part_path: PathBuf,
     file: File,
     chunks: Mutex<ChunkState>,
-    commit: Mutex<Option<Result<Committed, Refusal>>>,
-    /// Archives the commit's rotation removed.
-    rotated: Mutex<Vec<String>>,
-    streams: Mutex<HashMap<u16, StreamSlot>>,
-    /// Streams lost or retired and not joined again, with their last counters.
-    closed: Mutex<HashMap<u16, (u32, Arc<StreamStats>)>>,
-    /// How often each stream index has been joined (for "reconnects").
-    joins: Mutex<HashMap<u16, u32>>,
     /// Receive rate, sampled by the server's sampler.
-    rate: RateMeter,
-    /// Since when no stream has been attached (the agent may be gone).
-    orphaned_since: Mutex<Option<Instant>>,
-    outcome: Mutex<Option<Outcome>>,
-    /// Cancelled when the session ends, for whatever reason; stream tasks watch it.
-    pub ended: CancellationToken,
+    pub rate: RateMeter,
     created: Instant,
     last_activity_ms: AtomicU64,
     pub bytes_received: AtomicU64,
     pub duplicates: AtomicU64,
-}
-
-struct StreamSlot {
-    generation: u32,
-    cancel: CancellationToken,
-    stats: Arc<StreamStats>,
-}
-
-/// Counters of one stream, shared with its task and read by the admin API.
-#[derive(Debug, Default)]
-pub struct StreamStats {
-    pub bytes: AtomicU64,
-    pub resent: AtomicU64,
-    /// Receive rate, sampled by the server's sampler.
-    pub rate: RateMeter,
-    pub peer: Mutex<String>,
-}
-
-/// One attached stream, for the admin API.
-#[derive(Debug, Clone)]
-pub struct StreamView {
-    pub stream: u16,
-    pub generation: u32,
-    pub joins: u32,
-    /// False for a stream lost or retired and not joined again.
-    pub attached: bool,
-    pub stats: Arc<StreamStats>,
+    /// Chunks held without a gap from chunk 0 (published copy of the chunk state's).
+    contiguous: AtomicU64,
+    /// Bytes read back and checked by the commit in progress.
+    pub verified: AtomicU64,
 }
 
 struct ChunkState {
     received: Vec<u64>,
+    /// CRC32C of every chunk as it arrived, by seq (checked again at commit).
+    crcs: Vec<u32>,
     count: u64,
     /// The chunk shorter than `chunk_size`, which must be the last one.
     short: Option<(u64, u32)>,
     highest: Option<u64>,
-    hasher: Sha256,
-    /// Chunks `0..next_hash` are hashed.
-    next_hash: u64,
-    hashed_bytes: u64,
-    readback: Vec<u8>,
+    contiguous: u64,
     journal: Journal,
 }
 
@@ -152,13 +137,11 @@ impl ChunkState {
     fn new(journal: Journal) -> Self {
         ChunkState {
             received: Vec::new(),
+            crcs: Vec::new(),
             count: 0,
             short: None,
             highest: None,
-            hasher: Sha256::new(),
-            next_hash: 0,
-            hashed_bytes: 0,
-            readback: Vec::new(),
+            contiguous: 0,
             journal,
         }
     }
@@ -167,14 +150,21 @@ impl ChunkState {
         self.received.get((seq / 64) as usize).is_some_and(|w| w & (1 << (seq % 64)) != 0)
     }
 
-    fn set(&mut self, seq: u64) {
+    fn set(&mut self, seq: u64, crc: u32) {
         let word = (seq / 64) as usize;
         if self.received.len() <= word {
             self.received.resize(word + 1, 0);
         }
         self.received[word] |= 1 << (seq % 64);
+        if self.crcs.len() <= seq as usize {
+            self.crcs.resize(seq as usize + 1, 0);
+        }
+        self.crcs[seq as usize] = crc;
         self.count += 1;
         self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
+        while self.has(self.contiguous) {
+            self.contiguous += 1;
+        }
     }
 }
 
@@ -193,7 +183,7 @@ impl Session {
             .create_new(true)
             .mode(0o600)
             .open(&part_path)
-            .map_err(|e| write_refusal(&e, "cannot create upload file"))?;
+            .map_err(|e| io_refusal(&e, "cannot create upload file"))?;
         let header = journal::Header {
             session: params.id.to_string(),
             agent: params.key.agent.to_string(),
@@ -210,10 +200,10 @@ impl Session {
             Ok(j) => j,
             Err(e) => {
                 let _ = fsutil::remove_if_exists(&part_path);
-                return Err(write_refusal(&e, "cannot create session journal"));
+                return Err(io_refusal(&e, "cannot create session journal"));
             }
         };
-        Ok(Self::assemble(params, storage, part_path, file, ChunkState::new(journal), None))
+        Ok(Self::assemble(params, storage, part_path, file, ChunkState::new(journal)))
     }
 
     fn assemble(
@@ -222,7 +212,6 @@ impl Session {
         part_path: PathBuf,
         file: File,
         chunks: ChunkState,
-        orphaned_since: Option<Instant>,
     ) -> Self {
         Session {
             params,
@@ -230,29 +219,23 @@ impl Session {
             part_path,
             file,
             chunks: Mutex::new(chunks),
-            commit: Mutex::new(None),
-            rotated: Mutex::new(Vec::new()),
-            streams: Mutex::new(HashMap::new()),
-            closed: Mutex::new(HashMap::new()),
-            joins: Mutex::new(HashMap::new()),
             rate: RateMeter::default(),
-            orphaned_since: Mutex::new(orphaned_since),
-            outcome: Mutex::new(None),
-            ended: CancellationToken::new(),
             created: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            contiguous: AtomicU64::new(0),
+            verified: AtomicU64::new(0),
         }
     }
 
     /// Takes over an upload from a previous run of the server: re-reads every
-    /// journaled chunk from the `.part`, keeps those whose CRC32C checks out, and
-    /// re-hashes the contiguous prefix. The session starts with no stream attached,
-    /// waiting for its agent to re-join.
-    pub fn adopt(contents: &journal::Contents, storage: Arc<StorageArea>) -> std::io::Result<Self> {
+    /// journaled chunk from the `.part` and keeps those whose CRC32C checks out (after
+    /// a power cut without `chunk_fsync` a record may outlive its data; the agent
+    /// resends what is dropped). Reads the whole upload: runs after readiness.
+    pub fn adopt(contents: &journal::Contents, storage: Arc<StorageArea>) -> io::Result<Self> {
         let h = &contents.header;
-        let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
         let id = SessionId::from_hex(&h.session).ok_or_else(|| bad(format!("bad session id {:?}", h.session)))?;
         let name = |s: &str| Name::new(s).map_err(|e| bad(format!("bad name {s:?}: {e}")));
         let started = DateTime::parse_from_rfc3339(&h.started)
@@ -286,23 +269,20 @@ impl Session {
             }
             buf.resize(r.len as usize, 0);
             if file.read_exact_at(&mut buf, r.seq * cs).is_err() || crc32c::crc32c(&buf) != r.crc32c {
-                continue; // The record outlived its data (power cut): the agent resends it.
+                continue;
             }
             if check_geometry(&st, r.seq, u64::from(r.len), cs).is_err() {
                 continue;
             }
-            st.set(r.seq);
+            st.set(r.seq, r.crc32c);
             if u64::from(r.len) < cs {
                 st.short = Some((r.seq, r.len));
             }
             bytes += u64::from(r.len);
         }
-        let session = Self::assemble(params, storage, part_path, file, st, Some(Instant::now()));
+        let session = Self::assemble(params, storage, part_path, file, st);
         session.bytes_received.store(bytes, Ordering::Relaxed);
-        {
-            let mut st = lock(&session.chunks);
-            session.hash_forward(&mut st).map_err(|r| bad(r.message))?;
-        }
+        session.publish(&crate::lock(&session.chunks));
         session.touch();
         Ok(session)
     }
@@ -316,16 +296,21 @@ impl Session {
     }
 
     /// Time since the last frame on any stream of this session.
-    pub fn idle_for(&self) -> std::time::Duration {
-        let last = std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
         self.created.elapsed().saturating_sub(last)
     }
 
-    pub fn outcome(&self) -> Option<Outcome> {
-        lock(&self.outcome).clone()
+    /// Chunks held without a gap from chunk 0.
+    pub fn contiguous(&self) -> u64 {
+        self.contiguous.load(Ordering::Relaxed)
     }
 
-    /// Writes one chunk at its offset and extends the hashed prefix. Blocking.
+    fn publish(&self, st: &ChunkState) {
+        self.contiguous.store(st.contiguous, Ordering::Relaxed);
+    }
+
+    /// Writes one chunk at its offset. Blocking.
     ///
     /// Refusals with `Protocol` mean the agent broke the chunk geometry; with
     /// `DiskFull`/`WriteError` the storage failed. Either way nothing is acknowledged.
@@ -345,17 +330,21 @@ impl Session {
             return Err(refuse(Reason::Protocol, format!("chunk {} has {len} bytes; chunk size is {cs}", chunk.seq)));
         }
         {
-            let st = lock(&self.chunks);
+            let st = crate::lock(&self.chunks);
             if st.has(chunk.seq) {
                 self.duplicates.fetch_add(1, Ordering::Relaxed);
                 return Ok(Written::Duplicate);
             }
             check_geometry(&st, chunk.seq, len, cs)?;
         }
-        crate::fault::io("chunk-write", &self.storage.cfg.base_dir.to_string_lossy())
+        let scope = self.storage.cfg.base_dir.to_string_lossy();
+        crate::fault::io("chunk-write", &scope)
             .and_then(|()| self.file.write_all_at(&chunk.data, chunk.offset))
-            .map_err(|e| write_refusal(&e, &format!("writing chunk {}", chunk.seq)))?;
-        let mut st = lock(&self.chunks);
+            .map_err(|e| io_refusal(&e, &format!("writing chunk {}", chunk.seq)))?;
+        if self.storage.cfg.chunk_fsync {
+            self.file.sync_data().map_err(|e| io_refusal(&e, "fsync"))?;
+        }
+        let mut st = crate::lock(&self.chunks);
         if st.has(chunk.seq) {
             // Another stream wrote the same chunk meanwhile; same bytes, same place.
             self.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -363,113 +352,38 @@ impl Session {
         }
         check_geometry(&st, chunk.seq, len, cs)?;
         let record = ChunkRecord { seq: chunk.seq, len: len as u32, crc32c: chunk.crc32c };
-        st.journal.chunk(record).map_err(|e| write_refusal(&e, "writing the session journal"))?;
+        st.journal.chunk(record).map_err(|e| io_refusal(&e, "writing the session journal"))?;
         if self.storage.cfg.chunk_fsync {
-            self.file.sync_data().map_err(|e| write_refusal(&e, "fsync"))?;
-            st.journal.sync().map_err(|e| write_refusal(&e, "fsync journal"))?;
+            st.journal.sync().map_err(|e| io_refusal(&e, "fsync journal"))?;
         }
-        st.set(chunk.seq);
+        st.set(chunk.seq, chunk.crc32c);
         if len < cs {
             st.short = Some((chunk.seq, len as u32));
         }
+        self.publish(&st);
         self.bytes_received.fetch_add(len, Ordering::Relaxed);
-        if st.next_hash == chunk.seq {
-            st.hasher.update(&chunk.data);
-            st.hashed_bytes += len;
-            st.next_hash += 1;
-            self.hash_forward(&mut st)?;
-        }
         Ok(Written::New)
     }
 
-    /// Hashes chunks that arrived early once the prefix reaches them, reading them
-    /// back from the file.
-    fn hash_forward(&self, st: &mut ChunkState) -> Result<(), Refusal> {
-        let cs = u64::from(self.params.chunk_size);
-        while st.has(st.next_hash) {
-            let seq = st.next_hash;
-            let len = match st.short {
-                Some((s, l)) if s == seq => u64::from(l),
-                _ => cs,
-            };
-            let mut buf = std::mem::take(&mut st.readback);
-            buf.resize(len as usize, 0);
-            self.file
-                .read_exact_at(&mut buf, seq * cs)
-                .map_err(|e| refuse(Reason::WriteError, format!("reading back chunk {seq}: {e}")))?;
-            st.hasher.update(&buf);
-            st.readback = buf;
-            st.hashed_bytes += len;
-            st.next_hash += 1;
-        }
-        Ok(())
-    }
-
-    /// Verifies the upload against `commit` and moves it to its final name. Blocking.
-    ///
-    /// Idempotent: a repeated `Commit` (the agent retries until answered) gets the
-    /// first one's result, even while that one is still running on another stream.
-    pub fn commit(&self, commit: &Commit) -> Result<Committed, Refusal> {
-        let mut slot = lock(&self.commit);
-        if let Some(done) = slot.as_ref() {
-            return match done {
-                Ok(c) if c.sha256 == commit.sha256 => Ok(c.clone()),
-                Ok(_) => Err(refuse(Reason::VerifyFailed, "a different archive was already committed")),
-                Err(r) => Err(r.clone()),
-            };
-        }
-        let result = self.verify(commit).and_then(|()| self.finalize(commit));
-        *slot = Some(result.clone());
-        result
-    }
-
-    fn verify(&self, commit: &Commit) -> Result<(), Refusal> {
-        let cs = u64::from(self.params.chunk_size);
-        let st = lock(&self.chunks);
-        if commit.chunks == 0 {
-            return Err(refuse(Reason::VerifyFailed, "commit of an empty archive"));
-        }
-        if st.count != commit.chunks || st.next_hash != commit.chunks {
-            let missing: Vec<u64> = (0..commit.chunks).filter(|s| !st.has(*s)).take(8).collect();
-            return Err(refuse(
-                Reason::VerifyFailed,
-                format!("agent sent {} chunks, server holds {} (first missing: {missing:?})", commit.chunks, st.count),
-            ));
-        }
-        let last_len = match st.short {
-            Some((seq, len)) if seq + 1 == commit.chunks => u64::from(len),
-            Some((seq, _)) => {
-                return Err(refuse(Reason::VerifyFailed, format!("short chunk {seq} is not the last")));
-            }
-            None => cs,
-        };
-        let expected_len = (commit.chunks - 1) * cs + last_len;
-        if expected_len != commit.total_len || st.hashed_bytes != commit.total_len {
-            return Err(refuse(
-                Reason::VerifyFailed,
-                format!("agent says {} bytes, server holds {expected_len}", commit.total_len),
-            ));
-        }
-        let ours: [u8; 32] = st.hasher.clone().finalize().into();
-        if ours != commit.sha256 {
-            return Err(refuse(
-                Reason::VerifyFailed,
-                format!("sha256 mismatch: server {}, agent {}", hex(&ours), hex(&commit.sha256)),
-            ));
-        }
-        Ok(())
-    }
-
-    fn finalize(&self, commit: &Commit) -> Result<Committed, Refusal> {
-        let p = &self.params;
+    /// Verifies the upload against `commit` and moves it to its final name. Blocking;
+    /// the registry makes sure only one runs per session.
+    pub fn commit(&self, commit: &Commit) -> Result<CommitDone, CommitFailure> {
+        let (crcs, total) = self.check_complete(commit).map_err(CommitFailure::Reject)?;
         let scope = self.storage.cfg.base_dir.to_string_lossy().into_owned();
-        let fail = |e: std::io::Error| write_refusal(&e, "committing archive");
-        crate::fault::io("commit:before-intent", &scope).map_err(fail)?;
-        let mut manifest = Manifest {
+        let fail = |e: io::Error, what: &str| classify_commit_error(&e, what);
+        crate::fault::io("commit:before-intent", &scope).map_err(|e| fail(e, "committing archive"))?;
+        // Durable first, then read back: the hash must describe what the disk holds.
+        self.file.sync_all().map_err(|e| fail(e, "fsync of the upload"))?;
+        self.verify_stored(&crcs, total, commit)?;
+        let p = &self.params;
+        let (agent, backup) = (&p.key.agent, &p.key.backup);
+        let seq = self.storage.next_commit_seq(agent, backup).map_err(|e| fail(e, "reading the entry's manifests"))?;
+        let name = self.storage.next_name(agent, backup, p.started, p.compression).map_err(|e| fail(e, "naming"))?;
+        let manifest = Manifest {
             format: MANIFEST_FORMAT,
-            archive: self.storage.next_name(&p.key.agent, &p.key.backup, p.started, p.compression).map_err(fail)?,
-            agent: p.key.agent.to_string(),
-            backup: p.key.backup.to_string(),
+            archive: name,
+            agent: agent.to_string(),
+            backup: backup.to_string(),
             storage: p.key.storage.to_string(),
             compression: p.compression,
             compression_level: p.level,
@@ -485,158 +399,139 @@ impl Session {
             agent_version: p.agent_version.clone(),
             server_version: crate::VERSION.to_string(),
             session: p.id.to_string(),
+            commit_seq: Some(seq),
         };
-        let mut st = lock(&self.chunks);
-        st.journal
+        self.storage.check_quota(agent, commit.total_len).map_err(CommitFailure::Reject)?;
+        crate::lock(&self.chunks)
+            .journal
             .intent(&journal::Intent { archive: manifest.archive.clone(), manifest: manifest.clone() })
-            .map_err(fail)?;
-        let path =
-            self.storage.install(&self.part_path, &self.file, &p.key.agent, &p.key.backup, &manifest).map_err(fail)?;
-        manifest.archive = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            .map_err(|e| fail(e, "writing the commit intent"))?;
+        let path = self.storage.place(&self.part_path, agent, backup, &manifest.archive).map_err(|e| fail(e, "rename"))?;
         tracing::info!(
-            session = %p.id, agent = %p.key.agent, backup = %p.key.backup, storage = %p.key.storage,
-            archive = %path.display(), bytes = commit.total_len, "committed"
+            session = %p.id, agent = %agent, backup = %backup, storage = %p.key.storage,
+            archive = %path.display(), bytes = commit.total_len, seq, "committed"
         );
-        *lock(&self.rotated) = rotate_logged(&self.storage, &p.key.agent, &p.key.backup);
-        let done = Committed { archive: manifest.archive, size: commit.total_len, sha256: commit.sha256 };
-        st.journal.done(&done_record(&done)).map_err(fail)?;
-        self.storage.record_committed(&committed_entry(&p.id, &p.key.agent, &done)).map_err(fail)?;
-        drop(st);
-        // The outcome is in the committed log now; the journal has served its purpose.
-        let _ = fsutil::remove_if_exists(&self.journal_path());
-        Ok(done)
+        let committed = Committed { archive: manifest.archive.clone(), size: commit.total_len, sha256: commit.sha256 };
+        // The archive exists under its name: from here on it is committed, whatever
+        // fails next. A failed step is reported and finished at the next start.
+        let (rotated, incomplete) = match self.settle(&path, &manifest, &committed) {
+            Ok(rotated) => (rotated, None),
+            Err((rotated, why)) => {
+                tracing::warn!(session = %p.id, archive = %manifest.archive, "commit finished incompletely: {why}");
+                (rotated, Some(why))
+            }
+        };
+        Ok(CommitDone { committed, rotated, incomplete })
     }
 
-    /// Attaches a stream. A higher generation replaces the attached connection (which
-    /// is told to stop); an equal or lower one is a duplicate.
-    pub fn attach(&self, stream: u16, generation: u32) -> Result<(CancellationToken, Arc<StreamStats>), Refusal> {
-        if stream >= self.params.max_streams {
+    /// Every chunk present, geometry and length as the agent says; the checksums to
+    /// verify against.
+    fn check_complete(&self, commit: &Commit) -> Result<(Vec<u32>, u64), Refusal> {
+        let cs = u64::from(self.params.chunk_size);
+        let st = crate::lock(&self.chunks);
+        if commit.chunks == 0 {
+            return Err(refuse(Reason::VerifyFailed, "commit of an empty archive"));
+        }
+        if st.count != commit.chunks || st.contiguous != commit.chunks {
+            let missing: Vec<u64> = (0..commit.chunks).filter(|s| !st.has(*s)).take(8).collect();
             return Err(refuse(
-                Reason::TooManyStreams,
-                format!("stream {stream} is beyond this session's {} streams", self.params.max_streams),
+                Reason::VerifyFailed,
+                format!("agent sent {} chunks, server holds {} (first missing: {missing:?})", commit.chunks, st.count),
             ));
         }
-        let mut streams = lock(&self.streams);
-        if let Some(slot) = streams.get(&stream) {
-            if generation <= slot.generation {
-                return Err(refuse(
-                    Reason::Busy,
-                    format!("stream {stream} is already attached (generation {})", slot.generation),
-                ));
-            }
-            slot.cancel.cancel();
-        }
-        let cancel = self.ended.child_token();
-        let stats = Arc::new(StreamStats::default());
-        streams.insert(stream, StreamSlot { generation, cancel: cancel.clone(), stats: stats.clone() });
-        lock(&self.closed).remove(&stream);
-        *lock(&self.joins).entry(stream).or_insert(0) += 1;
-        *lock(&self.orphaned_since) = None;
-        Ok((cancel, stats))
-    }
-
-    /// Detaches a stream if `generation` is still the attached one.
-    pub fn detach(&self, stream: u16, generation: u32) {
-        let mut streams = lock(&self.streams);
-        if streams.get(&stream).is_some_and(|s| s.generation == generation) {
-            if let Some(slot) = streams.remove(&stream) {
-                slot.stats.rate.stop();
-                lock(&self.closed).insert(stream, (slot.generation, slot.stats));
-            }
-            if streams.is_empty() {
-                *lock(&self.orphaned_since) = Some(Instant::now());
-            }
-        }
-    }
-
-    /// How long the session has had no stream attached, if it has none.
-    pub fn orphaned_for(&self) -> Option<Duration> {
-        lock(&self.orphaned_since).map(|t| t.elapsed())
-    }
-
-    /// Archives removed by the rotation after this session's commit.
-    pub fn rotated(&self) -> Vec<String> {
-        lock(&self.rotated).clone()
-    }
-
-    pub fn journal_path(&self) -> PathBuf {
-        Journal::path_for(&self.part_path)
-    }
-
-    /// Chunks held without a gap from chunk 0.
-    pub fn contiguous(&self) -> u64 {
-        lock(&self.chunks).next_hash
-    }
-
-    pub fn attached_streams(&self) -> usize {
-        lock(&self.streams).len()
-    }
-
-    /// The streams, attached or not, by index.
-    pub fn streams(&self) -> Vec<StreamView> {
-        let joins = lock(&self.joins).clone();
-        let view = |stream: u16, generation: u32, attached: bool, stats: &Arc<StreamStats>| StreamView {
-            stream,
-            generation,
-            joins: joins.get(&stream).copied().unwrap_or(1),
-            attached,
-            stats: stats.clone(),
+        let last_len = match st.short {
+            Some((seq, len)) if seq + 1 == commit.chunks => u64::from(len),
+            Some((seq, _)) => return Err(refuse(Reason::VerifyFailed, format!("short chunk {seq} is not the last"))),
+            None => cs,
         };
-        let mut v: Vec<StreamView> =
-            lock(&self.streams).iter().map(|(i, s)| view(*i, s.generation, true, &s.stats)).collect();
-        v.extend(lock(&self.closed).iter().map(|(i, (generation, stats))| view(*i, *generation, false, stats)));
-        v.sort_by_key(|s| s.stream);
-        v
+        let total = (commit.chunks - 1) * cs + last_len;
+        if total != commit.total_len {
+            return Err(refuse(
+                Reason::VerifyFailed,
+                format!("agent says {} bytes, server holds {total}", commit.total_len),
+            ));
+        }
+        Ok((st.crcs[..commit.chunks as usize].to_vec(), total))
     }
 
-    /// Closes one stream's connection; the agent re-joins and resends what it had
-    /// in flight (operator "rotate"). False if no such stream is attached.
-    pub fn rotate(&self, stream: u16) -> bool {
-        match lock(&self.streams).get(&stream) {
-            Some(slot) => {
-                slot.cancel.cancel();
-                true
+    /// Reads the durable upload back: each chunk against the CRC32C it arrived with,
+    /// everything against the agent's SHA-256.
+    fn verify_stored(&self, crcs: &[u32], total: u64, commit: &Commit) -> Result<(), CommitFailure> {
+        let cs = u64::from(self.params.chunk_size);
+        let scope = self.storage.cfg.base_dir.to_string_lossy().into_owned();
+        let mut sha = Sha256::new();
+        let mut buf = vec![0u8; cs as usize];
+        self.verified.store(0, Ordering::Relaxed);
+        for (seq, want) in crcs.iter().enumerate() {
+            let offset = seq as u64 * cs;
+            let len = cs.min(total - offset) as usize;
+            crate::fault::io("commit:verify", &scope).map_err(|e| classify_commit_error(&e, "reading back"))?;
+            self.file.read_exact_at(&mut buf[..len], offset).map_err(|e| classify_commit_error(&e, "reading back"))?;
+            let got = crc32c::crc32c(&buf[..len]);
+            if got != *want {
+                return Err(CommitFailure::Reject(refuse(
+                    Reason::VerifyFailed,
+                    format!(
+                        "chunk {seq} at offset {offset} changed on the server's disk after it was received \
+                         (crc32c {got:08x}, received {want:08x})"
+                    ),
+                )));
             }
-            None => false,
+            sha.update(&buf[..len]);
+            self.verified.fetch_add(len as u64, Ordering::Relaxed);
+        }
+        let ours: [u8; 32] = sha.finalize().into();
+        if ours != commit.sha256 {
+            return Err(CommitFailure::Reject(refuse(
+                Reason::VerifyFailed,
+                format!("sha256 mismatch: stored file {}, agent {}", hex(&ours), hex(&commit.sha256)),
+            )));
+        }
+        Ok(())
+    }
+
+    /// What follows the rename: directories durable, manifest, rotation, completion
+    /// in the journal and the commit log, journal removed. Returns what rotation
+    /// removed; on error also the step that failed.
+    fn settle(
+        &self,
+        archive: &std::path::Path,
+        manifest: &Manifest,
+        committed: &Committed,
+    ) -> Result<Vec<String>, (Vec<String>, String)> {
+        let p = &self.params;
+        let step = |e: io::Error, what: &str| format!("{what}: {e}");
+        self.storage.settle(archive, manifest).map_err(|e| (Vec::new(), step(e, "writing the manifest")))?;
+        let rotated = self
+            .storage
+            .rotate(&p.key.agent, &p.key.backup, Some(&manifest.archive))
+            .map_err(|e| (Vec::new(), step(e, "rotation")))?;
+        for name in &rotated {
+            tracing::info!(agent = %p.key.agent, backup = %p.key.backup, archive = %name, "rotated out");
+        }
+        let done = done_record(committed);
+        let logged = crate::lock(&self.chunks)
+            .journal
+            .done(&done)
+            .and_then(|()| self.storage.record_committed(&committed_entry(&p.id, &p.key.agent, committed)));
+        logged.map_err(|e| (rotated.clone(), step(e, "recording the commit")))?;
+        // The outcome is in the committed log now; the journal has served its purpose.
+        let _ = fsutil::remove_if_exists(&Journal::path_for(&self.part_path));
+        Ok(rotated)
+    }
+
+    /// Removes the upload and its journal (a session that ended without a commit).
+    pub fn discard(&self) {
+        for path in [self.part_path.clone(), Journal::path_for(&self.part_path)] {
+            if let Err(e) = fsutil::remove_if_exists(&path) {
+                tracing::warn!(path = %path.display(), "cannot remove upload: {e}");
+            }
         }
     }
 
-    pub fn rate(&self) -> f64 {
-        self.rate.rate()
-    }
-
-    /// Updates receive rates (the session's and its streams'); about once a second.
+    /// Updates the receive rate; about once a second.
     pub fn sample(&self) {
         self.rate.sample(self.bytes_received.load(Ordering::Relaxed));
-        for s in lock(&self.streams).values() {
-            s.stats.rate.sample(s.stats.bytes.load(Ordering::Relaxed));
-        }
-    }
-
-    /// Ends the session once: records the outcome, stops its streams, and removes the
-    /// upload unless it was committed. Returns false if it had already ended.
-    pub fn end(&self, outcome: Outcome) -> bool {
-        {
-            let mut slot = lock(&self.outcome);
-            if slot.is_some() {
-                return false;
-            }
-            *slot = Some(outcome.clone());
-        }
-        if let Outcome::Failed(r) = &outcome {
-            let p = &self.params;
-            tracing::warn!(
-                session = %p.id, agent = %p.key.agent, backup = %p.key.backup, reason = %r.reason,
-                "session ended: {}", r.message
-            );
-            for path in [self.part_path.clone(), Journal::path_for(&self.part_path)] {
-                if let Err(e) = fsutil::remove_if_exists(&path) {
-                    tracing::warn!(path = %path.display(), "cannot remove upload: {e}");
-                }
-            }
-        }
-        self.ended.cancel();
-        true
     }
 }
 
@@ -655,23 +550,6 @@ fn check_geometry(st: &ChunkState, seq: u64, len: u64, cs: u64) -> Result<(), Re
     Ok(())
 }
 
-/// Rotates an entry after a commit; a failure only keeps an extra old archive.
-/// Returns the names removed.
-pub(crate) fn rotate_logged(storage: &StorageArea, agent: &Name, backup: &Name) -> Vec<String> {
-    match storage.rotate(agent, backup) {
-        Ok(removed) => {
-            for name in &removed {
-                tracing::info!(%agent, %backup, archive = %name, "rotated out");
-            }
-            removed
-        }
-        Err(e) => {
-            tracing::warn!(%agent, %backup, "rotation failed: {e}");
-            Vec::new()
-        }
-    }
-}
-
 pub(crate) fn committed_entry(id: &SessionId, agent: &Name, c: &Committed) -> super::storage::CommittedEntry {
     super::storage::CommittedEntry {
         session: id.to_string(),
@@ -679,7 +557,7 @@ pub(crate) fn committed_entry(id: &SessionId, agent: &Name, c: &Committed) -> su
         archive: c.archive.clone(),
         size: c.size,
         sha256: hex(&c.sha256),
-        at: super::storage::unix_now(),
+        at: crate::state::unix_now(),
     }
 }
 
@@ -687,18 +565,21 @@ pub(crate) fn done_record(c: &Committed) -> journal::Done {
     journal::Done { archive: c.archive.clone(), size: c.size, sha256: hex(&c.sha256) }
 }
 
-fn write_refusal(e: &std::io::Error, what: &str) -> Refusal {
+/// A refusal for an I/O error: out of space, out of descriptors or memory (passing,
+/// so `Internal`, which agents retry), or a write error.
+pub(crate) fn io_refusal(e: &io::Error, what: &str) -> Refusal {
     if fsutil::is_disk_full(e) {
         refuse(Reason::DiskFull, format!("{what}: {e}"))
+    } else if fsutil::is_resource_shortage(e) {
+        refuse(Reason::Internal, format!("{what}: {e} (a passing shortage on the server; retry)"))
     } else {
         refuse(Reason::WriteError, format!("{what}: {e}"))
     }
 }
 
-/// Locks a mutex, recovering from poisoning: every critical section here leaves its
-/// state consistent before anything that could panic.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+fn classify_commit_error(e: &io::Error, what: &str) -> CommitFailure {
+    let refusal = io_refusal(e, what);
+    if fsutil::is_resource_shortage(e) { CommitFailure::Retry(refusal) } else { CommitFailure::Reject(refusal) }
 }
 
 #[cfg(test)]
@@ -716,6 +597,7 @@ mod tests {
             compression: Compression::Zstd,
             level: 3,
             chunk_fsync: false,
+            quota_per_agent: None,
         });
         area.prepare().expect("prepare");
         let params = SessionParams {
@@ -761,12 +643,15 @@ mod tests {
             s.write_chunk(&chunks[i]).expect("write");
         }
         assert_eq!(s.duplicates.load(Ordering::Relaxed), 2);
+        assert_eq!(s.contiguous(), 5);
         let done = s.commit(&commit_for(data, 5)).expect("commit");
-        let stored = std::fs::read(s.storage.entry_dir(&s.params.key.agent, &s.params.key.backup).join(&done.archive))
-            .expect("archive");
-        assert_eq!(stored, data);
-        // Idempotent: a retried commit returns the same answer.
-        assert_eq!(s.commit(&commit_for(data, 5)), Ok(done));
+        assert_eq!(done.incomplete, None);
+        let dir = s.storage.entry_dir(&s.params.key.agent, &s.params.key.backup);
+        assert_eq!(std::fs::read(dir.join(&done.committed.archive)).expect("archive"), data);
+        let m = Manifest::from_json(&std::fs::read_to_string(dir.join(format!("{}.json", done.committed.archive))).expect("m"))
+            .expect("manifest");
+        assert_eq!(m.commit_seq, Some(1));
+        assert_eq!(s.verified.load(Ordering::Relaxed), data.len() as u64);
     }
 
     #[test]
@@ -792,8 +677,8 @@ mod tests {
         s.write_chunk(&chunks[0]).expect("write");
         s.write_chunk(&chunks[2]).expect("write");
         let r = s.commit(&commit_for(data, 3)).expect_err("missing chunk");
-        assert_eq!(r.reason, Reason::VerifyFailed);
-        assert!(r.message.contains("first missing: [1]"), "{}", r.message);
+        assert_eq!(r.refusal().reason, Reason::VerifyFailed);
+        assert!(r.refusal().message.contains("first missing: [1]"), "{r:?}");
 
         let s = session(&dir.path().join("x"), 4);
         for c in &chunks {
@@ -802,24 +687,24 @@ mod tests {
         let mut bad = commit_for(data, 3);
         bad.sha256[0] ^= 1;
         let r = s.commit(&bad).expect_err("bad hash");
-        assert!(r.message.contains("sha256 mismatch"), "{}", r.message);
+        assert!(matches!(&r, CommitFailure::Reject(r) if r.message.contains("sha256 mismatch")), "{r:?}");
     }
 
     #[test]
-    fn a_newer_generation_replaces_a_stream_and_duplicates_are_refused() {
+    fn a_byte_changed_on_disk_after_receipt_fails_the_commit_naming_its_chunk() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = session(dir.path(), 4);
-        let (first, _) = s.attach(1, 1).expect("attach");
-        assert_eq!(s.attach(1, 1).expect_err("duplicate").reason, Reason::Busy);
-        let (second, _) = s.attach(1, 2).expect("rejoin");
-        assert_eq!(s.streams()[0].joins, 2);
-        assert!(first.is_cancelled() && !second.is_cancelled());
-        assert_eq!(s.attach(4, 1).expect_err("too many").reason, Reason::TooManyStreams);
-        s.detach(1, 1);
-        assert_eq!(s.attached_streams(), 1, "stale detach does not remove the new stream");
-        assert!(s.end(Outcome::Failed(refuse(Reason::Cancelled, "test"))));
-        assert!(second.is_cancelled());
-        assert!(!s.part_path.exists());
-        assert!(!s.end(Outcome::Failed(refuse(Reason::Cancelled, "again"))));
+        let data = b"0123456789ab";
+        for c in &chunks_of(data, 4) {
+            s.write_chunk(c).expect("write");
+        }
+        // Something else on the server writes into the upload file.
+        std::fs::OpenOptions::new().write(true).open(&s.part_path).expect("open").write_all_at(b"X", 5).expect("poke");
+        let r = s.commit(&commit_for(data, 3)).expect_err("corrupt");
+        let CommitFailure::Reject(r) = r else { panic!("must reject: {r:?}") };
+        assert_eq!(r.reason, Reason::VerifyFailed);
+        assert!(r.message.contains("chunk 1 at offset 4"), "{}", r.message);
+        let entry = s.storage.entry_dir(&s.params.key.agent, &s.params.key.backup);
+        assert!(!entry.exists() || std::fs::read_dir(&entry).expect("ls").count() == 0, "nothing renamed");
     }
 }

@@ -6,16 +6,29 @@
 //! <base_dir>/.incoming/<session>.part                                          upload
 //! ```
 //!
-//! Crash ordering of a commit: record the intent in the session journal → fsync the
-//! `.part` → rename it to its final name (never replacing an existing file) → fsync
-//! both directories → write the manifest atomically → rotate → record completion. A crash leaves either the old set of archives or the new one;
-//! an archive name only ever points at verified, durable bytes. Rotation deletes an
-//! archive before its manifest, so an interrupted rotation leaves at worst an orphan
-//! manifest, never an archive whose checksum record is gone.
+//! Crash ordering of a commit: fsync the `.part` → read it back and verify it →
+//! record the intent in the session journal → rename it to its final name (never
+//! replacing an existing file) → fsync both directories → write the manifest
+//! atomically → rotate → record completion. A crash leaves either the old set of
+//! archives or the new one; an archive name only ever points at verified, durable
+//! bytes. Rotation deletes an archive before its manifest, so an interrupted rotation
+//! leaves at worst an orphan manifest, never an archive whose checksum record is gone.
+//!
+//! **Order is not time.** Names carry the session's start time for people, but
+//! "newest" means highest `commit_seq` in the manifest, one past the entry's highest
+//! at each commit. Archives without a sequence (written before it existed, or whose
+//! manifest is gone) count as older than every numbered one, among themselves in name
+//! order. A clock stepped back, or archives stamped in the future, cannot make
+//! rotation delete what was just committed.
+//!
+//! **Never overwrite.** The final rename is `renameat2(RENAME_NOREPLACE)`. Filesystems
+//! without it (NFS, CIFS, some FUSE) are found by a probe at start and use
+//! `link` + `unlink` instead, which fails just as surely when the name exists.
 
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 
@@ -46,9 +59,14 @@ pub struct CommittedEntry {
 }
 
 /// One storage's directory tree.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StorageArea {
     pub cfg: Storage,
+    /// How the final rename avoids replacing a file, probed by [`StorageArea::prepare`].
+    rename: Mutex<fsutil::NoReplace>,
+    /// Serialises appends to the committed log and its compaction: a compaction
+    /// rewriting the file must not lose a line appended meanwhile.
+    commit_log: Mutex<()>,
 }
 
 /// A committed archive found on disk.
@@ -62,11 +80,27 @@ pub struct ArchiveFile {
     pub n: u32,
     pub size: u64,
     pub compression: Compression,
+    /// Position in the entry's commit order, from the manifest.
+    pub seq: Option<u64>,
+    /// The manifest, if it is there and readable.
+    pub manifest: Option<Manifest>,
+}
+
+impl ArchiveFile {
+    /// Sort key of commit order (see the module docs).
+    fn order(&self) -> (bool, u64, &str, u32) {
+        (self.seq.is_some(), self.seq.unwrap_or(0), &self.stamp, self.n)
+    }
 }
 
 impl StorageArea {
     pub fn new(cfg: Storage) -> Self {
-        StorageArea { cfg }
+        StorageArea { cfg, rename: Mutex::new(fsutil::NoReplace::Rename), commit_log: Mutex::new(()) }
+    }
+
+    /// How this storage renames without replacing (after [`StorageArea::prepare`]).
+    pub fn rename_mode(&self) -> fsutil::NoReplace {
+        *crate::lock(&self.rename)
     }
 
     pub fn incoming_dir(&self) -> PathBuf {
@@ -81,11 +115,21 @@ impl StorageArea {
         self.cfg.base_dir.join(agent.as_str()).join(backup.as_str())
     }
 
-    /// Creates `base_dir` and `.incoming` (mode 0700: uploads are nobody else's business).
+    /// Creates `base_dir` and `.incoming` (mode 0700: uploads are nobody else's
+    /// business) and probes how to rename without replacing.
     pub fn prepare(&self) -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         fsutil::create_dir_all_durable(&self.incoming_dir())?;
-        fs::set_permissions(self.incoming_dir(), fs::Permissions::from_mode(0o700))
+        fs::set_permissions(self.incoming_dir(), fs::Permissions::from_mode(0o700))?;
+        let mode = fsutil::probe_noreplace(&self.incoming_dir())?;
+        if mode != fsutil::NoReplace::Rename {
+            tracing::warn!(
+                storage = %self.cfg.name, base_dir = %self.cfg.base_dir.display(),
+                "this filesystem has no RENAME_NOREPLACE; committing with link + unlink instead"
+            );
+        }
+        *crate::lock(&self.rename) = mode;
+        Ok(())
     }
 
     pub fn disk_space(&self) -> io::Result<(u64, u64)> {
@@ -110,10 +154,92 @@ impl StorageArea {
             if !meta.is_file() {
                 continue;
             }
-            out.push(ArchiveFile { path: entry.path(), name, stamp, n, size: meta.len(), compression });
+            let path = entry.path();
+            let manifest =
+                fs::read_to_string(sidecar_path(&path)).ok().and_then(|t| Manifest::from_json(&t).ok());
+            let seq = manifest.as_ref().and_then(|m| m.commit_seq);
+            out.push(ArchiveFile { path, name, stamp, n, size: meta.len(), compression, seq, manifest });
         }
-        out.sort_by(|a, b| (&a.stamp, a.n).cmp(&(&b.stamp, b.n)));
+        out.sort_by(|a, b| a.order().cmp(&b.order()));
         Ok(out)
+    }
+
+    /// (archives, bytes) over every entry, from names and sizes only.
+    pub fn usage(&self) -> io::Result<(u64, u64)> {
+        let (mut count, mut bytes) = (0, 0);
+        for (agent, backup) in self.entries()? {
+            let prefix = format!("{agent}-{backup}-");
+            let Ok(files) = fs::read_dir(self.entry_dir(&agent, &backup)) else { continue };
+            for f in files.flatten() {
+                let name = f.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if parse_archive_name(name, &prefix).is_some()
+                    && let Ok(meta) = f.metadata()
+                    && meta.is_file()
+                {
+                    count += 1;
+                    bytes += meta.len();
+                }
+            }
+        }
+        Ok((count, bytes))
+    }
+
+    /// `(agent, backup)` directories of this storage, sorted.
+    pub fn entries(&self) -> io::Result<Vec<(Name, Name)>> {
+        let mut out = Vec::new();
+        for a in fs::read_dir(&self.cfg.base_dir)?.flatten() {
+            let Some(agent) = a.file_name().to_str().and_then(|n| Name::new(n).ok()) else { continue };
+            let Ok(backups) = fs::read_dir(a.path()) else { continue };
+            for b in backups.flatten() {
+                if let Some(backup) = b.file_name().to_str().and_then(|n| Name::new(n).ok()) {
+                    out.push((agent.clone(), backup));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The commit sequence the next archive of an entry gets.
+    pub fn next_commit_seq(&self, agent: &Name, backup: &Name) -> io::Result<u64> {
+        Ok(self.list(agent, backup)?.iter().filter_map(|a| a.seq).max().unwrap_or(0) + 1)
+    }
+
+    /// Bytes of archives `agent` keeps in this storage, over all its entries.
+    pub fn agent_usage(&self, agent: &Name) -> io::Result<u64> {
+        let dir = self.cfg.base_dir.join(agent.as_str());
+        let backups = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut total = 0;
+        for b in backups.flatten() {
+            if let Some(backup) = b.file_name().to_str().and_then(|n| Name::new(n).ok()) {
+                total += self.list(agent, &backup)?.iter().map(|a| a.size).sum::<u64>();
+            }
+        }
+        Ok(total)
+    }
+
+    /// Refuses when `adding` more bytes would put `agent` over this storage's quota.
+    pub fn check_quota(&self, agent: &Name, adding: u64) -> Result<(), nbackup_protocol::wire::Refusal> {
+        use nbackup_protocol::wire::{Reason, Refusal};
+        let Some(quota) = self.cfg.quota_per_agent else { return Ok(()) };
+        let used = self.agent_usage(agent).map_err(|e| {
+            Refusal::new(Reason::WriteError, format!("cannot sum the agent's archives for its quota: {e}"))
+        })?;
+        if used.saturating_add(adding) > quota {
+            return Err(Refusal::new(
+                Reason::QuotaExceeded,
+                format!(
+                    "agent {agent} keeps {used} bytes in storage {}; {adding} more would exceed its quota of {quota}",
+                    self.cfg.name
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The name the next archive of an entry gets: the session's start time, with a
@@ -136,9 +262,30 @@ impl StorageArea {
         crate::fault::io(point, &self.cfg.base_dir.to_string_lossy())
     }
 
-    /// Moves a verified upload to its final name and writes its manifest: fsync the
-    /// upload, rename it (never replacing a file), fsync both directories, write the
-    /// manifest atomically. Returns the archive's path.
+    /// Moves a verified, fsynced upload to its final name, never replacing a file.
+    /// Returns the archive's path.
+    pub fn place(&self, part_path: &Path, agent: &Name, backup: &Name, archive: &str) -> io::Result<PathBuf> {
+        let dir = self.entry_dir(agent, backup);
+        fsutil::create_dir_all_durable(&dir)?;
+        let final_path = dir.join(archive);
+        self.fault("commit:before-rename")?;
+        fsutil::rename_noreplace(part_path, &final_path, self.rename_mode())?;
+        self.fault("commit:after-rename")?;
+        Ok(final_path)
+    }
+
+    /// Makes a placed archive's name durable and writes its manifest.
+    pub fn settle(&self, archive: &Path, manifest: &Manifest) -> io::Result<()> {
+        let dir = archive.parent().unwrap_or(Path::new("."));
+        fsutil::fsync_dir(dir)?;
+        fsutil::fsync_dir(&self.incoming_dir())?;
+        self.fault("commit:manifest")?;
+        self.write_manifest(archive, manifest)?;
+        self.fault("commit:after-manifest")?;
+        Ok(())
+    }
+
+    /// [`place`](Self::place) and [`settle`](Self::settle) together (recovery).
     pub fn install(
         &self,
         part_path: &Path,
@@ -148,17 +295,9 @@ impl StorageArea {
         manifest: &Manifest,
     ) -> io::Result<PathBuf> {
         part.sync_all()?;
-        let dir = self.entry_dir(agent, backup);
-        fsutil::create_dir_all_durable(&dir)?;
-        let final_path = dir.join(&manifest.archive);
-        self.fault("commit:before-rename")?;
-        fsutil::rename_noreplace(part_path, &final_path)?;
-        self.fault("commit:after-rename")?;
-        fsutil::fsync_dir(&dir)?;
-        fsutil::fsync_dir(&self.incoming_dir())?;
-        self.write_manifest(&final_path, manifest)?;
-        self.fault("commit:after-manifest")?;
-        Ok(final_path)
+        let path = self.place(part_path, agent, backup, &manifest.archive)?;
+        self.settle(&path, manifest)?;
+        Ok(path)
     }
 
     fn committed_log(&self) -> PathBuf {
@@ -168,6 +307,8 @@ impl StorageArea {
     /// Appends a commit to the log (durably: the session's journal is removed next).
     pub fn record_committed(&self, entry: &CommittedEntry) -> io::Result<()> {
         use std::io::Write;
+        let _serial = crate::lock(&self.commit_log);
+        self.fault("commit:log")?;
         let mut f = fs::OpenOptions::new().create(true).append(true).open(self.committed_log())?;
         let mut line = serde_json::to_string(entry).map_err(io::Error::other)?;
         line.push('\n');
@@ -178,12 +319,13 @@ impl StorageArea {
     /// Commits younger than `max_age`, and rewrites the log without the older ones.
     /// Unreadable lines (a torn append) are dropped.
     pub fn recent_commits(&self, max_age: std::time::Duration) -> io::Result<Vec<CommittedEntry>> {
+        let _serial = crate::lock(&self.commit_log);
         let text = match fs::read_to_string(self.committed_log()) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let now = unix_now();
+        let now = crate::state::unix_now();
         let keep: Vec<CommittedEntry> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<CommittedEntry>(l).ok())
@@ -207,11 +349,14 @@ impl StorageArea {
         fsutil::write_atomic(&sidecar_path(archive), manifest.to_json().as_bytes())
     }
 
-    /// Deletes the oldest archives of an entry beyond `max_backups`, archive first,
-    /// then its manifest. Returns the names removed.
-    pub fn rotate(&self, agent: &Name, backup: &Name) -> io::Result<Vec<String>> {
-        let archives = self.list(agent, backup)?;
-        let excess = archives.len().saturating_sub(self.cfg.max_backups as usize);
+    /// Deletes the oldest archives (in commit order) of an entry beyond
+    /// `max_backups`, archive first, then its manifest; never `keep`, the archive just
+    /// committed. Returns the names removed.
+    pub fn rotate(&self, agent: &Name, backup: &Name, keep: Option<&str>) -> io::Result<Vec<String>> {
+        let archives: Vec<ArchiveFile> =
+            self.list(agent, backup)?.into_iter().filter(|a| Some(a.name.as_str()) != keep).collect();
+        let keep_others = (self.cfg.max_backups as usize).saturating_sub(usize::from(keep.is_some()));
+        let excess = archives.len().saturating_sub(keep_others);
         let mut removed = Vec::new();
         for old in archives.into_iter().take(excess) {
             fsutil::remove_if_exists(&old.path)?;
@@ -238,10 +383,6 @@ impl StorageArea {
         }
         Ok(removed)
     }
-}
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// `<archive>.json`.
@@ -287,6 +428,7 @@ mod tests {
             compression: Compression::Gzip,
             level: 6,
             chunk_fsync: false,
+            quota_per_agent: None,
         })
     }
 
@@ -311,6 +453,7 @@ mod tests {
             agent_version: String::new(),
             server_version: String::new(),
             session: String::new(),
+            commit_seq: None,
         }
     }
 
@@ -321,7 +464,54 @@ mod tests {
         let f = File::open(&part).expect("open");
         let mut m = manifest();
         m.archive = s.next_name(&a, &b, started, Compression::Gzip).expect("name");
+        m.commit_seq = Some(s.next_commit_seq(&a, &b).expect("seq"));
         s.install(&part, &f, &a, &b, &m).expect("install")
+    }
+
+    #[test]
+    fn rotation_follows_commit_order_whatever_the_names_say() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = area(dir.path(), 2);
+        s.prepare().expect("prepare");
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        let t = |h: i64| {
+            DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc)
+                + chrono::Duration::hours(h)
+        };
+        // A legacy archive (no sequence) stamped far in the future, then commits made
+        // while the clock was an hour ahead, then one after it stepped back.
+        let legacy = commit_one(&s, t(1000), "legacy");
+        let mut m = Manifest::from_json(&fs::read_to_string(sidecar_path(&legacy)).expect("m")).expect("json");
+        m.commit_seq = None;
+        s.write_manifest(&legacy, &m).expect("strip seq");
+        let ahead = commit_one(&s, t(1), "ahead");
+        let stepped_back = commit_one(&s, t(0), "now");
+        let order: Vec<String> = s.list(&a, &b).expect("list").into_iter().map(|x| x.name).collect();
+        let name = |p: &PathBuf| p.file_name().expect("name").to_string_lossy().into_owned();
+        assert_eq!(order, vec![name(&legacy), name(&ahead), name(&stepped_back)]);
+        let removed = s.rotate(&a, &b, Some(&name(&stepped_back))).expect("rotate");
+        assert_eq!(removed, vec![name(&legacy)]);
+        assert!(stepped_back.exists() && ahead.exists());
+        assert_eq!(s.next_commit_seq(&a, &b).expect("seq"), 4);
+    }
+
+    #[test]
+    fn rotation_never_removes_the_archive_it_was_told_to_keep() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = area(dir.path(), 1);
+        s.prepare().expect("prepare");
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        let first = commit_one(&s, t, "one");
+        let second = commit_one(&s, t, "two");
+        // Even with the sequence tampered so the new one looks older.
+        let mut m = Manifest::from_json(&fs::read_to_string(sidecar_path(&first)).expect("m")).expect("json");
+        m.commit_seq = Some(99);
+        s.write_manifest(&first, &m).expect("tamper");
+        let keep = second.file_name().expect("name").to_string_lossy().into_owned();
+        s.rotate(&a, &b, Some(&keep)).expect("rotate");
+        assert!(second.exists());
+        assert!(!first.exists());
     }
 
     #[test]
@@ -373,7 +563,7 @@ mod tests {
             commit_one(&s, base + chrono::Duration::hours(i), &format!("b{i}"));
         }
         let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
-        let removed = s.rotate(&a, &b).expect("rotate");
+        let removed = s.rotate(&a, &b, None).expect("rotate");
         assert_eq!(removed, vec!["a-b-20261122T020000Z.tar.gz", "a-b-20261122T030000Z.tar.gz"]);
         let left: Vec<String> = s.list(&a, &b).expect("list").into_iter().map(|x| x.name).collect();
         assert_eq!(left, vec!["a-b-20261122T040000Z.tar.gz", "a-b-20261122T050000Z.tar.gz"]);
@@ -391,7 +581,7 @@ mod tests {
         let gone = commit_one(&s, t, "gone");
         fs::remove_file(&gone).expect("archive deleted, crash before its manifest");
         let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
-        s.rotate(&a, &b).expect("rotate");
+        s.rotate(&a, &b, None).expect("rotate");
         assert!(!sidecar_path(&gone).exists());
         assert!(sidecar_path(&kept).exists());
     }
@@ -405,12 +595,12 @@ mod tests {
         let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
         for i in 0..3 {
             commit_one(&s, t, &format!("r{i}"));
-            s.rotate(&a, &b).expect("rotate");
+            s.rotate(&a, &b, None).expect("rotate");
         }
         // Base name was rotated out after the third commit; the fourth must not take it.
         let fourth = commit_one(&s, t, "r3");
         assert!(fourth.to_string_lossy().ends_with("-4.tar.gz"), "{}", fourth.display());
-        s.rotate(&a, &b).expect("rotate");
+        s.rotate(&a, &b, None).expect("rotate");
         let left: Vec<String> = s.list(&a, &b).expect("list").into_iter().map(|x| x.name).collect();
         assert_eq!(left, vec!["a-b-20261122T020000Z-3.tar.gz", "a-b-20261122T020000Z-4.tar.gz"]);
         assert_eq!(fs::read_to_string(&fourth).expect("newest kept"), "r3");

@@ -206,6 +206,7 @@ pub struct RawResume {
     pub buffer_size: Option<ByteSize>,
     pub chunk_size: Option<ByteSize>,
     pub ack_timeout: Option<HumanDuration>,
+    pub keepalive_interval: Option<HumanDuration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -277,8 +278,12 @@ pub struct Resume {
     pub buffer_size: u64,
     pub chunk_size: u32,
     /// Floor of the no-acknowledgement timeout; the effective timeout is the larger
-    /// of this and 20 round trips.
+    /// of this and 20 round trips. It counts from when a chunk's last byte was
+    /// written, so time spent waiting in the bandwidth limit never counts.
     pub ack_timeout: Duration,
+    /// A stream with nothing to send sends a keepalive this often, so the server can
+    /// tell an idle agent from a vanished one (`server.stream_timeout`).
+    pub keepalive_interval: Duration,
 }
 
 /// Reconnect and re-run policy: exponential backoff from `initial_delay`, doubling up
@@ -317,6 +322,7 @@ impl Default for Resume {
             buffer_size: 256 * ByteSize::MIB,
             chunk_size: ByteSize::MIB as u32,
             ack_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(5),
         }
     }
 }
@@ -712,7 +718,15 @@ fn resume(raw: &RawResume, src: &Source<'_>) -> Result<Resume, ConfigError> {
             Some("a stream without acknowledgement for this long is reconnected; 30s is typical".into()),
         ));
     }
-    Ok(Resume { buffer_size: buffer, chunk_size: chunk as u32, ack_timeout })
+    let keepalive_interval = raw.keepalive_interval.map_or(defaults.keepalive_interval, |d| d.0);
+    if keepalive_interval < Duration::from_millis(100) || keepalive_interval > Duration::from_secs(300) {
+        return Err(src.error(
+            Some("resume.keepalive_interval"),
+            format!("{} is out of range", HumanDuration(keepalive_interval)),
+            Some("use 100ms to 5m, well below the server's stream_timeout (60s by default); 5s is typical".into()),
+        ));
+    }
+    Ok(Resume { buffer_size: buffer, chunk_size: chunk as u32, ack_timeout, keepalive_interval })
 }
 
 fn retry(raw: &RawRetry, src: &Source<'_>) -> Result<Retry, ConfigError> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::error::Source;
-use super::{Admin, ConfigError, HumanDuration, Logging, RawAdmin, RawLogging, base_dir, resolve};
+use super::{Admin, ByteSize, ConfigError, HumanDuration, Logging, RawAdmin, RawLogging, base_dir, resolve};
 use crate::limits::{MAX_STORAGES, MAX_STREAMS};
 use crate::name::Name;
 use crate::wire::Compression;
@@ -32,7 +32,11 @@ pub struct RawServerSection {
     pub handshake_timeout: Option<HumanDuration>,
     pub session_ttl: Option<HumanDuration>,
     pub orphan_timeout: Option<HumanDuration>,
+    pub stream_timeout: Option<HumanDuration>,
     pub max_streams_per_session: Option<u16>,
+    pub max_handshakes: Option<u32>,
+    pub max_sessions_per_agent: Option<u32>,
+    pub max_streams_per_agent: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -51,6 +55,7 @@ pub struct RawStorage {
     pub compression: Compression,
     pub compression_level: Option<i32>,
     pub chunk_fsync: Option<bool>,
+    pub quota_per_agent: Option<ByteSize>,
 }
 
 /// Validated server configuration.
@@ -64,7 +69,19 @@ pub struct ServerConfig {
     /// A session whose streams are all gone (agent killed, network down) is ended
     /// after this long unless the agent re-joins.
     pub orphan_timeout: Duration,
+    /// A stream on which no byte arrives for this long is taken for a vanished peer
+    /// (a host pulled off the network sends neither FIN nor RST). Agents send
+    /// keepalives on idle streams (`resume.keepalive_interval`), so only silence
+    /// counts.
+    pub stream_timeout: Duration,
     pub max_streams_per_session: u16,
+    /// Connections still in the TLS handshake or before their first frame; more are
+    /// closed at once, so a flood cannot take every descriptor.
+    pub max_handshakes: u32,
+    /// Sessions (one per backup entry) one agent may have open at once.
+    pub max_sessions_per_agent: u32,
+    /// Streams one agent may have attached at once, over all its sessions.
+    pub max_streams_per_agent: u32,
     pub tls: ServerTls,
     pub storages: BTreeMap<Name, Storage>,
     pub logging: Logging,
@@ -94,6 +111,9 @@ pub struct Storage {
     /// fsync every chunk before acknowledging it (slower; survives power loss
     /// mid-upload without re-sending). The archive is always fsynced at commit.
     pub chunk_fsync: bool,
+    /// Most bytes of archives one agent may keep in this storage (all its entries);
+    /// `None`: no quota.
+    pub quota_per_agent: Option<u64>,
 }
 
 impl ServerConfig {
@@ -101,6 +121,10 @@ impl ServerConfig {
     pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
     pub const DEFAULT_ORPHAN_TIMEOUT: Duration = Duration::from_secs(600);
     pub const DEFAULT_MAX_STREAMS: u16 = 16;
+    pub const DEFAULT_STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_MAX_HANDSHAKES: u32 = 256;
+    pub const DEFAULT_MAX_SESSIONS_PER_AGENT: u32 = 16;
+    pub const DEFAULT_MAX_STREAMS_PER_AGENT: u32 = 256;
 
     /// Parses and validates `text`, read from `file` (used in messages and to resolve
     /// relative paths).
@@ -146,6 +170,31 @@ impl ServerConfig {
                 Some(format!("use 1 to {MAX_STREAMS}")),
             ));
         }
+        let stream_timeout = raw.server.stream_timeout.map_or(Self::DEFAULT_STREAM_TIMEOUT, |d| d.0);
+        if stream_timeout < Duration::from_secs(1) || stream_timeout > session_ttl {
+            return Err(src.error(
+                Some("server.stream_timeout"),
+                format!("{} is out of range", HumanDuration(stream_timeout)),
+                Some(format!(
+                    "use 1s to session_ttl ({}); it must exceed the agents' resume.keepalive_interval",
+                    HumanDuration(session_ttl)
+                )),
+            ));
+        }
+        let positive = |key: &str, v: Option<u32>, default: u32| -> Result<u32, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(src.error(Some(&format!("server.{key}")), "must be at least 1", None)),
+                n => Ok(n),
+            }
+        };
+        let max_handshakes = positive("max_handshakes", raw.server.max_handshakes, Self::DEFAULT_MAX_HANDSHAKES)?;
+        let max_sessions_per_agent = positive(
+            "max_sessions_per_agent",
+            raw.server.max_sessions_per_agent,
+            Self::DEFAULT_MAX_SESSIONS_PER_AGENT,
+        )?;
+        let max_streams_per_agent =
+            positive("max_streams_per_agent", raw.server.max_streams_per_agent, Self::DEFAULT_MAX_STREAMS_PER_AGENT)?;
         if raw.storages.is_empty() {
             return Err(src.error(
                 Some("storages"),
@@ -195,6 +244,7 @@ impl ServerConfig {
                     compression: s.compression,
                     level,
                     chunk_fsync: s.chunk_fsync.unwrap_or(false),
+                    quota_per_agent: s.quota_per_agent.map(|q| q.0),
                 },
             );
         }
@@ -203,7 +253,11 @@ impl ServerConfig {
             handshake_timeout,
             session_ttl,
             orphan_timeout,
+            stream_timeout,
             max_streams_per_session: max_streams,
+            max_handshakes,
+            max_sessions_per_agent,
+            max_streams_per_agent,
             tls: ServerTls {
                 ca_cert: resolve(&base, raw.tls.ca_cert),
                 cert: resolve(&base, raw.tls.server_cert),

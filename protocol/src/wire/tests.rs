@@ -33,6 +33,30 @@ fn golden_preamble() {
 }
 
 #[test]
+fn golden_keepalive_and_committing() {
+    assert_eq!(hex(&Frame::Keepalive.to_bytes().expect("encodes")), "1200000000");
+    let f = Frame::Committing(CommitProgress { verified: 0x10_0000, total: 0x40_0000 });
+    assert_eq!(hex(&f.to_bytes().expect("encodes")), "2400000010".to_owned() + "0000000000100000" + "0000000000400000");
+}
+
+#[test]
+fn rejects_encoding_an_oversized_document_instead_of_cutting_it() {
+    let json = "x".repeat(MAX_JSON_LEN + 1);
+    let err = Frame::CtlReport(CtlMessage { id: 1, json }).to_bytes().expect_err("too long");
+    assert_eq!(
+        err,
+        EncodeError::TooLong { frame: "CtlReport", field: "json", len: MAX_JSON_LEN + 1, max: MAX_JSON_LEN }
+    );
+    let err = Frame::CtlResult(CtlResult { id: 1, ok: true, message: "é".repeat(MAX_TEXT_LEN) })
+        .to_bytes()
+        .expect_err("too long");
+    assert!(matches!(err, EncodeError::TooLong { field: "message", .. }), "{err:?}");
+    let mut buf = BytesMut::from(&b"kept"[..]);
+    assert!(Frame::CtlReport(CtlMessage { id: 1, json: "y".repeat(MAX_JSON_LEN + 1) }).encode(&mut buf).is_err());
+    assert_eq!(&buf[..], b"kept", "a failed encode leaves the buffer as it was");
+}
+
+#[test]
 fn golden_hello() {
     let f = Frame::Hello(Hello {
         agent: name("web-01"),
@@ -43,7 +67,7 @@ fn golden_hello() {
         streams: 4,
     });
     assert_eq!(
-        hex(&f.to_bytes()),
+        hex(&f.to_bytes().expect("encodes")),
         "010000001d\
          06\
          7765622d3031\
@@ -67,7 +91,7 @@ fn golden_welcome() {
         max_streams: 8,
     });
     assert_eq!(
-        hex(&f.to_bytes()),
+        hex(&f.to_bytes().expect("encodes")),
         "0200000017\
          11111111111111111111111111111111\
          02\
@@ -82,14 +106,14 @@ fn golden_chunk_and_ack() {
     // CRC32C("abc") = 0x364b3fb7 (RFC 3720 test vectors use the same polynomial).
     assert_eq!(chunk.crc32c, 0x364b_3fb7);
     assert_eq!(
-        hex(&Frame::Chunk(chunk).to_bytes()),
+        hex(&Frame::Chunk(chunk).to_bytes().expect("encodes")),
         "1000000017\
          0000000000000002\
          0000000000200000\
          364b3fb7\
          616263"
     );
-    assert_eq!(hex(&Frame::Ack(Ack { seq: 7 }).to_bytes()), "11000000080000000000000007");
+    assert_eq!(hex(&Frame::Ack(Ack { seq: 7 }).to_bytes().expect("encodes")), "11000000080000000000000007");
 }
 
 #[test]
@@ -101,7 +125,7 @@ fn golden_commit_and_committed() {
         stats: SourceStats { entries: 3, bytes_read: 9, skipped: 1 },
     });
     assert_eq!(
-        hex(&commit.to_bytes()),
+        hex(&commit.to_bytes().expect("encodes")),
         format!(
             "2000000048{}{}{}{}{}{}",
             "0000000000000005",
@@ -114,7 +138,7 @@ fn golden_commit_and_committed() {
     );
     let committed = Frame::Committed(Committed { archive: "a.tar.gz".into(), size: 5, sha256: [0xbb; 32] });
     assert_eq!(
-        hex(&committed.to_bytes()),
+        hex(&committed.to_bytes().expect("encodes")),
         format!("2100000032000861{}{}{}", hex(b".tar.gz"), "0000000000000005", "bb".repeat(32))
     );
 }
@@ -122,16 +146,16 @@ fn golden_commit_and_committed() {
 #[test]
 fn golden_refused_and_abort() {
     let f = Frame::Refused(Refusal::new(Reason::Busy, "x"));
-    assert_eq!(hex(&f.to_bytes()), "0300000005000300".to_owned() + "0178");
+    assert_eq!(hex(&f.to_bytes().expect("encodes")), "0300000005000300".to_owned() + "0178");
     let f = Frame::Abort(Refusal::new(Reason::DiskFull, ""));
-    assert_eq!(hex(&f.to_bytes()), "300000000400040000");
+    assert_eq!(hex(&f.to_bytes().expect("encodes")), "300000000400040000");
 }
 
 #[test]
 fn golden_join_joined_health() {
     let f = Frame::Join(Join { session: SessionId([0x22; 16]), stream: 3, generation: 2 });
-    assert_eq!(hex(&f.to_bytes()), format!("0400000016{}000300000002", "22".repeat(16)));
-    assert_eq!(hex(&Frame::Joined(Joined { stream: 3, contiguous: 5 }).to_bytes()), "050000000a00030000000000000005");
+    assert_eq!(hex(&f.to_bytes().expect("encodes")), format!("0400000016{}000300000002", "22".repeat(16)));
+    assert_eq!(hex(&Frame::Joined(Joined { stream: 3, contiguous: 5 }).to_bytes().expect("encodes")), "050000000a00030000000000000005");
     let f = Frame::Health(Health {
         server_version: "1".into(),
         uptime_secs: 2,
@@ -145,7 +169,7 @@ fn golden_join_joined_health() {
         }],
     });
     assert_eq!(
-        hex(&f.to_bytes()),
+        hex(&f.to_bytes().expect("encodes")),
         "4000000025\
          000131\
          0000000000000002\
@@ -162,39 +186,39 @@ fn golden_join_joined_health() {
 #[test]
 fn golden_status_and_session_state() {
     let f = Frame::Status(Status { session: SessionId([0x33; 16]) });
-    assert_eq!(hex(&f.to_bytes()), format!("2200000010{}", "33".repeat(16)));
-    assert_eq!(hex(&Frame::SessionState(SessionState::Unknown).to_bytes()), "230000000100");
+    assert_eq!(hex(&f.to_bytes().expect("encodes")), format!("2200000010{}", "33".repeat(16)));
+    assert_eq!(hex(&Frame::SessionState(SessionState::Unknown).to_bytes().expect("encodes")), "230000000100");
     assert_eq!(
-        hex(&Frame::SessionState(SessionState::Open { contiguous: 9 }).to_bytes()),
+        hex(&Frame::SessionState(SessionState::Open { contiguous: 9 }).to_bytes().expect("encodes")),
         "23000000090100000000000000".to_owned() + "09"
     );
     let done = Committed { archive: "a".into(), size: 1, sha256: [0xcc; 32] };
     assert_eq!(
-        hex(&Frame::SessionState(SessionState::Committed(done)).to_bytes()),
+        hex(&Frame::SessionState(SessionState::Committed(done)).to_bytes().expect("encodes")),
         format!("230000002c0200016100000000000000 01{}", "cc".repeat(32)).replace(' ', "")
     );
     let failed = SessionState::Failed(Refusal::new(Reason::Expired, "x"));
-    assert_eq!(hex(&Frame::SessionState(failed).to_bytes()), "230000000603000d000178");
+    assert_eq!(hex(&Frame::SessionState(failed).to_bytes().expect("encodes")), "230000000603000d000178");
 }
 
 #[test]
 fn golden_control_channel() {
     assert_eq!(&Preamble::new(ConnKind::Control, Caps::default()).encode()[..4], b"CTRL");
-    assert_eq!(hex(&Frame::CtlPing(CtlPing { nonce: 1 }).to_bytes()), "50000000080000000000000001");
+    assert_eq!(hex(&Frame::CtlPing(CtlPing { nonce: 1 }).to_bytes().expect("encodes")), "50000000080000000000000001");
     assert_eq!(
-        hex(&Frame::CtlPong(CtlPong { nonce: 1, load_milli: 1500, free_bytes: 2 }).to_bytes()),
+        hex(&Frame::CtlPong(CtlPong { nonce: 1, load_milli: 1500, free_bytes: 2 }).to_bytes().expect("encodes")),
         "51000000140000000000000001000005dc0000000000000002"
     );
     assert_eq!(
-        hex(&Frame::CtlReport(CtlMessage { id: 0, json: "{}".into() }).to_bytes()),
+        hex(&Frame::CtlReport(CtlMessage { id: 0, json: "{}".into() }).to_bytes().expect("encodes")),
         "520000000e0000000000000000000000027b7d"
     );
     assert_eq!(
-        hex(&Frame::CtlCommand(CtlMessage { id: 7, json: "{}".into() }).to_bytes()),
+        hex(&Frame::CtlCommand(CtlMessage { id: 7, json: "{}".into() }).to_bytes().expect("encodes")),
         "530000000e0000000000000007000000027b7d"
     );
     assert_eq!(
-        hex(&Frame::CtlResult(CtlResult { id: 7, ok: true, message: "ok".into() }).to_bytes()),
+        hex(&Frame::CtlResult(CtlResult { id: 7, ok: true, message: "ok".into() }).to_bytes().expect("encodes")),
         "540000000d0000000000000007010002".to_owned() + "6f6b"
     );
 }
@@ -221,7 +245,7 @@ fn accepts_frames_split_at_every_byte() {
         chunk_size: 65536,
         streams: 1,
     });
-    let bytes = frame.to_bytes();
+    let bytes = frame.to_bytes().expect("encodes");
     for cut in 0..bytes.len() {
         let mut buf = BytesMut::from(&bytes[..cut]);
         assert_eq!(decode_frame(&mut buf), Ok(None), "cut at {cut}");
@@ -233,8 +257,8 @@ fn accepts_frames_split_at_every_byte() {
 
 #[test]
 fn accepts_back_to_back_frames() {
-    let mut buf = Frame::Ack(Ack { seq: 1 }).to_bytes();
-    Frame::Ack(Ack { seq: 2 }).encode(&mut buf);
+    let mut buf = Frame::Ack(Ack { seq: 1 }).to_bytes().expect("encodes");
+    Frame::Ack(Ack { seq: 2 }).encode(&mut buf).expect("encodes");
     assert_eq!(decode_frame(&mut buf), Ok(Some(Frame::Ack(Ack { seq: 1 }))));
     assert_eq!(decode_frame(&mut buf), Ok(Some(Frame::Ack(Ack { seq: 2 }))));
     assert_eq!(decode_frame(&mut buf), Ok(None));
@@ -298,7 +322,7 @@ fn rejects_unknown_compression_and_conn_kind() {
         level: 1,
         max_streams: 1,
     })
-    .to_bytes();
+    .to_bytes().expect("encodes");
     bytes[5 + 16] = 9;
     assert_eq!(decode_all(&bytes), Err(DecodeError::UnknownValue { field: "compression", value: 9 }));
     assert_eq!(Preamble::decode(b"HTTP/1.1 \r"), Err(DecodeError::UnknownConnKind(*b"HTTP")));
@@ -318,7 +342,7 @@ fn keeps_unknown_reasons_from_newer_peers() {
 fn refusal_text_is_capped_on_a_char_boundary() {
     let r = Refusal::new(Reason::Internal, "é".repeat(MAX_TEXT_LEN));
     assert!(r.message.len() <= MAX_TEXT_LEN);
-    assert!(decode_all(&Frame::Refused(r.clone()).to_bytes()).is_ok());
+    assert!(decode_all(&Frame::Refused(r.clone()).to_bytes().expect("encodes")).is_ok());
 }
 
 #[test]
@@ -385,6 +409,9 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2048))
             .prop_map(|(seq, off, data)| Frame::Chunk(Chunk::new(seq, off, Bytes::from(data)))),
         any::<u64>().prop_map(|seq| Frame::Ack(Ack { seq })),
+        Just(Frame::Keepalive),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(verified, total)| Frame::Committing(CommitProgress { verified, total })),
         (any::<u64>(), any::<u64>(), any::<[u8; 32]>(), any::<[u64; 3]>()).prop_map(|(t, c, h, s)| {
             Frame::Commit(Commit {
                 total_len: t,
@@ -426,7 +453,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
 proptest! {
     #[test]
     fn decode_inverts_encode(frame in arb_frame()) {
-        prop_assert_eq!(decode_all(&frame.to_bytes()), Ok(Some(frame)));
+        prop_assert_eq!(decode_all(&frame.to_bytes().expect("encodes")), Ok(Some(frame)));
     }
 
     #[test]
@@ -439,7 +466,7 @@ proptest! {
 
     #[test]
     fn decoder_never_panics_on_mutated_frames(frame in arb_frame(), idx in any::<usize>(), byte in any::<u8>()) {
-        let mut bytes = frame.to_bytes();
+        let mut bytes = frame.to_bytes().expect("encodes");
         let i = idx % bytes.len();
         bytes[i] = byte;
         let _ = decode_frame(&mut bytes);

@@ -1,0 +1,335 @@
+//! The narrow handle through which the admin API reaches the server: snapshots to
+//! read and commands to send, each answering with API types. It never exposes the
+//! registry, sessions or telemetry themselves. Snapshots are built from atomics and
+//! caches, so they answer at once even while a storage is frozen.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use nbackup_protocol::admin::{
+    AgentInfo, ArchiveInfo, ControlCommand, Event, HistoryRecord, Series, ServerStatus, SessionInfo, StorageStatus,
+    StreamInfo, WatchItem,
+};
+use nbackup_protocol::wire::{Reason, Refusal};
+use nbackup_protocol::{Name, SessionId};
+
+use super::Server;
+use super::control;
+use super::registry::{NotEnded, Outcome, SessionView};
+use crate::daemon::Reloadable;
+
+/// Why a command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("{0:?} is not a session id")]
+    BadId(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Which archives to list.
+#[derive(Debug, Default, Clone)]
+pub struct ArchiveFilter {
+    pub storage: Option<String>,
+    pub agent: Option<String>,
+    pub backup: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct ServerHandle(Arc<Server>);
+
+impl ServerHandle {
+    pub(crate) fn new(server: Arc<Server>) -> Self {
+        ServerHandle(server)
+    }
+
+    pub fn status(&self) -> ServerStatus {
+        let s = &self.0;
+        let storages = s
+            .live()
+            .storages
+            .values()
+            .map(|a| {
+                let (free_bytes, total_bytes) = s.disk.space(&a.cfg.name).unwrap_or((0, 0));
+                let (archives, archive_bytes) = s.disk.usage(&a.cfg.name).unwrap_or((0, 0));
+                StorageStatus {
+                    name: a.cfg.name.to_string(),
+                    base_dir: a.cfg.base_dir.display().to_string(),
+                    compression: a.cfg.compression,
+                    level: a.cfg.level,
+                    max_backups: a.cfg.max_backups,
+                    free_bytes,
+                    total_bytes,
+                    archives,
+                    archive_bytes,
+                }
+            })
+            .collect();
+        ServerStatus {
+            version: crate::VERSION.to_string(),
+            uptime_secs: s.started.elapsed().as_secs(),
+            listen: s.listen.to_string(),
+            draining: s.draining(),
+            active_sessions: s.registry.count(),
+            connected_agents: s.agents.connected(),
+            storages,
+        }
+    }
+
+    /// A session as the server sees it, completed with what its agent last reported
+    /// over the control channel (expected size, ETA, per-stream round trips).
+    fn session_info(&self, v: &SessionView) -> SessionInfo {
+        let p = &v.params;
+        let id = p.id.to_string();
+        let reported = self.0.agents.running(p.key.agent.as_str(), &id);
+        let streams: Vec<StreamInfo> = v
+            .streams
+            .iter()
+            .map(|st| {
+                let state = match (st.attached, st.stats.rate.active()) {
+                    (false, _) => "closed",
+                    (true, true) => "receiving",
+                    (true, false) => "idle",
+                };
+                let rtt_ms = reported
+                    .as_ref()
+                    .and_then(|r| r.stream_table.iter().find(|t| t.stream == st.stream))
+                    .and_then(|t| t.rtt_ms);
+                StreamInfo {
+                    stream: st.stream,
+                    generation: st.generation,
+                    state: state.into(),
+                    peer: crate::lock(&st.stats.peer).clone(),
+                    bytes: st.stats.bytes.load(Ordering::Relaxed),
+                    rate_bps: st.stats.rate.rate(),
+                    reconnects: st.joins.saturating_sub(1),
+                    resent_chunks: st.stats.resent.load(Ordering::Relaxed),
+                    rtt_ms,
+                }
+            })
+            .collect();
+        let s = v.session.as_ref();
+        SessionInfo {
+            id,
+            agent: p.key.agent.to_string(),
+            storage: p.key.storage.to_string(),
+            backup: p.key.backup.to_string(),
+            phase: v.phase.name().into(),
+            started: p.started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            bytes_received: s.map_or(0, |s| s.bytes_received.load(Ordering::Relaxed)),
+            rate_bps: s.map_or(0.0, |s| s.rate.rate()),
+            contiguous_chunks: s.map_or(0, |s| s.contiguous()),
+            duplicate_chunks: s.map_or(0, |s| s.duplicates.load(Ordering::Relaxed)),
+            idle_secs: s.map_or(0.0, |s| s.idle_for().as_secs_f64()),
+            estimate_bytes: reported.as_ref().and_then(|r| r.estimate_bytes),
+            source_bytes_read: reported.as_ref().map(|r| r.bytes_read),
+            eta_secs: reported.as_ref().and_then(|r| r.eta_secs),
+            streams,
+        }
+    }
+
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.0.registry.sessions().iter().map(|v| self.session_info(v)).collect()
+    }
+
+    fn find(&self, id: &str) -> Result<SessionView, HandleError> {
+        let sid = SessionId::from_hex(id).ok_or_else(|| HandleError::BadId(id.to_string()))?;
+        self.0
+            .registry
+            .sessions()
+            .into_iter()
+            .find(|v| v.params.id == sid)
+            .ok_or_else(|| HandleError::NotFound(format!("no session {id} in progress")))
+    }
+
+    pub fn session(&self, id: &str) -> Result<SessionInfo, HandleError> {
+        Ok(self.session_info(&self.find(id)?))
+    }
+
+    /// Ends a session at the operator's request; a committing one cannot be.
+    pub fn abort(&self, id: &str, reason: &str) -> Result<String, HandleError> {
+        let v = self.find(id)?;
+        let refusal = Refusal::new(Reason::Cancelled, format!("aborted by the operator: {reason}"));
+        match self.0.registry.end(v.params.id, Outcome::Failed(refusal)) {
+            Ok(()) => Ok(format!("session {id} aborted")),
+            Err(NotEnded::Committing) => {
+                Err(HandleError::Conflict(format!("session {id} is committing; its commit decides how it ends")))
+            }
+            Err(NotEnded::Gone) => Err(HandleError::NotFound(format!("session {id} ended meanwhile"))),
+        }
+    }
+
+    pub fn rotate(&self, id: &str, stream: u16) -> Result<String, HandleError> {
+        let v = self.find(id)?;
+        if !self.0.registry.rotate(v.params.id, stream) {
+            return Err(HandleError::NotFound(format!("session {id} has no stream {stream} attached")));
+        }
+        Ok(format!("stream {stream} of session {id} closed; the agent re-joins it"))
+    }
+
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        let open: Vec<(String, String)> = self
+            .0
+            .registry
+            .sessions()
+            .iter()
+            .map(|v| (v.params.key.agent.to_string(), v.params.id.to_string()))
+            .collect();
+        control::with_sessions(self.0.agents.list(), &open)
+    }
+
+    /// Sends an operator command to an agent over its control channel.
+    pub async fn agent_command(&self, agent: &str, command: ControlCommand) -> Result<String, HandleError> {
+        match self.0.agents.command(agent, command).await {
+            Ok(r) if r.ok => Ok(r.message),
+            Ok(r) => Err(HandleError::Conflict(r.message)),
+            Err(e) => Err(HandleError::Unavailable(e)),
+        }
+    }
+
+    pub fn history(&self, agent: Option<&str>, limit: usize) -> Vec<HistoryRecord> {
+        self.0.telemetry.history.list(agent, limit)
+    }
+
+    pub fn events(&self, since: u64, limit: usize) -> Vec<Event> {
+        self.0.telemetry.events.since(since, limit)
+    }
+
+    pub fn series(&self) -> Vec<Series> {
+        self.0.telemetry.timeline.snapshot()
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.0.telemetry.events.subscribe()
+    }
+
+    pub fn snapshot(&self) -> WatchItem {
+        WatchItem::ServerSnapshot { status: self.status(), sessions: self.sessions(), agents: self.agents() }
+    }
+
+    /// Archives in commit order, read from the storages. Blocking.
+    pub fn archives(&self, q: &ArchiveFilter) -> Vec<ArchiveInfo> {
+        let mut out = Vec::new();
+        for area in self.0.live().storages.values() {
+            if q.storage.as_deref().is_some_and(|s| s != area.cfg.name.as_str()) {
+                continue;
+            }
+            for (agent, backup) in area.entries().unwrap_or_default() {
+                if q.agent.as_deref().is_some_and(|a| a != agent.as_str())
+                    || q.backup.as_deref().is_some_and(|b| b != backup.as_str())
+                {
+                    continue;
+                }
+                for f in area.list(&agent, &backup).unwrap_or_default() {
+                    out.push(ArchiveInfo {
+                        storage: area.cfg.name.to_string(),
+                        agent: agent.to_string(),
+                        backup: backup.to_string(),
+                        name: f.name,
+                        size: f.size,
+                        stamp: f.stamp,
+                        sha256: f.manifest.as_ref().map(|m| m.sha256.clone()),
+                        manifest: f.manifest.is_some(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Re-reads the configuration. Blocking.
+    pub fn reload(&self) -> Result<String, String> {
+        self.0.reload()
+    }
+
+    pub(crate) fn reloadable(&self) -> Arc<Server> {
+        self.0.clone()
+    }
+
+    /// Prometheus text exposition format.
+    pub fn metrics(&self) -> String {
+        let s = &self.0;
+        let m = &s.telemetry.metrics;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let one = |v: f64| [(String::new(), v)];
+        metric("nbackup_sessions_active", "gauge", "Backup sessions in progress.", &one(s.registry.count() as f64));
+        metric(
+            "nbackup_agents_connected",
+            "gauge",
+            "Agents with a control channel connected.",
+            &one(s.agents.connected() as f64),
+        );
+        metric(
+            "nbackup_received_bytes_total",
+            "counter",
+            "Archive bytes received since the server started.",
+            &one(m.bytes_received.load(Ordering::Relaxed) as f64),
+        );
+        let live = s.live();
+        let per_storage = |c: &std::sync::Mutex<BTreeMap<String, u64>>| -> Vec<(String, f64)> {
+            let c = crate::lock(c);
+            live.storages
+                .keys()
+                .map(|n| (storage_label(n), c.get(n.as_str()).copied().unwrap_or(0) as f64))
+                .collect()
+        };
+        metric(
+            "nbackup_backups_committed_total",
+            "counter",
+            "Backups committed since the server started, per storage.",
+            &per_storage(&m.committed),
+        );
+        metric(
+            "nbackup_backups_failed_total",
+            "counter",
+            "Sessions that ended without a commit since the server started, per storage.",
+            &per_storage(&m.failed),
+        );
+        metric(
+            "nbackup_commits_incomplete_total",
+            "counter",
+            "Commits whose steps after the rename failed and are finished at the next start.",
+            &one(m.incomplete.load(Ordering::Relaxed) as f64),
+        );
+        let last: Vec<(String, f64)> = crate::lock(&m.last_success)
+            .iter()
+            .map(|((a, b), t)| (format!("{{agent=\"{}\",backup=\"{}\"}}", label(a), label(b)), *t as f64))
+            .collect();
+        metric(
+            "nbackup_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last committed archive per agent and backup.",
+            &last,
+        );
+        let (mut free, mut total) = (Vec::new(), Vec::new());
+        for n in live.storages.keys() {
+            let (f, t) = s.disk.space(n).unwrap_or((0, 0));
+            free.push((storage_label(n), f as f64));
+            total.push((storage_label(n), t as f64));
+        }
+        metric("nbackup_storage_free_bytes", "gauge", "Bytes available on each storage's filesystem.", &free);
+        metric("nbackup_storage_size_bytes", "gauge", "Size of each storage's filesystem.", &total);
+        out
+    }
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn storage_label(n: &Name) -> String {
+    format!("{{storage=\"{}\"}}", label(n.as_str()))
+}
