@@ -3,9 +3,7 @@
 use std::fs;
 use std::time::Duration;
 
-use nbackup_daemon::agent::window::Failure;
-use nbackup_daemon::agent::{BackupError, Connector};
-use nbackup_protocol::wire::Reason;
+use nbackup_daemon::agent::Connector;
 
 use crate::support::*;
 
@@ -57,28 +55,46 @@ async fn health_reports_real_disk_space_per_storage() {
 }
 
 #[tokio::test]
-async fn shutting_the_server_down_mid_backup_aborts_the_session_on_both_sides() {
+async fn a_graceful_restart_mid_backup_keeps_the_upload_and_the_agent_resumes_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&tmp.path().join("pki"));
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).expect("mkdir");
     // Incompressible data so the backup takes a while.
     fs::write(src.join("noise.bin"), noise(96 << 20, 7)).expect("write");
-    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
-    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    let mut server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let tuning = Tuning { attempts: 30, initial_delay: "100ms", max_delay: "300ms", ..Tuning::default() };
+    let cfg = agent_config_tuned(&pki, server.addr, &[entry("etc", "main", &[&src])], &tuning);
     let incoming = server.storage_dir("main").join(".incoming");
     let run = tokio::spawn(async move { backup(&cfg, 0).await });
-    // The upload file appears when the session opens.
-    while !fs::read_dir(&incoming).is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "part")))
-    {
-        tokio::task::yield_now().await;
+    // Wait until a few MiB are on the server's disk.
+    let part_len = || {
+        fs::read_dir(&incoming)
+            .ok()
+            .and_then(|d| d.flatten().find(|e| e.path().extension().is_some_and(|x| x == "part")))
+            .and_then(|e| e.metadata().ok())
+            .map_or(0, |m| m.len())
+    };
+    while part_len() < 4 << 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    server.shutdown.cancel();
-    let result = tokio::time::timeout(Duration::from_secs(30), run).await.expect("agent ends promptly").expect("task");
-    match result {
-        Err(BackupError::Transfer(Failure::Server(r))) => assert_eq!(r.reason, Reason::Draining, "{r}"),
-        other => panic!("expected a draining abort, got {other:?}"),
-    }
-    assert!(server.incoming("main").is_empty(), "the partial upload and its journal are removed");
-    assert!(server.archives("main", "web-01", "etc").is_empty());
+    server.restart().await;
+    let report = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("agent ends")
+        .expect("task")
+        .expect("the backup carries on after the restart");
+    // Resumed, not started over: the bytes before the restart were not sent again
+    // (at most the window's worth).
+    assert!(
+        report.bytes_transmitted < report.bytes_sent + (16 << 20) + (1 << 20),
+        "sent {} for an archive of {}",
+        report.bytes_transmitted,
+        report.bytes_sent
+    );
+    let archives = server.archives("main", "web-01", "etc");
+    assert_eq!(archives.len(), 1);
+    check_manifest(&archives[0]);
+    assert!(server.incoming("main").is_empty(), "nothing left in .incoming");
+    server.stop().await;
 }

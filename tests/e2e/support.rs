@@ -163,6 +163,21 @@ impl TestServer {
             t.await.expect("server task");
         }
     }
+
+    /// Stops the server gracefully (as `systemctl restart` does) and starts it again
+    /// on the same address with the same configuration.
+    pub async fn restart(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task");
+        }
+        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind the same port");
+        self.shutdown = CancellationToken::new();
+        let (cfg, token) = (self.config.clone(), self.shutdown.clone());
+        self.task = Some(tokio::spawn(async move {
+            nbackup_daemon::server::run(cfg, listener, token).await.expect("server runs");
+        }));
+    }
 }
 
 /// One backup entry of a test agent.

@@ -188,7 +188,15 @@ pub async fn run_with(
     // What `.incoming` holds is registered now (cheap: journals only) and re-checked
     // after readiness, however large: a start never waits on it.
     let pending = recovery::scan(&server);
-    DiskCache::refresh(&server, true);
+    // First figures before readiness, so the first PING has them; a storage that does
+    // not answer within a second is reported later.
+    let probes = DiskCache::refresh(&server, true);
+    let _ = timeout(Duration::from_secs(1), async {
+        for p in probes {
+            let _ = p.await;
+        }
+    })
+    .await;
     if let Some((socket, group)) = admin {
         let router = admin::router(handle::ServerHandle::new(server.clone()));
         crate::daemon::start_admin("server", socket, group, router, &server.tracker, &shutdown)

@@ -280,7 +280,7 @@ impl Registry {
                     return Err(refusal(
                         Reason::Busy,
                         format!(
-                            "session {id} for this entry started at {} is still {}",
+                            "session {id} for this entry started at {} is still running ({})",
                             l.session.params.started.format("%Y-%m-%d %H:%M:%S UTC"),
                             l.phase.name()
                         ),

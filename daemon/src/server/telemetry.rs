@@ -190,22 +190,25 @@ impl DiskCache {
         p.usage = usage.or(p.usage);
     }
 
-    /// Measures every storage now, each on its own blocking thread.
-    pub(crate) fn refresh(server: &Arc<Server>, with_disk_low: bool) {
+    /// Measures every storage now, each on its own blocking thread; returns the
+    /// probes so a caller may wait for them.
+    pub(crate) fn refresh(server: &Arc<Server>, with_disk_low: bool) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut probes = Vec::new();
         for area in server.live().storages.values().cloned() {
             if !server.disk.claim(&area.cfg.name) {
                 continue;
             }
             let s = server.clone();
-            server.tracker.spawn_blocking(move || {
+            probes.push(server.tracker.spawn_blocking(move || {
                 let space = area.disk_space().ok();
                 let usage = area.usage().ok();
                 s.disk.record(&area.cfg.name, space, usage);
                 if let (true, Some((free, total))) = (with_disk_low, space) {
                     s.telemetry.disk_check(&area.cfg.name, free, total);
                 }
-            });
+            }));
         }
+        probes
     }
 }
 
@@ -274,7 +277,7 @@ pub(crate) async fn sampler(server: Arc<Server>, shutdown: CancellationToken) {
             if warn {
                 disk_check = Instant::now();
             }
-            DiskCache::refresh(&server, warn);
+            drop(DiskCache::refresh(&server, warn));
         }
     }
 }
