@@ -1,10 +1,14 @@
 //! Reading archives back: verify a stored archive against its manifest, extract it,
 //! and compare a restored tree with its source, metadata included.
 //!
-//! Extraction refuses members that would land outside the destination (absolute
-//! paths, `..`), recreates fifos and device nodes (tar-rs would write them as plain
-//! files), and applies directory modes and mtimes last, deepest first, so that
-//! creating children does not disturb them and read-only directories can be filled.
+//! Extraction never leaves its destination: members with absolute paths or `..` are
+//! refused, and every parent directory is opened from the destination with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, one component at a time, so a
+//! crafted archive that plants `a -> /etc` and then sends `a/x` is refused instead of
+//! writing into `/etc`. It recreates fifos and device nodes (tar-rs would write them
+//! as plain files), and applies directory modes and mtimes last, deepest first, so
+//! that creating children does not disturb them and read-only directories can be
+//! filled.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -83,10 +87,50 @@ fn safe_join(dest: &Path, member: &Path) -> io::Result<PathBuf> {
     Ok(out)
 }
 
+fn escape(member: &Path, why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("refusing member {}: {why}", member.display()))
+}
+
+/// Opens (creating what is missing, mode 0700 until its own entry sets it) the
+/// directory `rel` below `root`, never through a symlink and never outside `root`.
+fn dir_beneath(root: &fs::File, rel: &Path, member: &Path) -> io::Result<rustix::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags, mkdirat, openat2};
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let mut dir = openat2(root, ".", flags, Mode::empty(), resolve).map_err(io::Error::from)?;
+    for c in rel.components() {
+        let Component::Normal(name) = c else {
+            if c == Component::CurDir {
+                continue;
+            }
+            return Err(escape(member, "outside the destination"));
+        };
+        match mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        dir = match openat2(&dir, name, flags, Mode::empty(), resolve) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::XDEV) => {
+                return Err(escape(member, &format!("its parent {} is a symbolic link", rel.display())));
+            }
+            Err(rustix::io::Errno::NOTDIR) => {
+                let link = rustix::fs::statat(&dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink);
+                let what = if link { "a symbolic link" } else { "not a directory" };
+                return Err(escape(member, &format!("its parent {} is {what}", rel.display())));
+            }
+            Err(e) => return Err(e.into()),
+        };
+    }
+    Ok(dir)
+}
+
 /// Extracts an archive into `dest` (created if missing). Ownership is restored when
 /// running as root.
 pub fn extract(archive: &Path, compression: Compression, dest: &Path) -> io::Result<RestoreStats> {
     fs::create_dir_all(dest)?;
+    let root = fs::File::open(dest)?;
     let as_root = running_as_root();
     let mut ar = tar::Archive::new(open_archive(archive, compression)?);
     ar.set_preserve_permissions(true);
@@ -100,25 +144,32 @@ pub fn extract(archive: &Path, compression: Compression, dest: &Path) -> io::Res
         let header = entry.header().clone();
         let member = entry.path()?.into_owned();
         let target = safe_join(dest, &member)?;
+        let rel = target.strip_prefix(dest).map_err(|_| escape(&member, "outside the destination"))?.to_path_buf();
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        if let Some(link) = entry.link_name()?.filter(|_| header.entry_type() == EntryType::Link) {
+            // A hard link's source must be inside too, reached without symlinks.
+            let source = safe_join(dest, &link)?;
+            let source_rel = source.strip_prefix(dest).map_err(|_| escape(&member, "link outside"))?;
+            dir_beneath(&root, source_rel.parent().unwrap_or(Path::new("")), &member)?;
+        }
         let mode = header.mode()? & 0o7777;
         let mtime = header.mtime()? as i64;
         let (uid, gid) = (header.uid()? as u32, header.gid()? as u32);
         match header.entry_type() {
             EntryType::Directory => {
-                fs::create_dir_all(&target)?;
+                dir_beneath(&root, &rel, &member)?;
                 dirs.push((target, mode, mtime, uid, gid));
             }
             kind @ (EntryType::Fifo | EntryType::Char | EntryType::Block) => {
-                if let Some(parent) = target.parent() {
-                    fs::create_dir_all(parent)?;
-                }
+                let parent = dir_beneath(&root, parent_rel, &member)?;
+                let name = rel.file_name().ok_or_else(|| escape(&member, "no name"))?;
                 let file_type = match kind {
                     EntryType::Fifo => rustix::fs::FileType::Fifo,
                     EntryType::Char => rustix::fs::FileType::CharacterDevice,
                     _ => rustix::fs::FileType::BlockDevice,
                 };
                 let dev = rustix::fs::makedev(header.device_major()?.unwrap_or(0), header.device_minor()?.unwrap_or(0));
-                rustix::fs::mknodat(rustix::fs::CWD, &target, file_type, rustix::fs::Mode::from_raw_mode(mode), dev)
+                rustix::fs::mknodat(&parent, name, file_type, rustix::fs::Mode::from_raw_mode(mode), dev)
                     .map_err(io::Error::from)?;
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
                 if as_root {
@@ -127,6 +178,9 @@ pub fn extract(archive: &Path, compression: Compression, dest: &Path) -> io::Res
                 set_mtime(&target, mtime)?;
             }
             _ => {
+                // Parents checked (and made) without following a symlink; tar-rs
+                // then creates the member itself.
+                dir_beneath(&root, parent_rel, &member)?;
                 stats.bytes += header.size()?;
                 if !entry.unpack_in(dest)? {
                     return Err(io::Error::new(
@@ -333,5 +387,52 @@ mod tests {
         assert!(safe_join(d, Path::new("../x")).is_err());
         assert!(safe_join(d, Path::new("/etc/passwd")).is_err());
         assert!(safe_join(d, Path::new("a/../../x")).is_err());
+    }
+
+    fn header(kind: EntryType) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(0);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    }
+
+    /// A tar with `a -> <outside>`, then one member below `a`.
+    fn crafted(outside: &Path, path: &str, kind: EntryType) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(EntryType::Symlink);
+        b.append_link(&mut h, "a", outside).expect("symlink");
+        {
+            let mut h = header(kind);
+            let data: &[u8] = if kind == EntryType::Regular { b"pwned" } else { b"" };
+            h.set_size(data.len() as u64);
+            // `append_data` would refuse nothing here; write the name raw as an attacker would.
+            h.as_gnu_mut().expect("gnu").name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append(&h, data).expect("member");
+        }
+        b.into_inner().expect("tar")
+    }
+
+    #[test]
+    fn extraction_never_writes_through_a_symlink_the_archive_planted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).expect("outside");
+        let cases = [("a/x", EntryType::Regular), ("a/d", EntryType::Directory), ("a/f", EntryType::Fifo), ("a/d/y", EntryType::Regular)];
+        for (i, (path, kind)) in cases.into_iter().enumerate() {
+            let tar = crafted(&outside, path, kind);
+            let archive = dir.path().join(format!("evil{i}.tar.zst"));
+            fs::write(&archive, zstd::encode_all(&tar[..], 3).expect("zstd")).expect("write");
+            let dest = dir.path().join(format!("dest{i}"));
+            let err = extract(&archive, Compression::Zstd, &dest).expect_err("must refuse");
+            assert!(err.to_string().contains("symbolic link"), "{path}: {err}");
+            assert_eq!(fs::read_dir(&outside).expect("ls").count(), 0, "{path}: nothing written outside");
+            assert!(fs::symlink_metadata(dest.join("a")).expect("the link itself").file_type().is_symlink());
+        }
     }
 }
