@@ -10,6 +10,7 @@ mod fidelity;
 mod live_fs;
 mod refusals;
 mod resilience;
+mod runtime;
 mod security;
 mod storage;
 mod streams;

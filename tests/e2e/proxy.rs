@@ -30,6 +30,9 @@ pub enum Fault {
     BlackholeDownAfter(u64),
     /// After this many bytes, agent → server data is discarded (chunks vanish).
     BlackholeUpAfter(u64),
+    /// After this many bytes agent → server, nothing passes either way and nothing is
+    /// ever closed: a host pulled off the network (no FIN, no RST).
+    FreezeAfter(u64),
 }
 
 #[derive(Debug, Default)]
@@ -246,7 +249,8 @@ async fn relay(
                         Fault::CutAfter(l)
                         | Fault::ResetAfter(l)
                         | Fault::BlackholeDownAfter(l)
-                        | Fault::BlackholeUpAfter(l) => l,
+                        | Fault::BlackholeUpAfter(l)
+                        | Fault::FreezeAfter(l) => l,
                     };
                     if before + n as u64 >= limit && !conn.kill.is_cancelled() {
                         len = limit.saturating_sub(before) as usize;
@@ -269,6 +273,12 @@ async fn relay(
                                 if !conn.blackhole_up.swap(true, Ordering::SeqCst) {
                                     broken.fetch_add(1, Ordering::SeqCst);
                                 }
+                            }
+                            Fault::FreezeAfter(_) => {
+                                if !conn.blackhole_up.swap(true, Ordering::SeqCst) {
+                                    broken.fetch_add(1, Ordering::SeqCst);
+                                }
+                                conn.blackhole_down.store(true, Ordering::SeqCst);
                             }
                         }
                     }

@@ -8,8 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use nbackup_daemon::agent::{BackupError, Connector};
 use nbackup_protocol::config::AgentConfig;
-use nbackup_protocol::wire::{self, Caps, ConnKind, Frame, Hello, Join, PROTOCOL_VERSION, Preamble, Reason};
-use nbackup_protocol::{Name, SessionId};
+use nbackup_protocol::wire::{self, Caps, ConnKind, Frame, Join, PROTOCOL_VERSION, Preamble, Reason};
+use nbackup_protocol::SessionId;
 
 use crate::support::*;
 
@@ -17,17 +17,6 @@ fn refusal_reason(r: &Result<nbackup_daemon::agent::BackupReport, BackupError>) 
     match r {
         Ok(_) => panic!("expected a refusal, got a committed backup"),
         Err(e) => e.refusal().unwrap_or_else(|| panic!("expected a refusal, got {e}")).reason,
-    }
-}
-
-fn hello(agent: &str, storage: &str, backup: &str) -> Hello {
-    Hello {
-        agent: Name::new(agent).expect("name"),
-        storage: Name::new(storage).expect("name"),
-        backup: Name::new(backup).expect("name"),
-        agent_version: "test".into(),
-        chunk_size: 1 << 20,
-        streams: 2,
     }
 }
 

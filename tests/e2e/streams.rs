@@ -1,35 +1,13 @@
 //! Several streams, the autoscaler, and the bandwidth limit, through the real path.
 
-use std::fs;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nbackup_daemon::agent::autoscale::Decision;
-use nbackup_protocol::config::{AgentConfig, Excludes};
+use nbackup_protocol::config::Excludes;
 
 use crate::proxy::{Fault, Proxy};
 use crate::support::*;
-
-fn noisy_source(tmp: &std::path::Path, mib: usize) -> std::path::PathBuf {
-    let src = tmp.join("src");
-    fs::create_dir_all(&src).expect("mkdir");
-    fs::write(src.join("noise.bin"), noise(mib << 20, 3)).expect("noise");
-    fs::write(src.join("small.txt"), b"small\n").expect("small");
-    src
-}
-
-fn config_with(
-    pki: &Pki,
-    addr: std::net::SocketAddr,
-    spec: EntrySpec,
-    entry_extra: &str,
-    tuning: &Tuning,
-) -> AgentConfig {
-    let yaml = agent_yaml_tuned(pki, "web-01", &pki.agent("web-01"), addr, &[spec], tuning, "");
-    // Entry-level keys go right after the entry's `parallels:` line.
-    let yaml = yaml.replacen("    sources:\n", &format!("{entry_extra}    sources:\n"), 1);
-    AgentConfig::parse(&yaml, std::path::Path::new("agent.yaml")).expect("agent config")
-}
 
 #[tokio::test]
 async fn a_dead_streams_chunks_are_carried_by_the_other_streams() {

@@ -519,3 +519,39 @@ impl Drop for Tmpfs {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// A source of `mib` MiB of incompressible data and one small file.
+pub fn noisy_source(tmp: &std::path::Path, mib: usize) -> std::path::PathBuf {
+    let src = tmp.join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(mib << 20, 3)).expect("noise");
+    fs::write(src.join("small.txt"), b"small\n").expect("small");
+    src
+}
+
+/// An agent config for one entry with `entry_extra` YAML at entry level
+/// (e.g. `    bandwidth_limit: 1mb\n`).
+pub fn config_with(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    spec: EntrySpec,
+    entry_extra: &str,
+    tuning: &Tuning,
+) -> AgentConfig {
+    let yaml = agent_yaml_tuned(pki, "web-01", &pki.agent("web-01"), addr, &[spec], tuning, "");
+    // Entry-level keys go right after the entry's `parallels:` line.
+    let yaml = yaml.replacen("    sources:\n", &format!("{entry_extra}    sources:\n"), 1);
+    AgentConfig::parse(&yaml, std::path::Path::new("agent.yaml")).expect("agent config")
+}
+
+/// A `Hello` for opening sessions by hand.
+pub fn hello(agent: &str, storage: &str, backup: &str) -> nbackup_protocol::wire::Hello {
+    nbackup_protocol::wire::Hello {
+        agent: nbackup_protocol::Name::new(agent).expect("name"),
+        storage: nbackup_protocol::Name::new(storage).expect("name"),
+        backup: nbackup_protocol::Name::new(backup).expect("name"),
+        agent_version: "test".into(),
+        chunk_size: 1 << 20,
+        streams: 2,
+    }
+}
