@@ -71,6 +71,7 @@ async fn session(d: &Arc<Agentd>, conn: super::connect::Connection) -> String {
     let super::connect::Connection { mut reader, mut writer, .. } = conn;
     let keepalive = d.config().control_channel.keepalive_interval;
     let mut ping = tokio::time::interval(keepalive);
+    let mut silence = tokio::time::interval(keepalive / 4);
     let mut report = tokio::time::interval(REPORT_BUSY);
     // The first report goes out with the first round-trip time, the rest on change,
     // every REPORT_BUSY while a backup runs, and every REPORT_IDLE otherwise.
@@ -81,12 +82,14 @@ async fn session(d: &Arc<Agentd>, conn: super::connect::Connection) -> String {
     loop {
         tokio::select! {
             _ = d.shutdown().cancelled() => return "shutting down".into(),
-            _ = ping.tick() => {
-                // Silence, not a missing pong: the read below restarts its timer on
-                // every loop, so the deadline is checked here, against the last byte.
-                if reader.idle_for() > keepalive * 3 {
+            _ = silence.tick() => {
+                // Measured from the last byte, checked four times an interval, so a
+                // dead server is noticed within three intervals of its last answer.
+                if reader.idle_for() > keepalive * 11 / 4 {
                     return format!("no answer for {:.1} s; the server is gone or cut off", reader.idle_for().as_secs_f64());
                 }
+            }
+            _ = ping.tick() => {
                 nonce += 1;
                 pings.insert(nonce, Instant::now());
                 pings.retain(|n, _| nonce - n < 16);

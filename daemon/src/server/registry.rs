@@ -672,3 +672,104 @@ impl Registry {
 fn not_yours() -> Refusal {
     refusal(Reason::NotAllowed, "session belongs to another agent")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::storage::StorageArea;
+    use crate::state::{Events, History};
+    use bytes::Bytes;
+    use nbackup_protocol::config::Storage;
+    use nbackup_protocol::wire::{Chunk, Commit, Compression, SourceStats};
+    use sha2::{Digest, Sha256};
+
+    const LIMITS: Limits = Limits { sessions_per_agent: 4, streams_per_agent: 8 };
+
+    fn setup(dir: &std::path::Path) -> (Registry, Arc<Telemetry>, Arc<Session>) {
+        let area = StorageArea::new(Storage {
+            name: Name::new("main").expect("name"),
+            base_dir: dir.to_path_buf(),
+            max_backups: 3,
+            compression: Compression::Zstd,
+            level: 3,
+            chunk_fsync: false,
+            quota_per_agent: None,
+        });
+        area.prepare().expect("prepare");
+        let telemetry = Arc::new(Telemetry::new(
+            Events::open(None, "e").expect("events"),
+            History::open(None, "h").expect("history"),
+        ));
+        let params = SessionParams {
+            id: SessionId([9; 16]),
+            key: EntryKey {
+                agent: Name::new("a").expect("a"),
+                storage: Name::new("main").expect("s"),
+                backup: Name::new("b").expect("b"),
+            },
+            compression: Compression::Zstd,
+            level: 3,
+            chunk_size: 1 << 16,
+            max_streams: 2,
+            agent_version: "test".into(),
+            started: chrono::Utc::now(),
+        };
+        let session = Arc::new(Session::create(params, Arc::new(area)).expect("session"));
+        let registry = Registry::new(telemetry.clone());
+        registry.open(session.clone(), LIMITS).expect("open");
+        (registry, telemetry, session)
+    }
+
+    fn kinds(t: &Telemetry) -> Vec<String> {
+        t.history.list(None, 100).into_iter().map(|r| r.outcome).collect()
+    }
+
+    #[tokio::test]
+    async fn a_committing_session_cannot_be_ended_by_anything_but_its_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (registry, telemetry, session) = setup(dir.path());
+        let id = session.id();
+        let data = Bytes::from(vec![7u8; 1000]);
+        session.write_chunk(&Chunk::new(0, 0, data.clone())).expect("write");
+        let commit = Commit { total_len: 1000, chunks: 1, sha256: Sha256::digest(&data).into(), stats: SourceStats::default() };
+        let CommitStart::Run(s, mut answer) = registry.begin_commit(id) else { panic!("first commit runs") };
+        assert!(matches!(registry.begin_commit(id), CommitStart::Wait(_)), "a repeated Commit waits");
+        // Operator abort, an agent's Abort on another stream, expiry, all at once.
+        let abort = Outcome::Failed(Refusal::new(Reason::Cancelled, "operator"));
+        assert_eq!(registry.end(id, abort), Err(NotEnded::Committing));
+        registry.expire(Duration::ZERO, Duration::ZERO);
+        registry.drain();
+        assert_eq!(registry.sessions()[0].phase, Phase::Committing);
+        let result = s.commit(&commit);
+        let got = registry.commit_finished(id, result);
+        assert!(matches!(got, CommitAnswer::Committed(_)), "{got:?}");
+        answer.changed().await.expect("published");
+        assert_eq!(answer.borrow().clone(), Some(got));
+        assert_eq!(kinds(&telemetry), ["committed"], "one outcome, and it is the commit");
+        assert!(matches!(registry.outcome(id), Some(Outcome::Committed(_))));
+        assert!(matches!(registry.begin_commit(id), CommitStart::Done(CommitAnswer::Committed(_))));
+        assert_eq!(registry.end(id, Outcome::Failed(Refusal::new(Reason::Cancelled, "late"))), Err(NotEnded::Gone));
+        assert_eq!(kinds(&telemetry), ["committed"]);
+    }
+
+    #[tokio::test]
+    async fn a_passing_shortage_keeps_the_session_and_ending_twice_records_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (registry, telemetry, session) = setup(dir.path());
+        let id = session.id();
+        let CommitStart::Run(..) = registry.begin_commit(id) else { panic!("runs") };
+        let shortage = Refusal::new(Reason::Internal, "EMFILE");
+        let got = registry.commit_finished(id, Err(CommitFailure::Retry(shortage)));
+        assert!(matches!(got, CommitAnswer::Retry(_)));
+        assert!(matches!(registry.sessions()[0].phase, Phase::Orphaned { .. }), "back to waiting for its agent");
+        assert!(kinds(&telemetry).is_empty());
+        let attached = registry.attach(id, 0, 1, |_| true, LIMITS).expect("attach");
+        assert_eq!(registry.sessions()[0].phase, Phase::Receiving);
+        registry.end(id, Outcome::Failed(Refusal::new(Reason::Cancelled, "operator"))).expect("ended");
+        assert!(attached.cancel.is_cancelled(), "its streams are told");
+        assert_eq!(registry.end(id, Outcome::Failed(Refusal::new(Reason::Expired, "again"))), Err(NotEnded::Gone));
+        assert_eq!(kinds(&telemetry), ["aborted"]);
+        assert_eq!(registry.count(), 0, "the entry lock is free");
+        registry.may_open(&session.params.key, LIMITS).expect("the entry can run again");
+    }
+}
