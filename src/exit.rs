@@ -43,6 +43,8 @@ pub fn fail(code: Exit, error: impl Into<anyhow::Error>) -> anyhow::Error {
 pub fn for_backup_error(e: &BackupError) -> Exit {
     match e {
         BackupError::Cancelled => Exit::Interrupted,
+        // Still restarting after the whole retry budget: not a refusal of this backup.
+        _ if e.refusal().is_some_and(|r| r.reason == nbackup_protocol::wire::Reason::Draining) => Exit::Unreachable,
         BackupError::Connect(ConnectError::Refused(_)) | BackupError::Refused(_) => Exit::Refused,
         BackupError::Connect(ConnectError::Unreachable { .. } | ConnectError::Timeout { .. }) => Exit::Unreachable,
         _ if e.refusal().is_some() => Exit::Refused,

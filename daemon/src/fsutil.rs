@@ -176,7 +176,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         && limit.current != Some(max)
     {
         limit.current = Some(max);
-        setrlimit(Resource::Nofile, limit.clone()).map_err(io::Error::from)?;
+        setrlimit(Resource::Nofile, limit).map_err(io::Error::from)?;
     }
     Ok(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX))
 }
@@ -226,10 +226,17 @@ mod tests {
         assert_eq!(probe_noreplace(dir.path()).expect("probe"), NoReplace::Rename);
         let scope = dir.path().to_string_lossy().into_owned();
         {
-            let _no_rename2 = crate::fault::inject("rename-noreplace", scope.clone(), crate::fault::Action::Errno(libc::EINVAL), 0, 1);
+            let _no_rename2 = crate::fault::inject(
+                "rename-noreplace",
+                scope.clone(),
+                crate::fault::Action::Errno(libc::EINVAL),
+                0,
+                1,
+            );
             assert_eq!(probe_noreplace(dir.path()).expect("probe"), NoReplace::LinkUnlink);
         }
-        let _no_rename2 = crate::fault::inject("rename-noreplace", scope.clone(), crate::fault::Action::Errno(libc::EINVAL), 0, 1);
+        let _no_rename2 =
+            crate::fault::inject("rename-noreplace", scope.clone(), crate::fault::Action::Errno(libc::EINVAL), 0, 1);
         let _no_links = crate::fault::inject("link", scope, crate::fault::Action::Errno(libc::EPERM), 0, 1);
         let err = probe_noreplace(dir.path()).expect_err("neither");
         assert_eq!(err.kind(), io::ErrorKind::Unsupported);

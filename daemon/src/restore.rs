@@ -423,7 +423,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let outside = dir.path().join("outside");
         fs::create_dir(&outside).expect("outside");
-        let cases = [("a/x", EntryType::Regular), ("a/d", EntryType::Directory), ("a/f", EntryType::Fifo), ("a/d/y", EntryType::Regular)];
+        let cases = [
+            ("a/x", EntryType::Regular),
+            ("a/d", EntryType::Directory),
+            ("a/f", EntryType::Fifo),
+            ("a/d/y", EntryType::Regular),
+        ];
         for (i, (path, kind)) in cases.into_iter().enumerate() {
             let tar = crafted(&outside, path, kind);
             let archive = dir.path().join(format!("evil{i}.tar.zst"));

@@ -7,9 +7,9 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use nbackup_daemon::agent::{BackupError, Connector};
+use nbackup_protocol::SessionId;
 use nbackup_protocol::config::AgentConfig;
 use nbackup_protocol::wire::{self, Caps, ConnKind, Frame, Join, PROTOCOL_VERSION, Preamble, Reason};
-use nbackup_protocol::SessionId;
 
 use crate::support::*;
 

@@ -57,7 +57,11 @@ async fn rotation_follows_commit_order_when_the_clock_stepped_back() {
     let third = backup(&cfg, 0).await.expect("third");
     assert!(dir.join(&third.archive).exists(), "the committed answer names a file that exists");
     assert_eq!(manifest_of(&dir.join(&third.archive)).commit_seq, Some(3));
-    let left: Vec<String> = server.archives("main", "web-01", "etc").iter().map(|p| p.file_name().expect("n").to_string_lossy().into_owned()).collect();
+    let left: Vec<String> = server
+        .archives("main", "web-01", "etc")
+        .iter()
+        .map(|p| p.file_name().expect("n").to_string_lossy().into_owned())
+        .collect();
     assert_eq!(left.len(), 2);
     assert!(left.contains(&third.archive), "the newest commit survives its own rotation: {left:?}");
     assert!(left.contains(&format!("web-01-etc-{ahead}-2.tar.zst")), "the second commit is kept: {left:?}");
@@ -99,14 +103,16 @@ async fn a_slow_disk_stalls_only_its_own_sessions() {
     let _slow = fault::inject("commit:verify", scope.clone(), Action::Delay(Duration::from_millis(250)), 0, u32::MAX);
     let _stat = fault::inject("statvfs", scope, Action::Delay(Duration::from_secs(5)), 0, u32::MAX);
     let tuning = Tuning { ack_timeout: "1s", ..Tuning::default() };
-    let cfg = agent_config_tuned(&pki, server.addr, &[entry("etc", "slow", &[&src]), entry("www", "fast", &[&src])], &tuning);
+    let cfg =
+        agent_config_tuned(&pki, server.addr, &[entry("etc", "slow", &[&src]), entry("www", "fast", &[&src])], &tuning);
     let (logs, _guard) = Logs::capture();
     let progress = Arc::new(Progress::default());
     let slow_run = {
         let (cfg, progress) = (cfg.clone(), progress.clone());
         tokio::spawn(async move {
             let connector = Connector::new(&cfg).expect("connector");
-            nbackup_daemon::agent::run_backup(&connector, &cfg, &cfg.backups[0], progress, CancellationToken::new()).await
+            nbackup_daemon::agent::run_backup(&connector, &cfg, &cfg.backups[0], progress, CancellationToken::new())
+                .await
         })
     };
     logs.wait_for("server is committing").await;
@@ -225,7 +231,12 @@ async fn running_out_of_descriptors_loses_no_upload() {
     let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
     let scope = server.storage_dir("main").to_string_lossy().into_owned();
     let _emfile = fault::inject("chunk-write", scope, Action::Errno(libc::EMFILE), 2, 2);
-    let cfg = agent_config_tuned(&pki, server.addr, &[entry("etc", "main", &[&src])], &Tuning { attempts: 5, ..Tuning::default() });
+    let cfg = agent_config_tuned(
+        &pki,
+        server.addr,
+        &[entry("etc", "main", &[&src])],
+        &Tuning { attempts: 5, ..Tuning::default() },
+    );
     let report = backup(&cfg, 0).await.expect("commits after the shortage");
     assert!(report.resent_chunks >= 1, "the refused chunks were sent again");
     let archives = server.archives("main", "web-01", "etc");

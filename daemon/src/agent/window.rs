@@ -63,7 +63,10 @@ enum Slot {
     /// Taken by `stream`; `sent` is when its last byte was written (`None` while it is
     /// still being written, e.g. paced by the bandwidth limit). The acknowledgement
     /// deadline counts from `sent`, so our own throttle never trips it.
-    InFlight { stream: u16, sent: Option<Instant> },
+    InFlight {
+        stream: u16,
+        sent: Option<Instant>,
+    },
 }
 
 struct Pending {

@@ -40,16 +40,29 @@ pub(super) fn router(handle: ServerHandle) -> Router {
         .with_state(handle)
 }
 
-fn answer(r: Result<String, HandleError>) -> Result<Json<ActionResult>, Response> {
-    r.map(|message| Json(ActionResult { ok: true, message })).map_err(|e| {
-        let code = match &e {
+/// The JSON error answer for a command the handle did not carry out.
+struct Refused(HandleError);
+
+impl From<HandleError> for Refused {
+    fn from(e: HandleError) -> Self {
+        Refused(e)
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        let code = match &self.0 {
             HandleError::BadId(_) => StatusCode::BAD_REQUEST,
             HandleError::NotFound(_) => StatusCode::NOT_FOUND,
             HandleError::Conflict(_) => StatusCode::CONFLICT,
             HandleError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
-        error(code, e.to_string())
-    })
+        error(code, self.0.to_string())
+    }
+}
+
+fn answer(r: Result<String, HandleError>) -> Result<Json<ActionResult>, Refused> {
+    r.map(|message| Json(ActionResult { ok: true, message })).map_err(Refused::from)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
@@ -64,16 +77,20 @@ async fn sessions(State(h): S) -> Json<Vec<SessionInfo>> {
     Json(h.sessions())
 }
 
-async fn session(State(h): S, Path(id): Path<String>) -> Result<Json<SessionInfo>, Response> {
-    h.session(&id).map(Json).map_err(|e| answer(Err(e)).expect_err("an error"))
+async fn session(State(h): S, Path(id): Path<String>) -> Result<Json<SessionInfo>, Refused> {
+    Ok(Json(h.session(&id)?))
 }
 
-async fn abort(State(h): S, Path(id): Path<String>, body: Option<Json<AbortRequest>>) -> Result<Json<ActionResult>, Response> {
+async fn abort(
+    State(h): S,
+    Path(id): Path<String>,
+    body: Option<Json<AbortRequest>>,
+) -> Result<Json<ActionResult>, Refused> {
     let reason = body.and_then(|b| b.0.reason).unwrap_or_else(|| "no reason given".into());
     answer(h.abort(&id, &reason))
 }
 
-async fn rotate(State(h): S, Path((id, n)): Path<(String, u16)>) -> Result<Json<ActionResult>, Response> {
+async fn rotate(State(h): S, Path((id, n)): Path<(String, u16)>) -> Result<Json<ActionResult>, Refused> {
     answer(h.rotate(&id, n))
 }
 
@@ -81,7 +98,7 @@ async fn agents(State(h): S) -> Json<Vec<AgentInfo>> {
     Json(h.agents())
 }
 
-async fn agent_run(State(h): S, Path((name, entry)): Path<(String, String)>) -> Result<Json<ActionResult>, Response> {
+async fn agent_run(State(h): S, Path((name, entry)): Path<(String, String)>) -> Result<Json<ActionResult>, Refused> {
     answer(h.agent_command(&name, ControlCommand::RunNow { entry }).await)
 }
 
@@ -89,7 +106,7 @@ async fn agent_abort(
     State(h): S,
     Path((name, entry)): Path<(String, String)>,
     body: Option<Json<AbortRequest>>,
-) -> Result<Json<ActionResult>, Response> {
+) -> Result<Json<ActionResult>, Refused> {
     let reason = body.and_then(|Json(b)| b.reason).unwrap_or_else(|| "aborted by the operator".into());
     answer(h.agent_command(&name, ControlCommand::Abort { entry, reason }).await)
 }
@@ -103,7 +120,7 @@ async fn agent_defer(
     State(h): S,
     Path((name, entry)): Path<(String, String)>,
     Query(q): Query<DeferQuery>,
-) -> Result<Json<ActionResult>, Response> {
+) -> Result<Json<ActionResult>, Refused> {
     answer(h.agent_command(&name, ControlCommand::Defer { entry, seconds: q.seconds }).await)
 }
 

@@ -214,7 +214,11 @@ where
     };
     if current {
         info!(agent = %agent, "control channel closed: {why}");
-        shared.telemetry.events.record("agent_disconnected", EventSpec { agent: Some(&agent), ..Default::default() }, why);
+        shared.telemetry.events.record(
+            "agent_disconnected",
+            EventSpec { agent: Some(&agent), ..Default::default() },
+            why,
+        );
     } else {
         info!(agent = %agent, "superseded control channel closed: {why}");
     }

@@ -281,10 +281,7 @@ impl ServerHandle {
         let live = s.live();
         let per_storage = |c: &std::sync::Mutex<BTreeMap<String, u64>>| -> Vec<(String, f64)> {
             let c = crate::lock(c);
-            live.storages
-                .keys()
-                .map(|n| (storage_label(n), c.get(n.as_str()).copied().unwrap_or(0) as f64))
-                .collect()
+            live.storages.keys().map(|n| (storage_label(n), c.get(n.as_str()).copied().unwrap_or(0) as f64)).collect()
         };
         metric(
             "nbackup_backups_committed_total",

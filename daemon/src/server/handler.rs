@@ -11,9 +11,7 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use nbackup_protocol::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
-use nbackup_protocol::wire::{
-    Caps, Frame, FrameType, Health, Hello, Joined, Reason, Refusal, StorageHealth, Welcome,
-};
+use nbackup_protocol::wire::{Caps, Frame, FrameType, Health, Hello, Joined, Reason, Refusal, StorageHealth, Welcome};
 use nbackup_protocol::{Name, SessionId};
 
 use super::listener::Conn;
@@ -25,7 +23,12 @@ use crate::conn::{FrameReader, FrameWriter};
 use crate::state::EventSpec;
 
 /// Refuses a request: logs it, records an event, tells the peer, closes.
-pub async fn refuse<W: AsyncWrite + Unpin>(server: &Server, conn: &Conn, writer: &mut FrameWriter<W>, refusal: Refusal) {
+pub async fn refuse<W: AsyncWrite + Unpin>(
+    server: &Server,
+    conn: &Conn,
+    writer: &mut FrameWriter<W>,
+    refusal: Refusal,
+) {
     warn!(peer = %conn.peer, identities = ?conn.identities, reason = %refusal.reason, "refused: {}", refusal.message);
     let agent = conn.identities.first().map(String::as_str);
     server.telemetry.events.record("refused", EventSpec { agent, ..Default::default() }, refusal.to_string());
@@ -139,7 +142,11 @@ pub async fn backup<R, W>(
         return;
     }
     *crate::lock(&attached.stats.peer) = conn.peer.to_string();
-    server.telemetry.session_event(&session, "started", format!("session opened from {} ({})", conn.peer, p.compression));
+    server.telemetry.session_event(
+        &session,
+        "started",
+        format!("session opened from {} ({})", conn.peer, p.compression),
+    );
     stream::run(server, attached, 0, 0, reader, writer).await;
 }
 

@@ -150,7 +150,7 @@ pub async fn run(server: Arc<Server>, pending: Vec<Pending>) {
                         session = %id, agent = %session.params.key.agent, backup = %session.params.key.backup,
                         contiguous = session.contiguous(), "adopted upload in flight; waiting for the agent to re-join"
                     );
-                    s.registry.adopted(session);
+                    s.registry.adopted(*session);
                 }
                 Ok(Ok(Recovered::Finished(agent, c))) => {
                     s.registry.recovery_finished(id, Some((agent, Outcome::Committed(c), Duration::ZERO)));
@@ -171,7 +171,7 @@ pub async fn run(server: Arc<Server>, pending: Vec<Pending>) {
 }
 
 enum Recovered {
-    Adopted(Session),
+    Adopted(Box<Session>),
     Finished(Name, Committed),
 }
 
@@ -236,7 +236,7 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path) -> std::io::Result<Recovere
     if !part.exists() {
         return Err(bad("journal without upload".into()));
     }
-    Ok(Recovered::Adopted(Session::adopt(&contents, area.clone())?))
+    Ok(Recovered::Adopted(Box::new(Session::adopt(&contents, area.clone())?)))
 }
 
 fn parse_sha(s: &str) -> std::io::Result<[u8; 32]> {

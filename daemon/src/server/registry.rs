@@ -293,10 +293,7 @@ impl Registry {
         if counted >= limits.sessions_per_agent as usize {
             return Err(refusal(
                 Reason::Busy,
-                format!(
-                    "agent {} already has {counted} sessions open (server.max_sessions_per_agent)",
-                    key.agent
-                ),
+                format!("agent {} already has {counted} sessions open (server.max_sessions_per_agent)", key.agent),
             ));
         }
         Ok(stale)
@@ -366,13 +363,19 @@ impl Registry {
         }
         let max = live.session.params.max_streams;
         if stream >= max {
-            return Err(refusal(Reason::TooManyStreams, format!("stream {stream} is beyond this session's {max} streams")));
+            return Err(refusal(
+                Reason::TooManyStreams,
+                format!("stream {stream} is beyond this session's {max} streams"),
+            ));
         }
         let replacing = live.streams.contains_key(&stream);
         if !replacing && agent_streams(&t, &agent) >= limits.streams_per_agent as usize {
             return Err(refusal(
                 Reason::TooManyStreams,
-                format!("agent {agent} has {} streams attached (server.max_streams_per_agent)", limits.streams_per_agent),
+                format!(
+                    "agent {agent} has {} streams attached (server.max_streams_per_agent)",
+                    limits.streams_per_agent
+                ),
             ));
         }
         let live = t.live.get_mut(&id).expect("looked up above");
@@ -469,11 +472,8 @@ impl Registry {
                 (CommitAnswer::Failed(r), ended.ok())
             }
             Err(CommitFailure::Retry(r)) => {
-                live.phase = if live.streams.is_empty() {
-                    Phase::Orphaned { since: Instant::now() }
-                } else {
-                    Phase::Receiving
-                };
+                live.phase =
+                    if live.streams.is_empty() { Phase::Orphaned { since: Instant::now() } } else { Phase::Receiving };
                 tracing::warn!(session = %id, "commit deferred: {}", r.message);
                 (CommitAnswer::Retry(r), None)
             }
@@ -574,7 +574,9 @@ impl Registry {
     fn gone(t: &Table, id: SessionId, owns: &impl Fn(&Name) -> bool) -> Refusal {
         let msg = match t.finished.get(&id) {
             Some(f) if !owns(&f.agent) => return not_yours(),
-            Some(Finished { outcome: Outcome::Committed(c), .. }) => format!("session already committed as {}", c.archive),
+            Some(Finished { outcome: Outcome::Committed(c), .. }) => {
+                format!("session already committed as {}", c.archive)
+            }
             Some(Finished { outcome: Outcome::Failed(r), .. }) => format!("session already ended: {r}"),
             None => "no such session".to_string(),
         };
@@ -604,10 +606,9 @@ impl Registry {
                     match l.phase {
                         Phase::Committing | Phase::Recovering => None,
                         _ if idle > ttl => Some((*id, format!("no traffic for {}s", idle.as_secs()))),
-                        Phase::Orphaned { since } if since.elapsed() > orphan => Some((
-                            *id,
-                            format!("the agent's connections were gone for {}s", since.elapsed().as_secs()),
-                        )),
+                        Phase::Orphaned { since } if since.elapsed() > orphan => {
+                            Some((*id, format!("the agent's connections were gone for {}s", since.elapsed().as_secs())))
+                        }
                         _ => None,
                     }
                 })
@@ -645,7 +646,12 @@ impl Registry {
                     stats: stats.clone(),
                 }));
                 streams.sort_by_key(|s| s.stream);
-                SessionView { params: l.session.params.clone(), phase: l.phase, session: Some(l.session.clone()), streams }
+                SessionView {
+                    params: l.session.params.clone(),
+                    phase: l.phase,
+                    session: Some(l.session.clone()),
+                    streams,
+                }
             })
             .collect();
         v.extend(t.recovering.values().map(|p| SessionView {
@@ -731,7 +737,8 @@ mod tests {
         let id = session.id();
         let data = Bytes::from(vec![7u8; 1000]);
         session.write_chunk(&Chunk::new(0, 0, data.clone())).expect("write");
-        let commit = Commit { total_len: 1000, chunks: 1, sha256: Sha256::digest(&data).into(), stats: SourceStats::default() };
+        let commit =
+            Commit { total_len: 1000, chunks: 1, sha256: Sha256::digest(&data).into(), stats: SourceStats::default() };
         let CommitStart::Run(s, mut answer) = registry.begin_commit(id) else { panic!("first commit runs") };
         assert!(matches!(registry.begin_commit(id), CommitStart::Wait(_)), "a repeated Commit waits");
         // Operator abort, an agent's Abort on another stream, expiry, all at once.

@@ -406,7 +406,8 @@ impl Session {
             .journal
             .intent(&journal::Intent { archive: manifest.archive.clone(), manifest: manifest.clone() })
             .map_err(|e| fail(e, "writing the commit intent"))?;
-        let path = self.storage.place(&self.part_path, agent, backup, &manifest.archive).map_err(|e| fail(e, "rename"))?;
+        let path =
+            self.storage.place(&self.part_path, agent, backup, &manifest.archive).map_err(|e| fail(e, "rename"))?;
         tracing::info!(
             session = %p.id, agent = %agent, backup = %backup, storage = %p.key.storage,
             archive = %path.display(), bytes = commit.total_len, seq, "committed"
@@ -648,8 +649,10 @@ mod tests {
         assert_eq!(done.incomplete, None);
         let dir = s.storage.entry_dir(&s.params.key.agent, &s.params.key.backup);
         assert_eq!(std::fs::read(dir.join(&done.committed.archive)).expect("archive"), data);
-        let m = Manifest::from_json(&std::fs::read_to_string(dir.join(format!("{}.json", done.committed.archive))).expect("m"))
-            .expect("manifest");
+        let m = Manifest::from_json(
+            &std::fs::read_to_string(dir.join(format!("{}.json", done.committed.archive))).expect("m"),
+        )
+        .expect("manifest");
         assert_eq!(m.commit_seq, Some(1));
         assert_eq!(s.verified.load(Ordering::Relaxed), data.len() as u64);
     }

@@ -155,8 +155,7 @@ impl StorageArea {
                 continue;
             }
             let path = entry.path();
-            let manifest =
-                fs::read_to_string(sidecar_path(&path)).ok().and_then(|t| Manifest::from_json(&t).ok());
+            let manifest = fs::read_to_string(sidecar_path(&path)).ok().and_then(|t| Manifest::from_json(&t).ok());
             let seq = manifest.as_ref().and_then(|m| m.commit_seq);
             out.push(ArchiveFile { path, name, stamp, n, size: meta.len(), compression, seq, manifest });
         }

@@ -92,7 +92,8 @@ impl Telemetry {
         let (archive, reason, message) = match outcome {
             Outcome::Committed(c) => {
                 *crate::lock(&self.metrics.committed).entry(storage.clone()).or_default() += 1;
-                crate::lock(&self.metrics.last_success).insert((p.key.agent.to_string(), p.key.backup.to_string()), unix_now());
+                crate::lock(&self.metrics.last_success)
+                    .insert((p.key.agent.to_string(), p.key.backup.to_string()), unix_now());
                 self.session_event(session, kind, format!("committed {} ({} bytes)", c.archive, c.size));
                 for old in rotated {
                     self.session_event(session, "rotated", format!("rotated out {old}"));
@@ -235,7 +236,8 @@ pub(crate) async fn reaper(server: Arc<Server>, shutdown: CancellationToken) {
         last = Instant::now();
         if compacted.elapsed() >= FINISHED_TTL / 4 {
             compacted = Instant::now();
-            for area in server.live().storages.values().cloned() {
+            for area in server.live().storages.values() {
+                let area = area.clone();
                 // Each on its own blocking thread: a frozen storage delays only itself.
                 server.tracker.spawn_blocking(move || area.recent_commits(FINISHED_TTL));
             }

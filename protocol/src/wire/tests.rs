@@ -155,7 +155,10 @@ fn golden_refused_and_abort() {
 fn golden_join_joined_health() {
     let f = Frame::Join(Join { session: SessionId([0x22; 16]), stream: 3, generation: 2 });
     assert_eq!(hex(&f.to_bytes().expect("encodes")), format!("0400000016{}000300000002", "22".repeat(16)));
-    assert_eq!(hex(&Frame::Joined(Joined { stream: 3, contiguous: 5 }).to_bytes().expect("encodes")), "050000000a00030000000000000005");
+    assert_eq!(
+        hex(&Frame::Joined(Joined { stream: 3, contiguous: 5 }).to_bytes().expect("encodes")),
+        "050000000a00030000000000000005"
+    );
     let f = Frame::Health(Health {
         server_version: "1".into(),
         uptime_secs: 2,
@@ -322,7 +325,8 @@ fn rejects_unknown_compression_and_conn_kind() {
         level: 1,
         max_streams: 1,
     })
-    .to_bytes().expect("encodes");
+    .to_bytes()
+    .expect("encodes");
     bytes[5 + 16] = 9;
     assert_eq!(decode_all(&bytes), Err(DecodeError::UnknownValue { field: "compression", value: 9 }));
     assert_eq!(Preamble::decode(b"HTTP/1.1 \r"), Err(DecodeError::UnknownConnKind(*b"HTTP")));
