@@ -3,14 +3,14 @@
 //!
 //! | module | concern |
 //! |---|---|
-//! | [`listener`] | accept, TLS handshake, per-phase deadlines, handshake cap, dispatch by connection kind |
-//! | [`handler`] | policy of the first request: open (`Hello`), join, status, ping |
-//! | [`stream`] | one data stream: read, CRC, disk, ack, commit, keepalive and silence |
-//! | [`registry`] | every session's phase, streams, lock and outcome — the only place a phase changes |
-//! | [`session`] | one upload's data: the `.part`, its chunks, the verified commit |
-//! | [`storage`], [`journal`], [`recovery`] | on-disk layout, crash safety, restart adoption |
-//! | [`telemetry`] | events, history, metrics, time series, sampler, reaper |
-//! | [`handle`] | the narrow handle admin and control code use: snapshots and commands |
+//! | `listener` | accept, TLS handshake, per-phase deadlines, handshake cap, dispatch by connection kind |
+//! | `handler` | policy of the first request: open (`Hello`), join, status, ping |
+//! | `stream` | one data stream: read, CRC, disk, ack, commit, keepalive and silence |
+//! | `registry` | every session's phase, streams, lock and outcome — the only place a phase changes |
+//! | `session` | one upload's data: the `.part`, its chunks, the verified commit |
+//! | `storage`, `journal`, `recovery` | on-disk layout, crash safety, restart adoption |
+//! | `telemetry` | events, history, metrics, time series, sampler, reaper |
+//! | `handle` | the narrow handle admin and control code use: snapshots and commands |
 //!
 //! Blocking filesystem work (open, write, fsync, rename, statvfs, readdir, unlink)
 //! runs on blocking threads, never on the runtime, and no lock async code waits on is
