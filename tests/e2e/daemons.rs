@@ -903,3 +903,104 @@ async fn the_server_records_every_happening_as_an_event() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_silent_server_is_found_on_the_control_channel_and_a_stale_connection_records_no_disconnect() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
+    let proxy = Proxy::start(server.addr).await;
+    // The control channel's first connection goes silent once it is established and
+    // has sent a few pings: no FIN, no RST, nothing either way.
+    proxy.fault(0, Fault::FreezeAfter(3000));
+    let extra = "daemon:\n  control_channel:\n    keepalive_interval: 200ms\n    reconnect_delay: 50ms\n    max_reconnect_delay: 50ms\n";
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("src");
+    let yaml = agent_daemon_yaml(&pki, proxy.addr, tmp.path(), &entry_yaml("data", &src, ""), extra);
+    let agent = AgentDaemon::start(tmp.path(), &yaml, Arc::new(SystemClock)).await;
+    let start = Instant::now();
+    while proxy.broken.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the channel never reached the freeze");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let frozen = Instant::now();
+    let lost = loop {
+        if let Some(e) = events(&agent.client).await.into_iter().find(|e| e.kind == "control_lost") {
+            break e;
+        }
+        assert!(frozen.elapsed() < Duration::from_secs(30), "the agent never noticed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let noticed = frozen.elapsed();
+    assert!(lost.message.contains("no answer"), "{}", lost.message);
+    eprintln!("control channel: a silent server noticed {noticed:?} after the freeze (keepalive 200ms)");
+    // It reconnects (the proxy's next connection is clean) and stays connected, even
+    // after the server gives up on the stale connection (3 keepalives of silence).
+    let start = Instant::now();
+    loop {
+        let status: AgentStatus = agent.client.get("/v1/status").await.expect("status");
+        if status.control_channel.connected {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never reconnected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let agents: Vec<nbackup_protocol::admin::AgentInfo> = server.client.get("/v1/agents").await.expect("agents");
+    assert!(agents.iter().any(|a| a.name == "web-01" && a.connected), "{agents:?}");
+    let ev = events(&server.client).await;
+    let last_connect = ev.iter().filter(|e| e.kind == "agent_connected").map(|e| e.seq).max().expect("connected");
+    assert!(
+        !ev.iter().any(|e| e.kind == "agent_disconnected" && e.seq > last_connect),
+        "the replaced connection recorded a disconnect: {ev:?}"
+    );
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_answers_at_once_while_a_storage_is_frozen_in_a_commit() {
+    use nbackup_daemon::fault::{self, Action};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main"), gzip("other")]).await;
+    let scope = tmp.path().join("storage/main").to_string_lossy().into_owned();
+    // Each chunk read back at commit takes 300 ms; free-space checks hang for 3 s.
+    let _verify = fault::inject("commit:verify", scope.clone(), Action::Delay(Duration::from_millis(300)), 0, u32::MAX);
+    let _statvfs = fault::inject("statvfs", scope, Action::Delay(Duration::from_secs(3)), 0, u32::MAX);
+    let src = noisy_source(tmp.path(), 5);
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    let run = tokio::spawn(async move { backup(&cfg, 0).await });
+    let start = Instant::now();
+    loop {
+        let sessions: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
+        if sessions.iter().any(|s| s.phase == "committing") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never committing: {sessions:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut slowest = Duration::ZERO;
+    for path in ["/v1/status", "/v1/sessions", "/v1/agents", "/metrics", "/v1/history"] {
+        let t = Instant::now();
+        if path == "/metrics" {
+            server.client.get_text(path).await.expect(path);
+        } else {
+            let _: serde_json::Value = server.client.get(path).await.expect(path);
+        }
+        slowest = slowest.max(t.elapsed());
+    }
+    // An abort now is refused: the commit decides.
+    let sessions: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
+    let id = &sessions.iter().find(|s| s.phase == "committing").expect("committing").id;
+    let body = nbackup_protocol::admin::AbortRequest { reason: Some("now".into()) };
+    let abort = server.client.post::<ActionResult, _>(&format!("/v1/sessions/{id}/abort"), Some(&body)).await;
+    assert!(matches!(&abort, Err(e) if e.to_string().contains("committing")), "{abort:?}");
+    assert!(!run.is_finished(), "the commit was still running");
+    eprintln!("admin API during a frozen commit: slowest answer {slowest:?}");
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    run.await.expect("task").expect("the commit finishes");
+    let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
+    assert_eq!(history.iter().map(|h| h.outcome.as_str()).collect::<Vec<_>>(), ["committed"]);
+    server.stop().await;
+}
