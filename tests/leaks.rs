@@ -1,5 +1,6 @@
-//! After backups that meet faults — a cut connection, a full disk, a lost commit
-//! answer — and a server shutdown, nothing is left behind: no upload or journal, no
+//! After backups that meet faults — a cut connection, a frozen one, a full disk, a
+//! passing shortage of descriptors, a lost commit answer, a slow commit — and a
+//! server shutdown, nothing is left behind: no upload or journal, no
 //! entry lock, no tokio task, no file descriptor. A binary of its own, so no other
 //! test shares the process while counting.
 
@@ -33,7 +34,7 @@ async fn faulty_backups_leave_no_uploads_locks_tasks_or_descriptors() {
     let metrics = tokio::runtime::Handle::current().metrics();
     let fds_before = open_fds();
     {
-        let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+        let server = TestServer::start_with(tmp.path(), &pki, &[gzip("main")], "  stream_timeout: 1s\n").await;
         let proxy = Proxy::start(server.addr).await;
         proxy.fault(0, Fault::CutAfter(1 << 20));
         let tuning = Tuning { attempts: 5, ack_timeout: "1s", ..Tuning::default() };
@@ -47,8 +48,21 @@ async fn faulty_backups_leave_no_uploads_locks_tasks_or_descriptors() {
             assert_eq!(err.refusal().map(|r| r.reason), Some(Reason::DiskFull));
         }
         {
-            let _lost = fault::inject("commit:answer", scope, Action::Drop, 0, 1);
+            let _lost = fault::inject("commit:answer", scope.clone(), Action::Drop, 0, 1);
             backup(&cfg, 0).await.expect("committed despite the lost answer");
+        }
+        {
+            let _emfile = fault::inject("chunk-write", scope.clone(), Action::Errno(libc::EMFILE), 3, 1);
+            let _slow = fault::inject("commit:verify", scope, Action::Delay(Duration::from_millis(100)), 0, 20);
+            backup(&cfg, 0).await.expect("committed after a shortage and a slow commit");
+        }
+        {
+            // A connection that goes silent: the agent moves on, the server drops it.
+            let frozen = Proxy::start(server.addr).await;
+            frozen.fault(0, Fault::FreezeAfter(1 << 20));
+            let cfg = agent_config_tuned(&pki, frozen.addr, &[entry("a", "main", &[&src])], &tuning);
+            backup(&cfg, 0).await.expect("resumed past the frozen connection");
+            frozen.stop();
         }
         // The entry lock is free: an immediate run is accepted.
         backup(&cfg, 0).await.expect("entry free");
