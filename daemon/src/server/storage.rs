@@ -495,6 +495,23 @@ mod tests {
     }
 
     #[test]
+    fn a_quota_counts_every_entry_of_the_agent_in_the_storage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = area(dir.path(), 5);
+        s.cfg.quota_per_agent = Some(10);
+        s.prepare().expect("prepare");
+        let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        commit_one(&s, t, "123456"); // 6 bytes of agent a, entry b
+        let a = Name::new("a").expect("a");
+        assert_eq!(s.agent_usage(&a).expect("usage"), 6);
+        s.check_quota(&a, 4).expect("exactly at the quota");
+        let r = s.check_quota(&a, 5).expect_err("over");
+        assert_eq!(r.reason, nbackup_protocol::wire::Reason::QuotaExceeded);
+        assert!(r.message.contains("quota of 10"), "{}", r.message);
+        s.check_quota(&Name::new("other").expect("n"), 10).expect("another agent has its own");
+    }
+
+    #[test]
     fn rotation_never_removes_the_archive_it_was_told_to_keep() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = area(dir.path(), 1);
