@@ -9,8 +9,8 @@ Exit status:
   0    success (every requested backup committed)
   1    a backup or command failed
   2    usage or configuration error
-  3    the server could not be reached
-  4    the server refused (identity, storage, disk full, busy, …)
+  3    the server could not be reached (or was still restarting) within the retry budget
+  4    the server refused (identity, storage, disk full, quota, busy, …)
   130  interrupted (Ctrl-C / SIGTERM)";
 
 const CTL_EXIT_CODES: &str = "\
