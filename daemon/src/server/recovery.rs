@@ -35,7 +35,7 @@ use nbackup_protocol::{Name, SessionId};
 use super::Server;
 use super::journal::{self, Journal};
 use super::registry::{FINISHED_TTL, Outcome};
-use super::session::{EntryKey, Session, SessionParams, committed_entry, done_record};
+use super::session::{Session, SessionParams, committed_entry, done_record};
 use super::storage::StorageArea;
 use crate::fsutil;
 use crate::restore::verify_against_manifest;
@@ -118,23 +118,13 @@ fn header(path: &Path) -> std::io::Result<journal::Header> {
 }
 
 fn params(area: &StorageArea, h: &journal::Header) -> std::io::Result<SessionParams> {
-    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
     if h.storage != area.cfg.name.as_str() {
-        return Err(bad(format!("journal of storage {:?} found in storage {}", h.storage, area.cfg.name)));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("journal of storage {:?} found in storage {}", h.storage, area.cfg.name),
+        ));
     }
-    let name = |s: &str| Name::new(s).map_err(|e| bad(format!("bad name {s:?}: {e}")));
-    Ok(SessionParams {
-        id: SessionId::from_hex(&h.session).ok_or_else(|| bad("bad session id".into()))?,
-        key: EntryKey { agent: name(&h.agent)?, storage: name(&h.storage)?, backup: name(&h.backup)? },
-        compression: h.compression,
-        level: h.level,
-        chunk_size: h.chunk_size,
-        max_streams: h.max_streams.max(1),
-        agent_version: h.agent_version.clone(),
-        started: chrono::DateTime::parse_from_rfc3339(&h.started)
-            .map_err(|e| bad(format!("bad start time: {e}")))?
-            .with_timezone(&chrono::Utc),
-    })
+    SessionParams::from_header(h)
 }
 
 /// Re-checks everything [`scan`] registered, one blocking task per upload.

@@ -163,6 +163,21 @@ struct Live {
     ended: CancellationToken,
 }
 
+impl Live {
+    /// A session with no stream attached yet, waiting for its agent.
+    fn waiting(session: Arc<Session>) -> Self {
+        Live {
+            session,
+            phase: Phase::Orphaned { since: Instant::now() },
+            streams: BTreeMap::new(),
+            closed: BTreeMap::new(),
+            joins: HashMap::new(),
+            commit: None,
+            ended: CancellationToken::new(),
+        }
+    }
+}
+
 struct Finished {
     agent: Name,
     outcome: Outcome,
@@ -227,16 +242,7 @@ impl Registry {
         let mut t = self.table();
         t.recovering.remove(&session.id());
         t.locks.insert(session.params.key.clone(), session.id());
-        let live = Live {
-            session: session.clone(),
-            phase: Phase::Orphaned { since: Instant::now() },
-            streams: BTreeMap::new(),
-            closed: BTreeMap::new(),
-            joins: HashMap::new(),
-            commit: None,
-            ended: CancellationToken::new(),
-        };
-        t.live.insert(session.id(), live);
+        t.live.insert(session.id(), Live::waiting(session));
     }
 
     /// Recovery is done with a session: it finished an interrupted commit
@@ -311,16 +317,7 @@ impl Registry {
                 Self::end_locked(&mut t, old, Outcome::Failed(why), None).ok()
             });
             t.locks.insert(key, session.id());
-            let live = Live {
-                session: session.clone(),
-                phase: Phase::Orphaned { since: Instant::now() },
-                streams: BTreeMap::new(),
-                closed: BTreeMap::new(),
-                joins: HashMap::new(),
-                commit: None,
-                ended: CancellationToken::new(),
-            };
-            t.live.insert(session.id(), live);
+            t.live.insert(session.id(), Live::waiting(session.clone()));
             superseded
         };
         if let Some(old) = superseded {
@@ -682,45 +679,19 @@ fn not_yours() -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::storage::StorageArea;
     use crate::state::{Events, History};
     use bytes::Bytes;
-    use nbackup_protocol::config::Storage;
-    use nbackup_protocol::wire::{Chunk, Commit, Compression, SourceStats};
+    use nbackup_protocol::wire::{Chunk, Commit, SourceStats};
     use sha2::{Digest, Sha256};
 
     const LIMITS: Limits = Limits { sessions_per_agent: 4, streams_per_agent: 8 };
 
     fn setup(dir: &std::path::Path) -> (Registry, Arc<Telemetry>, Arc<Session>) {
-        let area = StorageArea::new(Storage {
-            name: Name::new("main").expect("name"),
-            base_dir: dir.to_path_buf(),
-            max_backups: 3,
-            compression: Compression::Zstd,
-            level: 3,
-            chunk_fsync: false,
-            quota_per_agent: None,
-        });
-        area.prepare().expect("prepare");
         let telemetry = Arc::new(Telemetry::new(
             Events::open(None, "e").expect("events"),
             History::open(None, "h").expect("history"),
         ));
-        let params = SessionParams {
-            id: SessionId([9; 16]),
-            key: EntryKey {
-                agent: Name::new("a").expect("a"),
-                storage: Name::new("main").expect("s"),
-                backup: Name::new("b").expect("b"),
-            },
-            compression: Compression::Zstd,
-            level: 3,
-            chunk_size: 1 << 16,
-            max_streams: 2,
-            agent_version: "test".into(),
-            started: chrono::Utc::now(),
-        };
-        let session = Arc::new(Session::create(params, Arc::new(area)).expect("session"));
+        let session = Arc::new(crate::server::session::test_session(dir, 1 << 16));
         let registry = Registry::new(telemetry.clone());
         registry.open(session.clone(), LIMITS).expect("open");
         (registry, telemetry, session)

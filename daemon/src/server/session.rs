@@ -65,6 +65,31 @@ pub struct SessionParams {
     pub started: DateTime<Utc>,
 }
 
+impl SessionParams {
+    /// The parameters a journal's header records, checked as a `Hello` would be.
+    pub fn from_header(h: &journal::Header) -> io::Result<Self> {
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        let name = |s: &str| Name::new(s).map_err(|e| bad(format!("bad name {s:?}: {e}")));
+        if !(nbackup_protocol::limits::MIN_CHUNK_SIZE..=nbackup_protocol::limits::MAX_CHUNK_SIZE)
+            .contains(&h.chunk_size)
+        {
+            return Err(bad(format!("bad chunk size {}", h.chunk_size)));
+        }
+        Ok(SessionParams {
+            id: SessionId::from_hex(&h.session).ok_or_else(|| bad(format!("bad session id {:?}", h.session)))?,
+            key: EntryKey { agent: name(&h.agent)?, storage: name(&h.storage)?, backup: name(&h.backup)? },
+            compression: h.compression,
+            level: h.level,
+            chunk_size: h.chunk_size,
+            max_streams: h.max_streams.max(1),
+            agent_version: h.agent_version.clone(),
+            started: DateTime::parse_from_rfc3339(&h.started)
+                .map_err(|e| bad(format!("bad start time: {e}")))?
+                .with_timezone(&Utc),
+        })
+    }
+}
+
 /// What happened to a chunk handed to [`Session::write_chunk`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -235,27 +260,8 @@ impl Session {
     /// resends what is dropped). Reads the whole upload: runs after readiness.
     pub fn adopt(contents: &journal::Contents, storage: Arc<StorageArea>) -> io::Result<Self> {
         let h = &contents.header;
-        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
-        let id = SessionId::from_hex(&h.session).ok_or_else(|| bad(format!("bad session id {:?}", h.session)))?;
-        let name = |s: &str| Name::new(s).map_err(|e| bad(format!("bad name {s:?}: {e}")));
-        let started = DateTime::parse_from_rfc3339(&h.started)
-            .map_err(|e| bad(format!("bad start time: {e}")))?
-            .with_timezone(&Utc);
-        if !(nbackup_protocol::limits::MIN_CHUNK_SIZE..=nbackup_protocol::limits::MAX_CHUNK_SIZE)
-            .contains(&h.chunk_size)
-        {
-            return Err(bad(format!("bad chunk size {}", h.chunk_size)));
-        }
-        let params = SessionParams {
-            id,
-            key: EntryKey { agent: name(&h.agent)?, storage: name(&h.storage)?, backup: name(&h.backup)? },
-            compression: h.compression,
-            level: h.level,
-            chunk_size: h.chunk_size,
-            max_streams: h.max_streams.max(1),
-            agent_version: h.agent_version.clone(),
-            started,
-        };
+        let params = SessionParams::from_header(h)?;
+        let id = params.id;
         let part_path = storage.part_path(id);
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&part_path)?;
         let journal = Journal::reopen(&Journal::path_for(&part_path))?;
@@ -583,39 +589,44 @@ fn classify_commit_error(e: &io::Error, what: &str) -> CommitFailure {
     if fsutil::is_resource_shortage(e) { CommitFailure::Retry(refusal) } else { CommitFailure::Reject(refusal) }
 }
 
+/// A session of agent `a`, entry `b`, in a fresh storage at `dir` (tests).
+#[cfg(test)]
+pub(crate) fn test_session(dir: &std::path::Path, chunk_size: u32) -> Session {
+    let area = StorageArea::new(nbackup_protocol::config::Storage {
+        name: Name::new("main").expect("name"),
+        base_dir: dir.to_path_buf(),
+        max_backups: 3,
+        compression: Compression::Zstd,
+        level: 3,
+        chunk_fsync: false,
+        quota_per_agent: None,
+    });
+    area.prepare().expect("prepare");
+    let params = SessionParams {
+        id: SessionId([7; 16]),
+        key: EntryKey {
+            agent: Name::new("a").expect("a"),
+            storage: Name::new("main").expect("s"),
+            backup: Name::new("b").expect("b"),
+        },
+        compression: Compression::Zstd,
+        level: 3,
+        chunk_size,
+        max_streams: 4,
+        agent_version: "test".into(),
+        started: Utc::now(),
+    };
+    Session::create(params, Arc::new(area)).expect("create")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use nbackup_protocol::config::Storage;
     use nbackup_protocol::wire::SourceStats;
 
     fn session(dir: &std::path::Path, cs: u32) -> Session {
-        let area = StorageArea::new(Storage {
-            name: Name::new("main").expect("name"),
-            base_dir: dir.to_path_buf(),
-            max_backups: 3,
-            compression: Compression::Zstd,
-            level: 3,
-            chunk_fsync: false,
-            quota_per_agent: None,
-        });
-        area.prepare().expect("prepare");
-        let params = SessionParams {
-            id: SessionId([7; 16]),
-            key: EntryKey {
-                agent: Name::new("a").expect("a"),
-                storage: Name::new("main").expect("s"),
-                backup: Name::new("b").expect("b"),
-            },
-            compression: Compression::Zstd,
-            level: 3,
-            chunk_size: cs,
-            max_streams: 4,
-            agent_version: "test".into(),
-            started: Utc::now(),
-        };
-        Session::create(params, Arc::new(area)).expect("create")
+        test_session(dir, cs)
     }
 
     fn chunks_of(data: &[u8], cs: usize) -> Vec<Chunk> {
