@@ -25,9 +25,7 @@ pub const LOG_CAP: u64 = 8 << 20;
 /// Entries kept in memory for quick answers.
 const RECENT: usize = 1000;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use crate::lock;
 
 /// An append-only JSON-lines file with a size cap.
 pub struct JsonlLog {

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use nbackup_daemon::agent::daemon::{self, Options, SystemClock};
+use nbackup_daemon::daemon::DaemonOptions;
 
 use crate::cli::AgentArgs;
 use crate::exit::{Exit, fail};
@@ -21,11 +22,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             }
         });
         let options = Options {
-            config_path: Some(args.config.clone()),
-            admin: !args.no_admin,
-            persist_state: true,
-            reload: Some(super::reload_on_sighup()),
-            ready: Some(ready_tx),
+            daemon: DaemonOptions {
+                config_path: Some(args.config.clone()),
+                admin: !args.no_admin,
+                persist_state: true,
+                reload: Some(super::reload_on_sighup()),
+                ready: Some(ready_tx),
+            },
             clock: Arc::new(SystemClock),
         };
         daemon::run(config, shutdown, options).await.map_err(|e| fail(Exit::Failed, e))?;

@@ -109,11 +109,13 @@ impl AgentDaemon {
         let shutdown = CancellationToken::new();
         let (ready, ready_rx) = tokio::sync::oneshot::channel();
         let options = agentd::Options {
-            config_path: Some(path.clone()),
-            admin: true,
-            persist_state: true,
-            reload: None,
-            ready: Some(ready),
+            daemon: nbackup_daemon::daemon::DaemonOptions {
+                config_path: Some(path.clone()),
+                admin: true,
+                persist_state: true,
+                reload: None,
+                ready: Some(ready),
+            },
             clock,
         };
         let token = shutdown.clone();

@@ -1,14 +1,13 @@
 //! The agent daemon's admin API routes (`docs/admin-api.md`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Body;
+
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post};
 use serde::Deserialize;
 
@@ -104,39 +103,10 @@ async fn series(State(d): S) -> Json<Vec<Series>> {
 }
 
 async fn reload(State(d): S) -> Result<Json<ActionResult>, Response> {
-    let d2 = d.clone();
-    match tokio::task::spawn_blocking(move || d2.reload()).await {
-        Ok(Ok(message)) => Ok(Json(ActionResult { ok: true, message })),
-        Ok(Err(e)) => Err(error(StatusCode::UNPROCESSABLE_ENTITY, e)),
-        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-    }
+    crate::daemon::reload_answer(d).await
 }
 
-/// NDJSON: a snapshot at once and every second, and every event as it happens.
 async fn watch(State(d): S) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
-    let mut events = d.events.subscribe();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            let item = tokio::select! {
-                _ = tick.tick() => WatchItem::AgentSnapshot { status: d.status() },
-                e = events.recv() => match e {
-                    Ok(event) => WatchItem::Event { event },
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
-                },
-            };
-            let mut line = serde_json::to_string(&item).unwrap_or_default();
-            line.push('\n');
-            if tx.send(Ok(line)).await.is_err() {
-                return;
-            }
-        }
-    });
-    (
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-        .into_response()
+    let events = d.events.subscribe();
+    crate::daemon::watch_stream(move || WatchItem::AgentSnapshot { status: d.status() }, events)
 }

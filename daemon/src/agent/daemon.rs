@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -84,31 +84,16 @@ impl Clock for FastClock {
     }
 }
 
-/// What an agent daemon runs with besides its configuration.
+/// What an agent daemon runs with besides its configuration: what every daemon
+/// takes, and the clock its schedules read (a fast one in tests).
 pub struct Options {
-    /// The file to re-read on reload.
-    pub config_path: Option<PathBuf>,
-    /// Serve the admin API on the configured (or default) socket.
-    pub admin: bool,
-    /// Keep results and events under `state_dir`.
-    pub persist_state: bool,
-    /// Reload requests, e.g. from SIGHUP.
-    pub reload: Option<mpsc::Receiver<()>>,
-    /// Told once the daemon is running (systemd readiness).
-    pub ready: Option<oneshot::Sender<()>>,
+    pub daemon: crate::daemon::DaemonOptions,
     pub clock: Arc<dyn Clock>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            config_path: None,
-            admin: false,
-            persist_state: false,
-            reload: None,
-            ready: None,
-            clock: Arc::new(SystemClock),
-        }
+        Options { daemon: Default::default(), clock: Arc::new(SystemClock) }
     }
 }
 
@@ -181,9 +166,7 @@ pub(super) struct Agentd {
     pub(super) report_now: Notify,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use crate::lock;
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -215,7 +198,8 @@ pub enum Triggered {
 }
 
 /// Runs the agent daemon until `shutdown`.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken, mut options: Options) -> Result<(), DaemonError> {
+pub async fn run(config: AgentConfig, shutdown: CancellationToken, options: Options) -> Result<(), DaemonError> {
+    let Options { daemon: mut options, clock } = options;
     let connector = Connector::new(&config)?;
     let state_dir = options.persist_state.then(|| config.state_dir.clone());
     let state_err = |source| DaemonError::State { path: config.state_dir.clone(), source };
@@ -241,8 +225,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, mut options: 
             },
         );
     }
-    let admin_socket = config.admin.socket.clone().unwrap_or_else(|| crate::admin::default_socket("agent"));
-    let admin_group = config.admin.group.clone();
+    let admin = options.admin.then(|| (config.admin.socket.clone(), config.admin.group.clone()));
     let d = Arc::new(Agentd {
         config: RwLock::new(Arc::new(config)),
         connector: RwLock::new(Arc::new(connector)),
@@ -253,23 +236,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, mut options: 
         state_file,
         timeline: Timeline::new(Timeline::DEFAULT_POINTS),
         control: Mutex::new(ControlView::default()),
-        clock: options.clock.clone(),
+        clock,
         shutdown: shutdown.clone(),
         runs: TaskTracker::new(),
         schedule_changed: Notify::new(),
         report_now: Notify::new(),
     });
     let background = TaskTracker::new();
-    if options.admin {
-        let l = crate::admin::bind(&admin_socket, admin_group.as_deref())
-            .map_err(|source| DaemonError::Admin { path: admin_socket.clone(), source })?;
+    if let Some((socket, group)) = admin {
         let router = super::admin::router(d.clone());
-        let (path, token) = (admin_socket.clone(), shutdown.clone());
-        background.spawn(async move {
-            if let Err(e) = crate::admin::serve(l, path, admin_group.as_deref(), router, token).await {
-                warn!("admin API stopped: {e}");
-            }
-        });
+        crate::daemon::start_admin("agent", socket, group, router, &background, &shutdown)
+            .map_err(|(path, source)| DaemonError::Admin { path, source })?;
     }
     let config = d.config();
     info!(agent = %config.name, entries = config.backups.len(), server = %config.server.address, "agent daemon ready");
@@ -281,16 +258,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, mut options: 
     background.spawn(d.clone().scheduler());
     background.spawn(d.clone().sampler());
     background.spawn(super::control::run(d.clone()));
-    let mut reload = options.reload.take();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(()) = async { match reload.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
-                let d2 = d.clone();
-                let _ = tokio::task::spawn_blocking(move || d2.reload()).await;
-            }
-        }
-    }
+    background.spawn(crate::daemon::reload_loop(d.clone(), options.reload.take(), shutdown.clone()));
+    shutdown.cancelled().await;
     info!("shutting down: no new runs; aborting running backups");
     d.runs.close();
     // Running backups watch `shutdown` (their tokens are its children) and abort.
@@ -496,9 +465,11 @@ impl Agentd {
         self.schedule_changed.notify_one();
         Some(format!("{entry}: no scheduled run before {}", rfc3339(until)))
     }
+}
 
+impl crate::daemon::Reloadable for Agentd {
     /// Re-reads the config; keeps the old one if the new one is invalid. Blocking.
-    pub(super) fn reload(&self) -> Result<String, String> {
+    fn reload(&self) -> Result<String, String> {
         let Some(path) = &self.config_path else {
             return Err("this agent was started without a config file to re-read".into());
         };
@@ -533,7 +504,9 @@ impl Agentd {
         }
         result
     }
+}
 
+impl Agentd {
     /// Sleeps until the earliest next run, fires what is due, repeats.
     async fn scheduler(self: Arc<Self>) {
         loop {

@@ -39,9 +39,7 @@ pub struct Progress {
     acked_rate: RateMeter,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use crate::lock;
 
 impl Progress {
     pub fn snapshot(&self) -> ProgressSnapshot {
