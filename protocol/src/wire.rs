@@ -18,8 +18,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::limits::{MAX_CHUNK_PAYLOAD, MAX_CONTROL_PAYLOAD, MAX_NAME_LEN, MAX_STORAGES, MAX_TEXT_LEN};
 use crate::name::{Name, NameError, SessionId};
 
-/// Version of the frame layouts below. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the frame layouts below. Bumped on any incompatible change: 2 added
+/// `Keepalive` and `Committing`, which a version-1 peer would take for garbage.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// TLS ALPN protocol id; both sides insist on it.
 pub const ALPN: &[u8] = b"nbkp/1";

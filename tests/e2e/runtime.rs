@@ -317,3 +317,22 @@ async fn a_byte_changed_on_the_servers_disk_is_never_committed() {
     assert_restored(&[src], &nbackup_protocol::config::Excludes::none(), &restored);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_panic_on_the_archive_thread_fails_the_run_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 6);
+    let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
+    // Retrying would not help a bug; a fresh timeout would hide it: the run ends now.
+    let tuning = Tuning { ack_timeout: "10m", ..Tuning::default() };
+    let cfg = agent_config_tuned(&pki, server.addr, &[entry("etc", "main", &[&src])], &tuning);
+    let _panic = fault::inject("producer:panic", "web-01/etc", Action::Abort, 0, 1);
+    let err = tokio::time::timeout(Duration::from_secs(30), backup(&cfg, 0))
+        .await
+        .expect("fails at once, not after a timeout")
+        .expect_err("the run fails");
+    assert!(err.to_string().contains("panicked"), "{err}");
+    until("the server to end the session", || server.incoming("main").is_empty()).await;
+    server.stop().await;
+}

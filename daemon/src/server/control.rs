@@ -4,7 +4,7 @@
 //! agent. Backups never depend on any of this.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -16,11 +16,11 @@ use nbackup_protocol::Name;
 use nbackup_protocol::admin::{AgentInfo, AgentReport, ControlCommand, RunningBackup};
 use nbackup_protocol::wire::{CtlMessage, CtlPong, CtlResult, Frame};
 
+use super::WRITE_TIMEOUT;
+use super::handle::ControlHandle;
 use super::listener::Conn;
-use super::{Server, WRITE_TIMEOUT};
 use crate::conn::FrameReader;
 use crate::conn::FrameWriter;
-use crate::state::EventSpec;
 
 /// A control channel with no frame for this long is considered dead, until the
 /// agent's first report says how often it pings (then three of its intervals).
@@ -94,7 +94,7 @@ impl Agents {
 }
 
 /// Serves one agent's control channel until it closes or the server stops.
-pub async fn handle<R, W>(shared: Arc<Server>, conn: Conn, mut reader: FrameReader<R>, mut writer: FrameWriter<W>)
+pub async fn handle<R, W>(shared: ControlHandle, conn: Conn, mut reader: FrameReader<R>, mut writer: FrameWriter<W>)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -103,10 +103,10 @@ where
         warn!(peer = %conn.peer, "control channel refused: the certificate names no valid agent");
         return;
     };
-    let epoch = shared.agents.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let epoch = shared.agents().epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Pending>(16);
     {
-        let mut agents = lock(&shared.agents.inner);
+        let mut agents = lock(&shared.agents().inner);
         let entry = agents.entry(agent.clone()).or_insert_with(|| Entry {
             info: AgentInfo {
                 name: agent.clone(),
@@ -130,11 +130,7 @@ where
         entry.epoch = epoch;
     }
     info!(agent = %agent, peer = %conn.peer, "control channel connected");
-    shared.telemetry.events.record(
-        "agent_connected",
-        EventSpec { agent: Some(&agent), ..Default::default() },
-        format!("control channel from {}", conn.peer),
-    );
+    shared.record("agent_connected", &agent, format!("control channel from {}", conn.peer));
     let mut pending: HashMap<u64, oneshot::Sender<CtlResult>> = HashMap::new();
     let mut next_id = 0u64;
     let mut idle = IDLE;
@@ -152,7 +148,7 @@ where
                 touch(&shared, &agent);
                 let answer = match frame {
                     Frame::CtlPing(p) => {
-                        let free_bytes = shared.disk.min_free();
+                        let free_bytes = shared.min_free();
                         let load_milli = crate::state::load1().map_or(0, |l| (l * 1000.0) as u32);
                         Some(Frame::CtlPong(CtlPong { nonce: p.nonce, load_milli, free_bytes }))
                     }
@@ -197,12 +193,12 @@ where
                 }
                 pending.insert(next_id, cmd.reply);
             }
-            _ = shared.drain.cancelled() => break "server shutting down".to_string(),
+            _ = shared.draining() => break "server shutting down".to_string(),
         }
     };
     // A connection replaced by a newer one of the same agent is not a disconnect.
     let current = {
-        let mut agents = lock(&shared.agents.inner);
+        let mut agents = lock(&shared.agents().inner);
         match agents.get_mut(&agent).filter(|e| e.epoch == epoch) {
             Some(e) => {
                 e.info.connected = false;
@@ -214,24 +210,20 @@ where
     };
     if current {
         info!(agent = %agent, "control channel closed: {why}");
-        shared.telemetry.events.record(
-            "agent_disconnected",
-            EventSpec { agent: Some(&agent), ..Default::default() },
-            why,
-        );
+        shared.record("agent_disconnected", &agent, why);
     } else {
         info!(agent = %agent, "superseded control channel closed: {why}");
     }
 }
 
-fn touch(shared: &Server, agent: &str) {
-    if let Some(e) = lock(&shared.agents.inner).get_mut(agent) {
+fn touch(shared: &ControlHandle, agent: &str) {
+    if let Some(e) = lock(&shared.agents().inner).get_mut(agent) {
         e.info.last_seen = now();
     }
 }
 
-fn apply_report(shared: &Server, agent: &str, report: AgentReport) {
-    if let Some(e) = lock(&shared.agents.inner).get_mut(agent) {
+fn apply_report(shared: &ControlHandle, agent: &str, report: AgentReport) {
+    if let Some(e) = lock(&shared.agents().inner).get_mut(agent) {
         e.info.version = report.version;
         e.info.load1 = report.load1;
         e.info.rtt_ms = report.rtt_ms;

@@ -323,6 +323,35 @@ impl ServerHandle {
     }
 }
 
+/// What the control channel's code may reach: the agents table it owns, the event
+/// log, the cached free space, and the drain signal — nothing else of the server.
+pub(crate) struct ControlHandle(Arc<Server>);
+
+impl ControlHandle {
+    pub(crate) fn new(server: Arc<Server>) -> Self {
+        ControlHandle(server)
+    }
+
+    pub fn agents(&self) -> &control::Agents {
+        &self.0.agents
+    }
+
+    /// Free bytes of the fullest storage, from the disk cache.
+    pub fn min_free(&self) -> u64 {
+        self.0.disk.min_free()
+    }
+
+    pub fn record(&self, kind: &str, agent: &str, message: String) {
+        let who = crate::state::EventSpec { agent: Some(agent), ..Default::default() };
+        self.0.telemetry.events.record(kind, who, message);
+    }
+
+    /// Resolves when the server starts shutting down.
+    pub async fn draining(&self) {
+        self.0.drain.cancelled().await
+    }
+}
+
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

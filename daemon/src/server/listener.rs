@@ -141,7 +141,7 @@ impl Server {
             ConnKind::Join => handler::join(self, conn, reader, writer, permit).await,
             ConnKind::Control => {
                 drop(permit);
-                control::handle(self, conn, reader, writer).await;
+                control::handle(super::handle::ControlHandle::new(self), conn, reader, writer).await;
             }
         }
     }

@@ -24,12 +24,12 @@ fn decode_all(bytes: &[u8]) -> Result<Option<Frame>, DecodeError> {
 #[test]
 fn golden_preamble() {
     let p = Preamble::new(ConnKind::Backup, Caps::GZIP.union(Caps::ZSTD));
-    assert_eq!(hex(&p.encode()), "4e424b500001".to_owned() + "00000003");
+    assert_eq!(hex(&p.encode()), "4e424b500002".to_owned() + "00000003");
     assert_eq!(Preamble::decode(&p.encode()), Ok(p));
     let join = Preamble::new(ConnKind::Join, Caps::GZIP);
     assert_eq!(&join.encode()[..4], b"JOIN");
     let ping = Preamble::new(ConnKind::Ping, Caps::default());
-    assert_eq!(hex(&ping.encode()), "50494e47000100000000");
+    assert_eq!(hex(&ping.encode()), "50494e47000200000000");
 }
 
 #[test]
