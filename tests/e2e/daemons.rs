@@ -967,8 +967,9 @@ async fn the_admin_api_answers_at_once_while_a_storage_is_frozen_in_a_commit() {
     let pki = Pki::new(&tmp.path().join("pki"));
     let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main"), gzip("other")]).await;
     let scope = tmp.path().join("storage/main").to_string_lossy().into_owned();
-    // Each chunk read back at commit takes 300 ms; free-space checks hang for 3 s.
-    let _verify = fault::inject("commit:verify", scope.clone(), Action::Delay(Duration::from_millis(300)), 0, u32::MAX);
+    // Each chunk read back at commit takes 600 ms (about 6 s on two threads);
+    // free-space checks hang for 3 s.
+    let _verify = fault::inject("commit:verify", scope.clone(), Action::Delay(Duration::from_millis(600)), 0, u32::MAX);
     let _statvfs = fault::inject("statvfs", scope, Action::Delay(Duration::from_secs(3)), 0, u32::MAX);
     let src = noisy_source(tmp.path(), 5);
     let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);

@@ -6,12 +6,14 @@
 //! is exactly `chunk_size` long, except the last, which may be shorter. That makes a
 //! write idempotent and the set of received chunks a bitmap.
 //!
-//! **What is committed is what was verified.** Nothing is hashed on the way in: a
-//! chunk's CRC32C is checked on arrival and kept; at commit the stored file is made
-//! durable, then read back whole — every chunk's CRC32C against the one it arrived
-//! with, the SHA-256 over everything against the agent's. A byte that changed on the
-//! server's disk after it was received fails the commit naming its chunk and offset,
-//! and nothing unverified is ever renamed to an archive name.
+//! **What is committed is what was verified.** A chunk's CRC32C is checked on arrival
+//! and kept. The SHA-256 is computed over the *file*, not over what passed through
+//! memory: as the contiguous prefix grows, its chunks are read back from the `.part`
+//! (checked against their CRC32C again) and hashed, overlapped with the transfer. At
+//! commit the upload is made durable and every chunk is read back once more and
+//! checked against the CRC32C it arrived with, on two threads. A byte that changed on
+//! the server's disk after it was received fails the commit naming its chunk and
+//! offset, and nothing unverified is ever renamed to an archive name.
 //!
 //! Every chunk is recorded in the session journal after its write and before its
 //! ack, so a restarted server can adopt the upload ([`Session::adopt`]).
@@ -155,6 +157,10 @@ struct ChunkState {
     short: Option<(u64, u32)>,
     highest: Option<u64>,
     contiguous: u64,
+    /// SHA-256 of chunks `0..hashed`, as read back from the file.
+    hasher: Sha256,
+    hashed: u64,
+    readback: Vec<u8>,
     journal: Journal,
 }
 
@@ -167,6 +173,9 @@ impl ChunkState {
             short: None,
             highest: None,
             contiguous: 0,
+            hasher: Sha256::new(),
+            hashed: 0,
+            readback: Vec::new(),
             journal,
         }
     }
@@ -288,7 +297,11 @@ impl Session {
         }
         let session = Self::assemble(params, storage, part_path, file, st);
         session.bytes_received.store(bytes, Ordering::Relaxed);
-        session.publish(&crate::lock(&session.chunks));
+        {
+            let mut st = crate::lock(&session.chunks);
+            session.hash_forward(&mut st).map_err(|r| io::Error::new(io::ErrorKind::InvalidData, r.message))?;
+            session.publish(&st);
+        }
         session.touch();
         Ok(session)
     }
@@ -368,19 +381,53 @@ impl Session {
         }
         self.publish(&st);
         self.bytes_received.fetch_add(len, Ordering::Relaxed);
+        self.hash_forward(&mut st)?;
         Ok(Written::New)
+    }
+
+    /// Hashes the contiguous prefix as far as it reaches, reading each chunk back
+    /// from the file (from the page cache, just written) and checking it against the
+    /// CRC32C it arrived with.
+    fn hash_forward(&self, st: &mut ChunkState) -> Result<(), Refusal> {
+        let cs = u64::from(self.params.chunk_size);
+        while st.hashed < st.contiguous {
+            let seq = st.hashed;
+            let len = match st.short {
+                Some((s, l)) if s == seq => u64::from(l),
+                _ => cs,
+            };
+            let mut buf = std::mem::take(&mut st.readback);
+            buf.resize(len as usize, 0);
+            self.file
+                .read_exact_at(&mut buf, seq * cs)
+                .map_err(|e| io_refusal(&e, &format!("reading back chunk {seq}")))?;
+            let got = crc32c::crc32c(&buf);
+            if got != st.crcs[seq as usize] {
+                return Err(changed(seq, seq * cs, got, st.crcs[seq as usize]));
+            }
+            st.hasher.update(&buf);
+            st.readback = buf;
+            st.hashed += 1;
+        }
+        Ok(())
     }
 
     /// Verifies the upload against `commit` and moves it to its final name. Blocking;
     /// the registry makes sure only one runs per session.
     pub fn commit(&self, commit: &Commit) -> Result<CommitDone, CommitFailure> {
-        let (crcs, total) = self.check_complete(commit).map_err(CommitFailure::Reject)?;
+        let (crcs, total, sha) = self.check_complete(commit).map_err(CommitFailure::Reject)?;
+        if sha != commit.sha256 {
+            return Err(CommitFailure::Reject(refuse(
+                Reason::VerifyFailed,
+                format!("sha256 mismatch: stored file {}, agent {}", hex(&sha), hex(&commit.sha256)),
+            )));
+        }
         let scope = self.storage.cfg.base_dir.to_string_lossy().into_owned();
         let fail = |e: io::Error, what: &str| classify_commit_error(&e, what);
         crate::fault::io("commit:before-intent", &scope).map_err(|e| fail(e, "committing archive"))?;
         // Durable first, then read back: the hash must describe what the disk holds.
         self.file.sync_all().map_err(|e| fail(e, "fsync of the upload"))?;
-        self.verify_stored(&crcs, total, commit)?;
+        self.verify_stored(&crcs, total)?;
         let p = &self.params;
         let (agent, backup) = (&p.key.agent, &p.key.backup);
         let seq = self.storage.next_commit_seq(agent, backup).map_err(|e| fail(e, "reading the entry's manifests"))?;
@@ -433,7 +480,7 @@ impl Session {
 
     /// Every chunk present, geometry and length as the agent says; the checksums to
     /// verify against.
-    fn check_complete(&self, commit: &Commit) -> Result<(Vec<u32>, u64), Refusal> {
+    fn check_complete(&self, commit: &Commit) -> Result<(Vec<u32>, u64, [u8; 32]), Refusal> {
         let cs = u64::from(self.params.chunk_size);
         let st = crate::lock(&self.chunks);
         if commit.chunks == 0 {
@@ -458,43 +505,44 @@ impl Session {
                 format!("agent says {} bytes, server holds {total}", commit.total_len),
             ));
         }
-        Ok((st.crcs[..commit.chunks as usize].to_vec(), total))
+        if st.hashed != commit.chunks {
+            return Err(refuse(Reason::Internal, format!("{} of {} chunks hashed", st.hashed, commit.chunks)));
+        }
+        let sha: [u8; 32] = st.hasher.clone().finalize().into();
+        Ok((st.crcs[..commit.chunks as usize].to_vec(), total, sha))
     }
 
-    /// Reads the durable upload back: each chunk against the CRC32C it arrived with,
-    /// everything against the agent's SHA-256.
-    fn verify_stored(&self, crcs: &[u32], total: u64, commit: &Commit) -> Result<(), CommitFailure> {
+    /// Reads the durable upload back, every chunk against the CRC32C it arrived with,
+    /// on [`VERIFY_THREADS`] threads (each takes every n-th chunk). The first bad chunk
+    /// (lowest) is the one reported.
+    fn verify_stored(&self, crcs: &[u32], total: u64) -> Result<(), CommitFailure> {
         let cs = u64::from(self.params.chunk_size);
         let scope = self.storage.cfg.base_dir.to_string_lossy().into_owned();
-        let mut sha = Sha256::new();
-        let mut buf = vec![0u8; cs as usize];
         self.verified.store(0, Ordering::Relaxed);
-        for (seq, want) in crcs.iter().enumerate() {
-            let offset = seq as u64 * cs;
-            let len = cs.min(total - offset) as usize;
-            crate::fault::io("commit:verify", &scope).map_err(|e| classify_commit_error(&e, "reading back"))?;
-            self.file.read_exact_at(&mut buf[..len], offset).map_err(|e| classify_commit_error(&e, "reading back"))?;
-            let got = crc32c::crc32c(&buf[..len]);
-            if got != *want {
-                return Err(CommitFailure::Reject(refuse(
-                    Reason::VerifyFailed,
-                    format!(
-                        "chunk {seq} at offset {offset} changed on the server's disk after it was received \
-                         (crc32c {got:08x}, received {want:08x})"
-                    ),
-                )));
+        let check = |lane: usize| -> Result<(), (u64, CommitFailure)> {
+            let mut buf = vec![0u8; cs as usize];
+            for seq in (lane..crcs.len()).step_by(VERIFY_THREADS) {
+                let offset = seq as u64 * cs;
+                let len = cs.min(total - offset) as usize;
+                let read = crate::fault::io("commit:verify", &scope)
+                    .and_then(|()| self.file.read_exact_at(&mut buf[..len], offset));
+                read.map_err(|e| (seq as u64, classify_commit_error(&e, "reading back")))?;
+                let got = crc32c::crc32c(&buf[..len]);
+                if got != crcs[seq] {
+                    return Err((seq as u64, CommitFailure::Reject(changed(seq as u64, offset, got, crcs[seq]))));
+                }
+                self.verified.fetch_add(len as u64, Ordering::Relaxed);
             }
-            sha.update(&buf[..len]);
-            self.verified.fetch_add(len as u64, Ordering::Relaxed);
+            Ok(())
+        };
+        let results: Vec<Result<(), (u64, CommitFailure)>> = std::thread::scope(|s| {
+            let lanes: Vec<_> = (0..VERIFY_THREADS).map(|lane| s.spawn(move || check(lane))).collect();
+            lanes.into_iter().map(|h| h.join().unwrap_or_else(|_| Err((0, panicked())))).collect()
+        });
+        match results.into_iter().filter_map(Result::err).min_by_key(|(seq, _)| *seq) {
+            Some((_, failure)) => Err(failure),
+            None => Ok(()),
         }
-        let ours: [u8; 32] = sha.finalize().into();
-        if ours != commit.sha256 {
-            return Err(CommitFailure::Reject(refuse(
-                Reason::VerifyFailed,
-                format!("sha256 mismatch: stored file {}, agent {}", hex(&ours), hex(&commit.sha256)),
-            )));
-        }
-        Ok(())
     }
 
     /// What follows the rename: directories durable, manifest, rotation, completion
@@ -540,6 +588,24 @@ impl Session {
     pub fn sample(&self) {
         self.rate.sample(self.bytes_received.load(Ordering::Relaxed));
     }
+}
+
+/// Threads reading an upload back at commit: page-cache reads and CRC32C are cheap
+/// enough that two saturate what the commit's tail should cost.
+const VERIFY_THREADS: usize = 2;
+
+fn changed(seq: u64, offset: u64, got: u32, want: u32) -> Refusal {
+    refuse(
+        Reason::VerifyFailed,
+        format!(
+            "chunk {seq} at offset {offset} changed on the server's disk after it was received \
+             (crc32c {got:08x}, received {want:08x})"
+        ),
+    )
+}
+
+fn panicked() -> CommitFailure {
+    CommitFailure::Reject(refuse(Reason::Internal, "a verification thread panicked"))
 }
 
 fn check_geometry(st: &ChunkState, seq: u64, len: u64, cs: u64) -> Result<(), Refusal> {
