@@ -144,16 +144,20 @@ async fn a_newer_protocol_version_is_refused_as_bad_version() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&tmp.path().join("pki"));
     let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
-    let mut tls = raw_tls(server.addr, &pki, Some(&pki.agent("web-01")), false).await.expect("tls");
-    let mut p = Preamble::new(ConnKind::Backup, Caps::GZIP);
-    p.version = PROTOCOL_VERSION + 98;
-    tls.write_all(&p.encode()).await.expect("preamble");
-    match read_frame(&mut tls).await {
-        Some(Frame::Refused(r)) => {
-            assert_eq!(r.reason, Reason::BadVersion);
-            assert!(r.message.contains("client 99"), "{}", r.message);
+    // A newer peer, and a version-1 agent from before Keepalive and Committing.
+    for version in [PROTOCOL_VERSION + 98, 1] {
+        let mut tls = raw_tls(server.addr, &pki, Some(&pki.agent("web-01")), false).await.expect("tls");
+        let mut p = Preamble::new(ConnKind::Backup, Caps::GZIP);
+        p.version = version;
+        tls.write_all(&p.encode()).await.expect("preamble");
+        match read_frame(&mut tls).await {
+            Some(Frame::Refused(r)) => {
+                assert_eq!(r.reason, Reason::BadVersion);
+                let want = format!("server speaks protocol {PROTOCOL_VERSION}, client {version}");
+                assert!(r.message.contains(&want), "{}", r.message);
+            }
+            other => panic!("expected BadVersion, got {other:?}"),
         }
-        other => panic!("expected BadVersion, got {other:?}"),
     }
     server.stop().await;
 }
