@@ -9,7 +9,8 @@
 //! **What is committed is what was verified.** A chunk's CRC32C is checked on arrival
 //! and kept. The SHA-256 is computed over the *file*, not over what passed through
 //! memory: as the contiguous prefix grows, its chunks are read back from the `.part`
-//! (checked against their CRC32C again) and hashed, overlapped with the transfer. At
+//! (checked against their CRC32C again) and hashed on another blocking thread, after
+//! the ack, overlapped with the transfer. At
 //! commit the upload is made durable and every chunk is read back once more and
 //! checked against the CRC32C it arrived with, on two threads. A byte that changed on
 //! the server's disk after it was received fails the commit naming its chunk and
@@ -18,8 +19,9 @@
 //! Every chunk is recorded in the session journal after its write and before its
 //! ack, so a restarted server can adopt the upload ([`Session::adopt`]).
 //!
-//! All methods are blocking and run on blocking threads. `chunks` is the only lock; it
-//! is never held across a data write, an fsync or a rename. What the admin API reads
+//! All methods are blocking and run on blocking threads. `chunks` guards the bitmap
+//! and the journal, `hash` the running SHA-256; neither is held across a data write,
+//! an fsync or a rename, and `chunks` never across a read-back. What the admin API reads
 //! (bytes, contiguous chunks, commit progress) are atomics.
 
 use std::fs::File;
@@ -136,6 +138,7 @@ pub struct Session {
     pub part_path: PathBuf,
     file: File,
     chunks: Mutex<ChunkState>,
+    hash: Mutex<HashState>,
     /// Receive rate, sampled by the server's sampler.
     pub rate: RateMeter,
     created: Instant,
@@ -157,11 +160,15 @@ struct ChunkState {
     short: Option<(u64, u32)>,
     highest: Option<u64>,
     contiguous: u64,
-    /// SHA-256 of chunks `0..hashed`, as read back from the file.
+    journal: Journal,
+}
+
+/// SHA-256 of chunks `0..hashed`, as read back from the file. Its own lock, so
+/// hashing (off the ack path, on another blocking thread) never holds up a write.
+struct HashState {
     hasher: Sha256,
     hashed: u64,
     readback: Vec<u8>,
-    journal: Journal,
 }
 
 impl ChunkState {
@@ -173,9 +180,6 @@ impl ChunkState {
             short: None,
             highest: None,
             contiguous: 0,
-            hasher: Sha256::new(),
-            hashed: 0,
-            readback: Vec::new(),
             journal,
         }
     }
@@ -253,6 +257,7 @@ impl Session {
             part_path,
             file,
             chunks: Mutex::new(chunks),
+            hash: Mutex::new(HashState { hasher: Sha256::new(), hashed: 0, readback: Vec::new() }),
             rate: RateMeter::default(),
             created: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
@@ -297,11 +302,8 @@ impl Session {
         }
         let session = Self::assemble(params, storage, part_path, file, st);
         session.bytes_received.store(bytes, Ordering::Relaxed);
-        {
-            let mut st = crate::lock(&session.chunks);
-            session.hash_forward(&mut st).map_err(|r| io::Error::new(io::ErrorKind::InvalidData, r.message))?;
-            session.publish(&st);
-        }
+        session.publish(&crate::lock(&session.chunks));
+        session.hash_forward().map_err(|r| io::Error::new(io::ErrorKind::InvalidData, r.message))?;
         session.touch();
         Ok(session)
     }
@@ -381,35 +383,42 @@ impl Session {
         }
         self.publish(&st);
         self.bytes_received.fetch_add(len, Ordering::Relaxed);
-        self.hash_forward(&mut st)?;
         Ok(Written::New)
     }
 
     /// Hashes the contiguous prefix as far as it reaches, reading each chunk back
     /// from the file (from the page cache, just written) and checking it against the
-    /// CRC32C it arrived with.
-    fn hash_forward(&self, st: &mut ChunkState) -> Result<(), Refusal> {
+    /// CRC32C it arrived with. Blocking; callers run it after acknowledging a chunk,
+    /// off the ack path, and the commit runs it to the end.
+    pub fn hash_forward(&self) -> Result<(), Refusal> {
         let cs = u64::from(self.params.chunk_size);
-        while st.hashed < st.contiguous {
-            let seq = st.hashed;
-            let len = match st.short {
-                Some((s, l)) if s == seq => u64::from(l),
-                _ => cs,
+        let mut hs = crate::lock(&self.hash);
+        loop {
+            let seq = hs.hashed;
+            let (len, want) = {
+                let st = crate::lock(&self.chunks);
+                if seq >= st.contiguous {
+                    return Ok(());
+                }
+                let len = match st.short {
+                    Some((s, l)) if s == seq => u64::from(l),
+                    _ => cs,
+                };
+                (len, st.crcs[seq as usize])
             };
-            let mut buf = std::mem::take(&mut st.readback);
+            let mut buf = std::mem::take(&mut hs.readback);
             buf.resize(len as usize, 0);
             self.file
                 .read_exact_at(&mut buf, seq * cs)
                 .map_err(|e| io_refusal(&e, &format!("reading back chunk {seq}")))?;
             let got = crc32c::crc32c(&buf);
-            if got != st.crcs[seq as usize] {
-                return Err(changed(seq, seq * cs, got, st.crcs[seq as usize]));
+            if got != want {
+                return Err(changed(seq, seq * cs, got, want));
             }
-            st.hasher.update(&buf);
-            st.readback = buf;
-            st.hashed += 1;
+            hs.hasher.update(&buf);
+            hs.readback = buf;
+            hs.hashed += 1;
         }
-        Ok(())
     }
 
     /// Verifies the upload against `commit` and moves it to its final name. Blocking;
@@ -505,11 +514,15 @@ impl Session {
                 format!("agent says {} bytes, server holds {total}", commit.total_len),
             ));
         }
-        if st.hashed != commit.chunks {
-            return Err(refuse(Reason::Internal, format!("{} of {} chunks hashed", st.hashed, commit.chunks)));
+        let crcs = st.crcs[..commit.chunks as usize].to_vec();
+        drop(st);
+        self.hash_forward()?;
+        let hs = crate::lock(&self.hash);
+        if hs.hashed != commit.chunks {
+            return Err(refuse(Reason::Internal, format!("{} of {} chunks hashed", hs.hashed, commit.chunks)));
         }
-        let sha: [u8; 32] = st.hasher.clone().finalize().into();
-        Ok((st.crcs[..commit.chunks as usize].to_vec(), total, sha))
+        let sha: [u8; 32] = hs.hasher.clone().finalize().into();
+        Ok((crcs, total, sha))
     }
 
     /// Reads the durable upload back, every chunk against the CRC32C it arrived with,

@@ -270,6 +270,15 @@ async fn disk_loop(
                 if out.send(Frame::Ack(Ack { seq })).await.is_err() {
                     return;
                 }
+                if written == Written::New {
+                    // Hash the grown prefix from the file, off the ack path.
+                    let (s, srv) = (session.clone(), server.clone());
+                    server.tracker.spawn_blocking(move || {
+                        if let Err(r) = s.hash_forward() {
+                            let _ = srv.registry.end(s.id(), Outcome::Failed(r));
+                        }
+                    });
+                }
             }
             // Out of descriptors or memory: keep the upload, drop this stream; the
             // agent re-joins and resends.
