@@ -439,8 +439,10 @@ impl Session {
         self.verify_stored(&crcs, total)?;
         let p = &self.params;
         let (agent, backup) = (&p.key.agent, &p.key.backup);
-        let seq = self.storage.next_commit_seq(agent, backup).map_err(|e| fail(e, "reading the entry's manifests"))?;
-        let name = self.storage.next_name(agent, backup, p.started, p.compression).map_err(|e| fail(e, "naming"))?;
+        let (name, seq) = self
+            .storage
+            .next_archive(agent, backup, p.started, p.compression)
+            .map_err(|e| fail(e, "naming the archive"))?;
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             archive: name,

@@ -80,16 +80,19 @@ pub struct ArchiveFile {
     pub n: u32,
     pub size: u64,
     pub compression: Compression,
-    /// Position in the entry's commit order, from the manifest.
-    pub seq: Option<u64>,
     /// The manifest, if it is there and readable.
     pub manifest: Option<Manifest>,
 }
 
 impl ArchiveFile {
+    /// Position in the entry's commit order, from the manifest.
+    pub fn seq(&self) -> Option<u64> {
+        self.manifest.as_ref().and_then(|m| m.commit_seq)
+    }
+
     /// Sort key of commit order (see the module docs).
     fn order(&self) -> (bool, u64, &str, u32) {
-        (self.seq.is_some(), self.seq.unwrap_or(0), &self.stamp, self.n)
+        (self.seq().is_some(), self.seq().unwrap_or(0), &self.stamp, self.n)
     }
 }
 
@@ -156,8 +159,7 @@ impl StorageArea {
             }
             let path = entry.path();
             let manifest = fs::read_to_string(sidecar_path(&path)).ok().and_then(|t| Manifest::from_json(&t).ok());
-            let seq = manifest.as_ref().and_then(|m| m.commit_seq);
-            out.push(ArchiveFile { path, name, stamp, n, size: meta.len(), compression, seq, manifest });
+            out.push(ArchiveFile { path, name, stamp, n, size: meta.len(), compression, manifest });
         }
         out.sort_by(|a, b| a.order().cmp(&b.order()));
         Ok(out)
@@ -202,7 +204,7 @@ impl StorageArea {
 
     /// The commit sequence the next archive of an entry gets.
     pub fn next_commit_seq(&self, agent: &Name, backup: &Name) -> io::Result<u64> {
-        Ok(self.list(agent, backup)?.iter().filter_map(|a| a.seq).max().unwrap_or(0) + 1)
+        Ok(self.next_archive(agent, backup, Utc::now(), self.cfg.compression)?.1)
     }
 
     /// Bytes of archives `agent` keeps in this storage, over all its entries.
@@ -241,20 +243,23 @@ impl StorageArea {
         Ok(())
     }
 
-    /// The name the next archive of an entry gets: the session's start time, with a
-    /// suffix one past the highest existing one of that second (never a freed lower
-    /// one: names must sort in commit order or rotation would delete the newest).
-    pub fn next_name(
+    /// The name and commit sequence the next archive of an entry gets, from one
+    /// listing: the session's start time with a suffix one past the highest existing
+    /// one of that second (never a freed lower one), and one past the highest
+    /// sequence recorded.
+    pub fn next_archive(
         &self,
         agent: &Name,
         backup: &Name,
         started: DateTime<Utc>,
         compression: Compression,
-    ) -> io::Result<String> {
+    ) -> io::Result<(String, u64)> {
+        let archives = self.list(agent, backup)?;
         let stamp = started.format("%Y%m%dT%H%M%SZ").to_string();
-        let n = self.list(agent, backup)?.iter().filter(|a| a.stamp == stamp).map(|a| a.n + 1).max().unwrap_or(1);
+        let n = archives.iter().filter(|a| a.stamp == stamp).map(|a| a.n + 1).max().unwrap_or(1);
         let suffix = if n == 1 { String::new() } else { format!("-{n}") };
-        Ok(format!("{agent}-{backup}-{stamp}{suffix}.{}", compression.extension()))
+        let seq = archives.iter().filter_map(ArchiveFile::seq).max().unwrap_or(0) + 1;
+        Ok((format!("{agent}-{backup}-{stamp}{suffix}.{}", compression.extension()), seq))
     }
 
     fn fault(&self, point: &str) -> io::Result<()> {
@@ -462,8 +467,9 @@ mod tests {
         fs::write(&part, body).expect("part");
         let f = File::open(&part).expect("open");
         let mut m = manifest();
-        m.archive = s.next_name(&a, &b, started, Compression::Gzip).expect("name");
-        m.commit_seq = Some(s.next_commit_seq(&a, &b).expect("seq"));
+        let (name, seq) = s.next_archive(&a, &b, started, Compression::Gzip).expect("name");
+        m.archive = name;
+        m.commit_seq = Some(seq);
         s.install(&part, &f, &a, &b, &m).expect("install")
     }
 
