@@ -9,6 +9,7 @@
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::connect_info::{ConnectInfo, Connected};
@@ -19,7 +20,9 @@ use axum::response::{IntoResponse, Response};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use nbackup_protocol::admin::ApiError;
+use nbackup_protocol::admin::{Actor, ApiError};
+
+use crate::state::EventSpec;
 
 /// Who is on the other end of an admin connection.
 #[derive(Clone, Copy, Debug)]
@@ -102,6 +105,79 @@ async fn check_peer(
     (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
 }
 
+/// Records an operator's action: who (from the socket's credentials), what, and the
+/// daemon's answer. Each daemon hands in how it records events.
+pub type Audit = Arc<dyn Fn(EventSpec<'_>, String) + Send + Sync>;
+
+/// A user name from `/etc/passwd`.
+pub fn user_name(uid: u32) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+    })
+}
+
+/// An action's target in words, and the agent, entry and session it names, from
+/// its path (`docs/admin-api.md`).
+fn describe(path: &str) -> (String, Option<String>, Option<String>, Option<String>) {
+    let parts: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+    let own = |s: &str| Some(s.to_string());
+    match parts.as_slice() {
+        ["sessions", id, "abort"] => (format!("abort session {id}"), None, None, own(id)),
+        ["sessions", id, "streams", n, "rotate"] => (format!("rotate stream {n} of session {id}"), None, None, own(id)),
+        ["agents", a, "entries", e, verb] => (format!("{verb} {a}/{e}"), own(a), own(e), None),
+        ["entries", e, verb] => (format!("{verb} {e}"), None, own(e), None),
+        ["reload"] => ("reload the configuration".into(), None, None, None),
+        _ => (path.to_string(), None, None, None),
+    }
+}
+
+/// Answers with at most this much JSON are read back for the audit record.
+const AUDIT_BODY_CAP: usize = 64 * 1024;
+
+async fn audit(
+    State(audit): State<Audit>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.method() != axum::http::Method::POST {
+        return next.run(request).await;
+    }
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().map(str::to_string);
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, AUDIT_BODY_CAP).await else {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    };
+    let reason = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_string));
+    let response = next.run(Request::from_parts(parts, axum::body::Body::from(body))).await;
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, AUDIT_BODY_CAP).await.unwrap_or_default();
+    let answer = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("message").or_else(|| v.get("error")).and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| parts.status.to_string());
+    let (what, agent, backup, session) = describe(&path);
+    let mut message = what;
+    if let Some(q) = query {
+        message.push_str(&format!(" ({q})"));
+    }
+    if let Some(r) = reason {
+        message.push_str(&format!(" (reason: {r})"));
+    }
+    let verdict = if parts.status.is_success() { "done" } else { "refused" };
+    message.push_str(&format!(": {verdict}: {answer}"));
+    let actor = peer.uid.map(|uid| Actor { uid, user: user_name(uid) });
+    let spec = EventSpec { agent: agent.as_deref(), backup: backup.as_deref(), session: session.as_deref(), actor };
+    audit(spec, message);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 /// Binds `path`, replacing a stale socket but never a live one or another file.
 pub fn bind(path: &Path, group: Option<&str>) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
@@ -144,13 +220,16 @@ pub async fn serve(
     path: PathBuf,
     group: Option<&str>,
     router: Router,
+    audit_to: Audit,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let access = Access { own_uid: rustix::process::geteuid().as_raw(), group: group.and_then(group_id) };
+    // Outermost, so refused attempts are on record too.
     let app = router
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint (see docs/admin-api.md)") })
         .layer(middleware::map_response(json_errors))
-        .layer(middleware::from_fn_with_state(access, check_peer));
+        .layer(middleware::from_fn_with_state(access, check_peer))
+        .layer(middleware::from_fn_with_state(audit_to, audit));
     tracing::info!(socket = %path.display(), "admin API ready");
     let result = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown.cancelled_owned())

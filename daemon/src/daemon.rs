@@ -76,6 +76,7 @@ pub fn start_admin(
     socket: Option<PathBuf>,
     group: Option<String>,
     router: Router,
+    audit: crate::admin::Audit,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<(), (PathBuf, std::io::Error)> {
@@ -83,7 +84,7 @@ pub fn start_admin(
     let listener = crate::admin::bind(&path, group.as_deref()).map_err(|e| (path.clone(), e))?;
     let token = shutdown.clone();
     tracker.spawn(async move {
-        if let Err(e) = crate::admin::serve(listener, path, group.as_deref(), router, token).await {
+        if let Err(e) = crate::admin::serve(listener, path, group.as_deref(), router, audit, token).await {
             tracing::warn!("admin API stopped: {e}");
         }
     });

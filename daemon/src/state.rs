@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
 
-use nbackup_protocol::admin::{Event, HistoryRecord, Series};
+use nbackup_protocol::admin::{Actor, Event, EventKind, HistoryRecord, Series};
 
 /// Size at which a log file is rotated.
 pub const LOG_CAP: u64 = 8 << 20;
@@ -106,6 +106,8 @@ pub struct EventSpec<'a> {
     pub agent: Option<&'a str>,
     pub backup: Option<&'a str>,
     pub session: Option<&'a str>,
+    /// The operator behind the event, for [`EventKind::Operator`].
+    pub actor: Option<Actor>,
 }
 
 impl Events {
@@ -120,14 +122,15 @@ impl Events {
         Ok(Events { log, recent: Mutex::new(recent), next: AtomicU64::new(next), tx })
     }
 
-    pub fn record(&self, kind: &str, who: EventSpec<'_>, message: impl Into<String>) -> Event {
+    pub fn record(&self, kind: EventKind, who: EventSpec<'_>, message: impl Into<String>) -> Event {
         let event = Event {
             seq: self.next.fetch_add(1, Ordering::Relaxed),
             time: now_rfc3339(),
-            kind: kind.to_string(),
+            kind,
             agent: who.agent.map(str::to_string),
             backup: who.backup.map(str::to_string),
             session: who.session.map(str::to_string),
+            actor: who.actor,
             message: message.into(),
         };
         if let Some(log) = &self.log
@@ -346,11 +349,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let ev = Events::open(Some(dir.path()), "events.jsonl").expect("open");
-            ev.record("started", EventSpec { agent: Some("a"), ..Default::default() }, "one");
-            ev.record("committed", EventSpec::default(), "two");
+            ev.record(EventKind::Started, EventSpec { agent: Some("a"), ..Default::default() }, "one");
+            ev.record(EventKind::Committed, EventSpec::default(), "two");
         }
         let ev = Events::open(Some(dir.path()), "events.jsonl").expect("reopen");
-        let e = ev.record("started", EventSpec::default(), "three");
+        let e = ev.record(EventKind::Started, EventSpec::default(), "three");
         assert_eq!(e.seq, 3);
         let since: Vec<String> = ev.since(1, 10).into_iter().map(|e| e.message).collect();
         assert_eq!(since, ["two", "three"]);

@@ -19,6 +19,238 @@ pub fn default_socket(daemon: &str, is_root: bool, runtime_dir: Option<&Path>, f
 
 use crate::wire::Compression;
 
+/// A closed set of words on the wire: serialised as its snake_case name, and read
+/// back with an `Unknown` fallback so an older client reads a newer daemon.
+macro_rules! words {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $s)] $v,)*
+            /// A word this build does not know (sent by a newer daemon).
+            #[serde(other, rename = "unknown")]
+            Unknown,
+        }
+
+        impl $name {
+            /// Every known value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$v,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$v => $s,)*
+                    $name::Unknown => "unknown",
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+words! {
+    /// Which daemon answers on an admin socket.
+    pub enum DaemonKind {
+        Server = "server",
+        Agent = "agent",
+    }
+}
+
+words! {
+    /// Where a server session is in its life (`docs/admin-api.md`).
+    pub enum SessionPhase {
+        /// Found in `.incoming` at start and being re-checked.
+        Recovering = "recovering",
+        /// At least one stream attached.
+        Receiving = "receiving",
+        /// No stream attached: the agent is gone or reconnecting.
+        Orphaned = "orphaned",
+        /// Verifying and renaming; nothing can end it now.
+        Committing = "committing",
+    }
+}
+
+words! {
+    /// A server-side stream of a session.
+    pub enum StreamState {
+        /// Data arrived in the last second.
+        Receiving = "receiving",
+        Idle = "idle",
+        /// Lost or retired, not joined again yet.
+        Closed = "closed",
+    }
+}
+
+words! {
+    /// A stream of a running backup, as the agent sees it.
+    pub enum AgentStreamState {
+        Connecting = "connecting",
+        Sending = "sending",
+        Retiring = "retiring",
+        Reconnecting = "reconnecting",
+        Closed = "closed",
+    }
+}
+
+words! {
+    /// How a server session ended.
+    pub enum SessionOutcome {
+        Committed = "committed",
+        Failed = "failed",
+        /// Cancelled by the agent or an operator, or by a draining server.
+        Aborted = "aborted",
+        /// Left without a stream longer than `resume.session_ttl`.
+        Expired = "expired",
+    }
+}
+
+words! {
+    /// What an event records. Both daemons draw from one list; `docs/admin-api.md`
+    /// says which daemon records which.
+    pub enum EventKind {
+        Started = "started",
+        Stopped = "stopped",
+        Reloaded = "reloaded",
+        ReloadFailed = "reload_failed",
+        StreamJoined = "stream_joined",
+        StreamRejoined = "stream_rejoined",
+        StreamLost = "stream_lost",
+        Committed = "committed",
+        CommitIncomplete = "commit_incomplete",
+        Rotated = "rotated",
+        Aborted = "aborted",
+        Expired = "expired",
+        Failed = "failed",
+        Refused = "refused",
+        DiskLow = "disk_low",
+        AgentConnected = "agent_connected",
+        AgentDisconnected = "agent_disconnected",
+        RunStarted = "run_started",
+        Retry = "retry",
+        Skipped = "skipped",
+        Missed = "missed",
+        AbortRequested = "abort_requested",
+        Deferred = "deferred",
+        ControlConnected = "control_connected",
+        ControlLost = "control_lost",
+        /// An operator acted through the admin API (the event names who).
+        Operator = "operator",
+    }
+}
+
+/// How much an event matters, for filters and colour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
+impl EventKind {
+    /// Errors lose or endanger a backup; warnings are setbacks the system recovers
+    /// from on its own; the rest is information.
+    pub fn level(self) -> Level {
+        use EventKind::*;
+        match self {
+            Failed | CommitIncomplete | ReloadFailed | Missed => Level::Error,
+            StreamLost | Aborted | Expired | Refused | DiskLow | AgentDisconnected | ControlLost | Retry | Skipped
+            | AbortRequested | Unknown => Level::Warn,
+            _ => Level::Info,
+        }
+    }
+}
+
+words! {
+    /// Whether an entry's backups keep up with its schedule (`docs/console.md`).
+    pub enum Freshness {
+        /// No scheduled run has gone unanswered.
+        Fresh = "fresh",
+        /// A scheduled run is past its grace, and a run is in progress.
+        Running = "running",
+        /// One scheduled run is past its grace with no success since.
+        Overdue = "overdue",
+        /// Two or more scheduled runs passed with no success.
+        Missed = "missed",
+        /// Never succeeded, and no scheduled run is due yet.
+        Never = "never",
+        /// No schedule: runs only when asked.
+        Unscheduled = "unscheduled",
+    }
+}
+
+// `words!` derives the same list for every enum, so the default is written here.
+#[allow(clippy::derivable_impls)]
+impl Default for Freshness {
+    fn default() -> Self {
+        Freshness::Unknown
+    }
+}
+
+#[allow(clippy::derivable_impls)]
+impl Default for AgentStreamState {
+    fn default() -> Self {
+        AgentStreamState::Connecting
+    }
+}
+
+impl Freshness {
+    /// Whether an operator must look: a backup is late.
+    pub fn is_late(self) -> bool {
+        matches!(self, Freshness::Overdue | Freshness::Missed)
+    }
+}
+
+/// An entry's freshness and the facts it was judged from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryFreshness {
+    pub state: Freshness,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<String>,
+    /// Seconds since the last success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_secs: Option<u64>,
+    /// The first scheduled run no success has followed, once past its grace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_since: Option<String>,
+    /// Scheduled runs past their grace since the last success (capped).
+    #[serde(default)]
+    pub missed_runs: u32,
+    /// Since when the entry has been known, where no success bounds the count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_since: Option<String>,
+}
+
+/// Who did something through the admin API, from the socket's peer credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    pub uid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.user {
+            Some(u) => write!(f, "{u} (uid {})", self.uid),
+            None => write!(f, "uid {}", self.uid),
+        }
+    }
+}
+
 /// An error answer: HTTP status plus this body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
@@ -37,16 +269,16 @@ pub struct ActionResult {
 pub struct Event {
     pub seq: u64,
     pub time: String,
-    /// `started`, `stream_joined`, `stream_lost`, `stream_rejoined`, `committed`,
-    /// `rotated`, `aborted`, `expired`, `failed`, `refused`, `disk_low`,
-    /// `agent_connected`, `agent_disconnected`, `reloaded`, `scheduled`, `skipped`, …
-    pub kind: String,
+    pub kind: EventKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The operator behind an [`EventKind::Operator`] event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<Actor>,
     pub message: String,
 }
 
@@ -57,8 +289,7 @@ pub struct HistoryRecord {
     pub agent: String,
     pub storage: String,
     pub backup: String,
-    /// `committed`, `failed`, `aborted` or `expired`.
-    pub outcome: String,
+    pub outcome: SessionOutcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,6 +303,8 @@ pub struct HistoryRecord {
 /// `GET /v1/status` on the server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServerStatus {
+    /// Always [`DaemonKind::Server`].
+    pub daemon: DaemonKind,
     pub version: String,
     pub uptime_secs: u64,
     pub listen: String,
@@ -101,8 +334,7 @@ pub struct SessionInfo {
     pub agent: String,
     pub storage: String,
     pub backup: String,
-    /// `receiving`, or `waiting` when no stream is attached.
-    pub phase: String,
+    pub phase: SessionPhase,
     pub started: String,
     pub bytes_received: u64,
     /// Receive rate over the last few seconds.
@@ -120,7 +352,14 @@ pub struct SessionInfo {
     /// Seconds left at the agent's current read rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_secs: Option<f64>,
+    /// Seconds the server spent writing this session's chunks to disk.
+    #[serde(default)]
+    pub disk_write_secs: f64,
     pub streams: Vec<StreamInfo>,
+    /// The run behind this session as its agent last reported it on the control
+    /// channel (progress in files, stage times, autoscaler decisions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_run: Option<RunningBackup>,
 }
 
 /// One stream (connection) of a session, as the server sees it.
@@ -128,9 +367,7 @@ pub struct SessionInfo {
 pub struct StreamInfo {
     pub stream: u16,
     pub generation: u32,
-    /// `receiving` (data in the last second), `idle`, or `closed` (lost or retired,
-    /// not joined again yet).
-    pub state: String,
+    pub state: StreamState,
     pub peer: String,
     pub bytes: u64,
     pub rate_bps: f64,
@@ -161,6 +398,10 @@ pub struct AgentInfo {
     pub running: Vec<RunningBackup>,
     /// Last result per entry, as the agent reported it.
     pub last_results: Vec<EntryResult>,
+    /// The agent's entries with their schedules; freshness judged by the server
+    /// now, from the last report and the server's own commits.
+    #[serde(default)]
+    pub entries: Vec<EntryStatus>,
 }
 
 /// The outcome of one run of an entry, as the agent saw it.
@@ -217,13 +458,13 @@ pub enum Decision {
     Remove(u16),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScalerState {
-    Steady,
-    Probing,
-    Cooldown,
-    Draining,
+words! {
+    pub enum ScalerState {
+        Steady = "steady",
+        Probing = "probing",
+        Cooldown = "cooldown",
+        Draining = "draining",
+    }
 }
 
 /// A decision and the numbers behind it.
@@ -245,6 +486,8 @@ pub struct ScalerEvent {
 /// `GET /v1/status` on the agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AgentStatus {
+    /// Always [`DaemonKind::Agent`].
+    pub daemon: DaemonKind,
     pub version: String,
     pub agent: String,
     pub uptime_secs: u64,
@@ -280,6 +523,8 @@ pub struct EntryStatus {
     pub last: Option<EntryResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_age_secs: Option<u64>,
+    #[serde(default)]
+    pub freshness: EntryFreshness,
 }
 
 /// A backup running on the agent now.
@@ -314,14 +559,33 @@ pub struct RunningBackup {
     pub stream_table: Vec<AgentStreamInfo>,
     /// The autoscaler's decisions with the numbers behind them.
     pub scaler: Vec<ScalerEvent>,
+    /// Where the archive thread's time went, for the console's bottleneck line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Stages>,
+}
+
+/// Where the archive thread's time went so far. What is neither reading the source
+/// nor waiting for the network is tar framing and compression.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stages {
+    pub elapsed_secs: f64,
+    /// Inside `read` on source files.
+    pub read_secs: f64,
+    /// Blocked on a full send window: the network or the server is slower.
+    pub network_secs: f64,
+}
+
+impl Stages {
+    pub fn compress_secs(&self) -> f64 {
+        (self.elapsed_secs - self.read_secs - self.network_secs).max(0.0)
+    }
 }
 
 /// One stream of a running backup, as the agent sees it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentStreamInfo {
     pub stream: u16,
-    /// `connecting`, `sending`, `retiring`, `reconnecting` or `closed`.
-    pub state: String,
+    pub state: AgentStreamState,
     /// Compressed bytes put on this stream, resends included.
     pub bytes_sent: u64,
     /// Round trip of the current connection's join handshake.
@@ -351,6 +615,10 @@ pub struct AgentReport {
     /// missed intervals of silence for a vanished agent.
     #[serde(default)]
     pub keepalive_ms: Option<u64>,
+    /// Every entry with its schedule and freshness, so the server can tell when a
+    /// silent agent's backups fall behind.
+    #[serde(default)]
+    pub entries: Vec<EntryStatus>,
 }
 
 /// An operator command sent down a control channel (server → agent).
@@ -389,4 +657,34 @@ pub enum WatchItem {
     Event {
         event: Event,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_words_from_a_newer_daemon_as_unknown() {
+        let phase: SessionPhase = serde_json::from_str(r#""teleporting""#).expect("fallback");
+        assert_eq!(phase, SessionPhase::Unknown);
+        let kind: EventKind = serde_json::from_str(r#""quantum_flux""#).expect("fallback");
+        assert_eq!((kind, kind.level()), (EventKind::Unknown, Level::Warn));
+        let event: Event = serde_json::from_str(
+            r#"{"seq":1,"time":"2026-12-01T00:00:00Z","kind":"new_kind","message":"m","extra":1}"#,
+        )
+        .expect("an event with a new kind and field");
+        assert_eq!(event.kind, EventKind::Unknown);
+    }
+
+    #[test]
+    fn words_round_trip_by_their_wire_names() {
+        for k in EventKind::ALL {
+            let text = serde_json::to_string(k).expect("ser");
+            assert_eq!(text, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<EventKind>(&text).expect("de"), *k);
+        }
+        for p in SessionPhase::ALL {
+            assert_eq!(serde_json::from_str::<SessionPhase>(&format!("\"{p}\"")).expect("de"), *p);
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //!   limits in [`limits`]), documented byte by byte in `docs/protocol.md`;
 //! * [`name`] — validated names and session ids, the only values that reach paths;
 //! * [`admin`] — the request and response types of the daemons' local admin API;
+//! * [`freshness`] — whether an entry's backups keep up with its schedule;
 //! * [`config`] — the YAML configuration schema of both daemons, validated in two
 //!   stages, so the runtime and the setup wizard share one definition.
 //!
@@ -11,6 +12,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod freshness;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;

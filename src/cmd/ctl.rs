@@ -3,13 +3,11 @@
 use std::process::ExitCode;
 
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use nbackup_protocol::admin::{
-    AbortRequest, ActionResult, AgentInfo, AgentStatus, ArchiveInfo, EntryStatus, Event, HistoryRecord, ServerStatus,
-    SessionInfo,
+    ActionResult, AgentInfo, AgentStatus, ArchiveInfo, EntryStatus, HistoryRecord, ServerStatus, SessionInfo,
 };
-use nbackup_tui::client::{AdminClient, ClientError, DaemonKind, discover};
+use nbackup_tui::client::{AdminClient, ArchiveQuery, ClientError, DaemonKind, EntryTarget, Status, discover};
 
 use super::{human_bytes, runtime};
 use crate::cli::{CtlArgs, CtlCommand};
@@ -47,222 +45,168 @@ fn print_json<T: Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-async fn get<T: DeserializeOwned>(c: &AdminClient, path: &str) -> anyhow::Result<T> {
-    c.get(path).await.map_err(err)
+/// Prints an answer as JSON or through `human`.
+fn show<T: Serialize>(v: Result<T, ClientError>, json: bool, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    let v = v.map_err(err)?;
+    if json {
+        print_json(&v);
+    } else {
+        human(&v);
+    }
+    Ok(())
 }
 
-async fn act(c: &AdminClient, path: &str, body: Option<&AbortRequest>, json: bool) -> anyhow::Result<ExitCode> {
-    let r: ActionResult = c.post(path, body).await.map_err(err)?;
-    if json {
-        print_json(&r);
-    } else {
-        println!("{}", r.message);
-    }
-    Ok(Exit::Ok.into())
+fn act(r: Result<ActionResult, ClientError>, json: bool) -> anyhow::Result<()> {
+    show(r, json, |r| println!("{}", r.message))
 }
 
 fn need(kind: DaemonKind, wanted: DaemonKind, what: &str) -> anyhow::Result<()> {
     if kind == wanted {
         return Ok(());
     }
-    let other = if wanted == DaemonKind::Server { "server" } else { "agent" };
-    Err(fail(Exit::Usage, anyhow::anyhow!("`{what}` needs the {other} daemon's socket; pass --socket")))
+    Err(fail(Exit::Usage, anyhow::anyhow!("`{what}` needs the {wanted} daemon's socket; pass --socket")))
 }
 
-/// Query-string encoding for the few values we pass.
-fn q(v: &str) -> String {
-    v.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.@+".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+/// `ENTRY` on the agent, `AGENT/ENTRY` on the server.
+fn entry_target(kind: DaemonKind, name: &str) -> anyhow::Result<EntryTarget> {
+    match (kind, name.split_once('/')) {
+        (DaemonKind::Server, Some((agent, entry))) => {
+            Ok(EntryTarget::Agent { agent: agent.to_string(), entry: entry.to_string() })
+        }
+        (DaemonKind::Server, None) => Err(fail(Exit::Usage, anyhow::anyhow!("on the server, name AGENT/ENTRY"))),
+        (_, None) => Ok(EntryTarget::Own(name.to_string())),
+        (_, Some(_)) => Err(fail(Exit::Usage, anyhow::anyhow!("on the agent, name just the entry"))),
+    }
 }
 
 async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: bool) -> anyhow::Result<ExitCode> {
     use DaemonKind::{Agent, Server};
     match command {
-        CtlCommand::Status => match kind {
-            Server => {
-                let s: ServerStatus = get(c, "/v1/status").await?;
-                if json {
-                    print_json(&s);
-                } else {
-                    print_server_status(&s);
-                }
-            }
-            Agent => {
-                let s: AgentStatus = get(c, "/v1/status").await?;
-                if json {
-                    print_json(&s);
-                } else {
-                    print_agent_status(&s);
-                }
-            }
-        },
+        CtlCommand::Status => show(c.status().await, json, |s| match s {
+            Status::Server(s) => print_server_status(s),
+            Status::Agent(s) => print_agent_status(s),
+        })?,
         CtlCommand::Sessions => {
             need(kind, Server, "sessions")?;
-            let v: Vec<SessionInfo> = get(c, "/v1/sessions").await?;
-            if json {
-                print_json(&v);
-            } else {
-                print_sessions(&v);
-            }
+            show(c.sessions().await, json, |v| print_sessions(v))?;
         }
         CtlCommand::Agents => {
             need(kind, Server, "agents")?;
-            let v: Vec<AgentInfo> = get(c, "/v1/agents").await?;
-            if json {
-                print_json(&v);
-            } else {
-                table(
-                    &["AGENT", "CONNECTED", "ADDRESS", "VERSION", "RTT", "LOAD", "SESSIONS", "LAST SEEN"],
-                    v.iter()
-                        .map(|a| {
-                            vec![
-                                a.name.clone(),
-                                yes(a.connected),
-                                a.address.clone(),
-                                a.version.clone(),
-                                ms(a.rtt_ms),
-                                a.load1.map_or("-".into(), |l| format!("{l:.2}")),
-                                a.sessions.len().to_string(),
-                                a.last_seen.clone(),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            show(c.agents().await, json, |v| print_agents(v))?;
         }
         CtlCommand::Entries => {
             need(kind, Agent, "entries")?;
-            let v: Vec<EntryStatus> = get(c, "/v1/entries").await?;
-            if json {
-                print_json(&v);
-            } else {
-                print_entries(&v);
-            }
+            show(c.entries().await, json, |v| print_entries(v))?;
         }
         CtlCommand::History { agent, limit } => {
             need(kind, Server, "history")?;
-            let mut path = format!("/v1/history?limit={limit}");
-            if let Some(a) = agent {
-                path.push_str(&format!("&agent={}", q(&a)));
-            }
-            let v: Vec<HistoryRecord> = get(c, &path).await?;
-            if json {
-                print_json(&v);
-            } else {
-                table(
-                    &["FINISHED", "AGENT", "BACKUP", "OUTCOME", "SIZE", "ARCHIVE / REASON"],
-                    v.iter()
-                        .map(|h| {
-                            vec![
-                                h.finished.clone(),
-                                h.agent.clone(),
-                                h.backup.clone(),
-                                h.outcome.clone(),
-                                human_bytes(h.bytes),
-                                h.archive.clone().unwrap_or_else(|| h.message.clone()),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            show(c.history(agent.as_deref(), limit).await, json, |v| print_history(v))?;
         }
-        CtlCommand::Events { since, limit } => {
-            let v: Vec<Event> = get(c, &format!("/v1/events?since={since}&limit={limit}")).await?;
-            if json {
-                print_json(&v);
-            } else {
-                for e in &v {
-                    let who =
-                        [e.agent.as_deref(), e.backup.as_deref()].into_iter().flatten().collect::<Vec<_>>().join("/");
-                    println!("{:>6} {} {:<18} {:<16} {}", e.seq, e.time, e.kind, who, e.message);
-                }
+        CtlCommand::Events { since, limit } => show(c.events(since, limit).await, json, |v| {
+            for e in v {
+                let who = [e.agent.as_deref(), e.backup.as_deref()].into_iter().flatten().collect::<Vec<_>>().join("/");
+                println!("{:>6} {} {:<18} {:<16} {}", e.seq, e.time, e.kind.as_str(), who, e.message);
             }
-        }
+        })?,
         CtlCommand::Archives { agent, backup, storage } => {
             need(kind, Server, "archives")?;
-            let mut params = Vec::new();
-            for (k, v) in [("agent", agent), ("backup", backup), ("storage", storage)] {
-                if let Some(v) = v {
-                    params.push(format!("{k}={}", q(&v)));
-                }
-            }
-            let v: Vec<ArchiveInfo> = get(c, &format!("/v1/archives?{}", params.join("&"))).await?;
-            if json {
-                print_json(&v);
-            } else {
-                table(
-                    &["STORAGE", "AGENT", "BACKUP", "ARCHIVE", "SIZE", "MANIFEST"],
-                    v.iter()
-                        .map(|a| {
-                            vec![
-                                a.storage.clone(),
-                                a.agent.clone(),
-                                a.backup.clone(),
-                                a.name.clone(),
-                                human_bytes(a.size),
-                                yes(a.manifest),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            show(c.archives(&ArchiveQuery { agent, backup, storage }).await, json, |v| print_archives(v))?;
         }
         CtlCommand::Abort { target, reason } => {
-            let body = AbortRequest { reason };
-            let path = match (kind, target.split_once('/')) {
-                (Server, None) => format!("/v1/sessions/{}/abort", q(&target)),
-                (Server, Some((agent, e))) => format!("/v1/agents/{}/entries/{}/abort", q(agent), q(e)),
-                (Agent, None) => format!("/v1/entries/{}/abort", q(&target)),
-                (Agent, Some(_)) => {
-                    return Err(fail(Exit::Usage, anyhow::anyhow!("on the agent, name just the entry")));
-                }
+            let r = match (kind, target.contains('/')) {
+                (Server, false) => c.abort_session(&target, reason).await,
+                _ => c.abort_entry(&entry_target(kind, &target)?, reason).await,
             };
-            return act(c, &path, Some(&body), json).await;
+            act(r, json)?;
         }
         CtlCommand::Rotate { session, stream } => {
             need(kind, Server, "rotate")?;
-            return act(c, &format!("/v1/sessions/{}/streams/{stream}/rotate", q(&session)), None, json).await;
+            act(c.rotate(&session, stream).await, json)?;
         }
-        CtlCommand::Run { entry } => {
-            let path = match (kind, entry.split_once('/')) {
-                (Agent, None) => format!("/v1/entries/{}/run", q(&entry)),
-                (Server, Some((agent, e))) => format!("/v1/agents/{}/entries/{}/run", q(agent), q(e)),
-                (Server, None) => return Err(fail(Exit::Usage, anyhow::anyhow!("on the server, name AGENT/ENTRY"))),
-                (Agent, Some(_)) => {
-                    return Err(fail(Exit::Usage, anyhow::anyhow!("on the agent, name just the entry")));
-                }
-            };
-            return act(c, &path, None, json).await;
-        }
+        CtlCommand::Run { entry } => act(c.run_entry(&entry_target(kind, &entry)?).await, json)?,
         CtlCommand::Defer { entry, seconds } => {
-            let path = match (kind, entry.split_once('/')) {
-                (Agent, None) => format!("/v1/entries/{}/defer?seconds={seconds}", q(&entry)),
-                (Server, Some((agent, e))) => {
-                    format!("/v1/agents/{}/entries/{}/defer?seconds={seconds}", q(agent), q(e))
-                }
-                _ => {
-                    return Err(fail(
-                        Exit::Usage,
-                        anyhow::anyhow!("name ENTRY on the agent, AGENT/ENTRY on the server"),
-                    ));
-                }
-            };
-            return act(c, &path, None, json).await;
+            act(c.defer_entry(&entry_target(kind, &entry)?, seconds).await, json)?;
         }
-        CtlCommand::Reload => return act(c, "/v1/reload", None, json).await,
+        CtlCommand::Reload => act(c.reload().await, json)?,
         CtlCommand::Metrics => {
             need(kind, Server, "metrics")?;
-            print!("{}", c.get_text("/metrics").await.map_err(err)?);
+            print!("{}", c.metrics().await.map_err(err)?);
         }
     }
     Ok(Exit::Ok.into())
+}
+
+fn print_agents(v: &[AgentInfo]) {
+    table(
+        &["AGENT", "CONNECTED", "ADDRESS", "VERSION", "RTT", "LOAD", "SESSIONS", "LAST SEEN"],
+        v.iter()
+            .map(|a| {
+                vec![
+                    a.name.clone(),
+                    yes(a.connected),
+                    a.address.clone(),
+                    a.version.clone(),
+                    ms(a.rtt_ms),
+                    a.load1.map_or("-".into(), |l| format!("{l:.2}")),
+                    a.sessions.len().to_string(),
+                    a.last_seen.clone(),
+                ]
+            })
+            .collect(),
+    );
+    let late: Vec<Vec<String>> = v
+        .iter()
+        .flat_map(|a| a.entries.iter().map(move |e| (a, e)))
+        .filter(|(_, e)| e.freshness.state.is_late())
+        .map(|(a, e)| {
+            vec![
+                format!("{}/{}", a.name, e.name),
+                e.freshness.state.to_string(),
+                e.freshness.missed_runs.to_string(),
+                e.freshness.last_success.clone().unwrap_or_else(|| "never".into()),
+            ]
+        })
+        .collect();
+    if !late.is_empty() {
+        println!();
+        table(&["LATE ENTRY", "STATE", "RUNS", "LAST SUCCESS"], late);
+    }
+}
+
+fn print_history(v: &[HistoryRecord]) {
+    table(
+        &["FINISHED", "AGENT", "BACKUP", "OUTCOME", "SIZE", "ARCHIVE / REASON"],
+        v.iter()
+            .map(|h| {
+                vec![
+                    h.finished.clone(),
+                    h.agent.clone(),
+                    h.backup.clone(),
+                    h.outcome.to_string(),
+                    human_bytes(h.bytes),
+                    h.archive.clone().unwrap_or_else(|| h.message.clone()),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn print_archives(v: &[ArchiveInfo]) {
+    table(
+        &["STORAGE", "AGENT", "BACKUP", "ARCHIVE", "SIZE", "MANIFEST"],
+        v.iter()
+            .map(|a| {
+                vec![
+                    a.storage.clone(),
+                    a.agent.clone(),
+                    a.backup.clone(),
+                    a.name.clone(),
+                    human_bytes(a.size),
+                    yes(a.manifest),
+                ]
+            })
+            .collect(),
+    );
 }
 
 fn yes(b: bool) -> String {
@@ -323,7 +267,7 @@ fn print_sessions(v: &[SessionInfo]) {
                     s.agent.clone(),
                     s.backup.clone(),
                     s.storage.clone(),
-                    s.phase.clone(),
+                    s.phase.to_string(),
                     human_bytes(s.bytes_received),
                     mbps(s.rate_bps),
                     eta(s.eta_secs),
@@ -341,7 +285,7 @@ fn print_sessions(v: &[SessionInfo]) {
                 .map(|st| {
                     vec![
                         st.stream.to_string(),
-                        st.state.clone(),
+                        st.state.to_string(),
                         st.peer.clone(),
                         human_bytes(st.bytes),
                         mbps(st.rate_bps),
@@ -402,7 +346,7 @@ fn print_agent_status(s: &AgentStatus) {
                 .map(|st| {
                     vec![
                         st.stream.to_string(),
-                        st.state.clone(),
+                        st.state.to_string(),
                         human_bytes(st.bytes_sent),
                         ms(st.rtt_ms),
                         ms(st.ack_ms),
@@ -417,7 +361,7 @@ fn print_agent_status(s: &AgentStatus) {
 
 fn print_entries(v: &[EntryStatus]) {
     table(
-        &["ENTRY", "STORAGE", "SCHEDULE", "NEXT RUN", "RUNNING", "LAST RESULT", "AGE"],
+        &["ENTRY", "STORAGE", "SCHEDULE", "NEXT RUN", "RUNNING", "FRESHNESS", "LAST RESULT", "AGE"],
         v.iter()
             .map(|e| {
                 let last = e.last.as_ref().map_or("-".to_string(), |l| {
@@ -433,6 +377,7 @@ fn print_entries(v: &[EntryStatus]) {
                     e.schedule.clone().map_or("on demand".into(), |s| format!("{s} ({})", e.timezone)),
                     e.next_run.clone().unwrap_or_else(|| "-".into()),
                     yes(e.running),
+                    e.freshness.state.to_string(),
                     last,
                     e.last_age_secs.map_or("-".into(), |a| format!("{a}s")),
                 ]

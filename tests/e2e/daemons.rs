@@ -17,7 +17,7 @@ use nbackup_protocol::admin::{
     ActionResult, AgentInfo, AgentStatus, EntryStatus, Event, HistoryRecord, ServerStatus, SessionInfo, WatchItem,
 };
 use nbackup_protocol::config::{AgentConfig, Excludes, ServerConfig};
-use nbackup_tui::client::{AdminClient, ClientError};
+use nbackup_tui::client::{AdminClient, ClientError, Watched};
 
 use crate::proxy::{Fault, Proxy};
 use crate::support::*;
@@ -208,7 +208,8 @@ async fn a_trigger_while_the_entry_runs_is_skipped_and_recorded() {
         Err(ClientError::Api { status: 409, message }) => assert!(message.contains("already running"), "{message}"),
         other => panic!("expected 409, got {other:?}"),
     }
-    let skipped: Vec<Event> = events(&agent.client).await.into_iter().filter(|e| e.kind == "skipped").collect();
+    let skipped: Vec<Event> =
+        events(&agent.client).await.into_iter().filter(|e| e.kind.as_str() == "skipped").collect();
     assert_eq!(skipped.len(), 1, "{skipped:?}");
     assert!(skipped[0].message.contains("still running"));
     assert!(agent.wait_result("slow", Duration::from_secs(60)).await.ok);
@@ -243,7 +244,7 @@ async fn missed_runs_are_caught_up_only_when_asked() {
     let lazy = agent.entry("lazy").await;
     assert!(lazy.last.is_none() && !lazy.running, "catch_up off: not replayed");
     assert_eq!(lazy.next_run.as_deref(), Some("2026-11-23T02:00:00Z"));
-    let missed: Vec<Event> = events(&agent.client).await.into_iter().filter(|e| e.kind == "missed").collect();
+    let missed: Vec<Event> = events(&agent.client).await.into_iter().filter(|e| e.kind.as_str() == "missed").collect();
     assert_eq!(missed.len(), 1);
     assert_eq!(missed[0].backup.as_deref(), Some("lazy"));
     agent.stop().await;
@@ -280,7 +281,7 @@ async fn reload_keeps_running_backups_and_rejects_an_invalid_config() {
     assert_eq!(entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["slow", "extra"]);
     assert!(entries[0].running, "still running after both reloads");
     assert!(agent.wait_result("slow", Duration::from_secs(60)).await.ok);
-    let kinds: Vec<String> = events(&agent.client).await.into_iter().map(|e| e.kind).collect();
+    let kinds: Vec<String> = events(&agent.client).await.into_iter().map(|e| e.kind.to_string()).collect();
     assert!(kinds.contains(&"reload_failed".to_string()) && kinds.contains(&"reloaded".to_string()), "{kinds:?}");
     agent.stop().await;
     server.stop().await;
@@ -323,7 +324,7 @@ async fn stopping_the_agent_mid_backup_aborts_the_session_on_the_server_at_once(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(history.len(), 1);
-    assert_eq!(history[0].outcome, "aborted", "{:?}", history[0]);
+    assert_eq!(history[0].outcome.as_str(), "aborted", "{:?}", history[0]);
     assert!(history[0].message.contains("cancelled"), "{:?}", history[0]);
     let sessions: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
     assert!(sessions.is_empty());
@@ -419,7 +420,7 @@ async fn operator_commands_round_trip_through_ctl_the_server_and_the_agent() {
     // Tables and JSON from both daemons.
     let o = ctl(&["--socket", &ssock, "history", "--json"]).await;
     let h: Vec<HistoryRecord> = serde_json::from_slice(&o.stdout).expect("json");
-    assert_eq!(h[0].outcome, "committed");
+    assert_eq!(h[0].outcome.as_str(), "committed");
     let o = ctl(&["--socket", &asock, "entries"]).await;
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("ENTRY") && out.contains("0 4 * * *"), "{out}");
@@ -518,7 +519,7 @@ async fn rotate_and_abort_act_on_a_running_session() {
     assert!(!last.ok);
     assert!(last.error.as_deref().is_some_and(|e| e.contains("aborted by the operator: maintenance")), "{last:?}");
     let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
-    assert_eq!(history[0].outcome, "aborted");
+    assert_eq!(history[0].outcome.as_str(), "aborted");
     agent.stop().await;
     server.stop().await;
 }
@@ -633,14 +634,16 @@ async fn watch_streams_snapshots_and_events() {
     let server = ServerDaemon::start(tmp.path(), &pki, &[gzip("main")]).await;
     let mut watch = server.client.watch().await.expect("watch");
     let first = tokio::time::timeout(Duration::from_secs(5), watch.recv()).await.expect("item").expect("open");
-    assert!(matches!(first, WatchItem::ServerSnapshot { .. }), "{first:?}");
+    let Watched::Item(first) = first else { panic!("unreadable: {first:?}") };
+    assert!(matches!(*first, WatchItem::ServerSnapshot { .. }), "{first:?}");
     let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
     backup(&cfg, 0).await.expect("backup");
     let start = Instant::now();
     loop {
         let item = tokio::time::timeout(Duration::from_secs(5), watch.recv()).await.expect("item").expect("open");
-        if let WatchItem::Event { event } = item
-            && event.kind == "committed"
+        if let Watched::Item(item) = item
+            && let WatchItem::Event { event } = *item
+            && event.kind.as_str() == "committed"
         {
             break;
         }
@@ -652,7 +655,7 @@ async fn watch_streams_snapshots_and_events() {
 #[test]
 fn agent_status_is_served_as_documented() {
     // The admin types round-trip through JSON as the docs show them.
-    let json = r#"{"version":"0.1.0","agent":"web-01","uptime_secs":5,"server":"backup:9847",
+    let json = r#"{"daemon":"agent","version":"0.1.0","agent":"web-01","uptime_secs":5,"server":"backup:9847",
       "control_channel":{"enabled":true,"connected":true,"rtt_ms":0.4},
       "entries":[{"name":"etc","storage":"main","schedule":"0 2 * * *","timezone":"local","running":false}],
       "running":[]}"#;
@@ -678,7 +681,7 @@ async fn each_attempt_is_bounded_and_retried() {
     assert!(!last.ok);
     assert_eq!(last.attempts, 2, "retry.max_attempts: 2 → {last:?}");
     assert!(last.error.as_deref().is_some_and(|e| e.contains("did not finish within 1s")), "{last:?}");
-    let retries = events(&agent.client).await.into_iter().filter(|e| e.kind == "retry").count();
+    let retries = events(&agent.client).await.into_iter().filter(|e| e.kind.as_str() == "retry").count();
     assert_eq!(retries, 1);
     // Each timed-out attempt told the server, which freed the entry at once.
     let start = Instant::now();
@@ -690,7 +693,7 @@ async fn each_attempt_is_bounded_and_retried() {
         assert!(start.elapsed() < Duration::from_secs(10), "{h:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(history.iter().all(|h| h.outcome == "aborted"), "{history:?}");
+    assert!(history.iter().all(|h| h.outcome.as_str() == "aborted"), "{history:?}");
     assert!(leftovers(&tmp.path().join("storage/main")).is_empty());
     agent.stop().await;
     server.stop().await;
@@ -745,7 +748,7 @@ async fn server_reload_adds_storages_and_certificates_without_dropping_sessions(
     // ...and the session that was running carries on to commit.
     assert!(agent.wait_result("slow", Duration::from_secs(60)).await.ok);
     let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
-    assert_eq!(history[0].outcome, "committed", "{history:?}");
+    assert_eq!(history[0].outcome.as_str(), "committed", "{history:?}");
     agent.stop().await;
     server.stop().await;
 }
@@ -844,7 +847,7 @@ async fn real_signals_readiness_reload_and_a_bounded_sigterm_mid_backup() {
         assert!(start.elapsed() < Duration::from_secs(10), "the server never learned of the abort");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(history[0].outcome, "aborted");
+    assert_eq!(history[0].outcome.as_str(), "aborted");
     assert!(history[0].message.contains("cancelled"), "{:?}", history[0]);
     assert!(!root.join("agent.sock").exists(), "the agent removes its socket");
 
@@ -889,18 +892,18 @@ async fn the_server_records_every_happening_as_an_event() {
     let start = Instant::now();
     let seen = loop {
         let seen: Vec<Event> = events(&server.client).await;
-        if wanted.iter().all(|k| seen.iter().any(|e| e.kind == *k)) {
+        if wanted.iter().all(|k| seen.iter().any(|e| e.kind.as_str() == *k)) {
             break seen;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "missing {wanted:?} in {seen:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let refused = seen.iter().find(|e| e.kind == "refused").expect("refused");
+    let refused = seen.iter().find(|e| e.kind.as_str() == "refused").expect("refused");
     assert!(refused.message.contains("nowhere"), "{refused:?}");
-    let rotated = seen.iter().find(|e| e.kind == "rotated").expect("rotated");
+    let rotated = seen.iter().find(|e| e.kind.as_str() == "rotated").expect("rotated");
     assert_eq!((rotated.agent.as_deref(), rotated.backup.as_deref()), (Some("web-01"), Some("data")));
     if mounted.is_some() {
-        let low = seen.iter().find(|e| e.kind == "disk_low").expect("disk_low");
+        let low = seen.iter().find(|e| e.kind.as_str() == "disk_low").expect("disk_low");
         assert!(low.message.contains("storage small"), "{low:?}");
     }
     server.stop().await;
@@ -927,7 +930,7 @@ async fn a_silent_server_is_found_on_the_control_channel_and_a_stale_connection_
     }
     let frozen = Instant::now();
     let lost = loop {
-        if let Some(e) = events(&agent.client).await.into_iter().find(|e| e.kind == "control_lost") {
+        if let Some(e) = events(&agent.client).await.into_iter().find(|e| e.kind.as_str() == "control_lost") {
             break e;
         }
         assert!(frozen.elapsed() < Duration::from_secs(30), "the agent never noticed");
@@ -951,9 +954,10 @@ async fn a_silent_server_is_found_on_the_control_channel_and_a_stale_connection_
     let agents: Vec<nbackup_protocol::admin::AgentInfo> = server.client.get("/v1/agents").await.expect("agents");
     assert!(agents.iter().any(|a| a.name == "web-01" && a.connected), "{agents:?}");
     let ev = events(&server.client).await;
-    let last_connect = ev.iter().filter(|e| e.kind == "agent_connected").map(|e| e.seq).max().expect("connected");
+    let last_connect =
+        ev.iter().filter(|e| e.kind.as_str() == "agent_connected").map(|e| e.seq).max().expect("connected");
     assert!(
-        !ev.iter().any(|e| e.kind == "agent_disconnected" && e.seq > last_connect),
+        !ev.iter().any(|e| e.kind.as_str() == "agent_disconnected" && e.seq > last_connect),
         "the replaced connection recorded a disconnect: {ev:?}"
     );
     agent.stop().await;
@@ -977,7 +981,7 @@ async fn the_admin_api_answers_at_once_while_a_storage_is_frozen_in_a_commit() {
     let start = Instant::now();
     loop {
         let sessions: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
-        if sessions.iter().any(|s| s.phase == "committing") {
+        if sessions.iter().any(|s| s.phase.as_str() == "committing") {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(60), "never committing: {sessions:?}");
@@ -995,7 +999,7 @@ async fn the_admin_api_answers_at_once_while_a_storage_is_frozen_in_a_commit() {
     }
     // An abort now is refused: the commit decides.
     let sessions: Vec<SessionInfo> = server.client.get("/v1/sessions").await.expect("sessions");
-    let id = &sessions.iter().find(|s| s.phase == "committing").expect("committing").id;
+    let id = &sessions.iter().find(|s| s.phase.as_str() == "committing").expect("committing").id;
     let body = nbackup_protocol::admin::AbortRequest { reason: Some("now".into()) };
     let abort = server.client.post::<ActionResult, _>(&format!("/v1/sessions/{id}/abort"), Some(&body)).await;
     assert!(matches!(&abort, Err(e) if e.to_string().contains("committing")), "{abort:?}");

@@ -14,7 +14,10 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use nbackup_protocol::admin::{ApiError, WatchItem};
+use nbackup_protocol::admin::{
+    AbortRequest, ActionResult, AgentInfo, AgentStatus, ApiError, ArchiveInfo, EntryStatus, Event, HistoryRecord,
+    Series, ServerStatus, SessionInfo, WatchItem,
+};
 
 /// Bound on connecting and on one request/answer.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,11 +34,110 @@ pub enum ClientError {
     Protocol(String),
 }
 
-/// Which daemon answers on a socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DaemonKind {
-    Agent,
-    Server,
+pub use nbackup_protocol::admin::DaemonKind;
+
+/// Every admin API path, in one place: `nbackup ctl` and the console build their
+/// requests here (`docs/admin-api.md`).
+pub mod paths {
+    pub const STATUS: &str = "/v1/status";
+    pub const SESSIONS: &str = "/v1/sessions";
+    pub const AGENTS: &str = "/v1/agents";
+    pub const ENTRIES: &str = "/v1/entries";
+    pub const SERIES: &str = "/v1/series";
+    pub const WATCH: &str = "/v1/watch";
+    pub const RELOAD: &str = "/v1/reload";
+    pub const METRICS: &str = "/metrics";
+
+    /// Percent-encodes a path segment or query value.
+    pub fn q(v: &str) -> String {
+        v.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-_.@+".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    pub fn session(id: &str) -> String {
+        format!("/v1/sessions/{}", q(id))
+    }
+
+    pub fn abort_session(id: &str) -> String {
+        format!("/v1/sessions/{}/abort", q(id))
+    }
+
+    pub fn rotate(id: &str, stream: u16) -> String {
+        format!("/v1/sessions/{}/streams/{stream}/rotate", q(id))
+    }
+
+    /// An entry action (`run`, `abort`, `defer?seconds=N`): on the agent for its own
+    /// entry, on the server through the agent's control channel.
+    pub fn entry_action(target: &super::EntryTarget, action: &str) -> String {
+        match target {
+            super::EntryTarget::Own(e) => format!("/v1/entries/{}/{action}", q(e)),
+            super::EntryTarget::Agent { agent, entry } => {
+                format!("/v1/agents/{}/entries/{}/{action}", q(agent), q(entry))
+            }
+        }
+    }
+
+    pub fn history(agent: Option<&str>, limit: usize) -> String {
+        match agent {
+            Some(a) => format!("/v1/history?limit={limit}&agent={}", q(a)),
+            None => format!("/v1/history?limit={limit}"),
+        }
+    }
+
+    pub fn events(since: u64, limit: usize) -> String {
+        format!("/v1/events?since={since}&limit={limit}")
+    }
+
+    pub fn archives(filter: &super::ArchiveQuery) -> String {
+        let params: Vec<String> = [("agent", &filter.agent), ("backup", &filter.backup), ("storage", &filter.storage)]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", q(v))))
+            .collect();
+        format!("/v1/archives?{}", params.join("&"))
+    }
+}
+
+/// Whose entry an action names: the agent daemon's own, or one on an agent the
+/// server reaches through its control channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryTarget {
+    Own(String),
+    Agent { agent: String, entry: String },
+}
+
+/// Which archives `/v1/archives` lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArchiveQuery {
+    pub agent: Option<String>,
+    pub backup: Option<String>,
+    pub storage: Option<String>,
+}
+
+/// A daemon's status, whichever daemon it is (serialised as the daemon's own).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Status {
+    Server(ServerStatus),
+    Agent(AgentStatus),
+}
+
+/// What the watch stream delivers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Watched {
+    Item(Box<WatchItem>),
+    /// A line this client could not read (a newer daemon, or a bug): shown, not
+    /// silently dropped.
+    Unreadable {
+        error: String,
+        line: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -121,22 +223,94 @@ impl AdminClient {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    /// Which daemon this is, from its status.
+    /// Which daemon this is, from its status (`daemon`, or the fields of a daemon
+    /// too old to say).
     pub async fn kind(&self) -> Result<DaemonKind, ClientError> {
-        let v: serde_json::Value = self.get("/v1/status").await?;
-        if v.get("agent").is_some() {
-            Ok(DaemonKind::Agent)
-        } else if v.get("listen").is_some() {
-            Ok(DaemonKind::Server)
-        } else {
-            Err(ClientError::Protocol("unrecognised status".into()))
+        let v: serde_json::Value = self.get(paths::STATUS).await?;
+        match v.get("daemon").and_then(|d| d.as_str()) {
+            Some("server") => Ok(DaemonKind::Server),
+            Some("agent") => Ok(DaemonKind::Agent),
+            _ if v.get("agent").is_some() => Ok(DaemonKind::Agent),
+            _ if v.get("listen").is_some() => Ok(DaemonKind::Server),
+            _ => Err(ClientError::Protocol("unrecognised status".into())),
         }
     }
 
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        let v: serde_json::Value = self.get(paths::STATUS).await?;
+        let decode = |e: serde_json::Error| ClientError::Protocol(format!("status: {e}"));
+        if v.get("daemon").and_then(|d| d.as_str()) == Some("agent") || v.get("agent").is_some() {
+            serde_json::from_value(v).map(Status::Agent).map_err(decode)
+        } else {
+            serde_json::from_value(v).map(Status::Server).map_err(decode)
+        }
+    }
+
+    pub async fn sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
+        self.get(paths::SESSIONS).await
+    }
+
+    pub async fn session(&self, id: &str) -> Result<SessionInfo, ClientError> {
+        self.get(&paths::session(id)).await
+    }
+
+    pub async fn agents(&self) -> Result<Vec<AgentInfo>, ClientError> {
+        self.get(paths::AGENTS).await
+    }
+
+    pub async fn entries(&self) -> Result<Vec<EntryStatus>, ClientError> {
+        self.get(paths::ENTRIES).await
+    }
+
+    pub async fn history(&self, agent: Option<&str>, limit: usize) -> Result<Vec<HistoryRecord>, ClientError> {
+        self.get(&paths::history(agent, limit)).await
+    }
+
+    pub async fn events(&self, since: u64, limit: usize) -> Result<Vec<Event>, ClientError> {
+        self.get(&paths::events(since, limit)).await
+    }
+
+    pub async fn archives(&self, filter: &ArchiveQuery) -> Result<Vec<ArchiveInfo>, ClientError> {
+        self.get(&paths::archives(filter)).await
+    }
+
+    pub async fn series(&self) -> Result<Vec<Series>, ClientError> {
+        self.get(paths::SERIES).await
+    }
+
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        self.get_text(paths::METRICS).await
+    }
+
+    pub async fn abort_session(&self, id: &str, reason: Option<String>) -> Result<ActionResult, ClientError> {
+        self.post(&paths::abort_session(id), Some(&AbortRequest { reason })).await
+    }
+
+    pub async fn rotate(&self, id: &str, stream: u16) -> Result<ActionResult, ClientError> {
+        self.post::<_, ()>(&paths::rotate(id, stream), None).await
+    }
+
+    pub async fn run_entry(&self, target: &EntryTarget) -> Result<ActionResult, ClientError> {
+        self.post::<_, ()>(&paths::entry_action(target, "run"), None).await
+    }
+
+    pub async fn abort_entry(&self, target: &EntryTarget, reason: Option<String>) -> Result<ActionResult, ClientError> {
+        self.post(&paths::entry_action(target, "abort"), Some(&AbortRequest { reason })).await
+    }
+
+    pub async fn defer_entry(&self, target: &EntryTarget, seconds: u64) -> Result<ActionResult, ClientError> {
+        self.post::<_, ()>(&paths::entry_action(target, &format!("defer?seconds={seconds}")), None).await
+    }
+
+    pub async fn reload(&self) -> Result<ActionResult, ClientError> {
+        self.post::<_, ()>(paths::RELOAD, None).await
+    }
+
     /// Follows `GET /v1/watch`: items arrive on the returned channel until the
-    /// daemon closes the stream or the receiver is dropped.
-    pub async fn watch(&self) -> Result<mpsc::Receiver<WatchItem>, ClientError> {
-        let resp = self.send(Method::GET, "/v1/watch", None).await?;
+    /// daemon closes the stream or the receiver is dropped. A line that does not
+    /// parse arrives as [`Watched::Unreadable`].
+    pub async fn watch(&self) -> Result<mpsc::Receiver<Watched>, ClientError> {
+        let resp = self.send(Method::GET, paths::WATCH, None).await?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut body = resp.into_body();
@@ -146,15 +320,23 @@ impl AdminClient {
                 buf.extend_from_slice(&data);
                 while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=nl).collect();
-                    if let Ok(item) = serde_json::from_slice::<WatchItem>(&line)
-                        && tx.send(item).await.is_err()
-                    {
+                    if tx.send(parse_watch_line(&line)).await.is_err() {
                         return;
                     }
                 }
             }
         });
         Ok(rx)
+    }
+}
+
+fn parse_watch_line(line: &[u8]) -> Watched {
+    match serde_json::from_slice::<WatchItem>(line) {
+        Ok(item) => Watched::Item(Box::new(item)),
+        Err(e) => {
+            let text = String::from_utf8_lossy(line);
+            Watched::Unreadable { error: e.to_string(), line: text.chars().take(200).collect() }
+        }
     }
 }
 
@@ -183,6 +365,27 @@ pub async fn discover(candidates: &[PathBuf]) -> Result<AdminClient, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreadable_watch_line_is_reported_not_dropped() {
+        let Watched::Unreadable { error, line } = parse_watch_line(b"{\"type\":\"surprise\"}\n") else {
+            panic!("must not parse");
+        };
+        assert!(error.contains("surprise") || error.contains("variant"), "{error}");
+        assert!(line.starts_with("{\"type\""), "{line}");
+        let ok = parse_watch_line(br#"{"type":"event","event":{"seq":1,"time":"t","kind":"committed","message":"m"}}"#);
+        assert!(matches!(ok, Watched::Item(_)), "{ok:?}");
+    }
+
+    #[test]
+    fn paths_encode_what_they_are_given() {
+        assert_eq!(paths::abort_session("a b/c"), "/v1/sessions/a%20b%2Fc/abort");
+        let t = EntryTarget::Agent { agent: "web-1".into(), entry: "etc".into() };
+        assert_eq!(paths::entry_action(&t, "defer?seconds=60"), "/v1/agents/web-1/entries/etc/defer?seconds=60");
+        assert_eq!(paths::entry_action(&EntryTarget::Own("etc".into()), "run"), "/v1/entries/etc/run");
+        let q = ArchiveQuery { agent: Some("web-1".into()), ..Default::default() };
+        assert_eq!(paths::archives(&q), "/v1/archives?agent=web-1");
+    }
 
     #[tokio::test]
     async fn discovery_picks_the_one_daemon_that_answers() {

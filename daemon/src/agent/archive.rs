@@ -22,7 +22,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tar::{EntryType, Header, HeaderMode};
 use tokio_util::sync::CancellationToken;
@@ -323,6 +323,15 @@ fn open_regular(path: &Path) -> io::Result<File> {
 }
 
 /// Yields exactly `remaining` bytes of `file`: zeros after an early end or a read error.
+/// Adds the time until it is dropped to a stage counter.
+struct StageTimer<'a>(&'a AtomicU64, std::time::Instant);
+
+impl Drop for StageTimer<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(self.1.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
 struct ExactReader<'p> {
     file: io::BufReader<File>,
     remaining: u64,
@@ -341,6 +350,7 @@ impl Read for ExactReader<'_> {
         let n = if self.error.is_some() || self.padded {
             0
         } else {
+            let _timer = StageTimer(&self.progress.read_nanos, std::time::Instant::now());
             loop {
                 match self.file.read(&mut out[..want]) {
                     Ok(n) => break n,

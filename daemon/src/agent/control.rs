@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use nbackup_protocol::admin::{AgentReport, ControlCommand};
+use nbackup_protocol::admin::{AgentReport, ControlCommand, EventKind};
 use nbackup_protocol::wire::{CtlMessage, CtlPing, CtlResult, Frame, MAX_JSON_LEN};
 
 use super::daemon::{Agentd, Triggered};
@@ -39,7 +39,7 @@ pub(super) async fn run(d: Arc<Agentd>) {
         match connected {
             Ok(conn) => {
                 info!("control channel connected");
-                d.events.record("control_connected", EventSpec::default(), "control channel connected");
+                d.events.record(EventKind::ControlConnected, EventSpec::default(), "control channel connected");
                 d.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner).connected = true;
                 let why = session(&d, conn).await;
                 {
@@ -50,7 +50,7 @@ pub(super) async fn run(d: Arc<Agentd>) {
                     return;
                 }
                 warn!("control channel lost: {why}");
-                d.events.record("control_lost", EventSpec::default(), why);
+                d.events.record(EventKind::ControlLost, EventSpec::default(), why);
                 failures = 0;
             }
             Err(e) => {
@@ -155,7 +155,8 @@ async fn session(d: &Arc<Agentd>, conn: super::connect::Connection) -> String {
 const REPORT_DECISIONS: usize = 32;
 
 /// The report as JSON that fits one control frame however long a backup has run:
-/// only recent autoscaler decisions, fewer if needed, then no stream tables. A
+/// only recent autoscaler decisions, fewer if needed, then no stream tables and no
+/// separate last results. A
 /// report that still does not fit is an error, never a truncated document.
 fn report_json(mut report: AgentReport) -> Result<String, String> {
     let encode = |r: &AgentReport| serde_json::to_string(r).map_err(|e| e.to_string());
@@ -172,6 +173,8 @@ fn report_json(mut report: AgentReport) -> Result<String, String> {
     for r in &mut report.running {
         r.stream_table.clear();
     }
+    // The entries carry their last results too.
+    report.last_results.clear();
     let json = encode(&report)?;
     if json.len() <= MAX_JSON_LEN {
         return Ok(json);
@@ -240,6 +243,7 @@ mod tests {
             streams: 4,
             stream_table: Vec::new(),
             scaler: vec![event; 5000],
+            stages: None,
         };
         let report = AgentReport {
             version: "v".into(),
@@ -248,6 +252,7 @@ mod tests {
             running: vec![running],
             last_results: Vec::new(),
             keepalive_ms: None,
+            entries: Vec::new(),
         };
         assert!(serde_json::to_string(&report).expect("json").len() > MAX_JSON_LEN, "the test needs a big one");
         let json = report_json(report).expect("fits");

@@ -31,7 +31,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use nbackup_protocol::admin::{
-    AgentReport, AgentStatus, ControlStatus, EntryResult, EntryStatus, Event, RunningBackup, Series,
+    AgentReport, AgentStatus, ControlStatus, DaemonKind, EntryResult, EntryStatus, Event, EventKind, RunningBackup,
+    Series,
 };
 use nbackup_protocol::config::{AgentConfig, BackupEntry};
 
@@ -123,6 +124,10 @@ struct EntryState {
     deferred_until: Option<DateTime<Utc>>,
     /// The last scheduled occurrence handled (fired, skipped or deliberately missed).
     last_fire: Option<DateTime<Utc>>,
+    /// The last committed run, for freshness.
+    last_success: Option<DateTime<Utc>>,
+    /// When this entry first appeared; bounds the freshness count before a success.
+    known_since: Option<DateTime<Utc>>,
 }
 
 /// What survives a restart, in `<state_dir>/agent-state.json`.
@@ -135,6 +140,10 @@ struct Persisted {
 struct PersistedEntry {
     last: Option<EntryResult>,
     last_fire: Option<DateTime<Utc>>,
+    #[serde(default)]
+    last_success: Option<DateTime<Utc>>,
+    #[serde(default)]
+    known_since: Option<DateTime<Utc>>,
 }
 
 /// The control channel as the daemon sees it.
@@ -167,6 +176,12 @@ pub(super) struct Agentd {
 }
 
 use crate::lock;
+
+/// When a persisted last result is a success.
+fn last_ok(last: Option<&EntryResult>) -> Option<DateTime<Utc>> {
+    let l = last.filter(|l| l.ok)?;
+    DateTime::parse_from_rfc3339(&l.finished).ok().map(|t| t.with_timezone(&Utc))
+}
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -221,6 +236,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, options: Opti
             EntryState {
                 last: p.and_then(|p| p.last.clone()),
                 last_fire: p.and_then(|p| p.last_fire),
+                // A state file older than this field: a committed last result is
+                // the best we know.
+                last_success: p.and_then(|p| p.last_success.or_else(|| last_ok(p.last.as_ref()))),
+                known_since: Some(p.and_then(|p| p.known_since).unwrap_or_else(|| clock.now())),
                 ..Default::default()
             },
         );
@@ -245,12 +264,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, options: Opti
     let background = TaskTracker::new();
     if let Some((socket, group)) = admin {
         let router = super::admin::router(d.clone());
-        crate::daemon::start_admin("agent", socket, group, router, &background, &shutdown)
+        let events = d.clone();
+        let audit: crate::admin::Audit =
+            Arc::new(move |who, message| drop(events.events.record(EventKind::Operator, who, message)));
+        crate::daemon::start_admin("agent", socket, group, router, audit, &background, &shutdown)
             .map_err(|(path, source)| DaemonError::Admin { path, source })?;
     }
     let config = d.config();
     info!(agent = %config.name, entries = config.backups.len(), server = %config.server.address, "agent daemon ready");
-    d.events.record("started", d.who(None), format!("agent {} with {} entries", crate::VERSION, config.backups.len()));
+    d.events.record(
+        EventKind::Started,
+        d.who(None),
+        format!("agent {} with {} entries", crate::VERSION, config.backups.len()),
+    );
     d.catch_up();
     if let Some(ready) = options.ready.take() {
         let _ = ready.send(());
@@ -268,7 +294,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, options: Opti
     }
     background.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
-    d.events.record("stopped", d.who(None), "agent stopped");
+    d.events.record(EventKind::Stopped, d.who(None), "agent stopped");
     Ok(())
 }
 
@@ -286,7 +312,7 @@ impl Agentd {
     }
 
     fn who<'a>(&'a self, entry: Option<&'a str>) -> EventSpec<'a> {
-        EventSpec { agent: None, backup: entry, session: None }
+        EventSpec { backup: entry, ..Default::default() }
     }
 
     fn save(&self) {
@@ -294,7 +320,15 @@ impl Agentd {
         let p = Persisted {
             entries: lock(&self.entries)
                 .iter()
-                .map(|(k, v)| (k.clone(), PersistedEntry { last: v.last.clone(), last_fire: v.last_fire }))
+                .map(|(k, v)| {
+                    let p = PersistedEntry {
+                        last: v.last.clone(),
+                        last_fire: v.last_fire,
+                        last_success: v.last_success,
+                        known_since: v.known_since,
+                    };
+                    (k.clone(), p)
+                })
                 .collect(),
         };
         let json = serde_json::to_string_pretty(&p).unwrap_or_default();
@@ -320,7 +354,7 @@ impl Agentd {
                             due.push(e.name.to_string());
                         } else {
                             self.events.record(
-                                "missed",
+                                EventKind::Missed,
                                 self.who(Some(e.name.as_str())),
                                 format!("run of {} missed while the agent was down (catch_up is off)", rfc3339(prev)),
                             );
@@ -357,7 +391,7 @@ impl Agentd {
             if let Some(r) = &state.running {
                 let msg = format!("{source} trigger skipped: still running since {}", rfc3339(r.started));
                 info!(entry, "{msg}");
-                self.events.record("skipped", self.who(Some(entry)), msg);
+                self.events.record(EventKind::Skipped, self.who(Some(entry)), msg);
                 return Triggered::Skipped;
             }
             state.running = Some(Running {
@@ -367,7 +401,7 @@ impl Agentd {
                 started: self.clock.now(),
             });
         }
-        self.events.record("run_started", self.who(Some(entry)), format!("{source} run"));
+        self.events.record(EventKind::RunStarted, self.who(Some(entry)), format!("{source} run"));
         self.report_now.notify_one();
         let d = self.clone();
         self.runs.spawn(async move { d.run_entry(spec, config, progress, cancel).await });
@@ -390,7 +424,7 @@ impl Agentd {
         super::archive::estimate_in_background(entry.sources.clone(), entry.exclude.clone(), progress.clone(), prescan);
         let on_retry = |attempt: u32, e: &BackupError, delay: Duration| {
             let msg = format!("attempt {attempt} failed: {e:#}; retrying in {:.0} s", delay.as_secs_f64());
-            self.events.record("retry", self.who(Some(&name)), msg);
+            self.events.record(EventKind::Retry, self.who(Some(&name)), msg);
             if let Some(r) = lock(&self.entries).get_mut(&name).and_then(|s| s.running.as_mut()) {
                 r.attempt = attempt + 1;
             }
@@ -422,17 +456,22 @@ impl Agentd {
         };
         match &result {
             Ok(r) => self.events.record(
-                "committed",
+                EventKind::Committed,
                 self.who(Some(&name)),
                 format!("committed {} in {:.1} s", r.archive, r.seconds),
             ),
-            Err(BackupError::Cancelled) => self.events.record("aborted", self.who(Some(&name)), "run cancelled"),
-            Err(e) => self.events.record("failed", self.who(Some(&name)), e.to_string()),
+            Err(BackupError::Cancelled) => {
+                self.events.record(EventKind::Aborted, self.who(Some(&name)), "run cancelled")
+            }
+            Err(e) => self.events.record(EventKind::Failed, self.who(Some(&name)), e.to_string()),
         };
         {
             let mut entries = lock(&self.entries);
             let state = entries.entry(name.clone()).or_default();
             state.running = None;
+            if record.ok {
+                state.last_success = Some(finished);
+            }
             state.last = Some(record);
         }
         self.report_now.notify_one();
@@ -445,7 +484,7 @@ impl Agentd {
         match entries.get(entry).and_then(|s| s.running.as_ref()) {
             Some(r) => {
                 r.cancel.cancel();
-                self.events.record("abort_requested", self.who(Some(entry)), reason.to_string());
+                self.events.record(EventKind::AbortRequested, self.who(Some(entry)), reason.to_string());
                 true
             }
             None => false,
@@ -461,7 +500,11 @@ impl Agentd {
         let state = entries.get_mut(entry)?;
         state.deferred_until = Some(until);
         drop(entries);
-        self.events.record("deferred", self.who(Some(entry)), format!("next run not before {}", rfc3339(until)));
+        self.events.record(
+            EventKind::Deferred,
+            self.who(Some(entry)),
+            format!("next run not before {}", rfc3339(until)),
+        );
         self.schedule_changed.notify_one();
         Some(format!("{entry}: no scheduled run before {}", rfc3339(until)))
     }
@@ -480,7 +523,9 @@ impl crate::daemon::Reloadable for Agentd {
             {
                 let mut entries = lock(&self.entries);
                 for e in &config.backups {
-                    entries.entry(e.name.to_string()).or_default();
+                    entries
+                        .entry(e.name.to_string())
+                        .or_insert_with(|| EntryState { known_since: Some(self.clock.now()), ..Default::default() });
                 }
                 let names: Vec<String> = config.backups.iter().map(|b| b.name.to_string()).collect();
                 entries.retain(|k, v| names.contains(k) || v.running.is_some());
@@ -493,13 +538,13 @@ impl crate::daemon::Reloadable for Agentd {
         match &result {
             Ok(m) => {
                 info!("{m}");
-                self.events.record("reloaded", self.who(None), m.clone());
+                self.events.record(EventKind::Reloaded, self.who(None), m.clone());
                 self.schedule_changed.notify_one();
                 self.report_now.notify_one();
             }
             Err(e) => {
                 warn!("reload rejected, keeping the running configuration: {e}");
-                self.events.record("reload_failed", self.who(None), e.clone());
+                self.events.record(EventKind::ReloadFailed, self.who(None), e.clone());
             }
         }
         result
@@ -606,7 +651,15 @@ impl Agentd {
                         .ok()
                         .map(|t| (now - t.with_timezone(&Utc)).num_seconds().max(0) as u64)
                 });
+                let facts = nbackup_protocol::freshness::Facts {
+                    schedule: e.schedule.as_ref(),
+                    timezone: e.timezone,
+                    last_success: state.and_then(|s| s.last_success),
+                    known_since: state.and_then(|s| s.known_since).unwrap_or(now),
+                    running: state.is_some_and(|s| s.running.is_some()),
+                };
                 EntryStatus {
+                    freshness: nbackup_protocol::freshness::assess(&facts, now),
                     name: e.name.to_string(),
                     storage: e.storage.to_string(),
                     schedule: e.schedule.as_ref().map(|s| s.as_str().to_string()),
@@ -642,6 +695,7 @@ impl Agentd {
                     streams: r.progress.streams.load(Ordering::Relaxed),
                     stream_table: r.progress.streams(),
                     scaler: r.progress.scaler_events(),
+                    stages: Some(r.progress.stages()),
                 })
             })
             .collect()
@@ -649,32 +703,40 @@ impl Agentd {
 
     pub(super) fn status(&self) -> AgentStatus {
         let config = self.config();
-        let control = lock(&self.control);
-        AgentStatus {
-            version: crate::VERSION.to_string(),
-            agent: config.name.to_string(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            server: config.server.address.clone(),
-            control_channel: ControlStatus {
+        let control_channel = {
+            let control = lock(&self.control);
+            ControlStatus {
                 enabled: config.control_channel.enabled,
                 connected: control.connected,
                 rtt_ms: control.rtt_ms,
                 server_load1: control.server_load1,
                 server_free_bytes: control.server_free_bytes,
-            },
+            }
+        };
+        AgentStatus {
+            daemon: DaemonKind::Agent,
+            version: crate::VERSION.to_string(),
+            agent: config.name.to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            server: config.server.address.clone(),
+            control_channel,
             entries: self.entry_statuses(),
             running: self.running(),
         }
     }
 
     pub(super) fn report(&self) -> AgentReport {
+        // One lock at a time: a guard in a struct literal lives to the end of it.
+        let rtt_ms = lock(&self.control).rtt_ms;
+        let last_results = lock(&self.entries).values().filter_map(|s| s.last.clone()).collect();
         AgentReport {
             version: crate::VERSION.to_string(),
             load1: crate::state::load1(),
-            rtt_ms: lock(&self.control).rtt_ms,
+            rtt_ms,
             running: self.running(),
-            last_results: lock(&self.entries).values().filter_map(|s| s.last.clone()).collect(),
+            last_results,
             keepalive_ms: Some(self.config().control_channel.keepalive_interval.as_millis() as u64),
+            entries: self.entry_statuses(),
         }
     }
 

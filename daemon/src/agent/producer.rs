@@ -62,7 +62,10 @@ pub fn spawn(
             panic!("injected fault: producer:panic");
         }
         let sink = ChunkSink::new(window.clone(), spec.chunk_size as usize, progress.clone(), runtime);
-        match produce(&spec, sink, &progress) {
+        progress.producer_running(true);
+        let produced = produce(&spec, sink, &progress);
+        progress.producer_running(false);
+        match produced {
             Ok((sink, summary)) => {
                 let (total_len, chunks, sha256) = match sink.finish() {
                     Ok(x) => x,
@@ -144,7 +147,10 @@ impl ChunkSink {
         self.seq += 1;
         self.offset += len as u64;
         self.progress.bytes_compressed.fetch_add(len as u64, Ordering::Relaxed);
-        if !self.runtime.block_on(self.window.push(chunk)) {
+        let waited = std::time::Instant::now();
+        let pushed = self.runtime.block_on(self.window.push(chunk));
+        self.progress.network_nanos.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if !pushed {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "transfer ended"));
         }
         if self.buf.capacity() < self.chunk_size {

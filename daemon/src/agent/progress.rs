@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use nbackup_protocol::admin::AgentStreamInfo;
+use nbackup_protocol::admin::{AgentStreamInfo, Stages};
 
 use super::autoscale::ScalerEvent;
 use crate::state::RateMeter;
@@ -35,6 +35,12 @@ pub struct Progress {
     pub session: Mutex<Option<String>>,
     /// Every stream opened in this session, by index.
     pub stream_table: Mutex<BTreeMap<u16, AgentStreamInfo>>,
+    /// Nanoseconds the archive thread spent inside reads of source files.
+    pub read_nanos: AtomicU64,
+    /// Nanoseconds the archive thread was blocked on a full send window.
+    pub network_nanos: AtomicU64,
+    /// When the archive thread started and, once it did, ended.
+    producer: Mutex<(Option<Instant>, Option<Instant>)>,
     read_rate: RateMeter,
     acked_rate: RateMeter,
 }
@@ -58,13 +64,42 @@ impl Progress {
     /// Starts the counters over, when a backup restarts with a fresh session (the
     /// estimate stays valid).
     pub fn reset(&self) {
-        for c in [&self.bytes_read, &self.entries, &self.bytes_compressed, &self.bytes_acked] {
+        for c in [
+            &self.bytes_read,
+            &self.entries,
+            &self.bytes_compressed,
+            &self.bytes_acked,
+            &self.read_nanos,
+            &self.network_nanos,
+        ] {
             c.store(0, Ordering::Relaxed);
         }
         *lock(&self.session) = None;
         lock(&self.stream_table).clear();
         self.read_rate.reset();
         self.acked_rate.reset();
+    }
+
+    /// Marks the archive thread's start (`true`) or end.
+    pub fn producer_running(&self, running: bool) {
+        let mut p = lock(&self.producer);
+        if running {
+            *p = (Some(Instant::now()), None);
+        } else {
+            p.1 = Some(Instant::now());
+        }
+    }
+
+    /// Where the archive thread's time went so far.
+    pub fn stages(&self) -> Stages {
+        let (started, ended) = *lock(&self.producer);
+        let elapsed = started.map_or(Duration::ZERO, |s| ended.unwrap_or_else(Instant::now).duration_since(s));
+        let secs = |n: &AtomicU64| n.load(Ordering::Relaxed) as f64 / 1e9;
+        Stages {
+            elapsed_secs: elapsed.as_secs_f64(),
+            read_secs: secs(&self.read_nanos),
+            network_secs: secs(&self.network_nanos),
+        }
     }
 
     pub fn set_session(&self, session: String) {

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use nbackup_protocol::SessionId;
+use nbackup_protocol::admin::AgentStreamState;
 use nbackup_protocol::wire::{Frame, Reason, Refusal, SessionState};
 
 use super::connect::{ConnectError, Connection, Connector, Reader, Writer};
@@ -151,7 +152,8 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
             Some(c) => Some(c),
             None => {
                 ctx.progress.update_stream(stream, |r| {
-                    r.state = if r.rtt_ms.is_some() { "reconnecting" } else { "connecting" }.into();
+                    r.state =
+                        if r.rtt_ms.is_some() { AgentStreamState::Reconnecting } else { AgentStreamState::Connecting };
                 });
                 let generation = ctx.joins.fetch_add(1, Ordering::Relaxed) + 1;
                 let joined = tokio::select! {
@@ -198,13 +200,13 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
                     r.reconnects += 1;
                 }
                 r.rtt_ms = Some(rtt_ms);
-                r.state = "sending".into();
+                r.state = AgentStreamState::Sending;
             });
             let end = drive(&ctx, stream, c, &retire).await;
             let requeued = ctx.window.requeue(stream) as u64;
             ctx.progress.update_stream(stream, |r| {
                 r.requeued_chunks += requeued;
-                r.state = "reconnecting".into();
+                r.state = AgentStreamState::Reconnecting;
             });
             match end {
                 End::Finished | End::Retired => break,
@@ -236,7 +238,7 @@ pub async fn run(ctx: Arc<StreamCtx>, stream: u16, first: Option<Connection>, re
             _ = ctx.window.wait_finished() => break,
         }
     }
-    ctx.progress.update_stream(stream, |r| r.state = "closed".into());
+    ctx.progress.update_stream(stream, |r| r.state = AgentStreamState::Closed);
     if ctx.live.fetch_sub(1, Ordering::AcqRel) == 1 && ctx.window.finished().is_none() {
         ctx.window.fail(Failure::Connection(last_error));
     }
@@ -278,7 +280,7 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &Ca
         };
         let Some(next) = next else {
             // Retiring: take nothing more, let what is in flight be acknowledged.
-            ctx.progress.update_stream(stream, |r| r.state = "retiring".into());
+            ctx.progress.update_stream(stream, |r| r.state = AgentStreamState::Retiring);
             ctx.window.wait_idle(stream).await;
             let _ = writer.shutdown().await;
             return End::Retired;

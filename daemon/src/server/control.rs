@@ -13,7 +13,7 @@ use tokio::time::timeout;
 use tracing::{info, warn};
 
 use nbackup_protocol::Name;
-use nbackup_protocol::admin::{AgentInfo, AgentReport, ControlCommand, RunningBackup};
+use nbackup_protocol::admin::{AgentInfo, AgentReport, ControlCommand, EventKind, RunningBackup};
 use nbackup_protocol::wire::{CtlMessage, CtlPong, CtlResult, Frame};
 
 use super::WRITE_TIMEOUT;
@@ -119,6 +119,7 @@ where
                 sessions: Vec::new(),
                 running: Vec::new(),
                 last_results: Vec::new(),
+                entries: Vec::new(),
             },
             commands: None,
             epoch,
@@ -130,7 +131,7 @@ where
         entry.epoch = epoch;
     }
     info!(agent = %agent, peer = %conn.peer, "control channel connected");
-    shared.record("agent_connected", &agent, format!("control channel from {}", conn.peer));
+    shared.record(EventKind::AgentConnected, &agent, format!("control channel from {}", conn.peer));
     let mut pending: HashMap<u64, oneshot::Sender<CtlResult>> = HashMap::new();
     let mut next_id = 0u64;
     let mut idle = IDLE;
@@ -210,7 +211,7 @@ where
     };
     if current {
         info!(agent = %agent, "control channel closed: {why}");
-        shared.record("agent_disconnected", &agent, why);
+        shared.record(EventKind::AgentDisconnected, &agent, why);
     } else {
         info!(agent = %agent, "superseded control channel closed: {why}");
     }
@@ -228,7 +229,12 @@ fn apply_report(shared: &ControlHandle, agent: &str, report: AgentReport) {
         e.info.load1 = report.load1;
         e.info.rtt_ms = report.rtt_ms;
         e.info.running = report.running;
-        e.info.last_results = report.last_results;
+        e.info.last_results = if report.last_results.is_empty() {
+            report.entries.iter().filter_map(|e| e.last.clone()).collect()
+        } else {
+            report.last_results
+        };
+        e.info.entries = report.entries;
     }
 }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use nbackup_protocol::admin::{
-    AgentInfo, ArchiveInfo, ControlCommand, Event, HistoryRecord, Series, ServerStatus, SessionInfo, StorageStatus,
-    StreamInfo, WatchItem,
+    AgentInfo, ArchiveInfo, ControlCommand, DaemonKind, Event, EventKind, HistoryRecord, Series, ServerStatus,
+    SessionInfo, StorageStatus, StreamInfo, StreamState, WatchItem,
 };
 use nbackup_protocol::wire::{Reason, Refusal};
 use nbackup_protocol::{Name, SessionId};
@@ -72,6 +72,7 @@ impl ServerHandle {
             })
             .collect();
         ServerStatus {
+            daemon: DaemonKind::Server,
             version: crate::VERSION.to_string(),
             uptime_secs: s.started.elapsed().as_secs(),
             listen: s.listen.to_string(),
@@ -93,9 +94,9 @@ impl ServerHandle {
             .iter()
             .map(|st| {
                 let state = match (st.attached, st.stats.rate.active()) {
-                    (false, _) => "closed",
-                    (true, true) => "receiving",
-                    (true, false) => "idle",
+                    (false, _) => StreamState::Closed,
+                    (true, true) => StreamState::Receiving,
+                    (true, false) => StreamState::Idle,
                 };
                 let rtt_ms = reported
                     .as_ref()
@@ -104,7 +105,7 @@ impl ServerHandle {
                 StreamInfo {
                     stream: st.stream,
                     generation: st.generation,
-                    state: state.into(),
+                    state,
                     peer: crate::lock(&st.stats.peer).clone(),
                     bytes: st.stats.bytes.load(Ordering::Relaxed),
                     rate_bps: st.stats.rate.rate(),
@@ -120,7 +121,7 @@ impl ServerHandle {
             agent: p.key.agent.to_string(),
             storage: p.key.storage.to_string(),
             backup: p.key.backup.to_string(),
-            phase: v.phase.name().into(),
+            phase: v.phase.word(),
             started: p.started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             bytes_received: s.map_or(0, |s| s.bytes_received.load(Ordering::Relaxed)),
             rate_bps: s.map_or(0.0, |s| s.rate.rate()),
@@ -130,7 +131,9 @@ impl ServerHandle {
             estimate_bytes: reported.as_ref().and_then(|r| r.estimate_bytes),
             source_bytes_read: reported.as_ref().map(|r| r.bytes_read),
             eta_secs: reported.as_ref().and_then(|r| r.eta_secs),
+            disk_write_secs: s.map_or(0.0, |s| s.disk_nanos.load(Ordering::Relaxed) as f64 / 1e9),
             streams,
+            agent_run: reported,
         }
     }
 
@@ -181,7 +184,19 @@ impl ServerHandle {
             .iter()
             .map(|v| (v.params.key.agent.to_string(), v.params.id.to_string()))
             .collect();
-        control::with_sessions(self.0.agents.list(), &open)
+        let mut agents = control::with_sessions(self.0.agents.list(), &open);
+        let committed = crate::lock(&self.0.telemetry.metrics.last_success).clone();
+        let now = chrono::Utc::now();
+        for a in &mut agents {
+            for e in &mut a.entries {
+                let ours = committed
+                    .get(&(a.name.clone(), e.name.clone()))
+                    .and_then(|t| chrono::DateTime::from_timestamp(*t as i64, 0));
+                e.running &= a.connected;
+                e.freshness = nbackup_protocol::freshness::reassess(e, ours, e.running, now);
+            }
+        }
+        agents
     }
 
     /// Sends an operator command to an agent over its control channel.
@@ -341,7 +356,7 @@ impl ControlHandle {
         self.0.disk.min_free()
     }
 
-    pub fn record(&self, kind: &str, agent: &str, message: String) {
+    pub fn record(&self, kind: EventKind, agent: &str, message: String) {
         let who = crate::state::EventSpec { agent: Some(agent), ..Default::default() };
         self.0.telemetry.events.record(kind, who, message);
     }

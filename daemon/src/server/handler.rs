@@ -10,6 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
+use nbackup_protocol::admin::EventKind;
 use nbackup_protocol::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use nbackup_protocol::wire::{Caps, Frame, FrameType, Health, Hello, Joined, Reason, Refusal, StorageHealth, Welcome};
 use nbackup_protocol::{Name, SessionId};
@@ -31,7 +32,7 @@ pub async fn refuse<W: AsyncWrite + Unpin>(
 ) {
     warn!(peer = %conn.peer, identities = ?conn.identities, reason = %refusal.reason, "refused: {}", refusal.message);
     let agent = conn.identities.first().map(String::as_str);
-    server.telemetry.events.record("refused", EventSpec { agent, ..Default::default() }, refusal.to_string());
+    server.telemetry.events.record(EventKind::Refused, EventSpec { agent, ..Default::default() }, refusal.to_string());
     let _ = writer.send(&Frame::Refused(refusal)).await;
     let _ = writer.shutdown().await;
 }
@@ -144,7 +145,7 @@ pub async fn backup<R, W>(
     *crate::lock(&attached.stats.peer) = conn.peer.to_string();
     server.telemetry.session_event(
         &session,
-        "started",
+        EventKind::Started,
         format!("session opened from {} ({})", conn.peer, p.compression),
     );
     stream::run(server, attached, 0, 0, reader, writer).await;
@@ -270,9 +271,12 @@ pub async fn join<R, W>(
     info!(session = %join.session, stream = join.stream, generation = join.generation, peer = %conn.peer, "stream joined");
     *crate::lock(&attached.stats.peer) = conn.peer.to_string();
     let (kind, msg) = if attached.joins > 1 {
-        ("stream_rejoined", format!("stream {} re-joined from {} ({} joins)", join.stream, conn.peer, attached.joins))
+        (
+            EventKind::StreamRejoined,
+            format!("stream {} re-joined from {} ({} joins)", join.stream, conn.peer, attached.joins),
+        )
     } else {
-        ("stream_joined", format!("stream {} joined from {}", join.stream, conn.peer))
+        (EventKind::StreamJoined, format!("stream {} joined from {}", join.stream, conn.peer))
     };
     server.telemetry.session_event(&attached.session, kind, msg);
     stream::run(server, attached, join.stream, join.generation, reader, writer).await;

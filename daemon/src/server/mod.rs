@@ -44,6 +44,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use nbackup_protocol::Name;
+use nbackup_protocol::admin::EventKind;
 use nbackup_protocol::config::ServerConfig;
 
 use crate::daemon::{DaemonOptions, Reloadable};
@@ -199,12 +200,15 @@ pub async fn run_with(
     .await;
     if let Some((socket, group)) = admin {
         let router = admin::router(handle::ServerHandle::new(server.clone()));
-        crate::daemon::start_admin("server", socket, group, router, &server.tracker, &shutdown)
+        let events = server.clone();
+        let audit: crate::admin::Audit =
+            Arc::new(move |who, message| drop(events.telemetry.events.record(EventKind::Operator, who, message)));
+        crate::daemon::start_admin("server", socket, group, router, audit, &server.tracker, &shutdown)
             .map_err(|(path, source)| ServerError::Admin { path, source })?;
     }
     info!(listen = %listen, storages = server.live().storages.len(), version = crate::VERSION, "server ready");
     server.telemetry.events.record(
-        "started",
+        EventKind::Started,
         EventSpec::default(),
         format!("server {} listening on {listen}", crate::VERSION),
     );
@@ -226,7 +230,7 @@ pub async fn run_with(
     if timeout(DRAIN_TIMEOUT, server.tracker.wait()).await.is_err() {
         warn!("some connections or commits did not finish within {DRAIN_TIMEOUT:?}");
     }
-    server.telemetry.events.record("stopped", EventSpec::default(), "server stopped");
+    server.telemetry.events.record(EventKind::Stopped, EventSpec::default(), "server stopped");
     info!("server stopped");
     Ok(())
 }
@@ -261,11 +265,11 @@ impl Reloadable for Server {
         match &result {
             Ok(m) => {
                 info!("{m}");
-                events.record("reloaded", EventSpec::default(), m.clone());
+                events.record(EventKind::Reloaded, EventSpec::default(), m.clone());
             }
             Err(e) => {
                 warn!("reload rejected, keeping the running configuration: {e}");
-                events.record("reload_failed", EventSpec::default(), e.clone());
+                events.record(EventKind::ReloadFailed, EventSpec::default(), e.clone());
             }
         }
         result

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use nbackup_protocol::admin::SessionPhase;
 use nbackup_protocol::wire::{Committed, Reason, Refusal, SessionState};
 use nbackup_protocol::{Name, SessionId};
 
@@ -57,12 +58,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn name(self) -> &'static str {
+    pub fn word(self) -> SessionPhase {
         match self {
-            Phase::Recovering => "recovering",
-            Phase::Receiving => "receiving",
-            Phase::Orphaned { .. } => "orphaned",
-            Phase::Committing => "committing",
+            Phase::Recovering => SessionPhase::Recovering,
+            Phase::Receiving => SessionPhase::Receiving,
+            Phase::Orphaned { .. } => SessionPhase::Orphaned,
+            Phase::Committing => SessionPhase::Committing,
         }
     }
 }
@@ -288,7 +289,7 @@ impl Registry {
                         format!(
                             "session {id} for this entry started at {} is still running ({})",
                             l.session.params.started.format("%Y-%m-%d %H:%M:%S UTC"),
-                            l.phase.name()
+                            l.phase.word()
                         ),
                     ));
                 }
@@ -697,8 +698,8 @@ mod tests {
         (registry, telemetry, session)
     }
 
-    fn kinds(t: &Telemetry) -> Vec<String> {
-        t.history.list(None, 100).into_iter().map(|r| r.outcome).collect()
+    fn kinds(t: &Telemetry) -> Vec<&'static str> {
+        t.history.list(None, 100).into_iter().map(|r| r.outcome.as_str()).collect()
     }
 
     #[tokio::test]

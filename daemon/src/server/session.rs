@@ -149,6 +149,9 @@ pub struct Session {
     contiguous: AtomicU64,
     /// Bytes read back and checked by the commit in progress.
     pub verified: AtomicU64,
+    /// Nanoseconds spent in chunk writes (and their fsyncs), for the console's
+    /// bottleneck line.
+    pub disk_nanos: AtomicU64,
 }
 
 struct ChunkState {
@@ -265,6 +268,7 @@ impl Session {
             duplicates: AtomicU64::new(0),
             contiguous: AtomicU64::new(0),
             verified: AtomicU64::new(0),
+            disk_nanos: AtomicU64::new(0),
         }
     }
 
@@ -359,12 +363,14 @@ impl Session {
             check_geometry(&st, chunk.seq, len, cs)?;
         }
         let scope = self.storage.cfg.base_dir.to_string_lossy();
+        let writing = Instant::now();
         crate::fault::io("chunk-write", &scope)
             .and_then(|()| self.file.write_all_at(&chunk.data, chunk.offset))
             .map_err(|e| io_refusal(&e, &format!("writing chunk {}", chunk.seq)))?;
         if self.storage.cfg.chunk_fsync {
             self.file.sync_data().map_err(|e| io_refusal(&e, "fsync"))?;
         }
+        self.disk_nanos.fetch_add(writing.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let mut st = crate::lock(&self.chunks);
         if st.has(chunk.seq) {
             // Another stream wrote the same chunk meanwhile; same bytes, same place.

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
+use nbackup_protocol::admin::EventKind;
 use nbackup_protocol::wire::{Ack, Chunk, Commit, CommitProgress, Frame, Reason, Refusal};
 
 use super::registry::{Attached, CommitAnswer, CommitStart, NotEnded, Outcome};
@@ -146,7 +147,8 @@ pub async fn run<R, W>(
     drop(disk_tx);
     let _ = disk_task.await;
     let mut aborted = false;
-    let lost = |why: &str| server.telemetry.session_event(&session, "stream_lost", format!("stream {stream}: {why}"));
+    let lost =
+        |why: &str| server.telemetry.session_event(&session, EventKind::StreamLost, format!("stream {stream}: {why}"));
     match (&end, server.registry.outcome(id)) {
         (StreamEnd::AgentAborted, _) => {}
         // The session failed (disk full, expired, aborted, …): tell the agent why.

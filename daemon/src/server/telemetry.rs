@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use nbackup_protocol::Name;
-use nbackup_protocol::admin::HistoryRecord;
+use nbackup_protocol::admin::{EventKind, HistoryRecord, SessionOutcome};
 use nbackup_protocol::wire::Reason;
 
 use super::Server;
@@ -47,21 +47,31 @@ pub struct Telemetry {
 }
 
 /// The kind of a session's end in history and events.
-pub fn end_kind(outcome: &Outcome) -> &'static str {
+pub fn end_kind(outcome: &Outcome) -> SessionOutcome {
     match outcome {
-        Outcome::Committed(_) => "committed",
+        Outcome::Committed(_) => SessionOutcome::Committed,
         Outcome::Failed(r) => match r.reason {
-            Reason::Cancelled | Reason::Draining => "aborted",
-            Reason::Expired => "expired",
-            _ => "failed",
+            Reason::Cancelled | Reason::Draining => SessionOutcome::Aborted,
+            Reason::Expired => SessionOutcome::Expired,
+            _ => SessionOutcome::Failed,
         },
+    }
+}
+
+/// The event that records an outcome.
+fn end_event(outcome: SessionOutcome) -> EventKind {
+    match outcome {
+        SessionOutcome::Committed => EventKind::Committed,
+        SessionOutcome::Aborted => EventKind::Aborted,
+        SessionOutcome::Expired => EventKind::Expired,
+        SessionOutcome::Failed | SessionOutcome::Unknown => EventKind::Failed,
     }
 }
 
 impl Telemetry {
     pub fn new(events: Events, history: History) -> Self {
         let metrics = Metrics::default();
-        for r in history.list(None, usize::MAX).into_iter().rev().filter(|r| r.outcome == "committed") {
+        for r in history.list(None, usize::MAX).into_iter().rev().filter(|r| r.outcome == SessionOutcome::Committed) {
             let at = chrono::DateTime::parse_from_rfc3339(&r.finished).map_or(0, |t| t.timestamp().max(0) as u64);
             crate::lock(&metrics.last_success).insert((r.agent, r.backup), at);
         }
@@ -75,11 +85,15 @@ impl Telemetry {
     }
 
     /// An event about one session.
-    pub fn session_event(&self, session: &Session, kind: &str, message: String) {
+    pub fn session_event(&self, session: &Session, kind: EventKind, message: String) {
         let p = &session.params;
         let id = p.id.to_string();
-        let who =
-            EventSpec { agent: Some(p.key.agent.as_str()), backup: Some(p.key.backup.as_str()), session: Some(&id) };
+        let who = EventSpec {
+            agent: Some(p.key.agent.as_str()),
+            backup: Some(p.key.backup.as_str()),
+            session: Some(&id),
+            actor: None,
+        };
         self.events.record(kind, who, message);
     }
 
@@ -94,15 +108,15 @@ impl Telemetry {
                 *crate::lock(&self.metrics.committed).entry(storage.clone()).or_default() += 1;
                 crate::lock(&self.metrics.last_success)
                     .insert((p.key.agent.to_string(), p.key.backup.to_string()), unix_now());
-                self.session_event(session, kind, format!("committed {} ({} bytes)", c.archive, c.size));
+                self.session_event(session, end_event(kind), format!("committed {} ({} bytes)", c.archive, c.size));
                 for old in rotated {
-                    self.session_event(session, "rotated", format!("rotated out {old}"));
+                    self.session_event(session, EventKind::Rotated, format!("rotated out {old}"));
                 }
                 if let Some(why) = incomplete {
                     self.metrics.incomplete.fetch_add(1, Ordering::Relaxed);
                     self.session_event(
                         session,
-                        "commit_incomplete",
+                        EventKind::CommitIncomplete,
                         format!("{} is committed, but {why}; the next start finishes it", c.archive),
                     );
                 }
@@ -110,7 +124,7 @@ impl Telemetry {
             }
             Outcome::Failed(r) => {
                 *crate::lock(&self.metrics.failed).entry(storage.clone()).or_default() += 1;
-                self.session_event(session, kind, r.to_string());
+                self.session_event(session, end_event(kind), r.to_string());
                 (None, Some(r.reason.to_string()), r.message.clone())
             }
         };
@@ -119,7 +133,7 @@ impl Telemetry {
             agent: p.key.agent.to_string(),
             storage,
             backup: p.key.backup.to_string(),
-            outcome: kind.to_string(),
+            outcome: kind,
             archive,
             reason,
             message,
@@ -141,7 +155,7 @@ impl Telemetry {
         warned.insert(name.clone(), Instant::now());
         let msg = format!("storage {name} has {free} of {total} bytes free");
         tracing::warn!("{msg}");
-        self.events.record("disk_low", EventSpec::default(), msg);
+        self.events.record(EventKind::DiskLow, EventSpec::default(), msg);
     }
 }
 
