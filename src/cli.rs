@@ -21,6 +21,19 @@ Exit status:
   3    no daemon reachable on the socket
   4    access denied (not root, the daemon's user, or its admin group)";
 
+const CONSOLE_HELP: &str = "\
+Keys: ? lists them all (generated from the key map); : opens the command palette;
+1-6 or Tab switch views; Enter opens a session; q quits. Every action asks first,
+names its target and consequence, and is recorded in the daemon's event log with
+your user name. See docs/console.md.
+
+Exit status:
+  0    quit by the operator or a signal
+  1    the terminal could not be used
+  2    usage error (standard output is not a terminal: use --dump or ctl --json)
+  3    no daemon reachable on the socket (--dump)
+  4    access denied (not root, the daemon's user, or its admin group)";
+
 const DAEMON_EXIT_CODES: &str = "\
 Signals: SIGHUP re-reads the configuration (an invalid one is rejected and the running
 one kept); SIGTERM / SIGINT stop it within seconds: no new sessions, running ones
@@ -67,6 +80,9 @@ pub enum Command {
     /// Query and command the daemons running here through their admin API
     #[command(after_help = CTL_EXIT_CODES)]
     Ctl(CtlArgs),
+    /// The operator console: live sessions, agents, freshness, history and actions
+    #[command(after_help = CONSOLE_HELP)]
+    Console(ConsoleArgs),
     /// Back up, verify and restore a tree over loopback with a throwaway PKI and server
     #[command(after_help = EXIT_CODES)]
     Demo(DemoArgs),
@@ -257,6 +273,39 @@ pub enum CtlCommand {
     Reload,
     /// Prometheus metrics (server)
     Metrics,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Admin socket (default: the one daemon running here)
+    #[arg(long, value_name = "PATH", env = "NBACKUP_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Hide every action: look, do not touch
+    #[arg(long)]
+    pub readonly: bool,
+    /// No colours (also when NO_COLOR is set); states stay words and glyphs
+    #[arg(long)]
+    pub no_color: bool,
+    /// Print one rendered frame as plain text and exit
+    #[arg(long)]
+    pub dump: bool,
+    /// Size of the --dump frame
+    #[arg(long, value_name = "COLSxROWS", default_value = "160x48", value_parser = parse_size)]
+    pub size: (u16, u16),
+    /// The view to start on: overview, sessions, session (the first, opened), agents, archives,
+    /// history, events
+    #[arg(long, value_name = "VIEW")]
+    pub view: Option<String>,
+}
+
+fn parse_size(s: &str) -> Result<(u16, u16), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or("expected COLSxROWS, like 160x48")?;
+    let w: u16 = w.trim().parse().map_err(|_| format!("{w:?} is not a column count"))?;
+    let h: u16 = h.trim().parse().map_err(|_| format!("{h:?} is not a row count"))?;
+    if !(20..=1000).contains(&w) || !(5..=1000).contains(&h) {
+        return Err("between 20x5 and 1000x1000".into());
+    }
+    Ok((w, h))
 }
 
 #[derive(Debug, Args)]

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::Backup(a) => cmd::backup::run(a),
         Command::Health(a) => cmd::health::run(a),
         Command::Ctl(a) => cmd::ctl::run(a),
+        Command::Console(a) => cmd::console::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Completions(a) => cmd::docs::completions(a),
         Command::Man(a) => cmd::docs::man(a),

@@ -119,6 +119,12 @@ pub fn user_name(uid: u32) -> Option<String> {
     })
 }
 
+/// Who runs this process: the user name, or `uid N` without one.
+pub fn current_user() -> String {
+    let uid = rustix::process::geteuid().as_raw();
+    user_name(uid).unwrap_or_else(|| format!("uid {uid}"))
+}
+
 /// An action's target in words, and the agent, entry and session it names, from
 /// its path (`docs/admin-api.md`).
 fn describe(path: &str) -> (String, Option<String>, Option<String>, Option<String>) {

@@ -239,6 +239,11 @@ impl Timeline {
         points.push_back((unix_secs, value));
     }
 
+    /// Keeps only the series whose names pass `keep`.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        lock(&self.series).retain(|(name, _)| keep(name));
+    }
+
     pub fn snapshot(&self) -> Vec<Series> {
         lock(&self.series)
             .iter()

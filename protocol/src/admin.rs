@@ -571,7 +571,8 @@ pub struct Stages {
     pub elapsed_secs: f64,
     /// Inside `read` on source files.
     pub read_secs: f64,
-    /// Blocked on a full send window: the network or the server is slower.
+    /// Blocked on a full send window, plus all the time since the archive was
+    /// produced: the network or the server is what the run waits for.
     pub network_secs: f64,
 }
 

@@ -26,16 +26,26 @@ fn err(e: ClientError) -> anyhow::Error {
     fail(code, e)
 }
 
+/// The client for `--socket`, or for the one daemon running here.
+pub async fn client_for(socket: Option<&std::path::Path>) -> anyhow::Result<AdminClient> {
+    match socket {
+        Some(s) => Ok(AdminClient::new(s)),
+        None => {
+            let candidates =
+                [nbackup_daemon::admin::default_socket("server"), nbackup_daemon::admin::default_socket("agent")];
+            discover(&candidates).await.map_err(|e| fail(Exit::Unreachable, anyhow::anyhow!(e)))
+        }
+    }
+}
+
+/// The exit code for a client error, as an error.
+pub fn client_error(e: ClientError) -> anyhow::Error {
+    err(e)
+}
+
 pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let client = match &args.socket {
-            Some(s) => AdminClient::new(s),
-            None => {
-                let candidates =
-                    [nbackup_daemon::admin::default_socket("server"), nbackup_daemon::admin::default_socket("agent")];
-                discover(&candidates).await.map_err(|e| fail(Exit::Unreachable, anyhow::anyhow!(e)))?
-            }
-        };
+        let client = client_for(args.socket.as_deref()).await?;
         let kind = client.kind().await.map_err(err)?;
         dispatch(&client, kind, args.command, args.json).await
     })

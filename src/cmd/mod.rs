@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod backup;
 pub mod cert;
+pub mod console;
 pub mod ctl;
 pub mod demo;
 pub mod docs;

@@ -93,12 +93,16 @@ impl Progress {
     /// Where the archive thread's time went so far.
     pub fn stages(&self) -> Stages {
         let (started, ended) = *lock(&self.producer);
-        let elapsed = started.map_or(Duration::ZERO, |s| ended.unwrap_or_else(Instant::now).duration_since(s));
+        let now = Instant::now();
+        let elapsed = started.map_or(Duration::ZERO, |s| now.duration_since(s));
+        // Once the archive is all produced, what is left of the run is the network
+        // (and the server) draining the send window.
+        let draining = ended.map_or(Duration::ZERO, |e| now.duration_since(e));
         let secs = |n: &AtomicU64| n.load(Ordering::Relaxed) as f64 / 1e9;
         Stages {
             elapsed_secs: elapsed.as_secs_f64(),
             read_secs: secs(&self.read_nanos),
-            network_secs: secs(&self.network_nanos),
+            network_secs: secs(&self.network_nanos) + draining.as_secs_f64(),
         }
     }
 

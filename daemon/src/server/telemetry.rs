@@ -287,6 +287,26 @@ pub(crate) async fn sampler(server: Arc<Server>, shutdown: CancellationToken) {
         t.timeline.push("sessions", now, sessions.len() as f64);
         t.timeline.push("receive_bps", now, rate);
         t.timeline.push("agents_connected", now, server.agents.connected() as f64);
+        // Per-session series, so a console opening a session has its charts at once.
+        let mut live = Vec::with_capacity(sessions.len() * 2);
+        for v in &sessions {
+            let Some(s) = &v.session else { continue };
+            let id = v.params.id.to_string();
+            let name = format!("session/{id}/receive_bps");
+            t.timeline.push(&name, now, s.rate.rate());
+            live.push(name);
+            let rtts: Vec<f64> = server
+                .agents
+                .running(v.params.key.agent.as_str(), &id)
+                .map(|r| r.stream_table.iter().filter_map(|st| st.rtt_ms).collect())
+                .unwrap_or_default();
+            if !rtts.is_empty() {
+                let name = format!("session/{id}/rtt_ms");
+                t.timeline.push(&name, now, rtts.iter().sum::<f64>() / rtts.len() as f64);
+                live.push(name);
+            }
+        }
+        t.timeline.retain(|name| !name.starts_with("session/") || live.iter().any(|l| l == name));
         let warn = disk_check.elapsed() >= Duration::from_secs(30);
         if warn || disk_refresh.elapsed() >= Duration::from_secs(5) {
             disk_refresh = Instant::now();

@@ -2,6 +2,12 @@
 
 use chrono::{DateTime, FixedOffset, Utc};
 
+/// This host's offset from UTC now, for showing times.
+pub fn local_offset() -> FixedOffset {
+    use chrono::Offset;
+    chrono::Local::now().offset().fix()
+}
+
 /// `1.5 GiB`, `812 KiB`, `0 B`.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -16,6 +22,8 @@ pub fn bytes(n: u64) -> String {
 
 /// `12.3 MB/s` (decimal, like network tools).
 pub fn rate(bps: f64) -> String {
+    // `max` also turns -0.0 into 0.0, so an idle rate never reads "-0".
+    let bps = bps.max(0.0) + 0.0;
     if bps >= 1e9 {
         format!("{:.2} GB/s", bps / 1e9)
     } else if bps >= 1e6 {
@@ -68,6 +76,16 @@ pub fn clock(t: &str, now: DateTime<Utc>, tz: FixedOffset) -> String {
         local.format("%a %H:%M").to_string()
     } else {
         local.format("%Y-%m-%d %H:%M").to_string()
+    }
+}
+
+/// Like [`clock`], with seconds for today's times (event logs).
+pub fn clock_secs(t: &str, now: DateTime<Utc>, tz: FixedOffset) -> String {
+    match parse_time(t) {
+        Some(at) if at.with_timezone(&tz).date_naive() == now.with_timezone(&tz).date_naive() => {
+            at.with_timezone(&tz).format("%H:%M:%S").to_string()
+        }
+        _ => clock(t, now, tz),
     }
 }
 

@@ -102,12 +102,13 @@ async fn backfill(client: AdminClient, ui: mpsc::Sender<Msg>, kind: DaemonKind, 
     }
 }
 
+/// Archives, then history: `--dump` takes the history as the last of the backfill.
 async fn refresh(client: &AdminClient, ui: &mpsc::Sender<Msg>) {
-    if let Ok(h) = client.history(None, HISTORY_LIMIT).await {
-        let _ = send(ui, LinkEvent::History(h)).await;
-    }
     if let Ok(a) = client.archives(&ArchiveQuery::default()).await {
         let _ = send(ui, LinkEvent::Archives(a)).await;
+    }
+    if let Ok(h) = client.history(None, HISTORY_LIMIT).await {
+        let _ = send(ui, LinkEvent::History(h)).await;
     }
 }
 

@@ -41,12 +41,18 @@ pub struct Options {
 /// Picks a start view by its palette name.
 fn start_view(app: &mut App, view: Option<&str>) -> Result<(), String> {
     let Some(v) = view else { return Ok(()) };
+    if v == "session" {
+        // The first session, opened: for captures of the detail view.
+        app.tab = Tab::Sessions;
+        app::update(app, Msg::Key(event::KeyEvent::from(event::KeyCode::Enter)));
+        return Ok(());
+    }
     match keys::palette(v) {
         Some(keys::Command::View(i)) => {
             app.tab = *app.tabs().get(i).unwrap_or(&Tab::Overview);
             Ok(())
         }
-        _ => Err(format!("no view {v:?}: overview, sessions, agents, archives, history or events")),
+        _ => Err(format!("no view {v:?}: overview, sessions, session, agents, archives, history or events")),
     }
 }
 

@@ -74,9 +74,6 @@ pub struct SessionTrace {
     pub receive_bps: Trace,
     /// Mean of the streams' round trips.
     pub rtt_ms: Trace,
-    /// Source bytes read per second, from the agent's reports.
-    pub read_bps: Trace,
-    last_read: Option<(u64, u64)>,
 }
 
 impl SessionTrace {
@@ -85,14 +82,6 @@ impl SessionTrace {
         let rtts: Vec<f64> = s.streams.iter().filter_map(|st| st.rtt_ms).collect();
         if !rtts.is_empty() {
             self.rtt_ms.push(at, rtts.iter().sum::<f64>() / rtts.len() as f64);
-        }
-        if let Some(read) = s.source_bytes_read {
-            if let Some((t0, r0)) = self.last_read
-                && at > t0
-            {
-                self.read_bps.push(at, read.saturating_sub(r0) as f64 / (at - t0) as f64);
-            }
-            self.last_read = Some((at, read));
         }
     }
 }
@@ -175,9 +164,16 @@ impl Data {
         self.events.push_back(e);
     }
 
+    /// Takes the daemon's series: fleet ones by name, `session/<id>/<what>` into
+    /// that session's trace.
     pub fn backfill(&mut self, series: Vec<Series>) {
         for s in series {
-            let trace = self.series.entry(s.name).or_default();
+            let trace = match s.name.strip_prefix("session/").and_then(|r| r.split_once('/')) {
+                Some((id, "receive_bps")) => &mut self.traces.entry(id.to_string()).or_default().receive_bps,
+                Some((id, "rtt_ms")) => &mut self.traces.entry(id.to_string()).or_default().rtt_ms,
+                Some(_) => continue,
+                None => self.series.entry(s.name).or_default(),
+            };
             for (t, v) in s.points {
                 if trace.0.back().is_none_or(|(last, _)| t > *last) {
                     trace.push(t, v);

@@ -239,8 +239,9 @@ pub fn events<'a>(data: &'a Data, filter: &LogFilter, order: Order) -> Vec<&'a E
     })
 }
 
-/// An honest time left: a range from the read rate's spread over the last 30 s, or
-/// how long nothing has moved.
+/// An honest time left: the compressed bytes still to come (projected from the
+/// compression ratio so far, exact once the source is read) over the receive
+/// rate's spread in the last 30 s — a range — or how long nothing has moved.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Eta {
     Unknown,
@@ -249,16 +250,24 @@ pub enum Eta {
     Done,
 }
 
-pub fn eta(s: &SessionInfo, read_bps: &super::model::Trace) -> Eta {
+pub fn eta(s: &SessionInfo, receive_bps: &super::model::Trace) -> Eta {
     if s.idle_secs >= 5.0 {
         return Eta::Stalled(s.idle_secs as u64);
     }
-    let (Some(total), Some(read)) = (s.estimate_bytes, s.source_bytes_read) else { return Eta::Unknown };
-    let left = total.saturating_sub(read) as f64;
+    let (Some(run), Some(total)) = (s.agent_run.as_ref(), s.estimate_bytes) else { return Eta::Unknown };
+    if run.bytes_read == 0 {
+        return Eta::Unknown;
+    }
+    let projected = if run.bytes_read >= total {
+        run.bytes_compressed as f64
+    } else {
+        run.bytes_compressed as f64 * total as f64 / run.bytes_read as f64
+    };
+    let left = projected - s.bytes_received as f64;
     if left <= 0.0 {
         return Eta::Done;
     }
-    let Some((mean, sd)) = read_bps.spread(30) else {
+    let Some((mean, sd)) = receive_bps.spread(30) else {
         return s.eta_secs.map_or(Eta::Unknown, |e| Eta::Range { low: e as u64, high: e as u64 });
     };
     if mean <= 0.0 {

@@ -10,6 +10,15 @@ use super::super::rows;
 use super::super::theme::{Theme, level_glyph};
 use super::tables::{Col, col, draw, span, styled};
 
+fn outcome_glyph(o: nbackup_protocol::admin::SessionOutcome) -> &'static str {
+    use nbackup_protocol::admin::SessionOutcome as O;
+    match o {
+        O::Committed => "✓",
+        O::Failed => "✖",
+        O::Aborted | O::Expired | O::Unknown => "!",
+    }
+}
+
 const HISTORY_COLS: &[Col] = &[
     col("FINISHED", 12, 0),
     col("AGENT", 14, 0),
@@ -41,7 +50,7 @@ pub fn history(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
                     span(fmt::clock(&h.finished, app.now, app.settings.tz)),
                     span(h.agent.clone()),
                     span(h.backup.clone()),
-                    styled(format!("{} {}", level_glyph(level), h.outcome), theme.level(level)),
+                    styled(format!("{} {}", outcome_glyph(h.outcome), h.outcome), theme.level(level)),
                     span(fmt::bytes(h.bytes)),
                     span(took),
                     span(h.storage.clone()),
@@ -64,7 +73,7 @@ pub fn history(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
 }
 
 const EVENT_COLS: &[Col] =
-    &[col("TIME", 9, 0), col("", 1, 0), col("KIND", 18, 0), col("WHO", 18, 1), col("MESSAGE", 30, 0)];
+    &[col("TIME", 9, 0), col("", 1, 0), col("KIND", 18, 0), col("WHO", 18, 1), col("MESSAGE", 20, 0)];
 
 pub fn events(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let order = app.table(Tab::Events).order;
@@ -80,7 +89,7 @@ pub fn events(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
             };
             (
                 vec![
-                    span(fmt::clock(&e.time, app.now, app.settings.tz)),
+                    span(fmt::clock_secs(&e.time, app.now, app.settings.tz)),
                     styled(level_glyph(level), theme.level(level)),
                     styled(e.kind.as_str(), theme.level(level)),
                     span(who),

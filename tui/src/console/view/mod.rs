@@ -71,12 +71,18 @@ fn header(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
         (_, Some(a)) => format!("agent {} {}", a.agent, a.version),
         _ => "nbackup".into(),
     };
-    let mut spans = vec![Span::styled(format!(" {who} "), theme.title()), Span::raw("│")];
+    let mut spans = Vec::new();
     for (i, t) in app.tabs().iter().enumerate() {
         let label = format!(" {} {} ", i + 1, t.title(kind));
         let style =
             if *t == app.tab { theme.selected().add_modifier(ratatui::style::Modifier::BOLD) } else { theme.text() };
         spans.push(Span::styled(label, style));
+    }
+    // Who this is, when the tabs and the link state leave room for it.
+    let tabs_width: usize = spans.iter().map(|s| s.width()).sum();
+    let who = format!(" {who} ");
+    if tabs_width + who.chars().count() + 1 + 16 <= area.width as usize {
+        spans.splice(0..0, [Span::styled(who, theme.title()), Span::raw("│")]);
     }
     let (glyph, word, style) = match app.link {
         Link::Live => ("●", "live", theme.good()),

@@ -41,8 +41,8 @@ const STORAGE_COLS: &[Col] = &[
     col("USED", 17, 0),
     col("FREE", 10, 0),
     col("OF", 10, 3),
-    col("HEADROOM", 10, 1),
-    col("ARCHIVES", 8, 2),
+    col("HEADROOM", 12, 1),
+    col("ARCHIVES", 16, 2),
     col("KEEP", 4, 4),
     col("COMPRESSION", 11, 5),
 ];
@@ -70,11 +70,15 @@ fn server(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let sessions = app.data.sessions();
     let storages_h = status.storages.len() as u16 + 2;
     let live_h = (sessions.len().max(1) as u16 + 2).min(8);
+    let entry_rows = app.data.agents().iter().map(|a| a.entries.len()).sum::<usize>().max(app.data.agents().len());
+    // Late entries come first and must be visible: the freshness panel grows first.
+    let room = area.height.saturating_sub(storages_h.min(7) + live_h + 5).max(4);
+    let middle_h = (entry_rows.max(1) as u16 + 2).clamp(4, room);
     let [stor, middle, live, bottom] = Layout::vertical([
         Constraint::Length(storages_h.min(7)),
-        Constraint::Min(5),
+        Constraint::Length(middle_h),
         Constraint::Length(live_h),
-        Constraint::Length(7),
+        Constraint::Min(5),
     ])
     .areas(area);
 
@@ -198,9 +202,10 @@ fn throughput_and_events(app: &App, series: &str, word: &str, theme: Theme, area
         .map(|e| {
             let l = e.kind.level();
             Line::from(vec![
-                span(format!("{} ", fmt::clock(&e.time, app.now, app.settings.tz))),
+                span(format!("{} ", fmt::clock_secs(&e.time, app.now, app.settings.tz))),
                 styled(format!("{} {:<18}", level_glyph(l), e.kind.as_str()), theme.level(l)),
                 span(format!(" {}", e.message)),
+                span(e.actor.as_ref().map_or_else(String::new, |a| format!(" — by {a}"))),
             ])
         })
         .collect();

@@ -68,7 +68,7 @@ pub fn eta_words(e: &Eta) -> String {
 
 fn eta_of(app: &App, s: &SessionInfo) -> Eta {
     let empty = Trace::default();
-    let trace = app.data.traces.get(&s.id).map_or(&empty, |t| &t.read_bps);
+    let trace = app.data.traces.get(&s.id).map_or(&empty, |t| &t.receive_bps);
     rows::eta(s, trace)
 }
 
