@@ -15,7 +15,8 @@ use crate::exit::{Exit, fail};
 const DUMP_WAIT: Duration = Duration::from_secs(5);
 
 pub fn run(args: ConsoleArgs) -> anyhow::Result<ExitCode> {
-    if !args.dump && !(std::io::stdout().is_terminal() && std::io::stdin().is_terminal()) {
+    let terminal = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+    if !args.dump && !terminal {
         return Err(fail(
             Exit::Usage,
             anyhow::anyhow!(

@@ -106,7 +106,7 @@ impl Key {
             Key::Esc => "Esc".into(),
             Key::Tab => "Tab".into(),
             Key::BackTab => "Shift-Tab".into(),
-            Key::Backspace => "Backspace".into(),
+            Key::Backspace => "Bksp".into(),
         }
     }
 }
@@ -133,20 +133,20 @@ pub const BINDINGS: &[Binding] = &[
     Binding { keys: &[K::PageDown, K::Ctrl('f')], command: C::PageDown, scope: S::Tables, help: "page down" },
     Binding { keys: &[K::Home, K::Char('g')], command: C::Top, scope: S::Tables, help: "first row" },
     Binding { keys: &[K::End, K::Char('G')], command: C::Bottom, scope: S::Tables, help: "last row" },
-    Binding { keys: &[K::Enter], command: C::Open, scope: S::Tables, help: "open the selected session" },
+    Binding { keys: &[K::Enter], command: C::Open, scope: S::Tables, help: "open the session" },
     Binding { keys: &[K::Esc, K::Backspace], command: C::Back, scope: S::Everywhere, help: "back / close" },
-    Binding { keys: &[K::Char('/')], command: C::Search, scope: S::Logs, help: "regex search (! first inverts)" },
+    Binding { keys: &[K::Char('/')], command: C::Search, scope: S::Logs, help: "regex search (! inverts)" },
     Binding { keys: &[K::Char('f')], command: C::Follow, scope: S::Logs, help: "follow / pause" },
-    Binding { keys: &[K::Char('L')], command: C::Level, scope: S::Logs, help: "cycle level filter" },
-    Binding { keys: &[K::Char('A')], command: C::FilterAgent, scope: S::Logs, help: "only the selected row's agent" },
-    Binding { keys: &[K::Char('c')], command: C::ClearFilters, scope: S::Logs, help: "clear filters and search" },
-    Binding { keys: &[K::Char('s')], command: C::SortNext, scope: S::Tables, help: "sort by the next column" },
+    Binding { keys: &[K::Char('L')], command: C::Level, scope: S::Logs, help: "level filter" },
+    Binding { keys: &[K::Char('A')], command: C::FilterAgent, scope: S::Logs, help: "only the row's agent" },
+    Binding { keys: &[K::Char('c')], command: C::ClearFilters, scope: S::Logs, help: "clear filters" },
+    Binding { keys: &[K::Char('s')], command: C::SortNext, scope: S::Tables, help: "sort by next column" },
     Binding { keys: &[K::Char('S')], command: C::SortReverse, scope: S::Tables, help: "reverse the sort" },
-    Binding { keys: &[K::Char('r')], command: C::Rotate, scope: S::Action, help: "rotate the selected stream" },
-    Binding { keys: &[K::Char('a')], command: C::Abort, scope: S::Action, help: "abort the selected session/run" },
-    Binding { keys: &[K::Char('n')], command: C::RunNow, scope: S::Action, help: "run the selected entry now" },
-    Binding { keys: &[K::Char('d')], command: C::Defer, scope: S::Action, help: "defer the selected entry" },
-    Binding { keys: &[K::Char('R')], command: C::Reload, scope: S::Action, help: "reload the daemon's config" },
+    Binding { keys: &[K::Char('r')], command: C::Rotate, scope: S::Action, help: "rotate the stream" },
+    Binding { keys: &[K::Char('a')], command: C::Abort, scope: S::Action, help: "abort session or run" },
+    Binding { keys: &[K::Char('n')], command: C::RunNow, scope: S::Action, help: "run the entry now" },
+    Binding { keys: &[K::Char('d')], command: C::Defer, scope: S::Action, help: "defer the entry" },
+    Binding { keys: &[K::Char('R')], command: C::Reload, scope: S::Action, help: "reload the config" },
 ];
 
 /// Palette commands: a name, its aliases, what it does.

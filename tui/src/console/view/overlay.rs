@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Widget, Wrap};
 
 use super::super::app::{App, Overlay};
-use super::super::keys::{BINDINGS, PALETTE, Scope};
+use super::super::keys::{BINDINGS, Command, PALETTE, Scope};
 use super::super::theme::{Theme, freshness_glyph};
 use nbackup_protocol::admin::Freshness;
 
@@ -97,29 +97,56 @@ pub fn render(app: &App, overlay: &Overlay, theme: Theme, area: Rect, buf: &mut 
 }
 
 fn help(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
-    let mut lines = Vec::new();
-    for (scope, heading) in [
-        (Scope::Everywhere, "everywhere"),
-        (Scope::Tables, "tables"),
-        (Scope::Logs, "history and events"),
-        (Scope::Action, "actions (each asks first)"),
-    ] {
-        if scope == Scope::Action && app.settings.readonly {
-            lines.push(Line::styled("actions are off (--readonly)", theme.dim()));
-            continue;
-        }
-        lines.push(Line::styled(heading.to_string(), theme.title()));
+    let section = |scope: Scope, heading: &str| {
+        let mut lines = vec![Line::styled(heading.to_string(), theme.title())];
+        let mut views = Vec::new();
         for b in BINDINGS.iter().filter(|b| b.scope == scope) {
+            // The number keys read better as one line.
+            if let Command::View(i) = b.command {
+                views.push((i + 1).to_string());
+                continue;
+            }
             let keys: Vec<String> = b.keys.iter().map(|k| k.label()).collect();
-            lines.push(Line::raw(format!("  {:<16} {}", keys.join(" "), b.help)));
+            lines.push(Line::raw(format!(" {:<12} {}", keys.join(" "), b.help)));
         }
+        if !views.is_empty() {
+            lines.insert(1, Line::raw(format!(" {:<12} {}", views.join(""), "a view")));
+        }
+        lines
+    };
+    let mut left = section(Scope::Everywhere, "everywhere");
+    left.extend(section(Scope::Tables, "tables"));
+    let mut right = section(Scope::Logs, "history and events");
+    if app.settings.readonly {
+        right.push(Line::styled("actions are off (--readonly)", theme.dim()));
+    } else {
+        right.extend(section(Scope::Action, "actions (each asks first)"));
     }
-    lines.push(Line::styled("palette (:)".to_string(), theme.title()));
-    let names: Vec<&str> = PALETTE.iter().map(|(n, _, _)| *n).collect();
-    lines.push(Line::raw(format!("  {}", names.join(" "))));
-    lines.push(Line::styled("freshness".to_string(), theme.title()));
+    right.push(Line::styled("palette", theme.title()));
+    right.push(Line::raw(" : then a view or action name"));
+    right.push(Line::styled("freshness", theme.title()));
     let legend: Vec<String> = Freshness::ALL.iter().map(|f| format!("{} {f}", freshness_glyph(*f))).collect();
-    lines.push(Line::raw(format!("  {}", legend.join("  "))));
-    lines.push(Line::styled("Esc, q or ? closes", theme.dim()));
-    boxed("keys", lines, theme, area, buf, 70);
+    for pair in legend.chunks(3) {
+        right.push(Line::raw(format!(" {}", pair.join("  "))));
+    }
+    right.push(Line::styled("Esc, q or ? closes", theme.dim()));
+    let width = 84.min(area.width.saturating_sub(2));
+    let height = (left.len().max(right.len()) as u16 + 2).min(area.height);
+    let boxed = Rect {
+        x: area.x + (area.width - width) / 2,
+        y: area.y + area.height.saturating_sub(height) / 2,
+        width,
+        height,
+    };
+    Clear.render(boxed, buf);
+    let block = Block::new().borders(Borders::ALL).title(Span::styled(" keys ", theme.title()));
+    let inner = block.inner(boxed);
+    block.render(boxed, buf);
+    let [l, r] = ratatui::layout::Layout::horizontal([
+        ratatui::layout::Constraint::Percentage(50),
+        ratatui::layout::Constraint::Percentage(50),
+    ])
+    .areas(inner);
+    Paragraph::new(left).render(l, buf);
+    Paragraph::new(right).render(r, buf);
 }

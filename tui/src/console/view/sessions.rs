@@ -314,12 +314,16 @@ fn line_chart(title: &str, traces: &[(&str, &Trace, f64, Style)], theme: Theme, 
         .render(inner, buf);
 }
 
-/// The autoscaler: efficiency (drain over produce), both rates, active streams,
-/// and its add/remove decisions marked.
+/// The autoscaler: producer and drain rates (a line and dots, told apart without
+/// colour), its add/remove decisions as blocks; streams, state and efficiency in
+/// the title.
 fn scaler_chart(s: &SessionInfo, theme: Theme, area: Rect, buf: &mut Buffer) {
     let events = s.agent_run.as_ref().map(|r| r.scaler.as_slice()).unwrap_or_default();
     let title = match events.last() {
-        Some(e) => format!("autoscaler · {} streams · {} · eff {:.2}", e.streams, e.state, e.efficiency),
+        Some(e) => format!(
+            "autoscaler · {} streams · {} · eff {:.2} · ⠤ produce • drain █ decision",
+            e.streams, e.state, e.efficiency
+        ),
         None => "autoscaler".into(),
     };
     let inner = super::section(&title, theme, area, buf);
@@ -331,56 +335,22 @@ fn scaler_chart(s: &SessionInfo, theme: Theme, area: Rect, buf: &mut Buffer) {
     let produce: Vec<(f64, f64)> = events.iter().map(|e| (secs(e.at_ms), e.produce_mbps)).collect();
     let drain: Vec<(f64, f64)> = events.iter().map(|e| (secs(e.at_ms), e.drain_mbps)).collect();
     let ymax = produce.iter().chain(&drain).fold(1.0f64, |m, (_, y)| m.max(*y)) * 1.1;
-    // Streams and efficiency scaled onto the rate axis, so one chart holds them.
-    let max_streams = events.iter().map(|e| e.streams).max().unwrap_or(1).max(1) as f64;
-    let streams: Vec<(f64, f64)> =
-        events.iter().map(|e| (secs(e.at_ms), f64::from(e.streams) / max_streams * ymax * 0.9)).collect();
-    let eff: Vec<(f64, f64)> =
-        events.iter().map(|e| (secs(e.at_ms), (e.efficiency.min(1.5) / 1.5) * ymax * 0.9)).collect();
     let marks: Vec<(f64, f64)> = events
         .iter()
         .filter(|e| !matches!(e.decision, Decision::Hold))
-        .map(|e| (secs(e.at_ms), f64::from(e.streams) / max_streams * ymax * 0.9))
+        .map(|e| (secs(e.at_ms), e.drain_mbps))
         .collect();
     let (x0, x1) = (produce[0].0, produce[produce.len() - 1].0.max(produce[0].0 + 1.0));
     let datasets = vec![
-        Dataset::default()
-            .name("produce")
-            .marker(Marker::Braille)
-            .graph_type(GraphType::Line)
-            .style(theme.accent())
-            .data(&produce),
-        Dataset::default()
-            .name("drain")
-            .marker(Marker::Braille)
-            .graph_type(GraphType::Line)
-            .style(theme.good())
-            .data(&drain),
-        Dataset::default()
-            .name("streams")
-            .marker(Marker::Dot)
-            .graph_type(GraphType::Line)
-            .style(theme.dim())
-            .data(&streams),
-        Dataset::default()
-            .name("eff")
-            .marker(Marker::Braille)
-            .graph_type(GraphType::Line)
-            .style(theme.warn())
-            .data(&eff),
-        Dataset::default()
-            .name("decision")
-            .marker(Marker::Block)
-            .graph_type(GraphType::Scatter)
-            .style(theme.bad())
-            .data(&marks),
+        Dataset::default().marker(Marker::Braille).graph_type(GraphType::Line).style(theme.accent()).data(&produce),
+        Dataset::default().marker(Marker::Dot).graph_type(GraphType::Scatter).style(theme.good()).data(&drain),
+        Dataset::default().marker(Marker::Block).graph_type(GraphType::Scatter).style(theme.bad()).data(&marks),
     ];
     Chart::new(datasets)
         .x_axis(
             Axis::default().bounds([x0, x1]).labels([Span::raw(format!("{x0:.0} s")), Span::raw(format!("{x1:.0} s"))]),
         )
         .y_axis(Axis::default().bounds([0.0, ymax]).labels([Span::raw("0"), Span::raw(format!("{ymax:.0} MB/s"))]))
-        .legend_position(Some(ratatui::widgets::LegendPosition::TopLeft))
-        .hidden_legend_constraints((Constraint::Percentage(60), Constraint::Percentage(60)))
+        .legend_position(None)
         .render(inner, buf);
 }

@@ -97,7 +97,7 @@ pub fn styled(s: impl Into<String>, style: Style) -> Span<'static> {
 
 const ENTRY_COLS: &[Col] = &[
     col("AGENT", 14, 0),
-    col("CTRL", 5, 4),
+    col("CTRL", 6, 4),
     col("ENTRY", 14, 0),
     col("FRESHNESS", 13, 0),
     col("LAST SUCCESS", 13, 1),
