@@ -28,6 +28,9 @@ _nbackup() {
             nbackup,completions)
                 cmd="nbackup__subcmd__completions"
                 ;;
+            nbackup,console)
+                cmd="nbackup__subcmd__console"
+                ;;
             nbackup,ctl)
                 cmd="nbackup__subcmd__ctl"
                 ;;
@@ -160,6 +163,9 @@ _nbackup() {
             nbackup__subcmd__help,completions)
                 cmd="nbackup__subcmd__help__subcmd__completions"
                 ;;
+            nbackup__subcmd__help,console)
+                cmd="nbackup__subcmd__help__subcmd__console"
+                ;;
             nbackup__subcmd__help,ctl)
                 cmd="nbackup__subcmd__help__subcmd__ctl"
                 ;;
@@ -230,7 +236,7 @@ _nbackup() {
 
     case "${cmd}" in
         nbackup)
-            opts="-h -V --help --version cert server agent backup health ctl demo completions man help"
+            opts="-h -V --help --version cert server agent backup health ctl console demo completions man help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -432,6 +438,32 @@ _nbackup() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__console)
+            opts="-h --socket --readonly --no-color --dump --size --view --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --view)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -986,7 +1018,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help)
-            opts="cert server agent backup health ctl demo completions man help"
+            opts="cert server agent backup health ctl console demo completions man help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1070,6 +1102,20 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help__subcmd__completions)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__help__subcmd__console)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -5,6 +5,7 @@ mod proxy;
 mod support;
 
 mod cli;
+mod console;
 mod daemons;
 mod fidelity;
 mod live_fs;
