@@ -223,6 +223,11 @@ impl App {
     /// their newest row).
     pub fn selected(&self, tab: Tab) -> usize {
         let count = if tab == self.tab { self.row_count() } else { 0 };
+        self.selected_of(tab, count)
+    }
+
+    /// [`App::selected`] when the caller already has the rows (`count` of them).
+    pub fn selected_of(&self, tab: Tab, count: usize) -> usize {
         let t = self.table(tab);
         if tab == Tab::Events && self.follow && t.order == Order::default() {
             return count.saturating_sub(1);

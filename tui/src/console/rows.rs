@@ -40,8 +40,9 @@ impl Search {
         Ok(Search { text: input.to_string(), regex, invert })
     }
 
-    pub fn keeps(&self, text: &str) -> bool {
-        self.regex.is_match(text) != self.invert
+    /// Whether a row whose text is these fields stays: a match in any of them.
+    pub fn keeps(&self, fields: &[&str]) -> bool {
+        fields.iter().any(|f| self.regex.is_match(f)) != self.invert
     }
 }
 
@@ -183,15 +184,14 @@ pub fn history<'a>(data: &'a Data, filter: &LogFilter, order: Order) -> Vec<&'a 
         .filter(|h| filter.agent.as_ref().is_none_or(|a| h.agent == *a))
         .filter(|h| {
             filter.search.as_ref().is_none_or(|s| {
-                s.keeps(&format!(
-                    "{} {} {} {} {} {}",
-                    h.agent,
-                    h.backup,
-                    h.outcome,
+                s.keeps(&[
+                    &h.agent,
+                    &h.backup,
+                    h.outcome.as_str(),
                     h.archive.as_deref().unwrap_or(""),
                     h.reason.as_deref().unwrap_or(""),
-                    h.message
-                ))
+                    &h.message,
+                ])
             })
         })
         .collect();
@@ -218,13 +218,12 @@ pub fn events<'a>(data: &'a Data, filter: &LogFilter, order: Order) -> Vec<&'a E
         .filter(|e| filter.agent.as_ref().is_none_or(|a| e.agent.as_ref() == Some(a)))
         .filter(|e| {
             filter.search.as_ref().is_none_or(|s| {
-                s.keeps(&format!(
-                    "{} {} {} {}",
-                    e.kind,
+                s.keeps(&[
+                    e.kind.as_str(),
                     e.agent.as_deref().unwrap_or(""),
                     e.backup.as_deref().unwrap_or(""),
-                    e.message
-                ))
+                    &e.message,
+                ])
             })
         })
         .collect();

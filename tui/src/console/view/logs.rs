@@ -8,7 +8,9 @@ use super::super::app::{App, Tab};
 use super::super::fmt;
 use super::super::rows;
 use super::super::theme::{Theme, level_glyph};
-use super::tables::{Col, col, draw, span, styled};
+use nbackup_protocol::admin::{Event, HistoryRecord};
+
+use super::tables::{Col, col, draw_window, span, styled};
 
 fn outcome_glyph(o: nbackup_protocol::admin::SessionOutcome) -> &'static str {
     use nbackup_protocol::admin::SessionOutcome as O;
@@ -33,9 +35,9 @@ const HISTORY_COLS: &[Col] = &[
 pub fn history(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let order = app.table(Tab::History).order;
     let list = rows::history(&app.data, &app.filter, order);
-    let body = list
-        .iter()
-        .map(|h| {
+    let row = |i: usize| {
+        let h: &HistoryRecord = list[i];
+        {
             let level = rows::outcome_level(h);
             let took = match (fmt::parse_time(&h.started), fmt::parse_time(&h.finished)) {
                 (Some(a), Some(b)) => fmt::span((b - a).num_seconds().max(0) as u64),
@@ -58,8 +60,8 @@ pub fn history(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
                 ],
                 Style::new(),
             )
-        })
-        .collect();
+        }
+    };
     let title = format!(
         "History · {} of {} · sorted by {}{}",
         list.len(),
@@ -68,8 +70,8 @@ pub fn history(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
         if order.reverse { " (reversed)" } else { "" }
     );
     let inner = super::section(&title, theme, area, buf);
-    let selected = (!list.is_empty()).then(|| app.selected(Tab::History));
-    draw(HISTORY_COLS, body, selected, theme, inner, buf);
+    let selected = (!list.is_empty()).then(|| app.selected_of(Tab::History, list.len()));
+    draw_window(HISTORY_COLS, list.len(), selected, theme, inner, buf, row);
 }
 
 const EVENT_COLS: &[Col] =
@@ -78,9 +80,9 @@ const EVENT_COLS: &[Col] =
 pub fn events(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let order = app.table(Tab::Events).order;
     let list = rows::events(&app.data, &app.filter, order);
-    let body = list
-        .iter()
-        .map(|e| {
+    let row = |i: usize| {
+        let e: &Event = list[i];
+        {
             let level = e.kind.level();
             let who = [e.agent.as_deref(), e.backup.as_deref()].into_iter().flatten().collect::<Vec<_>>().join("/");
             let message = match &e.actor {
@@ -97,8 +99,8 @@ pub fn events(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
                 ],
                 Style::new(),
             )
-        })
-        .collect();
+        }
+    };
     let title = format!(
         "Events · {} of {} · {}",
         list.len(),
@@ -106,6 +108,6 @@ pub fn events(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
         if app.follow { "following".to_string() } else { format!("sorted by {}", rows::EVENT_SORTS[order.column]) }
     );
     let inner = super::section(&title, theme, area, buf);
-    let selected = (!list.is_empty()).then(|| app.selected(Tab::Events));
-    draw(EVENT_COLS, body, selected, theme, inner, buf);
+    let selected = (!list.is_empty()).then(|| app.selected_of(Tab::Events, list.len()));
+    draw_window(EVENT_COLS, list.len(), selected, theme, inner, buf, row);
 }

@@ -115,7 +115,7 @@ fn list(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
         .collect();
     let title = format!("Sessions · {} live · sorted by {}", list.len(), rows::SESSION_SORTS[order.column]);
     let inner = super::section(&title, theme, area, buf);
-    let selected = (!list.is_empty()).then(|| app.selected(Tab::Sessions));
+    let selected = (!list.is_empty()).then(|| app.selected_of(Tab::Sessions, list.len()));
     draw(SESSION_COLS, body, selected, theme, inner, buf);
 }
 
@@ -160,7 +160,7 @@ fn runs(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
         .collect();
     let [table_area, stage_area] = Layout::vertical([Constraint::Min(3), Constraint::Length(2)]).areas(area);
     let inner = super::section(&format!("Running backups · {}", list.len()), theme, table_area, buf);
-    let selected = (!list.is_empty()).then(|| app.selected(Tab::Sessions));
+    let selected = (!list.is_empty()).then(|| app.selected_of(Tab::Sessions, list.len()));
     draw(RUN_COLS, body, selected, theme, inner, buf);
     if let Some(r) = list.get(app.selected(Tab::Sessions)).and_then(|r| r.stages.map(|s| (r, s))) {
         let (r, st) = r;

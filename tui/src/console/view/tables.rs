@@ -55,35 +55,51 @@ pub fn draw(
     area: Rect,
     buf: &mut Buffer,
 ) {
-    if rows.is_empty() {
-        let keep = fit_columns(cols, area.width);
-        let header: Vec<Span<'_>> = keep.iter().map(|i| Span::styled(cols[*i].title, theme.title())).collect();
-        let widths: Vec<Constraint> = keep.iter().map(|i| Constraint::Length(cols[*i].width)).collect();
-        let t = Table::new(Vec::<Row<'_>>::new(), widths).header(Row::new(header));
-        Widget::render(t, area, buf);
+    let mut rows: Vec<Option<(Vec<Span<'static>>, Style)>> = rows.into_iter().map(Some).collect();
+    let n = rows.len();
+    draw_window(cols, n, selected, theme, area, buf, |i| rows[i].take().unwrap_or_default());
+}
+
+/// Like [`draw`] for `count` rows, building only the rows that show: logs hold
+/// thousands, a frame draws a screenful.
+pub fn draw_window(
+    cols: &[Col],
+    count: usize,
+    selected: Option<usize>,
+    theme: Theme,
+    area: Rect,
+    buf: &mut Buffer,
+    mut row: impl FnMut(usize) -> (Vec<Span<'static>>, Style),
+) {
+    let keep = fit_columns(cols, area.width);
+    let header = Row::new(keep.iter().map(|i| Cell::from(Span::styled(cols[*i].title, theme.title()))));
+    let last = keep.last().copied();
+    let widths: Vec<Constraint> = keep
+        .iter()
+        .map(|i| if Some(*i) == last { Constraint::Min(cols[*i].width) } else { Constraint::Length(cols[*i].width) })
+        .collect();
+    if count == 0 {
+        Widget::render(Table::new(Vec::<Row<'_>>::new(), widths).header(header), area, buf);
         if area.height > 1 {
             let r = Rect { y: area.y + 1, height: 1, ..area };
             Paragraph::new(Span::styled("  (none)", theme.dim())).render(r, buf);
         }
         return;
     }
-    let keep = fit_columns(cols, area.width);
-    let last = keep.last().copied();
-    let widths: Vec<Constraint> = keep
-        .iter()
-        .map(|i| if Some(*i) == last { Constraint::Min(cols[*i].width) } else { Constraint::Length(cols[*i].width) })
-        .collect();
-    let header = Row::new(keep.iter().map(|i| Cell::from(Span::styled(cols[*i].title, theme.title()))));
-    let body: Vec<Row<'_>> = rows
-        .into_iter()
-        .map(|(cells, style)| {
+    let visible = usize::from(area.height.saturating_sub(1)).max(1);
+    let sel = selected.map(|s| s.min(count - 1));
+    let start = sel.map_or(0, |s| (s + 1).saturating_sub(visible));
+    let end = (start + visible).min(count);
+    let body: Vec<Row<'_>> = (start..end)
+        .map(|i| {
+            let (cells, style) = row(i);
             let picked: Vec<Cell<'_>> =
-                keep.iter().map(|i| Cell::from(cells.get(*i).cloned().unwrap_or_default())).collect();
+                keep.iter().map(|c| Cell::from(cells.get(*c).cloned().unwrap_or_default())).collect();
             Row::new(picked).style(style)
         })
         .collect();
     let table = Table::new(body, widths).header(header).row_highlight_style(theme.selected()).column_spacing(1);
-    let mut state = TableState::default().with_selected(selected);
+    let mut state = TableState::default().with_selected(sel.map(|s| s - start));
     StatefulWidget::render(table, area, buf, &mut state);
 }
 
@@ -169,7 +185,7 @@ pub fn entries(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     } else {
         ENTRY_COLS.to_vec()
     };
-    let selected = (!list.is_empty()).then(|| app.selected(Tab::Agents));
+    let selected = (!list.is_empty()).then(|| app.selected_of(Tab::Agents, list.len()));
     draw(&cols, body, selected, theme, inner, buf);
 }
 
@@ -218,7 +234,7 @@ pub fn archives(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let title =
         format!("Archives · {} · {} · sorted by {}", list.len(), fmt::bytes(total), rows::ARCHIVE_SORTS[order.column]);
     let inner = super::section(&title, theme, area, buf);
-    let selected = (!list.is_empty()).then(|| app.selected(Tab::Archives));
+    let selected = (!list.is_empty()).then(|| app.selected_of(Tab::Archives, list.len()));
     draw(ARCHIVE_COLS, body, selected, theme, inner, buf);
 }
 
