@@ -435,6 +435,9 @@ pub struct ArchiveInfo {
     pub stamp: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// Members of the tar archive (files, directories, links), from the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
     /// Whether a manifest sits next to it.
     pub manifest: bool,
 }

@@ -329,6 +329,10 @@ fn logs_follow_pause_filter_search_and_sort() {
     key(&mut app, KeyCode::Char('A'));
     let agent = app.filter.agent.clone().expect("agent filter");
     assert!(app.data.history.iter().any(|h| h.agent == agent));
+    let all = app.row_count();
+    key(&mut app, KeyCode::Char('E'));
+    let entry = app.filter.entry.clone().expect("entry filter");
+    assert!(app.row_count() < all, "only {entry}'s sessions: {} of {all}", app.row_count());
 }
 
 #[test]
@@ -400,4 +404,17 @@ fn the_agent_daemon_targets_its_own_entries() {
     key(&mut app, KeyCode::Char('n'));
     let Some(Overlay::Confirm(c)) = &app.overlay else { panic!("confirm") };
     assert!(matches!(&c.action, Action::Run(EntryTarget::Own(_))), "{c:?}");
+}
+
+#[test]
+fn docs_list_every_key_and_palette_command() {
+    let doc = include_str!("../../docs/console.md");
+    for b in nbackup_tui::console::keys::BINDINGS {
+        let keys: Vec<String> = b.keys.iter().map(|k| format!("`{}`", k.label())).collect();
+        let row = format!("| {} | {}", keys.join(" "), b.help);
+        assert!(doc.contains(&row), "docs/console.md lacks the key row {row:?}");
+    }
+    for (name, _, _) in nbackup_tui::console::keys::PALETTE {
+        assert!(doc.contains(&format!("`{name}`")), "docs/console.md lacks the palette command {name}");
+    }
 }

@@ -250,6 +250,7 @@ impl ServerHandle {
                         size: f.size,
                         stamp: f.stamp,
                         sha256: f.manifest.as_ref().map(|m| m.sha256.clone()),
+                        files: f.manifest.as_ref().map(|m| m.entries),
                         manifest: f.manifest.is_some(),
                     });
                 }

@@ -454,14 +454,22 @@ fn command(app: &mut App, cmd: Command, scope: Scope) -> Option<Cmd> {
                 Some(Level::Error) => None,
             };
         }
-        Command::FilterAgent => {
+        Command::FilterAgent | Command::FilterEntry => {
             let order = app.table(app.tab).order;
             let i = app.selected(app.tab);
-            let agent = match app.tab {
-                Tab::History => rows::history(&app.data, &app.filter, order).get(i).map(|h| h.agent.clone()),
-                _ => rows::events(&app.data, &app.filter, order).get(i).and_then(|e| e.agent.clone()),
+            let (agent, entry) = match app.tab {
+                Tab::History => rows::history(&app.data, &app.filter, order)
+                    .get(i)
+                    .map_or((None, None), |h| (Some(h.agent.clone()), Some(h.backup.clone()))),
+                _ => rows::events(&app.data, &app.filter, order)
+                    .get(i)
+                    .map_or((None, None), |e| (e.agent.clone(), e.backup.clone())),
             };
-            app.filter.agent = agent;
+            if cmd == Command::FilterAgent {
+                app.filter.agent = agent;
+            } else {
+                app.filter.entry = entry;
+            }
             app.table_mut().selected = 0;
         }
         Command::ClearFilters => app.filter = LogFilter::default(),

@@ -52,12 +52,14 @@ pub struct LogFilter {
     /// At least this level.
     pub level: Option<Level>,
     pub agent: Option<String>,
+    /// An entry (backup) name.
+    pub entry: Option<String>,
     pub search: Option<Search>,
 }
 
 impl LogFilter {
     pub fn is_empty(&self) -> bool {
-        self.level.is_none() && self.agent.is_none() && self.search.is_none()
+        self.level.is_none() && self.agent.is_none() && self.entry.is_none() && self.search.is_none()
     }
 
     pub fn describe(&self) -> String {
@@ -67,6 +69,9 @@ impl LogFilter {
         }
         if let Some(a) = &self.agent {
             parts.push(format!("agent {a}"));
+        }
+        if let Some(e) = &self.entry {
+            parts.push(format!("entry {e}"));
         }
         if let Some(s) = &self.search {
             parts.push(format!("/{}", s.text));
@@ -182,6 +187,7 @@ pub fn history<'a>(data: &'a Data, filter: &LogFilter, order: Order) -> Vec<&'a 
         .iter()
         .filter(|h| filter.level.is_none_or(|l| history_level(h) >= l))
         .filter(|h| filter.agent.as_ref().is_none_or(|a| h.agent == *a))
+        .filter(|h| filter.entry.as_ref().is_none_or(|e| h.backup == *e))
         .filter(|h| {
             filter.search.as_ref().is_none_or(|s| {
                 s.keeps(&[
@@ -216,6 +222,7 @@ pub fn events<'a>(data: &'a Data, filter: &LogFilter, order: Order) -> Vec<&'a E
         .iter()
         .filter(|e| filter.level.is_none_or(|l| e.kind.level() >= l))
         .filter(|e| filter.agent.as_ref().is_none_or(|a| e.agent.as_ref() == Some(a)))
+        .filter(|e| filter.entry.as_ref().is_none_or(|b| e.backup.as_ref() == Some(b)))
         .filter(|e| {
             filter.search.as_ref().is_none_or(|s| {
                 s.keeps(&[

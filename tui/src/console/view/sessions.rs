@@ -7,7 +7,7 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::symbols::Marker;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Axis, Chart, Dataset, GraphType, Paragraph, Widget};
+use ratatui::widgets::{Axis, Chart, Dataset, GraphType, Paragraph, Sparkline, Widget};
 
 use super::super::actions::short;
 use super::super::app::{App, Tab};
@@ -341,6 +341,28 @@ fn scaler_chart(s: &SessionInfo, theme: Theme, area: Rect, buf: &mut Buffer) {
         .map(|e| (secs(e.at_ms), e.drain_mbps))
         .collect();
     let (x0, x1) = (produce[0].0, produce[produce.len() - 1].0.max(produce[0].0 + 1.0));
+    // Active streams and efficiency under the chart, one decision per column.
+    let [chart_area, streams_area, eff_area] =
+        Layout::vertical([Constraint::Min(3), Constraint::Length(1), Constraint::Length(1)]).areas(inner);
+    let label_w = 11u16;
+    let tail = |a: Rect| {
+        (
+            Rect { width: label_w.min(a.width), ..a },
+            Rect { x: a.x + label_w, width: a.width.saturating_sub(label_w), ..a },
+        )
+    };
+    let (l, r) = tail(streams_area);
+    let shown = usize::from(r.width);
+    let recent = &events[events.len().saturating_sub(shown)..];
+    let max_streams = recent.iter().map(|e| e.streams).max().unwrap_or(1);
+    Paragraph::new(Span::styled(format!("streams {max_streams:>2} "), theme.dim())).render(l, buf);
+    let streams: Vec<u64> = recent.iter().map(|e| u64::from(e.streams)).collect();
+    Sparkline::default().data(&streams).max(u64::from(max_streams).max(1)).style(theme.accent()).render(r, buf);
+    let (l, r) = tail(eff_area);
+    let last_eff = recent.last().map_or(0.0, |e| e.efficiency);
+    Paragraph::new(Span::styled(format!("eff {last_eff:>5.2} "), theme.dim())).render(l, buf);
+    let eff: Vec<u64> = recent.iter().map(|e| (e.efficiency.clamp(0.0, 1.5) * 100.0) as u64).collect();
+    Sparkline::default().data(&eff).max(150).style(theme.warn()).render(r, buf);
     let datasets = vec![
         Dataset::default().marker(Marker::Braille).graph_type(GraphType::Line).style(theme.accent()).data(&produce),
         Dataset::default().marker(Marker::Dot).graph_type(GraphType::Scatter).style(theme.good()).data(&drain),
@@ -352,5 +374,5 @@ fn scaler_chart(s: &SessionInfo, theme: Theme, area: Rect, buf: &mut Buffer) {
         )
         .y_axis(Axis::default().bounds([0.0, ymax]).labels([Span::raw("0"), Span::raw(format!("{ymax:.0} MB/s"))]))
         .legend_position(None)
-        .render(inner, buf);
+        .render(chart_area, buf);
 }

@@ -204,6 +204,7 @@ const ARCHIVE_COLS: &[Col] = &[
     col("BACKUP", 14, 0),
     col("STORAGE", 10, 3),
     col("SIZE", 10, 1),
+    col("FILES", 7, 3),
     col("SHA-256", 16, 2),
     col("ARCHIVE", 30, 4),
 ];
@@ -223,6 +224,7 @@ pub fn archives(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
                     span(a.backup.clone()),
                     span(a.storage.clone()),
                     span(fmt::bytes(a.size)),
+                    span(a.files.map_or_else(|| "-".into(), |f| f.to_string())),
                     styled(sha, if a.manifest { theme.text() } else { theme.warn() }),
                     span(a.name.clone()),
                 ],
