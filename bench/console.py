@@ -7,8 +7,8 @@ backup no slower with the console attached).
 
 A real server process; the real console in tmux at 160×48 against its admin
 socket. Backups of the bench tree (`nbackup backup`, gzip, 2 streams) alternate
-without and with the console attached, so noise hits both alike; medians and their
-differences are reported. CPU from /proc/<pid>/stat (user+sys).
+without and with the console attached in ABBA order, so noise and order effects
+hit both alike; medians and the median of paired differences are reported. CPU from /proc/<pid>/stat (user+sys).
 """
 import argparse
 import json
@@ -97,7 +97,10 @@ def main():
 
         runs = {"without": [], "with": []}
         for r in range(args.rounds):
-            for mode in ("without", "with"):
+            # ABBA order: the second backup of a pair costs the server more (the
+            # first one's archive is rotated out and written back meanwhile), which
+            # a fixed order would charge to the console.
+            for mode in ("without", "with") if r % 2 == 0 else ("with", "without"):
                 console = Console(exe, socket, f"{mode}{r}") if mode == "with" else None
                 c0 = bench.proc_cpu(console.pid) if console else 0
                 run = nb.backup(agent, "tree")
