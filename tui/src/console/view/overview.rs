@@ -216,17 +216,8 @@ const ENTRY_COLS: &[Col] = &[
     col("ENTRY", 14, 0),
     col("FRESHNESS", 13, 0),
     col("SCHEDULE", 14, 2),
-    col("NEXT RUN", 24, 0),
-    col("LAST RESULT", 24, 1),
-];
-
-const RUN_COLS: &[Col] = &[
-    col("ENTRY", 14, 0),
-    col("SESSION", 12, 3),
-    col("READ", 18, 0),
-    col("RATE", 10, 0),
-    col("STREAMS", 7, 1),
-    col("ETA", 10, 1),
+    col("NEXT RUN", 27, 0),
+    col("LAST RESULT", 22, 1),
 ];
 
 fn agent(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
@@ -276,28 +267,6 @@ fn agent(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
         })
         .collect();
     draw(ENTRY_COLS, body, None, theme, inner, buf);
-    let inner = super::section(&format!("Running · {}", status.running.len()), theme, runs_area, buf);
-    let body = status
-        .running
-        .iter()
-        .map(|r| {
-            let read = match r.estimate_bytes {
-                Some(t) if t > 0 => format!("{} {}", fmt::bytes(r.bytes_read), fmt::pct(r.bytes_read as f64, t as f64)),
-                _ => fmt::bytes(r.bytes_read),
-            };
-            (
-                vec![
-                    span(r.entry.clone()),
-                    span(r.session.as_deref().map_or("-", short).to_string()),
-                    span(read),
-                    span(fmt::rate(r.read_bps)),
-                    span(r.streams.to_string()),
-                    span(r.eta_secs.map_or_else(|| "-".into(), |e| fmt::span(e as u64))),
-                ],
-                Style::new(),
-            )
-        })
-        .collect();
-    draw(RUN_COLS, body, None, theme, inner, buf);
+    super::sessions::run_table(app, None, theme, runs_area, buf);
     throughput_and_events(app, "read_bps", "read", theme, bottom, buf);
 }

@@ -134,6 +134,26 @@ const RUN_COLS: &[Col] = &[
 
 fn runs(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let list = rows::runs(&app.data);
+    let [table_area, stage_area] = Layout::vertical([Constraint::Min(3), Constraint::Length(2)]).areas(area);
+    let selected = (!list.is_empty()).then(|| app.selected_of(Tab::Sessions, list.len()));
+    run_table(app, selected, theme, table_area, buf);
+    if let Some(r) = list.get(app.selected(Tab::Sessions)).and_then(|r| r.stages.map(|s| (r, s))) {
+        let (r, st) = r;
+        let e = st.elapsed_secs.max(1e-9);
+        let line = format!(
+            " {} · archive thread: source read {} · compress {} · network wait {}",
+            r.entry,
+            fmt::pct(st.read_secs, e),
+            fmt::pct(st.compress_secs(), e),
+            fmt::pct(st.network_secs, e)
+        );
+        Paragraph::new(line).style(theme.dim()).render(stage_area, buf);
+    }
+}
+
+/// The agent daemon's running backups, as a titled table (also on its overview).
+pub fn run_table(app: &App, selected: Option<usize>, theme: Theme, area: Rect, buf: &mut Buffer) {
+    let list = rows::runs(&app.data);
     let body = list
         .iter()
         .map(|r| {
@@ -158,22 +178,8 @@ fn runs(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
             )
         })
         .collect();
-    let [table_area, stage_area] = Layout::vertical([Constraint::Min(3), Constraint::Length(2)]).areas(area);
-    let inner = super::section(&format!("Running backups · {}", list.len()), theme, table_area, buf);
-    let selected = (!list.is_empty()).then(|| app.selected_of(Tab::Sessions, list.len()));
+    let inner = super::section(&format!("Running backups · {}", list.len()), theme, area, buf);
     draw(RUN_COLS, body, selected, theme, inner, buf);
-    if let Some(r) = list.get(app.selected(Tab::Sessions)).and_then(|r| r.stages.map(|s| (r, s))) {
-        let (r, st) = r;
-        let e = st.elapsed_secs.max(1e-9);
-        let line = format!(
-            " {} · archive thread: source read {} · compress {} · network wait {}",
-            r.entry,
-            fmt::pct(st.read_secs, e),
-            fmt::pct(st.compress_secs(), e),
-            fmt::pct(st.network_secs, e)
-        );
-        Paragraph::new(line).style(theme.dim()).render(stage_area, buf);
-    }
 }
 
 const STREAM_COLS: &[Col] = &[

@@ -118,7 +118,7 @@ const ENTRY_COLS: &[Col] = &[
     col("FRESHNESS", 13, 0),
     col("LAST SUCCESS", 13, 1),
     col("SCHEDULE", 14, 3),
-    col("NEXT RUN", 22, 2),
+    col("NEXT RUN", 27, 2),
     col("LAST RESULT", 20, 5),
     col("TRIES", 5, 6),
     col("STATE", 9, 2),
