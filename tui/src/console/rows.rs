@@ -11,7 +11,7 @@ use regex::Regex;
 
 use super::model::Data;
 
-/// How a table is ordered: a column of its [`Sort`] list, and the direction.
+/// How a table is ordered: an index into its tab's sort columns (`SESSION_SORTS`, …), and the direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Order {
     pub column: usize,
