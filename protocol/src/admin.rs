@@ -139,6 +139,14 @@ words! {
         ControlLost = "control_lost",
         /// An operator acted through the admin API (the event names who).
         Operator = "operator",
+        /// The server found an entry late against its schedule (`overdue` or
+        /// `missed`): raised once per late spell.
+        MissedBackup = "missed_backup",
+        /// A late entry committed again.
+        BackupRecovered = "backup_recovered",
+        /// An agent's control channel has been gone longer than
+        /// `server.agent_silent_after`.
+        AgentSilent = "agent_silent",
     }
 }
 
@@ -166,7 +174,7 @@ impl EventKind {
     pub fn level(self) -> Level {
         use EventKind::*;
         match self {
-            Failed | CommitIncomplete | ReloadFailed | Missed => Level::Error,
+            Failed | CommitIncomplete | ReloadFailed | Missed | MissedBackup | AgentSilent => Level::Error,
             StreamLost | Aborted | Expired | Refused | DiskLow | AgentDisconnected | ControlLost | Retry | Skipped
             | AbortRequested | Unknown => Level::Warn,
             _ => Level::Info,
@@ -402,6 +410,9 @@ pub struct AgentInfo {
     /// now, from the last report and the server's own commits.
     #[serde(default)]
     pub entries: Vec<EntryStatus>,
+    /// Its control channel has been gone longer than `server.agent_silent_after`.
+    #[serde(default)]
+    pub silent: bool,
 }
 
 /// The outcome of one run of an entry, as the agent saw it.

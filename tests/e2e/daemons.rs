@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use nbackup_daemon::agent::daemon::{self as agentd, Clock, FastClock, SystemClock};
 use nbackup_protocol::admin::{
-    ActionResult, AgentInfo, AgentStatus, EntryStatus, Event, HistoryRecord, ServerStatus, SessionInfo, WatchItem,
+    ActionResult, AgentInfo, AgentStatus, EntryStatus, Event, EventKind, Freshness, HistoryRecord, ServerStatus,
+    SessionInfo, WatchItem,
 };
 use nbackup_protocol::config::{AgentConfig, Excludes, ServerConfig};
 use nbackup_tui::client::{AdminClient, ClientError, Watched};
@@ -44,7 +45,19 @@ impl ServerDaemon {
         listener: tokio::net::TcpListener,
         addr: SocketAddr,
     ) -> ServerDaemon {
-        let yaml = server_yaml(root, pki, addr, storages, "");
+        Self::start_with(root, pki, storages, listener, addr, "").await
+    }
+
+    /// With `extra` YAML in the `server:` section.
+    async fn start_with(
+        root: &Path,
+        pki: &Pki,
+        storages: &[StorageSpec],
+        listener: tokio::net::TcpListener,
+        addr: SocketAddr,
+        extra: &str,
+    ) -> ServerDaemon {
+        let yaml = server_yaml(root, pki, addr, storages, extra);
         let path = root.join("server.yaml");
         fs::write(&path, &yaml).expect("server.yaml");
         let config = ServerConfig::parse(&yaml, &path).expect("config");
@@ -1009,5 +1022,84 @@ async fn the_admin_api_answers_at_once_while_a_storage_is_frozen_in_a_commit() {
     run.await.expect("task").expect("the commit finishes");
     let history: Vec<HistoryRecord> = server.client.get("/v1/history").await.expect("history");
     assert_eq!(history.iter().map(|h| h.outcome.as_str()).collect::<Vec<_>>(), ["committed"]);
+    server.stop().await;
+}
+
+/// Waits until the server's event log has an event of `kind` about `agent`.
+async fn wait_event(client: &AdminClient, kind: EventKind, agent: &str) -> Event {
+    let start = Instant::now();
+    loop {
+        if let Some(e) = events(client).await.into_iter().find(|e| e.kind == kind && e.agent.as_deref() == Some(agent))
+        {
+            return e;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no {kind} event for {agent}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_server_raises_missed_backups_and_silent_agents_and_remembers_them_across_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 171);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let silent = "  agent_silent_after: 1s\n";
+    let server = ServerDaemon::start_with(tmp.path(), &pki, &[gzip("main")], listener, addr, silent).await;
+    // An entry the agent has known for three days, scheduled nightly, never done.
+    let known = (Utc::now() - chrono::Duration::days(3)).to_rfc3339();
+    fs::create_dir_all(tmp.path().join("agent-state")).expect("mkdir");
+    fs::write(
+        tmp.path().join("agent-state/agent-state.json"),
+        format!(r#"{{"entries":{{"nightly":{{"last":null,"last_fire":null,"known_since":"{known}"}}}}}}"#),
+    )
+    .expect("state");
+    let backups = entry_yaml("nightly", &src, "    schedule: \"0 3 * * *\"\n    timezone: UTC\n");
+    let yaml = agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, "");
+    let agent = AgentDaemon::start(tmp.path(), &yaml, Arc::new(SystemClock)).await;
+
+    let missed = wait_event(&server.client, EventKind::MissedBackup, "web-01").await;
+    assert_eq!(missed.backup.as_deref(), Some("nightly"));
+    assert!(
+        missed.message.contains("scheduled runs without a success") && missed.message.contains("never"),
+        "{missed:?}"
+    );
+    let agents: Vec<AgentInfo> = server.client.agents().await.expect("agents");
+    let nightly = &agents[0].entries[0];
+    assert_eq!(nightly.freshness.state, Freshness::Missed, "{nightly:?}");
+    assert!(nightly.freshness.missed_runs >= 2, "{nightly:?}");
+    let metrics = server.client.metrics().await.expect("metrics");
+    assert!(metrics.contains("nbackup_entry_late{agent=\"web-01\",backup=\"nightly\"} 1"), "{metrics}");
+
+    // The host goes away: after agent_silent_after the server says so.
+    agent.stop().await;
+    let silence = wait_event(&server.client, EventKind::AgentSilent, "web-01").await;
+    assert!(silence.message.contains("no control channel since"), "{silence:?}");
+    assert!(server.client.agents().await.expect("agents")[0].silent);
+    assert!(server.client.metrics().await.expect("m").contains("nbackup_agent_silent{agent=\"web-01\"} 1"));
+
+    // A restart forgets neither the agent nor what was raised.
+    server.stop().await;
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+    let server = ServerDaemon::start_with(tmp.path(), &pki, &[gzip("main")], listener, addr, silent).await;
+    let agents = server.client.agents().await.expect("agents");
+    assert_eq!(agents.len(), 1, "the agent is known after the restart: {agents:?}");
+    assert!(!agents[0].connected && agents[0].silent, "{:?}", agents[0]);
+    assert_eq!(agents[0].entries[0].freshness.state, Freshness::Missed);
+
+    // It comes back and the entry commits: recovered, and raised only once.
+    let agent = AgentDaemon::start(tmp.path(), &yaml, Arc::new(SystemClock)).await;
+    agent.client.post::<ActionResult, ()>("/v1/entries/nightly/run", None).await.expect("run");
+    assert!(agent.wait_result("nightly", Duration::from_secs(30)).await.ok);
+    let recovered = wait_event(&server.client, EventKind::BackupRecovered, "web-01").await;
+    assert_eq!(recovered.backup.as_deref(), Some("nightly"));
+    let all = events(&server.client).await;
+    let count = |k: EventKind| all.iter().filter(|e| e.kind == k).count();
+    assert_eq!((count(EventKind::MissedBackup), count(EventKind::AgentSilent)), (1, 1), "raised once each");
+    let agents = server.client.agents().await.expect("agents");
+    assert!(agents[0].connected && !agents[0].silent);
+    assert_eq!(agents[0].entries[0].freshness.state, Freshness::Fresh);
+    agent.stop().await;
     server.stop().await;
 }

@@ -55,6 +55,17 @@ fn now() -> String {
 }
 
 impl Agents {
+    /// Agents known before a restart: listed, not connected, until they come back.
+    pub fn restore(&self, known: Vec<AgentInfo>) {
+        let mut agents = lock(&self.inner);
+        for mut info in known {
+            info.connected = false;
+            info.sessions.clear();
+            info.running.clear();
+            agents.entry(info.name.clone()).or_insert(Entry { info, commands: None, epoch: 0 });
+        }
+    }
+
     pub fn list(&self) -> Vec<AgentInfo> {
         lock(&self.inner).values().map(|e| e.info.clone()).collect()
     }
@@ -120,6 +131,7 @@ where
                 running: Vec::new(),
                 last_results: Vec::new(),
                 entries: Vec::new(),
+                silent: false,
             },
             commands: None,
             epoch,

@@ -187,7 +187,10 @@ impl ServerHandle {
         let mut agents = control::with_sessions(self.0.agents.list(), &open);
         let committed = crate::lock(&self.0.telemetry.metrics.last_success).clone();
         let now = chrono::Utc::now();
+        let silent_after = chrono::Duration::from_std(self.0.live().config.agent_silent_after).unwrap_or_default();
         for a in &mut agents {
+            let seen = chrono::DateTime::parse_from_rfc3339(&a.last_seen).map(|t| t.with_timezone(&chrono::Utc));
+            a.silent = !a.connected && seen.is_ok_and(|t| now - t > silent_after);
             for e in &mut a.entries {
                 let ours = committed
                     .get(&(a.name.clone(), e.name.clone()))
@@ -335,6 +338,34 @@ impl ServerHandle {
         }
         metric("nbackup_storage_free_bytes", "gauge", "Bytes available on each storage's filesystem.", &free);
         metric("nbackup_storage_size_bytes", "gauge", "Size of each storage's filesystem.", &total);
+        let agents = self.agents();
+        let (mut late, mut runs, mut silent) = (Vec::new(), Vec::new(), Vec::new());
+        for a in &agents {
+            silent.push((format!("{{agent=\"{}\"}}", label(&a.name)), f64::from(u8::from(a.silent))));
+            for e in &a.entries {
+                let l = format!("{{agent=\"{}\",backup=\"{}\"}}", label(&a.name), label(&e.name));
+                late.push((l.clone(), f64::from(u8::from(e.freshness.state.is_late()))));
+                runs.push((l, f64::from(e.freshness.missed_runs)));
+            }
+        }
+        metric(
+            "nbackup_entry_late",
+            "gauge",
+            "1 while an entry is overdue or missed against its schedule (docs/console.md, Freshness).",
+            &late,
+        );
+        metric(
+            "nbackup_entry_missed_runs",
+            "gauge",
+            "Scheduled runs past their grace since the entry's last success.",
+            &runs,
+        );
+        metric(
+            "nbackup_agent_silent",
+            "gauge",
+            "1 while an agent's control channel has been gone longer than server.agent_silent_after.",
+            &silent,
+        );
         out
     }
 }

@@ -28,6 +28,7 @@ pub mod session;
 pub mod storage;
 mod stream;
 pub mod telemetry;
+mod vigil;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -106,6 +107,8 @@ pub(crate) struct Server {
     pub telemetry: Arc<Telemetry>,
     pub agents: control::Agents,
     pub disk: DiskCache,
+    /// Where history, events and the agents' state live (`None`: memory only).
+    pub state_dir: Option<PathBuf>,
     pub tracker: TaskTracker,
     /// Cancelled at shutdown: streams tell their agents `draining` and close.
     pub drain: CancellationToken,
@@ -182,6 +185,7 @@ pub async fn run_with(
         telemetry,
         agents: control::Agents::default(),
         disk: DiskCache::default(),
+        state_dir,
         tracker: TaskTracker::new(),
         drain: CancellationToken::new(),
         handshakes,
@@ -189,6 +193,8 @@ pub async fn run_with(
     // What `.incoming` holds is registered now (cheap: journals only) and re-checked
     // after readiness, however large: a start never waits on it.
     let pending = recovery::scan(&server);
+    let known = vigil::load(&server);
+    server.agents.restore(known.agents.clone());
     // First figures before readiness, so the first PING has them; a storage that does
     // not answer within a second is reported later.
     let probes = DiskCache::refresh(&server, true);
@@ -218,6 +224,7 @@ pub async fn run_with(
     server.tracker.spawn(recovery::run(server.clone(), pending));
     server.tracker.spawn(telemetry::reaper(server.clone(), shutdown.clone()));
     server.tracker.spawn(telemetry::sampler(server.clone(), shutdown.clone()));
+    server.tracker.spawn(vigil::run(server.clone(), known, shutdown.clone()));
     let reload = crate::daemon::reload_loop(server.clone(), options.reload.take(), shutdown.clone());
     server.tracker.spawn(reload);
     listener::accept_loop(server.clone(), listener, shutdown.clone()).await;

@@ -37,6 +37,7 @@ pub struct RawServerSection {
     pub max_handshakes: Option<u32>,
     pub max_sessions_per_agent: Option<u32>,
     pub max_streams_per_agent: Option<u32>,
+    pub agent_silent_after: Option<HumanDuration>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -82,6 +83,9 @@ pub struct ServerConfig {
     pub max_sessions_per_agent: u32,
     /// Streams one agent may have attached at once, over all its sessions.
     pub max_streams_per_agent: u32,
+    /// An agent whose control channel has been gone this long is raised as
+    /// `agent_silent`: a dead host cannot report its own failures.
+    pub agent_silent_after: Duration,
     pub tls: ServerTls,
     pub storages: BTreeMap<Name, Storage>,
     pub logging: Logging,
@@ -125,6 +129,7 @@ impl ServerConfig {
     pub const DEFAULT_MAX_HANDSHAKES: u32 = 256;
     pub const DEFAULT_MAX_SESSIONS_PER_AGENT: u32 = 16;
     pub const DEFAULT_MAX_STREAMS_PER_AGENT: u32 = 256;
+    pub const DEFAULT_AGENT_SILENT_AFTER: Duration = Duration::from_secs(15 * 60);
 
     /// Parses and validates `text`, read from `file` (used in messages and to resolve
     /// relative paths).
@@ -188,6 +193,14 @@ impl ServerConfig {
             }
         };
         let max_handshakes = positive("max_handshakes", raw.server.max_handshakes, Self::DEFAULT_MAX_HANDSHAKES)?;
+        let agent_silent_after = raw.server.agent_silent_after.map_or(Self::DEFAULT_AGENT_SILENT_AFTER, |d| d.0);
+        if agent_silent_after < Duration::from_secs(1) || agent_silent_after > Duration::from_secs(7 * 86_400) {
+            return Err(src.error(
+                Some("server.agent_silent_after"),
+                format!("{} is out of range", HumanDuration(agent_silent_after)),
+                Some("use 1s to 7d; well above the agents' control_channel.keepalive_interval".into()),
+            ));
+        }
         let max_sessions_per_agent = positive(
             "max_sessions_per_agent",
             raw.server.max_sessions_per_agent,
@@ -258,6 +271,7 @@ impl ServerConfig {
             max_handshakes,
             max_sessions_per_agent,
             max_streams_per_agent,
+            agent_silent_after,
             tls: ServerTls {
                 ca_cert: resolve(&base, raw.tls.ca_cert),
                 cert: resolve(&base, raw.tls.server_cert),

@@ -142,7 +142,11 @@ fn server(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let body = agents
         .iter()
         .map(|a| {
-            let control = if a.connected { styled("● up", theme.good()) } else { styled("○ down", theme.bad()) };
+            let control = match (a.connected, a.silent) {
+                (true, _) => styled("● up", theme.good()),
+                (false, true) => styled("✖ silent", theme.bad()),
+                (false, false) => styled("○ down", theme.warn()),
+            };
             (
                 vec![
                     span(a.name.clone()),

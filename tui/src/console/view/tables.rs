@@ -113,7 +113,7 @@ pub fn styled(s: impl Into<String>, style: Style) -> Span<'static> {
 
 const ENTRY_COLS: &[Col] = &[
     col("AGENT", 14, 0),
-    col("CTRL", 6, 4),
+    col("CTRL", 8, 4),
     col("ENTRY", 14, 0),
     col("FRESHNESS", 13, 0),
     col("LAST SUCCESS", 13, 1),
@@ -133,7 +133,8 @@ pub fn entries(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
             let f = r.freshness();
             let ctrl = match r.agent {
                 Some(a) if a.connected => styled("● up", theme.good()),
-                Some(_) => styled("○ down", theme.bad()),
+                Some(a) if a.silent => styled("✖ silent", theme.bad()),
+                Some(_) => styled("○ down", theme.warn()),
                 None => span("-"),
             };
             let fresh = styled(freshness_word(f), theme.freshness(f.state));
