@@ -109,6 +109,9 @@ _nbackup() {
             nbackup__subcmd__ctl,status)
                 cmd="nbackup__subcmd__ctl__subcmd__status"
                 ;;
+            nbackup__subcmd__ctl,verify)
+                cmd="nbackup__subcmd__ctl__subcmd__verify"
+                ;;
             nbackup__subcmd__ctl__subcmd__help,abort)
                 cmd="nbackup__subcmd__ctl__subcmd__help__subcmd__abort"
                 ;;
@@ -150,6 +153,9 @@ _nbackup() {
                 ;;
             nbackup__subcmd__ctl__subcmd__help,status)
                 cmd="nbackup__subcmd__ctl__subcmd__help__subcmd__status"
+                ;;
+            nbackup__subcmd__ctl__subcmd__help,verify)
+                cmd="nbackup__subcmd__ctl__subcmd__help__subcmd__verify"
                 ;;
             nbackup__subcmd__help,agent)
                 cmd="nbackup__subcmd__help__subcmd__agent"
@@ -228,6 +234,9 @@ _nbackup() {
                 ;;
             nbackup__subcmd__help__subcmd__ctl,status)
                 cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__status"
+                ;;
+            nbackup__subcmd__help__subcmd__ctl,verify)
+                cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__verify"
                 ;;
             *)
                 ;;
@@ -472,7 +481,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__ctl)
-            opts="-h --socket --json --help status sessions agents entries history events archives abort rotate run defer reload metrics help"
+            opts="-h --socket --json --help status sessions agents entries history events archives abort rotate run defer verify reload metrics help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -626,7 +635,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__ctl__subcmd__help)
-            opts="status sessions agents entries history events archives abort rotate run defer reload metrics help"
+            opts="status sessions agents entries history events archives abort rotate run defer verify reload metrics help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -835,6 +844,20 @@ _nbackup() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        nbackup__subcmd__ctl__subcmd__help__subcmd__verify)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         nbackup__subcmd__ctl__subcmd__history)
             opts="-h --agent --limit --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -958,6 +981,28 @@ _nbackup() {
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__ctl__subcmd__verify)
+            opts="-h --storage --all --wait --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --storage)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1130,7 +1175,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help__subcmd__ctl)
-            opts="status sessions agents entries history events archives abort rotate run defer reload metrics"
+            opts="status sessions agents entries history events archives abort rotate run defer verify reload metrics"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1312,6 +1357,20 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help__subcmd__ctl__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__help__subcmd__ctl__subcmd__verify)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -269,6 +269,22 @@ pub enum CtlCommand {
         #[arg(long)]
         seconds: u64,
     },
+    /// Re-read stored archives against their manifests; a corrupt one is quarantined
+    /// (server)
+    Verify {
+        /// AGENT or AGENT/ENTRY (default: every entry)
+        target: Option<String>,
+        /// Only this storage
+        #[arg(long)]
+        storage: Option<String>,
+        /// Every kept archive, not only each entry's newest
+        #[arg(long)]
+        all: bool,
+        /// Wait for the results and print them; exit 1 if any archive is corrupt or
+        /// could not be verified
+        #[arg(long)]
+        wait: bool,
+    },
     /// Re-read the daemon's configuration
     Reload,
     /// Prometheus metrics (server)

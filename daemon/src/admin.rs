@@ -136,6 +136,7 @@ fn describe(path: &str) -> (String, Option<String>, Option<String>, Option<Strin
         ["agents", a, "entries", e, verb] => (format!("{verb} {a}/{e}"), own(a), own(e), None),
         ["entries", e, verb] => (format!("{verb} {e}"), None, own(e), None),
         ["reload"] => ("reload the configuration".into(), None, None, None),
+        ["verify"] => ("verify stored archives".into(), None, None, None),
         _ => (path.to_string(), None, None, None),
     }
 }

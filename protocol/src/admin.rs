@@ -147,6 +147,14 @@ words! {
         /// An agent's control channel has been gone longer than
         /// `server.agent_silent_after`.
         AgentSilent = "agent_silent",
+        /// A stored archive was re-read and matches its manifest.
+        Verified = "verified",
+        /// A stored archive failed verification and was quarantined.
+        ArchiveCorrupt = "archive_corrupt",
+        /// An archive could not be verified (unreadable, no manifest).
+        VerifyFailed = "verify_failed",
+        /// A verification job ended (with its counts).
+        VerifyDone = "verify_done",
     }
 }
 
@@ -174,9 +182,11 @@ impl EventKind {
     pub fn level(self) -> Level {
         use EventKind::*;
         match self {
-            Failed | CommitIncomplete | ReloadFailed | Missed | MissedBackup | AgentSilent => Level::Error,
+            Failed | CommitIncomplete | ReloadFailed | Missed | MissedBackup | AgentSilent | ArchiveCorrupt => {
+                Level::Error
+            }
             StreamLost | Aborted | Expired | Refused | DiskLow | AgentDisconnected | ControlLost | Retry | Skipped
-            | AbortRequested | Unknown => Level::Warn,
+            | AbortRequested | VerifyFailed | Unknown => Level::Warn,
             _ => Level::Info,
         }
     }
@@ -646,6 +656,21 @@ pub enum ControlCommand {
     RunNow { entry: String },
     /// Postpone an entry's next scheduled run by this many seconds.
     Defer { entry: String, seconds: u64 },
+}
+
+/// Body of `POST /v1/verify`: which stored archives to re-read (all filters
+/// optional; by default each entry's newest archive).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// Every kept archive, not only each entry's newest.
+    #[serde(default)]
+    pub all: bool,
 }
 
 /// Body of `POST /v1/sessions/{id}/abort` and the agent's abort.

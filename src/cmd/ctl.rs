@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use nbackup_protocol::admin::{
     ActionResult, AgentInfo, AgentStatus, ArchiveInfo, EntryStatus, HistoryRecord, ServerStatus, SessionInfo,
+    VerifyRequest,
 };
 use nbackup_tui::client::{AdminClient, ArchiveQuery, ClientError, DaemonKind, EntryTarget, Status, discover};
 
@@ -138,12 +139,57 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
             act(c.defer_entry(&entry_target(kind, &entry)?, seconds).await, json)?;
         }
         CtlCommand::Reload => act(c.reload().await, json)?,
+        CtlCommand::Verify { target, storage, all, wait } => {
+            need(kind, Server, "verify")?;
+            let (agent, backup) = match target.as_deref().map(|t| t.split_once('/')) {
+                None => (None, None),
+                Some(None) => (target, None),
+                Some(Some((a, e))) => (Some(a.to_string()), Some(e.to_string())),
+            };
+            let request = VerifyRequest { storage, agent, backup, all };
+            if !wait {
+                act(c.verify(&request).await, json)?;
+                return Ok(Exit::Ok.into());
+            }
+            return verify_and_wait(c, &request, json).await;
+        }
         CtlCommand::Metrics => {
             need(kind, Server, "metrics")?;
             print!("{}", c.metrics().await.map_err(err)?);
         }
     }
     Ok(Exit::Ok.into())
+}
+
+/// Starts a verification and follows the watch stream until it is done: one line
+/// (or JSON event) per archive; exit 1 if any is corrupt or unverified.
+async fn verify_and_wait(c: &AdminClient, request: &VerifyRequest, json: bool) -> anyhow::Result<ExitCode> {
+    use nbackup_protocol::admin::{EventKind, WatchItem};
+    let mut watch = c.watch().await.map_err(err)?;
+    let started = c.verify(request).await.map_err(err)?;
+    if !json {
+        println!("{}", started.message);
+    }
+    let mut bad = false;
+    while let Some(item) = watch.recv().await {
+        let nbackup_tui::client::Watched::Item(item) = item else { continue };
+        let WatchItem::Event { event } = *item else { continue };
+        let result = matches!(event.kind, EventKind::Verified | EventKind::ArchiveCorrupt | EventKind::VerifyFailed);
+        if !(result || event.kind == EventKind::VerifyDone) {
+            continue;
+        }
+        bad |= matches!(event.kind, EventKind::ArchiveCorrupt | EventKind::VerifyFailed);
+        if json {
+            println!("{}", serde_json::to_string(&event).unwrap_or_default());
+        } else {
+            let who = [event.agent.as_deref(), event.backup.as_deref()].into_iter().flatten().collect::<Vec<_>>();
+            println!("{:<16} {:<24} {}", event.kind.as_str(), who.join("/"), event.message);
+        }
+        if event.kind == EventKind::VerifyDone {
+            return Ok(if bad { Exit::Failed } else { Exit::Ok }.into());
+        }
+    }
+    Err(fail(Exit::Unreachable, anyhow::anyhow!("the daemon closed the watch stream before the verification ended")))
 }
 
 fn print_agents(v: &[AgentInfo]) {

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use nbackup_daemon::agent::daemon::{self as agentd, Clock, FastClock, SystemClock};
 use nbackup_protocol::admin::{
-    ActionResult, AgentInfo, AgentStatus, EntryStatus, Event, EventKind, Freshness, HistoryRecord, ServerStatus,
-    SessionInfo, WatchItem,
+    ActionResult, AgentInfo, AgentStatus, ArchiveInfo, EntryStatus, Event, EventKind, Freshness, HistoryRecord,
+    ServerStatus, SessionInfo, WatchItem,
 };
 use nbackup_protocol::config::{AgentConfig, Excludes, ServerConfig};
 use nbackup_tui::client::{AdminClient, ClientError, Watched};
@@ -1101,5 +1101,70 @@ async fn the_server_raises_missed_backups_and_silent_agents_and_remembers_them_a
     assert!(agents[0].connected && !agents[0].silent);
     assert_eq!(agents[0].entries[0].freshness.state, Freshness::Fresh);
     agent.stop().await;
+    server.stop().await;
+}
+
+fn ctl_verify(socket: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nbackup"))
+        .args(["ctl", "--socket"])
+        .arg(socket)
+        .arg("verify")
+        .args(args)
+        .output()
+        .expect("ctl verify");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_quarantines_a_flipped_byte_and_rotation_keeps_the_good_archives() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "2M", 181);
+    let storage = StorageSpec { name: "main", compression: "gzip", max_backups: 2 };
+    let server = ServerDaemon::start(tmp.path(), &pki, &[storage]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    let first = backup(&cfg, 0).await.expect("first");
+    let second = backup(&cfg, 0).await.expect("second");
+    let (code, out) = ctl_verify(&server.socket, &["web-01/etc", "--all", "--wait"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches("verified ").count(), 2, "{out}");
+
+    // One flipped byte in the middle of the newest archive.
+    let dir = tmp.path().join("storage/main/web-01/etc");
+    let path = dir.join(&second.archive);
+    let mut bytes = fs::read(&path).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&path, &bytes).expect("write");
+    let (code, out) = ctl_verify(&server.socket, &["web-01/etc", "--all", "--wait"]);
+    assert_eq!(code, Some(1), "a corrupt archive fails the command: {out}");
+    assert!(
+        out.contains("archive_corrupt") && out.contains(&second.archive) && out.contains("quarantined as"),
+        "{out}"
+    );
+    assert!(out.contains("1 verified, 1 corrupt, 0 not verified"), "{out}");
+    let quarantined = dir.join(format!("{}.corrupt", second.archive));
+    assert!(quarantined.exists() && dir.join(format!("{}.corrupt.json", second.archive)).exists());
+    assert!(!path.exists());
+    let listed: Vec<ArchiveInfo> = server.client.get("/v1/archives").await.expect("archives");
+    assert_eq!(listed.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), [first.archive.as_str()]);
+    let events = events(&server.client).await;
+    let corrupt = events.iter().find(|e| e.kind == EventKind::ArchiveCorrupt).expect("an archive_corrupt event");
+    assert_eq!(corrupt.kind.level(), nbackup_protocol::admin::Level::Error);
+
+    // Rotation counts only good archives and never touches the quarantined one.
+    let third = backup(&cfg, 0).await.expect("third");
+    let fourth = backup(&cfg, 0).await.expect("fourth");
+    let listed: Vec<ArchiveInfo> = server.client.get("/v1/archives").await.expect("archives");
+    assert_eq!(
+        listed.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+        [third.archive.as_str(), fourth.archive.as_str()],
+        "the two newest good archives are kept"
+    );
+    assert!(quarantined.exists(), "rotation never deletes a quarantined archive");
+    // The default is each entry's newest, and a good one exits 0.
+    let (code, out) = ctl_verify(&server.socket, &["--wait"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("1 verified, 0 corrupt"), "{out}");
     server.stop().await;
 }

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use nbackup_protocol::admin::{
     AbortRequest, ActionResult, AgentInfo, AgentStatus, ApiError, ArchiveInfo, EntryStatus, Event, HistoryRecord,
-    Series, ServerStatus, SessionInfo, WatchItem,
+    Series, ServerStatus, SessionInfo, VerifyRequest, WatchItem,
 };
 
 /// Bound on connecting and on one request/answer.
@@ -47,6 +47,7 @@ pub mod paths {
     pub const WATCH: &str = "/v1/watch";
     pub const RELOAD: &str = "/v1/reload";
     pub const METRICS: &str = "/metrics";
+    pub const VERIFY: &str = "/v1/verify";
 
     /// Percent-encodes a path segment or query value.
     pub fn q(v: &str) -> String {
@@ -300,6 +301,11 @@ impl AdminClient {
 
     pub async fn defer_entry(&self, target: &EntryTarget, seconds: u64) -> Result<ActionResult, ClientError> {
         self.post::<_, ()>(&paths::entry_action(target, &format!("defer?seconds={seconds}")), None).await
+    }
+
+    /// Starts re-reading stored archives (server); results arrive as events.
+    pub async fn verify(&self, request: &VerifyRequest) -> Result<ActionResult, ClientError> {
+        self.post(paths::VERIFY, Some(request)).await
     }
 
     pub async fn reload(&self) -> Result<ActionResult, ClientError> {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use nbackup_protocol::admin::{
     AbortRequest, ActionResult, AgentInfo, ArchiveInfo, ControlCommand, Event, HistoryRecord, Series, ServerStatus,
-    SessionInfo,
+    SessionInfo, VerifyRequest,
 };
 
 use super::handle::{ArchiveFilter, HandleError, ServerHandle};
@@ -36,6 +36,7 @@ pub(super) fn router(handle: ServerHandle) -> Router {
         .route("/v1/series", get(series))
         .route("/v1/watch", get(watch))
         .route("/v1/reload", post(reload))
+        .route("/v1/verify", post(verify))
         .route("/metrics", get(metrics))
         .with_state(handle)
 }
@@ -164,6 +165,11 @@ async fn series(State(h): S) -> Json<Vec<Series>> {
 async fn watch(State(h): S) -> Response {
     let events = h.subscribe();
     crate::daemon::watch_stream(move || h.snapshot(), events)
+}
+
+async fn verify(State(h): S, body: Option<Json<VerifyRequest>>) -> Result<(StatusCode, Json<ActionResult>), Refused> {
+    let message = h.verify(body.map(|Json(b)| b).unwrap_or_default())?;
+    Ok((StatusCode::ACCEPTED, Json(ActionResult { ok: true, message })))
 }
 
 async fn reload(State(h): S) -> Result<Json<ActionResult>, Response> {

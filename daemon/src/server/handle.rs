@@ -271,6 +271,24 @@ impl ServerHandle {
         self.0.clone()
     }
 
+    /// Starts verifying what `q` selects on a blocking thread; the results go to
+    /// the event log. One job at a time.
+    pub fn verify(&self, q: nbackup_protocol::admin::VerifyRequest) -> Result<String, HandleError> {
+        let server = self.0.clone();
+        if server.verifying.swap(true, Ordering::AcqRel) {
+            return Err(HandleError::Conflict("a verification is already running".into()));
+        }
+        let filter = ArchiveFilter { storage: q.storage, agent: q.agent, backup: q.backup };
+        let newest = !q.all;
+        let n = super::verify::count(&server, &filter, newest);
+        let s = server.clone();
+        server.tracker.spawn_blocking(move || {
+            super::verify::run_job(&s, &filter, newest);
+            s.verifying.store(false, Ordering::Release);
+        });
+        Ok(format!("verifying {n} archive(s); results in the event log (verified, archive_corrupt, verify_done)"))
+    }
+
     /// Prometheus text exposition format.
     pub fn metrics(&self) -> String {
         let s = &self.0;

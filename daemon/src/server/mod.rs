@@ -28,6 +28,7 @@ pub mod session;
 pub mod storage;
 mod stream;
 pub mod telemetry;
+mod verify;
 mod vigil;
 
 use std::collections::BTreeMap;
@@ -114,6 +115,8 @@ pub(crate) struct Server {
     pub drain: CancellationToken,
     /// Connections still before their first frame (`server.max_handshakes`).
     pub handshakes: Arc<Semaphore>,
+    /// A verification job is running (one at a time).
+    pub verifying: std::sync::atomic::AtomicBool,
 }
 
 impl Server {
@@ -189,6 +192,7 @@ pub async fn run_with(
         tracker: TaskTracker::new(),
         drain: CancellationToken::new(),
         handshakes,
+        verifying: std::sync::atomic::AtomicBool::new(false),
     });
     // What `.incoming` holds is registered now (cheap: journals only) and re-checked
     // after readiness, however large: a start never waits on it.

@@ -687,6 +687,7 @@ pub(crate) fn test_session(dir: &std::path::Path, chunk_size: u32) -> Session {
         level: 3,
         chunk_fsync: false,
         quota_per_agent: None,
+        verify_rate: None,
     });
     area.prepare().expect("prepare");
     let params = SessionParams {

@@ -433,6 +433,7 @@ mod tests {
             level: 6,
             chunk_fsync: false,
             quota_per_agent: None,
+            verify_rate: None,
         })
     }
 

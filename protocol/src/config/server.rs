@@ -57,6 +57,7 @@ pub struct RawStorage {
     pub compression_level: Option<i32>,
     pub chunk_fsync: Option<bool>,
     pub quota_per_agent: Option<ByteSize>,
+    pub verify_rate: Option<ByteSize>,
 }
 
 /// Validated server configuration.
@@ -118,6 +119,9 @@ pub struct Storage {
     /// Most bytes of archives one agent may keep in this storage (all its entries);
     /// `None`: no quota.
     pub quota_per_agent: Option<u64>,
+    /// Most bytes per second a verification reads from this storage; `None`: as
+    /// fast as the disk goes.
+    pub verify_rate: Option<u64>,
 }
 
 impl ServerConfig {
@@ -258,6 +262,7 @@ impl ServerConfig {
                     level,
                     chunk_fsync: s.chunk_fsync.unwrap_or(false),
                     quota_per_agent: s.quota_per_agent.map(|q| q.0),
+                    verify_rate: s.verify_rate.map(|q| q.0).filter(|r| *r > 0),
                 },
             );
         }

@@ -1,0 +1,334 @@
+//! Re-reading stored archives: the whole file hashed against its manifest (size
+//! and SHA-256), decompressed to the end (gzip CRCs, zstd checksum) and walked as
+//! tar, every member read, the member count checked. An archive that fails is
+//! **quarantined**: renamed `<name>.corrupt` (its manifest `<name>.corrupt.json`),
+//! so listing and rotation no longer see it and rotation can never delete it.
+//! A read error from the disk is reported, not taken for corruption.
+//!
+//! Jobs run on a blocking thread, one at a time, at most at `storage.verify_rate`
+//! bytes per second (read from disk), and report through the event log:
+//! `verified`, `archive_corrupt`, `verify_failed`, then one `verify_done`.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nbackup_protocol::admin::EventKind;
+use nbackup_protocol::manifest::hex;
+use nbackup_protocol::wire::Compression;
+use sha2::{Digest, Sha256};
+
+use super::Server;
+use super::handle::ArchiveFilter;
+use super::storage::{ArchiveFile, sidecar_path};
+use crate::state::EventSpec;
+
+/// What a check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Good {
+        members: u64,
+        bytes: u64,
+    },
+    Corrupt(String),
+    /// No manifest to check against: nothing is quarantined.
+    Unchecked(String),
+}
+
+/// Hashes and counts what the decompressor reads, keeps the byte rate, and
+/// remembers whether the disk itself failed.
+struct Hashing<R> {
+    inner: R,
+    sha: Sha256,
+    bytes: u64,
+    rate: Option<u64>,
+    started: Instant,
+    disk_error: Option<io::Error>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = match self.inner.read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let kind = e.kind();
+                self.disk_error = Some(e);
+                return Err(io::Error::new(kind, "the archive file could not be read"));
+            }
+        };
+        self.sha.update(&buf[..n]);
+        self.bytes += n as u64;
+        if let Some(rate) = self.rate {
+            // Sleep until the bytes read so far are within the rate.
+            let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Checks one archive. Blocking.
+pub fn check(
+    path: &Path,
+    compression: Compression,
+    manifest: Option<&nbackup_protocol::manifest::Manifest>,
+    rate: Option<u64>,
+) -> io::Result<Verdict> {
+    let Some(manifest) = manifest else { return Ok(Verdict::Unchecked("no manifest beside it".into())) };
+    let file = File::open(path)?;
+    let mut hashing = Hashing {
+        inner: BufReader::with_capacity(1 << 20, file),
+        sha: Sha256::new(),
+        bytes: 0,
+        rate,
+        started: Instant::now(),
+        disk_error: None,
+    };
+    let walked = walk(&mut hashing, compression);
+    if let Some(e) = hashing.disk_error.take() {
+        return Err(e);
+    }
+    let members = match walked {
+        Ok(m) => m,
+        Err(e) => return Ok(Verdict::Corrupt(format!("the compressed tar stream is damaged: {e}"))),
+    };
+    // Whatever follows the end of the compressed stream is part of the file too.
+    let tail = io::copy(&mut hashing, &mut io::sink());
+    if let Some(e) = hashing.disk_error.take() {
+        return Err(e);
+    }
+    tail?;
+    let digest = hex(&hashing.sha.finalize());
+    Ok(if hashing.bytes != manifest.size {
+        Verdict::Corrupt(format!("{} bytes on disk, the manifest says {}", hashing.bytes, manifest.size))
+    } else if digest != manifest.sha256 {
+        Verdict::Corrupt(format!("sha256 {digest} differs from the manifest's {}", manifest.sha256))
+    } else if members != manifest.entries {
+        Verdict::Corrupt(format!("{members} tar members, the manifest says {}", manifest.entries))
+    } else {
+        Verdict::Good { members, bytes: hashing.bytes }
+    })
+}
+
+fn walk<R: Read>(input: &mut R, compression: Compression) -> io::Result<u64> {
+    let decoder: Box<dyn Read + '_> = match compression {
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(input)?),
+    };
+    let mut archive = tar::Archive::new(decoder);
+    let mut members = 0u64;
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        io::copy(&mut entry, &mut io::sink())?;
+        members += 1;
+    }
+    // The end-of-archive blocks and any padding, so the decompressor checks its
+    // trailer (gzip CRC and length, zstd checksum).
+    io::copy(&mut archive.into_inner(), &mut io::sink())?;
+    Ok(members)
+}
+
+/// `<archive>.corrupt`, and its manifest beside it as `<archive>.corrupt.json`.
+pub fn quarantine(path: &Path) -> io::Result<PathBuf> {
+    let mut target = path.as_os_str().to_owned();
+    target.push(".corrupt");
+    let target = PathBuf::from(target);
+    std::fs::rename(path, &target)?;
+    let manifest = sidecar_path(path);
+    if manifest.exists() {
+        std::fs::rename(&manifest, sidecar_path(&target))?;
+    }
+    if let Some(dir) = path.parent() {
+        crate::fsutil::fsync_dir(dir)?;
+    }
+    Ok(target)
+}
+
+/// Verifies what `filter` selects (only each entry's newest with `newest`), one
+/// archive after the other, recording each result. Blocking.
+pub fn run_job(server: &Arc<Server>, filter: &ArchiveFilter, newest: bool) -> (u64, u64, u64) {
+    let (mut good, mut corrupt, mut failed) = (0, 0, 0);
+    let events = &server.telemetry.events;
+    for (area, files) in selected(server, filter, newest) {
+        for f in files {
+            let agent = f.agent.clone();
+            let backup = f.backup.clone();
+            let who = EventSpec { agent: Some(&agent), backup: Some(&backup), ..Default::default() };
+            let a = &f.file;
+            match check(&a.path, a.compression, a.manifest.as_ref(), area.cfg.verify_rate) {
+                Ok(Verdict::Good { members, bytes }) => {
+                    good += 1;
+                    events.record(
+                        EventKind::Verified,
+                        who,
+                        format!("{}: verified, {members} members, {bytes} bytes, sha256 matches", a.name),
+                    );
+                }
+                Ok(Verdict::Unchecked(why)) => {
+                    failed += 1;
+                    events.record(EventKind::VerifyFailed, who, format!("{}: not verified: {why}", a.name));
+                }
+                Ok(Verdict::Corrupt(why)) => {
+                    corrupt += 1;
+                    let moved = match quarantine(&a.path) {
+                        Ok(p) => format!(
+                            "quarantined as {}",
+                            p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                        ),
+                        Err(e) => format!("could not be quarantined: {e}"),
+                    };
+                    tracing::error!(archive = %a.path.display(), "archive corrupt: {why}; {moved}");
+                    events.record(EventKind::ArchiveCorrupt, who, format!("{}: corrupt: {why}; {moved}", a.name));
+                }
+                // Rotated out since it was listed: nothing to check.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    failed += 1;
+                    events.record(EventKind::VerifyFailed, who, format!("{}: could not be read: {e}", a.name));
+                }
+            }
+        }
+    }
+    let message = format!("{good} verified, {corrupt} corrupt, {failed} not verified");
+    events.record(EventKind::VerifyDone, EventSpec::default(), message);
+    (good, corrupt, failed)
+}
+
+struct Selected {
+    agent: String,
+    backup: String,
+    file: ArchiveFile,
+}
+
+fn selected(
+    server: &Server,
+    q: &ArchiveFilter,
+    newest: bool,
+) -> Vec<(Arc<super::storage::StorageArea>, Vec<Selected>)> {
+    let mut out = Vec::new();
+    for area in server.live().storages.values() {
+        if q.storage.as_deref().is_some_and(|s| s != area.cfg.name.as_str()) {
+            continue;
+        }
+        let mut files = Vec::new();
+        for (agent, backup) in area.entries().unwrap_or_default() {
+            if q.agent.as_deref().is_some_and(|a| a != agent.as_str())
+                || q.backup.as_deref().is_some_and(|b| b != backup.as_str())
+            {
+                continue;
+            }
+            let mut list = area.list(&agent, &backup).unwrap_or_default();
+            if newest {
+                list = list.pop().into_iter().collect();
+            }
+            files.extend(list.into_iter().map(|file| Selected {
+                agent: agent.to_string(),
+                backup: backup.to_string(),
+                file,
+            }));
+        }
+        out.push((area.clone(), files));
+    }
+    out
+}
+
+/// How many archives `filter` selects, for the answer that starts a job.
+pub fn count(server: &Server, filter: &ArchiveFilter, newest: bool) -> usize {
+    selected(server, filter, newest).iter().map(|(_, f)| f.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbackup_protocol::manifest::{MANIFEST_FORMAT, Manifest};
+
+    /// A zstd tar of three files, and its manifest.
+    fn archive(dir: &Path) -> (PathBuf, Manifest) {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, len) in [("a", 10_000usize), ("b/c", 70_000), ("d", 0)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(len as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, name, &vec![b'x'; len][..]).expect("append");
+        }
+        let raw = tar.into_inner().expect("tar");
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("zstd");
+        enc.include_checksum(true).expect("checksum");
+        io::Write::write_all(&mut enc, &raw).expect("write");
+        let data = enc.finish().expect("finish");
+        let path = dir.join("a-b-20261201T000000Z.tar.zst");
+        std::fs::write(&path, &data).expect("write archive");
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            archive: "a-b-20261201T000000Z.tar.zst".into(),
+            agent: "a".into(),
+            backup: "b".into(),
+            storage: "main".into(),
+            compression: Compression::Zstd,
+            compression_level: 3,
+            size: data.len() as u64,
+            sha256: hex(&Sha256::digest(&data)),
+            chunks: 1,
+            chunk_size: 1 << 20,
+            entries: 3,
+            bytes_read: 80_000,
+            skipped: 0,
+            started_at: String::new(),
+            finished_at: String::new(),
+            agent_version: String::new(),
+            server_version: String::new(),
+            session: String::new(),
+            commit_seq: Some(1),
+        };
+        (path, manifest)
+    }
+
+    #[test]
+    fn a_sound_archive_verifies_and_each_kind_of_damage_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, manifest) = archive(dir.path());
+        let good = check(&path, Compression::Zstd, Some(&manifest), None).expect("check");
+        assert_eq!(good, Verdict::Good { members: 3, bytes: manifest.size });
+        // A manifest that claims another member count.
+        let wrong = Manifest { entries: 4, ..manifest.clone() };
+        let Verdict::Corrupt(why) = check(&path, Compression::Zstd, Some(&wrong), None).expect("check") else {
+            panic!("member count")
+        };
+        assert!(why.contains("3 tar members"), "{why}");
+        // Truncated: the zstd frame ends early.
+        let bytes = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &bytes[..bytes.len() - 7]).expect("truncate");
+        let Verdict::Corrupt(why) = check(&path, Compression::Zstd, Some(&manifest), None).expect("check") else {
+            panic!("truncation")
+        };
+        assert!(why.contains("damaged") || why.contains("bytes on disk"), "{why}");
+        // No manifest: reported, never quarantined.
+        assert!(matches!(check(&path, Compression::Zstd, None, None), Ok(Verdict::Unchecked(_))));
+    }
+
+    #[test]
+    fn quarantine_moves_the_archive_and_its_manifest_out_of_sight() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, manifest) = archive(dir.path());
+        std::fs::write(sidecar_path(&path), manifest.to_json()).expect("manifest");
+        let moved = quarantine(&path).expect("quarantine");
+        assert!(moved.to_string_lossy().ends_with(".tar.zst.corrupt"));
+        assert!(!path.exists() && moved.exists() && sidecar_path(&moved).exists());
+        assert!(!sidecar_path(&path).exists());
+    }
+
+    #[test]
+    fn the_rate_limit_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, manifest) = archive(dir.path());
+        let rate = manifest.size * 4; // a quarter of a second's worth at this rate
+        let t = Instant::now();
+        assert!(matches!(check(&path, Compression::Zstd, Some(&manifest), Some(rate)), Ok(Verdict::Good { .. })));
+        assert!(t.elapsed() >= Duration::from_millis(200), "{:?}", t.elapsed());
+    }
+}
