@@ -160,6 +160,8 @@ impl PartialEq for Schedule {
     }
 }
 
+impl Eq for Schedule {}
+
 /// Resolves `p` against the config file's directory when it is relative.
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
     if p.is_absolute() { p } else { base.join(p) }

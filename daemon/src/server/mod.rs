@@ -229,6 +229,7 @@ pub async fn run_with(
     server.tracker.spawn(telemetry::reaper(server.clone(), shutdown.clone()));
     server.tracker.spawn(telemetry::sampler(server.clone(), shutdown.clone()));
     server.tracker.spawn(vigil::run(server.clone(), known, shutdown.clone()));
+    server.tracker.spawn(verify::scheduled(server.clone(), shutdown.clone()));
     let reload = crate::daemon::reload_loop(server.clone(), options.reload.take(), shutdown.clone());
     server.tracker.spawn(reload);
     listener::accept_loop(server.clone(), listener, shutdown.clone()).await;

@@ -688,6 +688,7 @@ pub(crate) fn test_session(dir: &std::path::Path, chunk_size: u32) -> Session {
         chunk_fsync: false,
         quota_per_agent: None,
         verify_rate: None,
+        verify_schedule: None,
     });
     area.prepare().expect("prepare");
     let params = SessionParams {

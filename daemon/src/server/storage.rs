@@ -434,6 +434,7 @@ mod tests {
             chunk_fsync: false,
             quota_per_agent: None,
             verify_rate: None,
+            verify_schedule: None,
         })
     }
 

@@ -9,12 +9,14 @@
 //! bytes per second (read from disk), and report through the event log:
 //! `verified`, `archive_corrupt`, `verify_failed`, then one `verify_done`.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Local};
 use nbackup_protocol::admin::EventKind;
 use nbackup_protocol::manifest::hex;
 use nbackup_protocol::wire::Compression;
@@ -236,6 +238,48 @@ fn selected(
     out
 }
 
+/// Storages whose `verify_schedule` fired in `(after, now]`. A clock stepping back
+/// gives an empty window (nothing runs twice); one stepping forward fires each
+/// storage once.
+pub fn due(
+    storages: &BTreeMap<nbackup_protocol::Name, Arc<super::storage::StorageArea>>,
+    after: DateTime<Local>,
+    now: DateTime<Local>,
+) -> Vec<nbackup_protocol::Name> {
+    storages
+        .values()
+        .filter(|a| a.cfg.verify_schedule.as_ref().and_then(|s| s.next_after(&after)).is_some_and(|t| t <= now))
+        .map(|a| a.cfg.name.clone())
+        .collect()
+}
+
+/// Runs each storage's `verify_schedule` (every kept archive) until `shutdown`.
+/// Looks twice a minute, so reloads and clock steps are picked up.
+pub async fn scheduled(server: Arc<Server>, shutdown: tokio_util::sync::CancellationToken) {
+    let mut last = Local::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        let now = Local::now();
+        for name in due(&server.live().storages, last, now) {
+            if server.verifying.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                tracing::warn!(storage = %name, "scheduled verification skipped: another one is running");
+                continue;
+            }
+            let s = server.clone();
+            let filter = ArchiveFilter { storage: Some(name.to_string()), ..Default::default() };
+            let job = tokio::task::spawn_blocking(move || {
+                run_job(&s, &filter, false);
+                s.verifying.store(false, std::sync::atomic::Ordering::Release);
+            });
+            let _ = job.await;
+        }
+        last = now;
+    }
+}
+
 /// How many archives `filter` selects, for the answer that starts a job.
 pub fn count(server: &Server, filter: &ArchiveFilter, newest: bool) -> usize {
     selected(server, filter, newest).iter().map(|(_, f)| f.len()).sum()
@@ -320,6 +364,32 @@ mod tests {
         assert!(moved.to_string_lossy().ends_with(".tar.zst.corrupt"));
         assert!(!path.exists() && moved.exists() && sidecar_path(&moved).exists());
         assert!(!sidecar_path(&path).exists());
+    }
+
+    #[test]
+    fn a_schedule_fires_once_for_its_window_and_never_when_the_clock_steps_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = nbackup_protocol::config::Storage {
+            name: nbackup_protocol::Name::new("main").expect("name"),
+            base_dir: dir.path().to_path_buf(),
+            max_backups: 3,
+            compression: Compression::Zstd,
+            level: 3,
+            chunk_fsync: false,
+            quota_per_agent: None,
+            verify_rate: None,
+            verify_schedule: Some(nbackup_protocol::config::Schedule::parse("0 4 * * *").expect("cron")),
+        };
+        let mut storages = BTreeMap::new();
+        storages.insert(cfg.name.clone(), Arc::new(super::super::storage::StorageArea::new(cfg)));
+        let at = |h: u32, m: u32| {
+            use chrono::TimeZone;
+            Local.with_ymd_and_hms(2026, 12, 1, h, m, 0).single().expect("time")
+        };
+        assert_eq!(due(&storages, at(3, 59), at(4, 0)).len(), 1, "04:00 is in (03:59, 04:00]");
+        assert!(due(&storages, at(4, 0), at(4, 1)).is_empty(), "not again in the next window");
+        assert!(due(&storages, at(4, 1), at(3, 0)).is_empty(), "a clock stepping back fires nothing");
+        assert_eq!(due(&storages, at(1, 0), at(9, 0)).len(), 1, "a step forward over it fires once");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::error::Source;
-use super::{Admin, ByteSize, ConfigError, HumanDuration, Logging, RawAdmin, RawLogging, base_dir, resolve};
+use super::{Admin, ByteSize, ConfigError, HumanDuration, Logging, RawAdmin, RawLogging, Schedule, base_dir, resolve};
 use crate::limits::{MAX_STORAGES, MAX_STREAMS};
 use crate::name::Name;
 use crate::wire::Compression;
@@ -58,6 +58,7 @@ pub struct RawStorage {
     pub chunk_fsync: Option<bool>,
     pub quota_per_agent: Option<ByteSize>,
     pub verify_rate: Option<ByteSize>,
+    pub verify_schedule: Option<String>,
 }
 
 /// Validated server configuration.
@@ -122,6 +123,8 @@ pub struct Storage {
     /// Most bytes per second a verification reads from this storage; `None`: as
     /// fast as the disk goes.
     pub verify_rate: Option<u64>,
+    /// When to re-read every kept archive of this storage (server's local time).
+    pub verify_schedule: Option<Schedule>,
 }
 
 impl ServerConfig {
@@ -244,6 +247,19 @@ impl ServerConfig {
                     Some(format!("use {} to {}", range.start(), range.end())),
                 ));
             }
+            let verify_schedule = match &s.verify_schedule {
+                None => None,
+                Some(expr) => Some(Schedule::parse(expr).map_err(|e| {
+                    src.error(
+                        Some(&format!("{at}.verify_schedule")),
+                        e,
+                        Some(
+                            "use 5 fields (minute hour day-of-month month day-of-week), e.g. \"0 4 * * 0\", or @weekly"
+                                .into(),
+                        ),
+                    )
+                })?),
+            };
             let base_dir = resolve(&base, s.base_dir);
             if let Some(other) = dirs.insert(base_dir.clone(), name.clone()) {
                 return Err(src.error(
@@ -263,6 +279,7 @@ impl ServerConfig {
                     chunk_fsync: s.chunk_fsync.unwrap_or(false),
                     quota_per_agent: s.quota_per_agent.map(|q| q.0),
                     verify_rate: s.verify_rate.map(|q| q.0).filter(|r| *r > 0),
+                    verify_schedule,
                 },
             );
         }
