@@ -671,6 +671,9 @@ pub struct VerifyRequest {
     /// Every kept archive, not only each entry's newest.
     #[serde(default)]
     pub all: bool,
+    /// Only the archive of this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<String>,
 }
 
 /// Body of `POST /v1/sessions/{id}/abort` and the agent's abort.

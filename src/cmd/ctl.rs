@@ -146,7 +146,7 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
                 Some(None) => (target, None),
                 Some(Some((a, e))) => (Some(a.to_string()), Some(e.to_string())),
             };
-            let request = VerifyRequest { storage, agent, backup, all };
+            let request = VerifyRequest { storage, agent, backup, all, archive: None };
             if !wait {
                 act(c.verify(&request).await, json)?;
                 return Ok(Exit::Ok.into());

@@ -1148,8 +1148,8 @@ async fn verify_quarantines_a_flipped_byte_and_rotation_keeps_the_good_archives(
     assert!(!path.exists());
     let listed: Vec<ArchiveInfo> = server.client.get("/v1/archives").await.expect("archives");
     assert_eq!(listed.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), [first.archive.as_str()]);
-    let events = events(&server.client).await;
-    let corrupt = events.iter().find(|e| e.kind == EventKind::ArchiveCorrupt).expect("an archive_corrupt event");
+    let logged = events(&server.client).await;
+    let corrupt = logged.iter().find(|e| e.kind == EventKind::ArchiveCorrupt).expect("an archive_corrupt event");
     assert_eq!(corrupt.kind.level(), nbackup_protocol::admin::Level::Error);
 
     // Rotation counts only good archives and never touches the quarantined one.
@@ -1162,6 +1162,27 @@ async fn verify_quarantines_a_flipped_byte_and_rotation_keeps_the_good_archives(
         "the two newest good archives are kept"
     );
     assert!(quarantined.exists(), "rotation never deletes a quarantined archive");
+    // Naming an archive that is not there is refused; naming one verifies just it.
+    let none = nbackup_protocol::admin::VerifyRequest { archive: Some("nope.tar.gz".into()), ..Default::default() };
+    let refused = server.client.verify(&none).await.expect_err("no such archive");
+    assert!(matches!(refused, ClientError::Api { status: 404, .. }), "{refused:?}");
+    let one = nbackup_protocol::admin::VerifyRequest { archive: Some(third.archive.clone()), ..Default::default() };
+    let started = server.client.verify(&one).await.expect("verify one");
+    assert!(started.message.starts_with("verifying 1 archive"), "{}", started.message);
+    let start = Instant::now();
+    while !events(&server.client)
+        .await
+        .iter()
+        .any(|e| e.kind == EventKind::Verified && e.message.starts_with(&third.archive))
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "the named archive was not verified");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A job still running refuses a second one; wait for it to end first.
+    while events(&server.client).await.iter().filter(|e| e.kind == EventKind::VerifyDone).count() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the job did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The default is each entry's newest, and a good one exits 0.
     let (code, out) = ctl_verify(&server.socket, &["--wait"]);
     assert_eq!(code, Some(0), "{out}");

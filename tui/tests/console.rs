@@ -179,6 +179,13 @@ fn each_confirmation_names_its_target_and_consequence() {
     let Some(Overlay::Confirm(c)) = app.overlay.clone() else { panic!("defer confirmation") };
     assert!(matches!(c.action, Action::Defer { seconds: 7200, .. }), "{c:?}");
     key(&mut app, KeyCode::Char('n'));
+    // Verify an archive from the archives view.
+    key(&mut app, KeyCode::Char('4'));
+    key(&mut app, KeyCode::Char('v'));
+    let Some(Overlay::Confirm(c)) = app.overlay.clone() else { panic!("verify confirmation") };
+    assert!(matches!(&c.action, Action::Verify { archive, .. } if archive.ends_with(".tar.gz")), "{c:?}");
+    snap("confirm_verify", &app);
+    key(&mut app, KeyCode::Esc);
     key(&mut app, KeyCode::Char('R'));
     snap("confirm_reload", &app);
     assert_eq!(key(&mut app, KeyCode::Char('y')), Some(Cmd::Act(Action::Reload)));

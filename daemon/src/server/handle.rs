@@ -279,12 +279,18 @@ impl ServerHandle {
             return Err(HandleError::Conflict("a verification is already running".into()));
         }
         let filter = ArchiveFilter { storage: q.storage, agent: q.agent, backup: q.backup };
-        let newest = !q.all;
-        let n = super::verify::count(&server, &filter, newest);
+        let only = q.archive;
+        // Naming one archive looks through all of them.
+        let newest = !q.all && only.is_none();
+        let n = super::verify::count(&server, &filter, newest, only.as_deref());
+        if n == 0 {
+            server.verifying.store(false, Ordering::Release);
+            return Err(HandleError::NotFound("no archive matches".into()));
+        }
         let s = server.clone();
         server.tracker.spawn_blocking(move || {
-            super::verify::run_job(&s, &filter, newest);
-            s.verifying.store(false, Ordering::Release);
+            let counts = super::verify::run_job(&s, &filter, newest, only.as_deref());
+            super::verify::finish(&s, counts);
         });
         Ok(format!("verifying {n} archive(s); results in the event log (verified, archive_corrupt, verify_done)"))
     }

@@ -151,11 +151,12 @@ pub fn quarantine(path: &Path) -> io::Result<PathBuf> {
 }
 
 /// Verifies what `filter` selects (only each entry's newest with `newest`), one
-/// archive after the other, recording each result. Blocking.
-pub fn run_job(server: &Arc<Server>, filter: &ArchiveFilter, newest: bool) -> (u64, u64, u64) {
+/// archive after the other, recording each result. Blocking; the caller holds the
+/// one-job slot and ends with [`finish`].
+pub fn run_job(server: &Arc<Server>, filter: &ArchiveFilter, newest: bool, only: Option<&str>) -> (u64, u64, u64) {
     let (mut good, mut corrupt, mut failed) = (0, 0, 0);
     let events = &server.telemetry.events;
-    for (area, files) in selected(server, filter, newest) {
+    for (area, files) in selected(server, filter, newest, only) {
         for f in files {
             let agent = f.agent.clone();
             let backup = f.backup.clone();
@@ -195,9 +196,15 @@ pub fn run_job(server: &Arc<Server>, filter: &ArchiveFilter, newest: bool) -> (u
             }
         }
     }
-    let message = format!("{good} verified, {corrupt} corrupt, {failed} not verified");
-    events.record(EventKind::VerifyDone, EventSpec::default(), message);
     (good, corrupt, failed)
+}
+
+/// Ends a job: frees the one-job slot first, then says so, so whoever saw
+/// `verify_done` may start the next one at once.
+pub fn finish(server: &Server, (good, corrupt, failed): (u64, u64, u64)) {
+    server.verifying.store(false, std::sync::atomic::Ordering::Release);
+    let message = format!("{good} verified, {corrupt} corrupt, {failed} not verified");
+    server.telemetry.events.record(EventKind::VerifyDone, EventSpec::default(), message);
 }
 
 struct Selected {
@@ -210,6 +217,7 @@ fn selected(
     server: &Server,
     q: &ArchiveFilter,
     newest: bool,
+    only: Option<&str>,
 ) -> Vec<(Arc<super::storage::StorageArea>, Vec<Selected>)> {
     let mut out = Vec::new();
     for area in server.live().storages.values() {
@@ -224,6 +232,9 @@ fn selected(
                 continue;
             }
             let mut list = area.list(&agent, &backup).unwrap_or_default();
+            if let Some(name) = only {
+                list.retain(|f| f.name == name);
+            }
             if newest {
                 list = list.pop().into_iter().collect();
             }
@@ -270,10 +281,7 @@ pub async fn scheduled(server: Arc<Server>, shutdown: tokio_util::sync::Cancella
             }
             let s = server.clone();
             let filter = ArchiveFilter { storage: Some(name.to_string()), ..Default::default() };
-            let job = tokio::task::spawn_blocking(move || {
-                run_job(&s, &filter, false);
-                s.verifying.store(false, std::sync::atomic::Ordering::Release);
-            });
+            let job = tokio::task::spawn_blocking(move || finish(&s, run_job(&s, &filter, false, None)));
             let _ = job.await;
         }
         last = now;
@@ -281,8 +289,8 @@ pub async fn scheduled(server: Arc<Server>, shutdown: tokio_util::sync::Cancella
 }
 
 /// How many archives `filter` selects, for the answer that starts a job.
-pub fn count(server: &Server, filter: &ArchiveFilter, newest: bool) -> usize {
-    selected(server, filter, newest).iter().map(|(_, f)| f.len()).sum()
+pub fn count(server: &Server, filter: &ArchiveFilter, newest: bool, only: Option<&str>) -> usize {
+    selected(server, filter, newest, only).iter().map(|(_, f)| f.len()).sum()
 }
 
 #[cfg(test)]

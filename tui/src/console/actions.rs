@@ -16,6 +16,7 @@ pub enum Action {
     Run(EntryTarget),
     Defer { target: EntryTarget, seconds: u64 },
     Reload,
+    Verify { storage: String, agent: String, backup: String, archive: String },
 }
 
 impl Action {
@@ -28,6 +29,7 @@ impl Action {
             Action::Run(t) => format!("run {} now", target_name(t)),
             Action::Defer { target, seconds } => format!("defer {} by {}", target_name(target), fmt::span(*seconds)),
             Action::Reload => "reload".into(),
+            Action::Verify { archive, .. } => format!("verify {archive}"),
         }
     }
 }
@@ -138,6 +140,27 @@ pub fn reload(daemon: &str) -> Confirm {
         lines: vec![
             "Re-reads the configuration file; an invalid one is rejected and the running one kept.".into(),
             "Running backups finish with what they started with.".into(),
+        ],
+    }
+}
+
+pub fn verify(a: &nbackup_protocol::admin::ArchiveInfo) -> Confirm {
+    Confirm {
+        action: Action::Verify {
+            storage: a.storage.clone(),
+            agent: a.agent.clone(),
+            backup: a.backup.clone(),
+            archive: a.name.clone(),
+        },
+        title: format!("Verify {}?", a.name),
+        lines: vec![
+            format!(
+                "Re-reads {} on the server (at the storage's verify_rate) against its manifest: size, SHA-256, \
+                 every tar member.",
+                fmt::bytes(a.size)
+            ),
+            "A corrupt archive is quarantined as .corrupt: out of listing and rotation, never deleted.".into(),
+            "The result comes as an event (verified / archive_corrupt).".into(),
         ],
     }
 }

@@ -493,6 +493,17 @@ fn command(app: &mut App, cmd: Command, scope: Scope) -> Option<Cmd> {
         Command::Abort => start_abort(app),
         Command::RunNow => start_run(app),
         Command::Defer => start_defer(app),
+        Command::Verify => {
+            if app.tab != Tab::Archives {
+                app.notice = Some("verify works on the archives view".into());
+                return None;
+            }
+            let order = app.table(Tab::Archives).order;
+            match rows::archives(&app.data, order).get(app.selected(Tab::Archives)) {
+                Some(a) => app.overlay = Some(Overlay::Confirm(actions::verify(a))),
+                None => app.notice = Some("no archive selected".into()),
+            }
+        }
         Command::Reload => {
             let word = app.daemon_word();
             app.overlay = Some(Overlay::Confirm(actions::reload(word)));

@@ -34,6 +34,7 @@ pub enum Command {
     RunNow,
     Defer,
     Reload,
+    Verify,
 }
 
 /// Where a binding applies.
@@ -148,6 +149,7 @@ pub const BINDINGS: &[Binding] = &[
     Binding { keys: &[K::Char('a')], command: C::Abort, scope: S::Action, help: "abort session or run" },
     Binding { keys: &[K::Char('n')], command: C::RunNow, scope: S::Action, help: "run the entry now" },
     Binding { keys: &[K::Char('d')], command: C::Defer, scope: S::Action, help: "defer the entry" },
+    Binding { keys: &[K::Char('v')], command: C::Verify, scope: S::Action, help: "verify the archive" },
     Binding { keys: &[K::Char('R')], command: C::Reload, scope: S::Action, help: "reload the config" },
 ];
 
@@ -170,6 +172,7 @@ pub const PALETTE: &[(&str, &[&str], Command)] = &[
     ("run", &["now", "start"], C::RunNow),
     ("defer", &["postpone", "snooze"], C::Defer),
     ("reload", &["hup"], C::Reload),
+    ("verify", &["check"], C::Verify),
 ];
 
 /// The binding for a key, if any.

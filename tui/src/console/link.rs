@@ -141,5 +141,15 @@ async fn act(
         Action::Run(target) => c.run_entry(&target).await,
         Action::Defer { target, seconds } => c.defer_entry(&target, seconds).await,
         Action::Reload => c.reload().await,
+        Action::Verify { storage, agent, backup, archive } => {
+            let request = nbackup_protocol::admin::VerifyRequest {
+                storage: Some(storage),
+                agent: Some(agent),
+                backup: Some(backup),
+                all: false,
+                archive: Some(archive),
+            };
+            c.verify(&request).await
+        }
     }
 }

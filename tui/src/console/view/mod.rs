@@ -107,6 +107,7 @@ fn footer(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
                 Tab::Sessions if app.detail.is_some() => hints.extend(["r:rotate", "a:abort", "Esc:back"]),
                 Tab::Sessions => hints.extend(["Enter:open", "a:abort"]),
                 Tab::Agents => hints.extend(["n:run", "d:defer", "a:abort"]),
+                Tab::Archives => hints.push("v:verify"),
                 _ => {}
             }
         }
