@@ -94,6 +94,9 @@ _nbackup() {
             nbackup__subcmd__ctl,metrics)
                 cmd="nbackup__subcmd__ctl__subcmd__metrics"
                 ;;
+            nbackup__subcmd__ctl,notify-test)
+                cmd="nbackup__subcmd__ctl__subcmd__notify__subcmd__test"
+                ;;
             nbackup__subcmd__ctl,reload)
                 cmd="nbackup__subcmd__ctl__subcmd__reload"
                 ;;
@@ -138,6 +141,9 @@ _nbackup() {
                 ;;
             nbackup__subcmd__ctl__subcmd__help,metrics)
                 cmd="nbackup__subcmd__ctl__subcmd__help__subcmd__metrics"
+                ;;
+            nbackup__subcmd__ctl__subcmd__help,notify-test)
+                cmd="nbackup__subcmd__ctl__subcmd__help__subcmd__notify__subcmd__test"
                 ;;
             nbackup__subcmd__ctl__subcmd__help,reload)
                 cmd="nbackup__subcmd__ctl__subcmd__help__subcmd__reload"
@@ -219,6 +225,9 @@ _nbackup() {
                 ;;
             nbackup__subcmd__help__subcmd__ctl,metrics)
                 cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__metrics"
+                ;;
+            nbackup__subcmd__help__subcmd__ctl,notify-test)
+                cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__notify__subcmd__test"
                 ;;
             nbackup__subcmd__help__subcmd__ctl,reload)
                 cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__reload"
@@ -481,7 +490,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__ctl)
-            opts="-h --socket --json --help status sessions agents entries history events archives abort rotate run defer verify reload metrics help"
+            opts="-h --socket --json --help status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -635,7 +644,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__ctl__subcmd__help)
-            opts="status sessions agents entries history events archives abort rotate run defer verify reload metrics help"
+            opts="status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -774,6 +783,20 @@ _nbackup() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        nbackup__subcmd__ctl__subcmd__help__subcmd__notify__subcmd__test)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         nbackup__subcmd__ctl__subcmd__help__subcmd__reload)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -885,6 +908,24 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__ctl__subcmd__metrics)
+            opts="-h --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__ctl__subcmd__notify__subcmd__test)
             opts="-h --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1175,7 +1216,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help__subcmd__ctl)
-            opts="status sessions agents entries history events archives abort rotate run defer verify reload metrics"
+            opts="status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1287,6 +1328,20 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help__subcmd__ctl__subcmd__metrics)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__help__subcmd__ctl__subcmd__notify__subcmd__test)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -285,6 +285,8 @@ pub enum CtlCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Send a test message to one of the daemon's `notify:` targets
+    NotifyTest { target: String },
     /// Re-read the daemon's configuration
     Reload,
     /// Prometheus metrics (server)

@@ -137,6 +137,7 @@ fn describe(path: &str) -> (String, Option<String>, Option<String>, Option<Strin
         ["entries", e, verb] => (format!("{verb} {e}"), None, own(e), None),
         ["reload"] => ("reload the configuration".into(), None, None, None),
         ["verify"] => ("verify stored archives".into(), None, None, None),
+        ["notify", target, "test"] => (format!("test notification to {target}"), None, None, None),
         _ => (path.to_string(), None, None, None),
     }
 }

@@ -11,6 +11,7 @@ pub mod conn;
 pub mod daemon;
 pub mod fault;
 pub mod fsutil;
+pub mod notify;
 pub mod pki;
 pub mod restore;
 pub mod server;

@@ -11,6 +11,7 @@
 
 mod agent;
 mod error;
+mod notify;
 mod server;
 mod units;
 
@@ -21,6 +22,7 @@ pub use agent::{
     RawBackup, RawResume, RawRetry, RawSource, Resume, Retry, ScaleMode, ServerEndpoint,
 };
 pub use error::{ConfigError, ConfigErrorDetails};
+pub use notify::{Notify, NotifyOn, NotifyTarget, RawNotify, RawWebhook, WebhookFormat, WebhookUrl, redact};
 pub use server::{DEFAULT_STATE_DIR, RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};
 pub use units::{ByteSize, HumanDuration};
 

@@ -139,6 +139,7 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
             act(c.defer_entry(&entry_target(kind, &entry)?, seconds).await, json)?;
         }
         CtlCommand::Reload => act(c.reload().await, json)?,
+        CtlCommand::NotifyTest { target } => act(c.notify_test(&target).await, json)?,
         CtlCommand::Verify { target, storage, all, wait } => {
             need(kind, Server, "verify")?;
             let (agent, backup) = match target.as_deref().map(|t| t.split_once('/')) {

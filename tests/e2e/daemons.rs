@@ -58,6 +58,12 @@ impl ServerDaemon {
         extra: &str,
     ) -> ServerDaemon {
         let yaml = server_yaml(root, pki, addr, storages, extra);
+        Self::start_yaml(root, listener, addr, &yaml).await
+    }
+
+    /// With a whole server YAML.
+    async fn start_yaml(root: &Path, listener: tokio::net::TcpListener, addr: SocketAddr, yaml: &str) -> ServerDaemon {
+        let yaml = yaml.to_string();
         let path = root.join("server.yaml");
         fs::write(&path, &yaml).expect("server.yaml");
         let config = ServerConfig::parse(&yaml, &path).expect("config");
@@ -1187,5 +1193,150 @@ async fn verify_quarantines_a_flipped_byte_and_rotation_keeps_the_good_archives(
     let (code, out) = ctl_verify(&server.socket, &["--wait"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("1 verified, 0 corrupt"), "{out}");
+    server.stop().await;
+}
+
+/// A local webhook receiver: answers `500` to the first `fail_first` requests and
+/// `200` after, and hands each request (path, headers, body) over.
+async fn webhook_sink(
+    fail_first: usize,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(String, String, String)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut served = 0usize;
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let (head, body) = loop {
+                let n = sock.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), String::new());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    break (head, String::from_utf8_lossy(&buf[end + 4..]).into_owned());
+                }
+            };
+            served += 1;
+            let status = if served <= fail_first { "500 Internal Server Error" } else { "200 OK" };
+            let _ = sock
+                .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes())
+                .await;
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+            let _ = tx.send((path, head, body));
+        }
+    });
+    (addr, rx)
+}
+
+async fn next_body(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String, String)>,
+) -> (String, serde_json::Value) {
+    let (path, _, body) =
+        tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("a webhook call").expect("open");
+    (path, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_and_recoveries_reach_webhooks_and_commands_with_retries() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 191);
+    let (sink, mut calls) = webhook_sink(1).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let envs = tmp.path().join("envs");
+    fs::create_dir_all(&envs).expect("mkdir");
+    // The URL holds the "token" in a file, as a Slack one would.
+    fs::write(tmp.path().join("hook.url"), format!("http://{sink}/hook/SECRET-TOKEN\n")).expect("url file");
+    let notify = format!(
+        "notify:\n  - name: hook\n    webhook:\n      url_file: hook.url\n    on: [failure, recovery]\n\
+         \x20 - name: page\n    command: [/bin/sh, -c, 'env | grep ^NBACKUP_ | sort > {}/$NBACKUP_EVENT']\n",
+        envs.display()
+    );
+    let yaml = server_yaml(tmp.path(), &pki, addr, &[gzip("main")], "") + &notify;
+    let server = ServerDaemon::start_yaml(tmp.path(), listener, addr, &yaml).await;
+    let known = (Utc::now() - chrono::Duration::days(3)).to_rfc3339();
+    fs::create_dir_all(tmp.path().join("agent-state")).expect("mkdir");
+    fs::write(
+        tmp.path().join("agent-state/agent-state.json"),
+        format!(r#"{{"entries":{{"nightly":{{"last":null,"last_fire":null,"known_since":"{known}"}}}}}}"#),
+    )
+    .expect("state");
+    let backups = entry_yaml("nightly", &src, "    schedule: \"0 3 * * *\"\n    timezone: UTC\n");
+    let agent_yaml = agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, "");
+    let agent = AgentDaemon::start(tmp.path(), &agent_yaml, Arc::new(SystemClock)).await;
+
+    // The missed backup: the first call is refused (500) and retried.
+    let (path, first) = next_body(&mut calls).await;
+    let (_, again) = next_body(&mut calls).await;
+    assert_eq!(path, "/hook/SECRET-TOKEN");
+    assert_eq!(first, again, "the same message, retried after a 500");
+    assert_eq!(first["class"], "failure");
+    assert_eq!(first["event"]["kind"], "missed_backup");
+    assert_eq!(first["event"]["agent"], "web-01");
+    assert!(
+        first["summary"].as_str().is_some_and(|s| s.starts_with("FAILURE web-01/nightly missed_backup")),
+        "{first}"
+    );
+    let env_file = envs.join("missed_backup");
+    let start = Instant::now();
+    while !env_file.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the command hook never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let env = fs::read_to_string(&env_file).expect("env");
+    for want in [
+        "NBACKUP_CLASS=failure",
+        "NBACKUP_EVENT=missed_backup",
+        "NBACKUP_AGENT=web-01",
+        "NBACKUP_ENTRY=nightly",
+        "NBACKUP_DAEMON=server",
+    ] {
+        assert!(env.lines().any(|l| l == want), "{want} missing from {env}");
+    }
+
+    // A commit is the recovery, told once; successes were not asked for.
+    agent.client.post::<ActionResult, ()>("/v1/entries/nightly/run", None).await.expect("run");
+    let (_, recovered) = next_body(&mut calls).await;
+    assert_eq!(
+        (recovered["class"].as_str(), recovered["event"]["kind"].as_str()),
+        (Some("recovery"), Some("committed"))
+    );
+    wait_event(&server.client, EventKind::BackupRecovered, "web-01").await;
+
+    // A test message on demand, and a clear refusal for an unknown target.
+    let answer = server.client.notify_test("hook").await.expect("notify-test");
+    assert!(answer.message.contains("sent to hook"), "{}", answer.message);
+    let (_, test) = next_body(&mut calls).await;
+    assert!(test["summary"].as_str().is_some_and(|s| s.starts_with("TEST")), "{test}");
+    let unknown = server.client.notify_test("nope").await.expect_err("unknown");
+    assert!(matches!(unknown, ClientError::Api { status: 404, .. }), "{unknown:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(2500), calls.recv()).await.is_err(),
+        "nothing else was sent (no duplicate recovery, no success)"
+    );
+    // The secret part of the URL is in no event.
+    assert!(!events(&server.client).await.iter().any(|e| e.message.contains("SECRET-TOKEN")));
+    agent.stop().await;
     server.stop().await;
 }

@@ -308,6 +308,11 @@ impl AdminClient {
         self.post(paths::VERIFY, Some(request)).await
     }
 
+    /// Sends a test message to one `notify:` target.
+    pub async fn notify_test(&self, target: &str) -> Result<ActionResult, ClientError> {
+        self.post::<_, ()>(&format!("/v1/notify/{}/test", paths::q(target)), None).await
+    }
+
     pub async fn reload(&self) -> Result<ActionResult, ClientError> {
         self.post::<_, ()>(paths::RELOAD, None).await
     }

@@ -30,6 +30,7 @@ pub(super) fn router(d: Arc<Agentd>) -> Router {
         .route("/v1/series", get(series))
         .route("/v1/watch", get(watch))
         .route("/v1/reload", post(reload))
+        .route("/v1/notify/{name}/test", post(notify_test))
         .with_state(d)
 }
 
@@ -100,6 +101,10 @@ async fn events(State(d): S, Query(q): Query<EventsQuery>) -> Json<Vec<Event>> {
 
 async fn series(State(d): S) -> Json<Vec<Series>> {
     Json(d.series())
+}
+
+async fn notify_test(State(d): S, Path(name): Path<String>) -> Response {
+    crate::notify::test_answer(&d.notifier, &name).await
 }
 
 async fn reload(State(d): S) -> Result<Json<ActionResult>, Response> {

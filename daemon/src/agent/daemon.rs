@@ -106,6 +106,8 @@ pub enum DaemonError {
     State { path: PathBuf, source: std::io::Error },
     #[error("admin socket {path}: {source}")]
     Admin { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Notify(String),
 }
 
 /// A backup in progress.
@@ -173,6 +175,8 @@ pub(super) struct Agentd {
     /// Signalled when runs start or end or the configuration changes, so the control
     /// channel reports at once rather than on its next tick.
     pub(super) report_now: Notify,
+    /// Who is told about failures; replaced on reload.
+    pub(super) notifier: Arc<crate::notify::Notifier>,
 }
 
 use crate::lock;
@@ -245,6 +249,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, options: Opti
         );
     }
     let admin = options.admin.then(|| (config.admin.socket.clone(), config.admin.group.clone()));
+    let targets = crate::notify::resolve(&config.notify).map_err(DaemonError::Notify)?;
     let d = Arc::new(Agentd {
         config: RwLock::new(Arc::new(config)),
         connector: RwLock::new(Arc::new(connector)),
@@ -260,8 +265,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, options: Opti
         runs: TaskTracker::new(),
         schedule_changed: Notify::new(),
         report_now: Notify::new(),
+        notifier: crate::notify::Notifier::new(targets, DaemonKind::Agent),
     });
     let background = TaskTracker::new();
+    crate::notify::spawn(d.notifier.clone(), d.events.subscribe(), &background, shutdown.clone());
     if let Some((socket, group)) = admin {
         let router = super::admin::router(d.clone());
         let events = d.clone();
@@ -520,6 +527,7 @@ impl crate::daemon::Reloadable for Agentd {
             let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let config = AgentConfig::parse(&text, path).map_err(|e| e.to_string())?;
             let connector = Connector::new(&config).map_err(|e| e.to_string())?;
+            self.notifier.replace(crate::notify::resolve(&config.notify)?);
             {
                 let mut entries = lock(&self.entries);
                 for e in &config.backups {

@@ -37,6 +37,7 @@ pub(super) fn router(handle: ServerHandle) -> Router {
         .route("/v1/watch", get(watch))
         .route("/v1/reload", post(reload))
         .route("/v1/verify", post(verify))
+        .route("/v1/notify/{name}/test", post(notify_test))
         .route("/metrics", get(metrics))
         .with_state(handle)
 }
@@ -170,6 +171,10 @@ async fn watch(State(h): S) -> Response {
 async fn verify(State(h): S, body: Option<Json<VerifyRequest>>) -> Result<(StatusCode, Json<ActionResult>), Refused> {
     let message = h.verify(body.map(|Json(b)| b).unwrap_or_default())?;
     Ok((StatusCode::ACCEPTED, Json(ActionResult { ok: true, message })))
+}
+
+async fn notify_test(State(h): S, Path(name): Path<String>) -> Response {
+    crate::notify::test_answer(&h.notifier(), &name).await
 }
 
 async fn reload(State(h): S) -> Result<Json<ActionResult>, Response> {

@@ -295,6 +295,10 @@ impl ServerHandle {
         Ok(format!("verifying {n} archive(s); results in the event log (verified, archive_corrupt, verify_done)"))
     }
 
+    pub fn notifier(&self) -> Arc<crate::notify::Notifier> {
+        self.0.notifier.clone()
+    }
+
     /// Prometheus text exposition format.
     pub fn metrics(&self) -> String {
         let s = &self.0;

@@ -69,6 +69,8 @@ pub enum ServerError {
     State { path: PathBuf, source: std::io::Error },
     #[error("admin socket {path}: {source}")]
     Admin { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Notify(String),
 }
 
 /// How long shutdown waits for connections and commits to finish.
@@ -117,6 +119,8 @@ pub(crate) struct Server {
     pub handshakes: Arc<Semaphore>,
     /// A verification job is running (one at a time).
     pub verifying: std::sync::atomic::AtomicBool,
+    /// Who is told about failures; replaced on reload.
+    pub notifier: Arc<crate::notify::Notifier>,
 }
 
 impl Server {
@@ -171,6 +175,7 @@ pub async fn run_with(
     }
     let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
     let storages = prepare_storages(&config, None)?;
+    let notify_targets = crate::notify::resolve(&config.notify).map_err(ServerError::Notify)?;
     let state_dir = options.persist_state.then(|| config.state_dir.clone());
     let state_err = |source| ServerError::State { path: config.state_dir.clone(), source };
     let events = Events::open(state_dir.as_deref(), "server-events.jsonl").map_err(state_err)?;
@@ -193,7 +198,14 @@ pub async fn run_with(
         drain: CancellationToken::new(),
         handshakes,
         verifying: std::sync::atomic::AtomicBool::new(false),
+        notifier: crate::notify::Notifier::new(notify_targets, nbackup_protocol::admin::DaemonKind::Server),
     });
+    crate::notify::spawn(
+        server.notifier.clone(),
+        server.telemetry.events.subscribe(),
+        &server.tracker,
+        shutdown.clone(),
+    );
     // What `.incoming` holds is registered now (cheap: journals only) and re-checked
     // after readiness, however large: a start never waits on it.
     let pending = recovery::scan(&server);
@@ -260,6 +272,8 @@ impl Reloadable for Server {
             let acceptor = TlsAcceptor::from(tls::server_config(&config.tls).map_err(|e| e.to_string())?);
             let current = self.live();
             let storages = prepare_storages(&config, Some(&current.storages)).map_err(|e| e.to_string())?;
+            let targets = crate::notify::resolve(&config.notify)?;
+            self.notifier.replace(targets);
             let mut note = String::new();
             if config.listen != current.config.listen {
                 note = format!("; server.listen changed to {} (takes effect after a restart)", config.listen);

@@ -30,6 +30,8 @@ pub struct RawAgentConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     #[serde(default)]
+    pub notify: Vec<super::RawNotify>,
+    #[serde(default)]
     pub daemon: RawDaemon,
 }
 
@@ -233,6 +235,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub admin: Admin,
     pub control_channel: ControlChannel,
+    /// Who is told about failures.
+    pub notify: Vec<super::Notify>,
 }
 
 /// Where the server is and which name its certificate must carry.
@@ -548,6 +552,7 @@ impl AgentConfig {
                 .state_dir
                 .map_or_else(|| PathBuf::from(super::server::DEFAULT_STATE_DIR), |p| resolve(&base, p)),
             admin: Admin::from_raw(raw.admin, &base).map_err(|e| src.error(Some("admin.group"), e, None))?,
+            notify: super::Notify::from_raw(raw.notify, src, &base)?,
             control_channel: control_channel(&raw.daemon.control_channel, src)?,
         })
     }

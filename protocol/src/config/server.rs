@@ -23,6 +23,8 @@ pub struct RawServerConfig {
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub notify: Vec<super::RawNotify>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -94,6 +96,8 @@ pub struct ServerConfig {
     /// Where history and events are kept.
     pub state_dir: PathBuf,
     pub admin: Admin,
+    /// Who is told about failures.
+    pub notify: Vec<super::Notify>,
 }
 
 /// Default directory for daemon state.
@@ -303,6 +307,7 @@ impl ServerConfig {
             logging: Logging::from_raw(raw.logging, &base),
             state_dir: raw.state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| resolve(&base, p)),
             admin: Admin::from_raw(raw.admin, &base).map_err(|e| src.error(Some("admin.group"), e, None))?,
+            notify: super::Notify::from_raw(raw.notify, src, &base)?,
         })
     }
 }
