@@ -151,8 +151,9 @@ async fn the_console_follows_a_backup_aborts_a_session_and_survives_a_server_res
     let agent_sock = tmp.path().join("agent.sock");
     let _agent = AgentChild::start(&agent_cfg, &agent_sock);
     let tmux = Tmux::start("main", &console_command(&server_sock));
-    let s = tmux.wait_for("● live");
-    assert!(s.contains("1 Overview") && s.contains("Storages"), "{s}");
+    // Connected first, then the first snapshot draws the storages.
+    let s = tmux.wait_until("live with storages", |s| s.contains("● live") && s.contains("Storages"));
+    assert!(s.contains("1 Overview"), "{s}");
     tmux.wait_for("web-01");
 
     // A backup appears, progresses and commits.
