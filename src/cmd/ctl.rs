@@ -200,7 +200,7 @@ fn print_agents(v: &[AgentInfo]) {
             .map(|a| {
                 vec![
                     a.name.clone(),
-                    yes(a.connected),
+                    if a.silent { "no (silent)".into() } else { yes(a.connected) },
                     a.address.clone(),
                     a.version.clone(),
                     ms(a.rtt_ms),
