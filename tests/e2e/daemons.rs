@@ -1031,6 +1031,19 @@ async fn the_admin_api_answers_at_once_while_a_storage_is_frozen_in_a_commit() {
     server.stop().await;
 }
 
+/// An agent state under `root` in which the entry `nightly` (03:00 UTC) has been
+/// known for three days and never succeeded; returns its `backups:` YAML.
+fn nightly_known_for_three_days(root: &Path, src: &Path) -> String {
+    let known = (Utc::now() - chrono::Duration::days(3)).to_rfc3339();
+    fs::create_dir_all(root.join("agent-state")).expect("mkdir");
+    fs::write(
+        root.join("agent-state/agent-state.json"),
+        format!(r#"{{"entries":{{"nightly":{{"last":null,"last_fire":null,"known_since":"{known}"}}}}}}"#),
+    )
+    .expect("state");
+    entry_yaml("nightly", src, "    schedule: \"0 3 * * *\"\n    timezone: UTC\n")
+}
+
 /// Waits until the server's event log has an event of `kind` about `agent`.
 async fn wait_event(client: &AdminClient, kind: EventKind, agent: &str) -> Event {
     let start = Instant::now();
@@ -1054,14 +1067,7 @@ async fn the_server_raises_missed_backups_and_silent_agents_and_remembers_them_a
     let silent = "  agent_silent_after: 1s\n";
     let server = ServerDaemon::start_with(tmp.path(), &pki, &[gzip("main")], listener, addr, silent).await;
     // An entry the agent has known for three days, scheduled nightly, never done.
-    let known = (Utc::now() - chrono::Duration::days(3)).to_rfc3339();
-    fs::create_dir_all(tmp.path().join("agent-state")).expect("mkdir");
-    fs::write(
-        tmp.path().join("agent-state/agent-state.json"),
-        format!(r#"{{"entries":{{"nightly":{{"last":null,"last_fire":null,"known_since":"{known}"}}}}}}"#),
-    )
-    .expect("state");
-    let backups = entry_yaml("nightly", &src, "    schedule: \"0 3 * * *\"\n    timezone: UTC\n");
+    let backups = nightly_known_for_three_days(tmp.path(), &src);
     let yaml = agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, "");
     let agent = AgentDaemon::start(tmp.path(), &yaml, Arc::new(SystemClock)).await;
 
@@ -1275,14 +1281,7 @@ async fn failures_and_recoveries_reach_webhooks_and_commands_with_retries() {
     );
     let yaml = server_yaml(tmp.path(), &pki, addr, &[gzip("main")], "") + &notify;
     let server = ServerDaemon::start_yaml(tmp.path(), listener, addr, &yaml).await;
-    let known = (Utc::now() - chrono::Duration::days(3)).to_rfc3339();
-    fs::create_dir_all(tmp.path().join("agent-state")).expect("mkdir");
-    fs::write(
-        tmp.path().join("agent-state/agent-state.json"),
-        format!(r#"{{"entries":{{"nightly":{{"last":null,"last_fire":null,"known_since":"{known}"}}}}}}"#),
-    )
-    .expect("state");
-    let backups = entry_yaml("nightly", &src, "    schedule: \"0 3 * * *\"\n    timezone: UTC\n");
+    let backups = nightly_known_for_three_days(tmp.path(), &src);
     let agent_yaml = agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, "");
     let agent = AgentDaemon::start(tmp.path(), &agent_yaml, Arc::new(SystemClock)).await;
 
