@@ -25,11 +25,15 @@ use nbackup_protocol::wire::Compression;
 
 /// A decompressing reader over an archive file.
 pub fn open_archive(path: &Path, compression: Compression) -> io::Result<Box<dyn Read>> {
-    let file = BufReader::with_capacity(1 << 20, File::open(path)?);
+    decompress(BufReader::with_capacity(1 << 20, File::open(path)?), compression)
+}
+
+/// A decompressing reader over buffered compressed bytes.
+pub fn decompress<'r, R: io::BufRead + 'r>(input: R, compression: Compression) -> io::Result<Box<dyn Read + 'r>> {
     Ok(match compression {
         // Multi-member aware: concatenated gzip streams are valid gzip.
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file)?),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(input)?),
     })
 }
 
@@ -47,14 +51,18 @@ pub fn verify_against_manifest(archive: &Path, manifest: &Manifest) -> io::Resul
         sha.update(&buf[..n]);
         size += n as u64;
     }
-    let digest = hex(&sha.finalize());
-    Ok(if size != manifest.size {
+    Ok(matches_manifest(size, &hex(&sha.finalize()), manifest))
+}
+
+/// Whether a size and a hex SHA-256 are the manifest's.
+pub fn matches_manifest(size: u64, sha256: &str, manifest: &Manifest) -> Result<(), String> {
+    if size != manifest.size {
         Err(format!("size {size} differs from manifest {}", manifest.size))
-    } else if digest != manifest.sha256 {
-        Err(format!("sha256 {digest} differs from manifest {}", manifest.sha256))
+    } else if sha256 != manifest.sha256 {
+        Err(format!("sha256 {sha256} differs from manifest {}", manifest.sha256))
     } else {
         Ok(())
-    })
+    }
 }
 
 /// Whether this process may restore ownership (and create device nodes).

@@ -168,8 +168,9 @@ async fn watch(State(h): S) -> Response {
     crate::daemon::watch_stream(move || h.snapshot(), events)
 }
 
-async fn verify(State(h): S, body: Option<Json<VerifyRequest>>) -> Result<(StatusCode, Json<ActionResult>), Refused> {
-    let message = h.verify(body.map(|Json(b)| b).unwrap_or_default())?;
+async fn verify(State(h): S, body: Option<Json<VerifyRequest>>) -> Result<(StatusCode, Json<ActionResult>), Response> {
+    let request = body.map(|Json(b)| b).unwrap_or_default();
+    let message = blocking(move || h.verify(request)).await?.map_err(|e| Refused(e).into_response())?;
     Ok((StatusCode::ACCEPTED, Json(ActionResult { ok: true, message })))
 }
 

@@ -18,6 +18,7 @@ use nbackup_protocol::{Name, SessionId};
 use super::Server;
 use super::control;
 use super::registry::{NotEnded, Outcome, SessionView};
+use super::storage::{ArchiveFile, StorageArea};
 use crate::daemon::Reloadable;
 
 /// Why a command was not carried out.
@@ -39,6 +40,36 @@ pub struct ArchiveFilter {
     pub storage: Option<String>,
     pub agent: Option<String>,
     pub backup: Option<String>,
+}
+
+/// One entry's archives in commit order, as a filter selected them.
+pub struct EntryArchives {
+    pub area: Arc<StorageArea>,
+    pub agent: Name,
+    pub backup: Name,
+    pub files: Vec<ArchiveFile>,
+}
+
+impl ArchiveFilter {
+    /// Every matching entry of every matching storage, with its archives. Blocking.
+    pub(crate) fn select(&self, server: &Server) -> Vec<EntryArchives> {
+        let mut out = Vec::new();
+        for area in server.live().storages.values() {
+            if self.storage.as_deref().is_some_and(|s| s != area.cfg.name.as_str()) {
+                continue;
+            }
+            for (agent, backup) in area.entries().unwrap_or_default() {
+                if self.agent.as_deref().is_some_and(|a| a != agent.as_str())
+                    || self.backup.as_deref().is_some_and(|b| b != backup.as_str())
+                {
+                    continue;
+                }
+                let files = area.list(&agent, &backup).unwrap_or_default();
+                out.push(EntryArchives { area: area.clone(), agent, backup, files });
+            }
+        }
+        out
+    }
 }
 
 #[derive(Clone)]
@@ -234,29 +265,19 @@ impl ServerHandle {
     /// Archives in commit order, read from the storages. Blocking.
     pub fn archives(&self, q: &ArchiveFilter) -> Vec<ArchiveInfo> {
         let mut out = Vec::new();
-        for area in self.0.live().storages.values() {
-            if q.storage.as_deref().is_some_and(|s| s != area.cfg.name.as_str()) {
-                continue;
-            }
-            for (agent, backup) in area.entries().unwrap_or_default() {
-                if q.agent.as_deref().is_some_and(|a| a != agent.as_str())
-                    || q.backup.as_deref().is_some_and(|b| b != backup.as_str())
-                {
-                    continue;
-                }
-                for f in area.list(&agent, &backup).unwrap_or_default() {
-                    out.push(ArchiveInfo {
-                        storage: area.cfg.name.to_string(),
-                        agent: agent.to_string(),
-                        backup: backup.to_string(),
-                        name: f.name,
-                        size: f.size,
-                        stamp: f.stamp,
-                        sha256: f.manifest.as_ref().map(|m| m.sha256.clone()),
-                        files: f.manifest.as_ref().map(|m| m.entries),
-                        manifest: f.manifest.is_some(),
-                    });
-                }
+        for e in q.select(&self.0) {
+            for f in e.files {
+                out.push(ArchiveInfo {
+                    storage: e.area.cfg.name.to_string(),
+                    agent: e.agent.to_string(),
+                    backup: e.backup.to_string(),
+                    name: f.name,
+                    size: f.size,
+                    stamp: f.stamp,
+                    sha256: f.manifest.as_ref().map(|m| m.sha256.clone()),
+                    files: f.manifest.as_ref().map(|m| m.entries),
+                    manifest: f.manifest.is_some(),
+                });
             }
         }
         out
@@ -271,28 +292,21 @@ impl ServerHandle {
         self.0.clone()
     }
 
-    /// Starts verifying what `q` selects on a blocking thread; the results go to
-    /// the event log. One job at a time.
+    /// Starts verifying what `q` selects; the results go to the event log. One job
+    /// at a time. Blocking (lists the storages).
     pub fn verify(&self, q: nbackup_protocol::admin::VerifyRequest) -> Result<String, HandleError> {
-        let server = self.0.clone();
-        if server.verifying.swap(true, Ordering::AcqRel) {
-            return Err(HandleError::Conflict("a verification is already running".into()));
-        }
         let filter = ArchiveFilter { storage: q.storage, agent: q.agent, backup: q.backup };
-        let only = q.archive;
         // Naming one archive looks through all of them.
-        let newest = !q.all && only.is_none();
-        let n = super::verify::count(&server, &filter, newest, only.as_deref());
-        if n == 0 {
-            server.verifying.store(false, Ordering::Release);
-            return Err(HandleError::NotFound("no archive matches".into()));
+        let newest = !q.all && q.archive.is_none();
+        match super::verify::start(&self.0, &filter, newest, q.archive.as_deref()) {
+            Ok((n, _job)) => Ok(format!(
+                "verifying {n} archive(s); results in the event log (verified, archive_corrupt, verify_done)"
+            )),
+            Err(super::verify::NotStarted::Busy) => {
+                Err(HandleError::Conflict("a verification is already running".into()))
+            }
+            Err(super::verify::NotStarted::NothingMatches) => Err(HandleError::NotFound("no archive matches".into())),
         }
-        let s = server.clone();
-        server.tracker.spawn_blocking(move || {
-            let counts = super::verify::run_job(&s, &filter, newest, only.as_deref());
-            super::verify::finish(&s, counts);
-        });
-        Ok(format!("verifying {n} archive(s); results in the event log (verified, archive_corrupt, verify_done)"))
     }
 
     pub fn notifier(&self) -> Arc<crate::notify::Notifier> {

@@ -23,8 +23,8 @@ use nbackup_protocol::wire::Compression;
 use sha2::{Digest, Sha256};
 
 use super::Server;
-use super::handle::ArchiveFilter;
-use super::storage::{ArchiveFile, sidecar_path};
+use super::handle::{ArchiveFilter, EntryArchives};
+use super::storage::sidecar_path;
 use crate::state::EventSpec;
 
 /// What a check found.
@@ -105,10 +105,8 @@ pub fn check(
     }
     tail?;
     let digest = hex(&hashing.sha.finalize());
-    Ok(if hashing.bytes != manifest.size {
-        Verdict::Corrupt(format!("{} bytes on disk, the manifest says {}", hashing.bytes, manifest.size))
-    } else if digest != manifest.sha256 {
-        Verdict::Corrupt(format!("sha256 {digest} differs from the manifest's {}", manifest.sha256))
+    Ok(if let Err(why) = crate::restore::matches_manifest(hashing.bytes, &digest, manifest) {
+        Verdict::Corrupt(why)
     } else if members != manifest.entries {
         Verdict::Corrupt(format!("{members} tar members, the manifest says {}", manifest.entries))
     } else {
@@ -117,10 +115,7 @@ pub fn check(
 }
 
 fn walk<R: Read>(input: &mut R, compression: Compression) -> io::Result<u64> {
-    let decoder: Box<dyn Read + '_> = match compression {
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(input)?),
-    };
+    let decoder = crate::restore::decompress(io::BufReader::new(input), compression)?;
     let mut archive = tar::Archive::new(decoder);
     let mut members = 0u64;
     for entry in archive.entries()? {
@@ -150,19 +145,55 @@ pub fn quarantine(path: &Path) -> io::Result<PathBuf> {
     Ok(target)
 }
 
-/// Verifies what `filter` selects (only each entry's newest with `newest`), one
-/// archive after the other, recording each result. Blocking; the caller holds the
-/// one-job slot and ends with [`finish`].
-pub fn run_job(server: &Arc<Server>, filter: &ArchiveFilter, newest: bool, only: Option<&str>) -> (u64, u64, u64) {
+/// Why a job did not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStarted {
+    /// Another job runs (one at a time).
+    Busy,
+    NothingMatches,
+}
+
+/// Claims the one-job slot, selects what `filter` names (each entry's newest with
+/// `newest`, only the one called `only`), and verifies it on a blocking thread.
+/// Returns how many archives it checks and the job. Blocking (lists the storages).
+pub fn start(
+    server: &Arc<Server>,
+    filter: &ArchiveFilter,
+    newest: bool,
+    only: Option<&str>,
+) -> Result<(usize, tokio::task::JoinHandle<()>), NotStarted> {
+    if server.verifying.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return Err(NotStarted::Busy);
+    }
+    let mut selected = filter.select(server);
+    for e in &mut selected {
+        if let Some(name) = only {
+            e.files.retain(|f| f.name == name);
+        }
+        if newest {
+            e.files = e.files.pop().into_iter().collect();
+        }
+    }
+    let n = selected.iter().map(|e| e.files.len()).sum();
+    if n == 0 {
+        server.verifying.store(false, std::sync::atomic::Ordering::Release);
+        return Err(NotStarted::NothingMatches);
+    }
+    let s = server.clone();
+    let job = server.tracker.spawn_blocking(move || finish(&s, run_job(&s, &selected)));
+    Ok((n, job))
+}
+
+/// Verifies the selected archives one after the other, recording each result.
+/// Blocking.
+fn run_job(server: &Server, selected: &[EntryArchives]) -> (u64, u64, u64) {
     let (mut good, mut corrupt, mut failed) = (0, 0, 0);
     let events = &server.telemetry.events;
-    for (area, files) in selected(server, filter, newest, only) {
-        for f in files {
-            let agent = f.agent.clone();
-            let backup = f.backup.clone();
-            let who = EventSpec { agent: Some(&agent), backup: Some(&backup), ..Default::default() };
-            let a = &f.file;
-            match check(&a.path, a.compression, a.manifest.as_ref(), area.cfg.verify_rate) {
+    for e in selected {
+        for a in &e.files {
+            let who =
+                EventSpec { agent: Some(e.agent.as_str()), backup: Some(e.backup.as_str()), ..Default::default() };
+            match check(&a.path, a.compression, a.manifest.as_ref(), e.area.cfg.verify_rate) {
                 Ok(Verdict::Good { members, bytes }) => {
                     good += 1;
                     events.record(
@@ -201,52 +232,10 @@ pub fn run_job(server: &Arc<Server>, filter: &ArchiveFilter, newest: bool, only:
 
 /// Ends a job: frees the one-job slot first, then says so, so whoever saw
 /// `verify_done` may start the next one at once.
-pub fn finish(server: &Server, (good, corrupt, failed): (u64, u64, u64)) {
+fn finish(server: &Server, (good, corrupt, failed): (u64, u64, u64)) {
     server.verifying.store(false, std::sync::atomic::Ordering::Release);
     let message = format!("{good} verified, {corrupt} corrupt, {failed} not verified");
     server.telemetry.events.record(EventKind::VerifyDone, EventSpec::default(), message);
-}
-
-struct Selected {
-    agent: String,
-    backup: String,
-    file: ArchiveFile,
-}
-
-fn selected(
-    server: &Server,
-    q: &ArchiveFilter,
-    newest: bool,
-    only: Option<&str>,
-) -> Vec<(Arc<super::storage::StorageArea>, Vec<Selected>)> {
-    let mut out = Vec::new();
-    for area in server.live().storages.values() {
-        if q.storage.as_deref().is_some_and(|s| s != area.cfg.name.as_str()) {
-            continue;
-        }
-        let mut files = Vec::new();
-        for (agent, backup) in area.entries().unwrap_or_default() {
-            if q.agent.as_deref().is_some_and(|a| a != agent.as_str())
-                || q.backup.as_deref().is_some_and(|b| b != backup.as_str())
-            {
-                continue;
-            }
-            let mut list = area.list(&agent, &backup).unwrap_or_default();
-            if let Some(name) = only {
-                list.retain(|f| f.name == name);
-            }
-            if newest {
-                list = list.pop().into_iter().collect();
-            }
-            files.extend(list.into_iter().map(|file| Selected {
-                agent: agent.to_string(),
-                backup: backup.to_string(),
-                file,
-            }));
-        }
-        out.push((area.clone(), files));
-    }
-    out
 }
 
 /// Storages whose `verify_schedule` fired in `(after, now]`. A clock stepping back
@@ -275,22 +264,18 @@ pub async fn scheduled(server: Arc<Server>, shutdown: tokio_util::sync::Cancella
         }
         let now = Local::now();
         for name in due(&server.live().storages, last, now) {
-            if server.verifying.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                tracing::warn!(storage = %name, "scheduled verification skipped: another one is running");
-                continue;
-            }
             let s = server.clone();
             let filter = ArchiveFilter { storage: Some(name.to_string()), ..Default::default() };
-            let job = tokio::task::spawn_blocking(move || finish(&s, run_job(&s, &filter, false, None)));
-            let _ = job.await;
+            match tokio::task::spawn_blocking(move || start(&s, &filter, false, None)).await {
+                Ok(Ok((_, job))) => drop(job.await),
+                Ok(Err(NotStarted::Busy)) => {
+                    tracing::warn!(storage = %name, "scheduled verification skipped: another one is running");
+                }
+                Ok(Err(NotStarted::NothingMatches)) | Err(_) => {}
+            }
         }
         last = now;
     }
-}
-
-/// How many archives `filter` selects, for the answer that starts a job.
-pub fn count(server: &Server, filter: &ArchiveFilter, newest: bool, only: Option<&str>) -> usize {
-    selected(server, filter, newest, only).iter().map(|(_, f)| f.len()).sum()
 }
 
 #[cfg(test)]
