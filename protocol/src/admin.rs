@@ -108,6 +108,17 @@ words! {
     }
 }
 
+impl SessionOutcome {
+    /// Aborted and expired sessions are setbacks; a failure is an error.
+    pub fn level(self) -> Level {
+        match self {
+            SessionOutcome::Committed => Level::Info,
+            SessionOutcome::Aborted | SessionOutcome::Expired | SessionOutcome::Unknown => Level::Warn,
+            SessionOutcome::Failed => Level::Error,
+        }
+    }
+}
+
 words! {
     /// What an event records. Both daemons draw from one list; `docs/admin-api.md`
     /// says which daemon records which.

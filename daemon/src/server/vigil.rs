@@ -24,7 +24,7 @@ use crate::state::EventSpec;
 pub const INTERVAL: Duration = Duration::from_secs(2);
 
 /// What survives a restart.
-#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Persisted {
     /// Every agent as last known (connected ones included, shown as not connected
     /// after a restart until they come back).
@@ -70,18 +70,36 @@ pub async fn run(server: Arc<Server>, known: Persisted, shutdown: CancellationTo
         let agents = handle.agents();
         state.judge(&server, &agents);
         let snapshot = Persisted { agents, late: state.late.clone(), silent: state.silent.clone() };
-        state.save(&server, &snapshot).await;
+        state.save(&server, &snapshot, false).await;
     }
     // One last write, so a graceful stop keeps the latest reports.
     let snapshot = Persisted { agents: handle.agents(), late: state.late.clone(), silent: state.silent.clone() };
-    state.save(&server, &snapshot).await;
+    state.save(&server, &snapshot, true).await;
+}
+
+/// An unchanged state is written again this often, so `last_seen` on disk is
+/// never much older than the last ping (a crash loses at most this much of it).
+const REFRESH: Duration = Duration::from_secs(60);
+
+/// `snapshot` without what moves by itself (pings, ages), for comparing.
+fn stable(snapshot: &Persisted) -> Persisted {
+    let mut p = snapshot.clone();
+    for a in &mut p.agents {
+        a.last_seen.clear();
+        (a.rtt_ms, a.load1) = (None, None);
+        for e in &mut a.entries {
+            (e.freshness.age_secs, e.last_age_secs) = (None, None);
+        }
+    }
+    p
 }
 
 struct Watch {
     late: BTreeMap<String, String>,
     silent: BTreeSet<String>,
-    /// The JSON last written, so an unchanged state is not written again.
-    written: Option<String>,
+    /// What was last written (without what moves by itself) and when, so an
+    /// unchanged state is written only to keep `last_seen` fresh.
+    written: Option<(Persisted, std::time::Instant)>,
 }
 
 impl Watch {
@@ -145,28 +163,21 @@ impl Watch {
         self.late.retain(|k, _| known.contains(k));
     }
 
-    async fn save(&mut self, server: &Server, snapshot: &Persisted) {
+    /// Writes `snapshot` if it changed, is due a refresh, or `force`.
+    async fn save(&mut self, server: &Server, snapshot: &Persisted, force: bool) {
         let Some(path) = file(server) else { return };
-        // last_seen moves with every ping; compare without it so a quiet fleet is
-        // not rewritten every interval.
-        let mut stable = serde_json::to_value(snapshot).unwrap_or_default();
-        if let Some(list) = stable.get_mut("agents").and_then(|a| a.as_array_mut()) {
-            for a in list {
-                if let Some(o) = a.as_object_mut() {
-                    o.remove("last_seen");
-                    o.remove("rtt_ms");
-                    o.remove("load1");
-                }
-            }
-        }
-        let key = stable.to_string();
-        if self.written.as_ref() == Some(&key) {
+        let key = stable(snapshot);
+        if let Some((last, at)) = &self.written
+            && !force
+            && *last == key
+            && at.elapsed() < REFRESH
+        {
             return;
         }
         let Ok(json) = serde_json::to_vec_pretty(snapshot) else { return };
         let written = tokio::task::spawn_blocking(move || crate::fsutil::write_atomic(&path, &json)).await;
         match written {
-            Ok(Ok(())) => self.written = Some(key),
+            Ok(Ok(())) => self.written = Some((key, std::time::Instant::now())),
             Ok(Err(e)) => warn!("cannot save the agents' state: {e}"),
             Err(e) => warn!("cannot save the agents' state: {e}"),
         }

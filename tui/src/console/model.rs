@@ -87,7 +87,7 @@ impl SessionTrace {
 }
 
 /// Everything the console holds.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Data {
     pub kind: Option<DaemonKind>,
     pub snapshot: Snapshot,
@@ -103,24 +103,6 @@ pub struct Data {
     /// Lines of the watch stream this console could not read.
     pub unreadable: u64,
     pub last_unreadable: Option<String>,
-}
-
-impl Default for Data {
-    fn default() -> Self {
-        Data {
-            kind: None,
-            snapshot: Snapshot::Nothing,
-            snapshot_at: None,
-            events: VecDeque::new(),
-            last_seq: 0,
-            history: Vec::new(),
-            archives: Vec::new(),
-            series: BTreeMap::new(),
-            traces: HashMap::new(),
-            unreadable: 0,
-            last_unreadable: None,
-        }
-    }
 }
 
 impl Data {

@@ -172,20 +172,11 @@ pub fn archives(data: &Data, order: Order) -> Vec<&ArchiveInfo> {
     })
 }
 
-fn history_level(h: &HistoryRecord) -> Level {
-    use nbackup_protocol::admin::SessionOutcome as O;
-    match h.outcome {
-        O::Committed => Level::Info,
-        O::Aborted | O::Expired | O::Unknown => Level::Warn,
-        O::Failed => Level::Error,
-    }
-}
-
 pub fn history<'a>(data: &'a Data, filter: &LogFilter, order: Order) -> Vec<&'a HistoryRecord> {
     let rows = data
         .history
         .iter()
-        .filter(|h| filter.level.is_none_or(|l| history_level(h) >= l))
+        .filter(|h| filter.level.is_none_or(|l| h.outcome.level() >= l))
         .filter(|h| filter.agent.as_ref().is_none_or(|a| h.agent == *a))
         .filter(|h| filter.entry.as_ref().is_none_or(|e| h.backup == *e))
         .filter(|h| {
@@ -208,11 +199,6 @@ pub fn history<'a>(data: &'a Data, filter: &LogFilter, order: Order) -> Vec<&'a 
         4 => b.bytes.cmp(&a.bytes),
         _ => b.finished.cmp(&a.finished),
     })
-}
-
-/// The level of a history outcome, for colour.
-pub fn outcome_level(h: &HistoryRecord) -> Level {
-    history_level(h)
 }
 
 /// Events, newest last in time order (so following shows the bottom).

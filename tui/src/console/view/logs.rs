@@ -38,7 +38,7 @@ pub fn history(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let row = |i: usize| {
         let h: &HistoryRecord = list[i];
         {
-            let level = rows::outcome_level(h);
+            let level = h.outcome.level();
             let took = match (fmt::parse_time(&h.started), fmt::parse_time(&h.finished)) {
                 (Some(a), Some(b)) => fmt::span((b - a).num_seconds().max(0) as u64),
                 _ => "-".into(),

@@ -55,9 +55,9 @@ pub fn draw(
     area: Rect,
     buf: &mut Buffer,
 ) {
-    let mut rows: Vec<Option<(Vec<Span<'static>>, Style)>> = rows.into_iter().map(Some).collect();
+    let mut rows = rows;
     let n = rows.len();
-    draw_window(cols, n, selected, theme, area, buf, |i| rows[i].take().unwrap_or_default());
+    draw_window(cols, n, selected, theme, area, buf, |i| std::mem::take(&mut rows[i]));
 }
 
 /// Like [`draw`] for `count` rows, building only the rows that show: logs hold
