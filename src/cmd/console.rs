@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nbackup_tui::console::{self, Options, app::Settings};
 
-use super::ctl::{client_error, client_for};
+use super::ctl::{client_for, err};
 use super::runtime;
 use crate::cli::ConsoleArgs;
 use crate::exit::{Exit, fail};
@@ -36,7 +36,7 @@ pub fn run(args: ConsoleArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         let client = client_for(args.socket.as_deref()).await?;
         // Fail before taking the terminal over when nobody answers or access is denied.
-        client.kind().await.map_err(client_error)?;
+        client.kind().await.map_err(err)?;
         if args.dump {
             let (w, h) = args.size;
             let text = console::dump(client, options, w, h, DUMP_WAIT)

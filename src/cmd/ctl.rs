@@ -22,7 +22,8 @@ fn exit_for(e: &ClientError) -> Exit {
     }
 }
 
-fn err(e: ClientError) -> anyhow::Error {
+/// A client error as an error carrying its exit code.
+pub fn err(e: ClientError) -> anyhow::Error {
     let code = exit_for(&e);
     fail(code, e)
 }
@@ -37,11 +38,6 @@ pub async fn client_for(socket: Option<&std::path::Path>) -> anyhow::Result<Admi
             discover(&candidates).await.map_err(|e| fail(Exit::Unreachable, anyhow::anyhow!(e)))
         }
     }
-}
-
-/// The exit code for a client error, as an error.
-pub fn client_error(e: ClientError) -> anyhow::Error {
-    err(e)
 }
 
 pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
