@@ -166,6 +166,8 @@ words! {
         VerifyFailed = "verify_failed",
         /// A verification job ended (with its counts).
         VerifyDone = "verify_done",
+        /// An agent fetched one of its archives (or its catalog) for a restore.
+        RestoreServed = "restore_served",
     }
 }
 

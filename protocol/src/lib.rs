@@ -5,6 +5,7 @@
 //! * [`name`] — validated names and session ids, the only values that reach paths;
 //! * [`admin`] — the request and response types of the daemons' local admin API;
 //! * [`freshness`] — whether an entry's backups keep up with its schedule;
+//! * [`restore`] — the requests of a restore connection and the archive catalog;
 //! * [`config`] — the YAML configuration schema of both daemons, validated in two
 //!   stages, so the runtime and the setup wizard share one definition.
 //!
@@ -18,6 +19,7 @@ pub mod fuzzing;
 pub mod limits;
 pub mod manifest;
 pub mod name;
+pub mod restore;
 pub mod wire;
 
 pub use name::{Name, NameError, SessionId};

@@ -19,8 +19,9 @@ use crate::limits::{MAX_CHUNK_PAYLOAD, MAX_CONTROL_PAYLOAD, MAX_NAME_LEN, MAX_ST
 use crate::name::{Name, NameError, SessionId};
 
 /// Version of the frame layouts below. Bumped on any incompatible change: 2 added
-/// `Keepalive` and `Committing`, which a version-1 peer would take for garbage.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// `Keepalive` and `Committing`, which a version-1 peer would take for garbage; 3
+/// added the `RSTR` connection, its frames and `Commit`'s catalog.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// TLS ALPN protocol id; both sides insist on it.
 pub const ALPN: &[u8] = b"nbkp/1";
@@ -45,6 +46,8 @@ pub enum ConnKind {
     Ping,
     /// The agent's persistent control channel.
     Control,
+    /// List, fetch or verify this agent's own archives (restore).
+    Restore,
 }
 
 impl ConnKind {
@@ -54,6 +57,7 @@ impl ConnKind {
             ConnKind::Join => *b"JOIN",
             ConnKind::Ping => *b"PING",
             ConnKind::Control => *b"CTRL",
+            ConnKind::Restore => *b"RSTR",
         }
     }
 
@@ -63,6 +67,7 @@ impl ConnKind {
             b"JOIN" => Some(ConnKind::Join),
             b"PING" => Some(ConnKind::Ping),
             b"CTRL" => Some(ConnKind::Control),
+            b"RSTR" => Some(ConnKind::Restore),
             _ => None,
         }
     }
@@ -209,6 +214,7 @@ pub enum Reason {
     Cancelled,
     SourceFailed,
     QuotaExceeded,
+    NotFound,
     Other(u16),
 }
 
@@ -233,6 +239,7 @@ impl Reason {
             Reason::Cancelled => 0x0010,
             Reason::SourceFailed => 0x0011,
             Reason::QuotaExceeded => 0x0012,
+            Reason::NotFound => 0x0013,
             Reason::Other(code) => code,
         }
     }
@@ -257,6 +264,7 @@ impl Reason {
             0x0010 => Reason::Cancelled,
             0x0011 => Reason::SourceFailed,
             0x0012 => Reason::QuotaExceeded,
+            0x0013 => Reason::NotFound,
             other => Reason::Other(other),
         }
     }
@@ -287,6 +295,7 @@ impl Reason {
             Reason::Cancelled => "cancelled".into(),
             Reason::SourceFailed => "the agent could not read its sources".into(),
             Reason::QuotaExceeded => "the agent's quota on this storage is used up".into(),
+            Reason::NotFound => "the server has no such archive for this agent".into(),
             Reason::Other(code) => format!("unknown reason 0x{code:04x}"),
         }
     }
@@ -313,6 +322,7 @@ impl fmt::Display for Reason {
             Reason::Cancelled => "cancelled",
             Reason::SourceFailed => "source failed",
             Reason::QuotaExceeded => "quota exceeded",
+            Reason::NotFound => "not found",
             Reason::Other(code) => return write!(f, "reason 0x{code:04x}"),
         };
         f.write_str(s)
@@ -443,6 +453,24 @@ pub struct Commit {
     pub chunks: u64,
     pub sha256: [u8; 32],
     pub stats: SourceStats,
+    /// The archive's catalog, sent before the `Commit` as `CatalogPart` frames on the
+    /// same connection; the server checks it and commits it beside the archive.
+    pub catalog: Option<CatalogDigest>,
+}
+
+/// Length and SHA-256 of a catalog sent with `CatalogPart` frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CatalogDigest {
+    pub len: u64,
+    pub sha256: [u8; 32],
+}
+
+/// Client → server before `Commit`: bytes of the catalog at `offset`. Positional, so
+/// sending it again after a reconnect is harmless.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogPart {
+    pub offset: u64,
+    pub data: Bytes,
 }
 
 /// Server → client: the archive is committed under `archive`.
@@ -565,6 +593,11 @@ pub enum Frame {
     /// vanished peer, never an idle one.
     Keepalive,
     Committing(CommitProgress),
+    /// The request of a `RSTR` connection: a [`crate::restore::RestoreRequest`] as JSON.
+    RestoreRequest(String),
+    /// An answer on a `RSTR` connection: a [`crate::restore::RestoreReply`] as JSON.
+    RestoreReply(String),
+    CatalogPart(CatalogPart),
 }
 
 /// The type byte of a frame.
@@ -592,11 +625,14 @@ impl FrameType {
     pub const CTL_REPORT: FrameType = FrameType(0x52);
     pub const CTL_COMMAND: FrameType = FrameType(0x53);
     pub const CTL_RESULT: FrameType = FrameType(0x54);
+    pub const CATALOG_PART: FrameType = FrameType(0x25);
+    pub const RESTORE_REQUEST: FrameType = FrameType(0x60);
+    pub const RESTORE_REPLY: FrameType = FrameType(0x61);
 
     /// Largest payload a frame of this type may declare, or `None` for unknown types.
     pub fn max_payload(self) -> Option<u32> {
         match self {
-            FrameType::CHUNK => Some(MAX_CHUNK_PAYLOAD),
+            FrameType::CHUNK | FrameType::CATALOG_PART => Some(MAX_CHUNK_PAYLOAD),
             FrameType::HELLO
             | FrameType::WELCOME
             | FrameType::REFUSED
@@ -615,7 +651,9 @@ impl FrameType {
             | FrameType::CTL_PONG
             | FrameType::CTL_REPORT
             | FrameType::CTL_COMMAND
-            | FrameType::CTL_RESULT => Some(MAX_CONTROL_PAYLOAD),
+            | FrameType::CTL_RESULT
+            | FrameType::RESTORE_REQUEST
+            | FrameType::RESTORE_REPLY => Some(MAX_CONTROL_PAYLOAD),
             _ => None,
         }
     }
@@ -642,6 +680,9 @@ impl FrameType {
             FrameType::CTL_REPORT => "CtlReport",
             FrameType::CTL_COMMAND => "CtlCommand",
             FrameType::CTL_RESULT => "CtlResult",
+            FrameType::CATALOG_PART => "CatalogPart",
+            FrameType::RESTORE_REQUEST => "RestoreRequest",
+            FrameType::RESTORE_REPLY => "RestoreReply",
             _ => "unknown",
         }
     }
@@ -670,6 +711,9 @@ impl Frame {
             Frame::CtlResult(_) => FrameType::CTL_RESULT,
             Frame::Keepalive => FrameType::KEEPALIVE,
             Frame::Committing(_) => FrameType::COMMITTING,
+            Frame::CatalogPart(_) => FrameType::CATALOG_PART,
+            Frame::RestoreRequest(_) => FrameType::RESTORE_REQUEST,
+            Frame::RestoreReply(_) => FrameType::RESTORE_REPLY,
         }
     }
 
@@ -767,6 +811,7 @@ impl Frame {
                     put_text(dst, frame, "message", &r.message)?;
                 }
             },
+            Frame::RestoreRequest(json) | Frame::RestoreReply(json) => put_json(dst, frame, json)?,
             Frame::Ack(m) => dst.put_u64(m.seq),
             Frame::Keepalive => {}
             Frame::Committing(m) => {
@@ -780,6 +825,26 @@ impl Frame {
                 dst.put_u64(m.stats.entries);
                 dst.put_u64(m.stats.bytes_read);
                 dst.put_u64(m.stats.skipped);
+                match &m.catalog {
+                    None => dst.put_u8(0),
+                    Some(c) => {
+                        dst.put_u8(1);
+                        dst.put_u64(c.len);
+                        dst.put_slice(&c.sha256);
+                    }
+                }
+            }
+            Frame::CatalogPart(m) => {
+                if m.data.len() > crate::limits::MAX_CHUNK_SIZE as usize {
+                    return Err(EncodeError::TooLong {
+                        frame,
+                        field: "data",
+                        len: m.data.len(),
+                        max: crate::limits::MAX_CHUNK_SIZE as usize,
+                    });
+                }
+                dst.put_u64(m.offset);
+                dst.put_slice(&m.data);
             }
             Frame::Committed(m) => {
                 put_text(dst, frame, "archive", &m.archive)?;
@@ -902,6 +967,10 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
         let data = payload.slice(CHUNK_HEADER_LEN..);
         return Ok(Frame::Chunk(Chunk { seq, offset, crc32c, data }));
     }
+    if ty == FrameType::CATALOG_PART {
+        let offset = Reader::new(name, &payload).u64()?;
+        return Ok(Frame::CatalogPart(CatalogPart { offset, data: payload.slice(8..) }));
+    }
     let mut r = Reader::new(name, &payload);
     let frame = match ty {
         FrameType::HELLO => Frame::Hello(Hello {
@@ -937,6 +1006,8 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
             3 => SessionState::Failed(r.refusal()?),
             v => return Err(DecodeError::UnknownValue { field: "session state", value: v.into() }),
         }),
+        FrameType::RESTORE_REQUEST => Frame::RestoreRequest(r.json()?),
+        FrameType::RESTORE_REPLY => Frame::RestoreReply(r.json()?),
         FrameType::ACK => Frame::Ack(Ack { seq: r.u64()? }),
         FrameType::KEEPALIVE => Frame::Keepalive,
         FrameType::COMMITTING => Frame::Committing(CommitProgress { verified: r.u64()?, total: r.u64()? }),
@@ -945,6 +1016,11 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
             chunks: r.u64()?,
             sha256: r.array()?,
             stats: SourceStats { entries: r.u64()?, bytes_read: r.u64()?, skipped: r.u64()? },
+            catalog: match r.u8()? {
+                0 => None,
+                1 => Some(CatalogDigest { len: r.u64()?, sha256: r.array()? }),
+                v => return Err(DecodeError::UnknownValue { field: "catalog flag", value: v.into() }),
+            },
         }),
         FrameType::COMMITTED => {
             Frame::Committed(Committed { archive: r.text("archive")?, size: r.u64()?, sha256: r.array()? })

@@ -14,6 +14,11 @@
 //! Every such event becomes a [`Notice`]; nothing is silent and nothing aborts the
 //! archive. Ownership is stored numerically (no user/group names), mtimes in seconds.
 //! Member names are the absolute paths without the leading `/`, in sorted order.
+//!
+//! Every member is also written to the **catalog** ([`CatalogEntry`] lines, zstd
+//! compressed in memory, ~20 bytes a member), with the offset of its first header in
+//! the uncompressed tar stream; it is committed beside the archive so that listing
+//! and planning a restore never read the archive.
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
@@ -28,6 +33,7 @@ use tar::{EntryType, Header, HeaderMode};
 use tokio_util::sync::CancellationToken;
 
 use nbackup_protocol::config::Excludes;
+use nbackup_protocol::restore::{CatalogEntry, EntryKind};
 
 use super::progress::Progress;
 
@@ -63,6 +69,8 @@ pub struct ArchiveSummary {
     /// Entries left out by exclude patterns.
     pub excluded: u64,
     pub notices: Vec<Notice>,
+    /// The catalog, zstd-compressed JSON lines.
+    pub catalog: bytes::Bytes,
 }
 
 impl ArchiveSummary {
@@ -82,7 +90,8 @@ pub fn write_archive<W: Write>(
     progress: &Arc<Progress>,
 ) -> io::Result<(W, ArchiveSummary)> {
     let mut a = Archiver {
-        tar: tar::Builder::new(out),
+        tar: tar::Builder::new(Counting { inner: out, count: 0 }),
+        catalog: zstd::stream::write::Encoder::new(Vec::new(), CATALOG_LEVEL)?,
         excludes,
         progress: progress.clone(),
         links: HashMap::new(),
@@ -105,8 +114,31 @@ pub fn write_archive<W: Write>(
             format!("none of the sources exist: {}", display_list(sources)),
         ));
     }
-    let out = a.tar.into_inner()?;
-    Ok((out, a.summary))
+    let out = a.tar.into_inner()?.inner;
+    let mut summary = a.summary;
+    summary.catalog = a.catalog.finish()?.into();
+    Ok((out, summary))
+}
+
+/// zstd level of the catalog: JSON lines of paths compress ~8× at level 3, cheaply.
+const CATALOG_LEVEL: i32 = 3;
+
+/// Counts what the tar builder writes: the offset of the next member.
+struct Counting<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn display_list(paths: &[PathBuf]) -> String {
@@ -114,7 +146,8 @@ fn display_list(paths: &[PathBuf]) -> String {
 }
 
 struct Archiver<'a, W: Write> {
-    tar: tar::Builder<W>,
+    tar: tar::Builder<Counting<W>>,
+    catalog: zstd::stream::write::Encoder<'static, Vec<u8>>,
     excludes: &'a Excludes,
     progress: Arc<Progress>,
     /// (device, inode) of files with several links → member name stored first.
@@ -198,6 +231,8 @@ impl<W: Write> Archiver<'_, W> {
         let mut header = Header::new_gnu();
         header.set_metadata_in_mode(meta, HeaderMode::Complete);
         header.set_size(0);
+        let offset = self.offset();
+        let mut link = None;
         if ft.is_symlink() {
             let target = match std::fs::read_link(path) {
                 Ok(t) => t,
@@ -207,6 +242,7 @@ impl<W: Write> Archiver<'_, W> {
                 }
             };
             self.tar.append_link(&mut header, &name, &target)?;
+            link = Some(target);
         } else if ft.is_dir() || ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
             if ft.is_char_device() || ft.is_block_device() {
                 // tar-rs leaves device numbers at zero; a restored /dev node needs them.
@@ -219,13 +255,43 @@ impl<W: Write> Archiver<'_, W> {
             self.notice(path, NoticeKind::Skipped, "unsupported file type".into());
             return Ok(());
         }
-        self.entry_done();
-        Ok(())
+        self.entry_done(&name, &header, link.as_deref(), offset)
     }
 
-    fn entry_done(&mut self) {
+    /// Where the next member starts in the tar stream.
+    fn offset(&self) -> u64 {
+        self.tar.get_ref().count
+    }
+
+    fn entry_done(&mut self, name: &Path, header: &Header, link: Option<&Path>, offset: u64) -> io::Result<()> {
+        let kind = match header.entry_type() {
+            EntryType::Regular => EntryKind::File,
+            EntryType::Directory => EntryKind::Dir,
+            EntryType::Symlink => EntryKind::Symlink,
+            EntryType::Link => EntryKind::HardLink,
+            EntryType::Fifo => EntryKind::Fifo,
+            EntryType::Char => EntryKind::CharDevice,
+            EntryType::Block => EntryKind::BlockDevice,
+            _ => EntryKind::Other,
+        };
+        let path = name.to_str().map(str::to_owned);
+        let entry = CatalogEntry {
+            lossy: path.is_none(),
+            path: path.unwrap_or_else(|| name.to_string_lossy().into_owned()),
+            kind,
+            size: header.size().unwrap_or(0),
+            mtime: header.mtime().unwrap_or(0) as i64,
+            mode: header.mode().unwrap_or(0) & 0o7777,
+            uid: header.uid().unwrap_or(0),
+            gid: header.gid().unwrap_or(0),
+            link: link.map(|l| l.to_string_lossy().into_owned()),
+            offset,
+        };
+        serde_json::to_writer(&mut self.catalog, &entry).map_err(io::Error::other)?;
+        self.catalog.write_all(b"\n")?;
         self.summary.entries += 1;
         self.progress.entries.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn add_file(&mut self, path: &Path, name: &Path, lstat: &Metadata) -> io::Result<()> {
@@ -237,9 +303,9 @@ impl<W: Write> Archiver<'_, W> {
             header.set_metadata_in_mode(lstat, HeaderMode::Complete);
             header.set_entry_type(EntryType::Link);
             header.set_size(0);
+            let offset = self.offset();
             self.tar.append_link(&mut header, name, &first)?;
-            self.entry_done();
-            return Ok(());
+            return self.entry_done(name, &header, Some(&first), offset);
         }
         let file = match open_regular(path) {
             Ok(f) => f,
@@ -268,6 +334,7 @@ impl<W: Write> Archiver<'_, W> {
         let mut header = Header::new_gnu();
         header.set_metadata_in_mode(&meta, HeaderMode::Complete);
         header.set_size(size);
+        let offset = self.offset();
         let mut reader = ExactReader {
             // tar copies through an 8 KiB buffer; read the file in larger blocks.
             file: io::BufReader::with_capacity(READ_BLOCK, file),
@@ -300,8 +367,7 @@ impl<W: Write> Archiver<'_, W> {
         if meta.nlink() > 1 {
             self.links.insert((meta.dev(), meta.ino()), name.to_path_buf());
         }
-        self.entry_done();
-        Ok(())
+        self.entry_done(name, &header, None, offset)
     }
 }
 

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
 use nbackup_protocol::config::Excludes;
-use nbackup_protocol::wire::{Chunk, Commit, Compression, SourceStats};
+use nbackup_protocol::wire::{CatalogDigest, Chunk, Commit, Compression, SourceStats};
 
 use super::archive::{ArchiveSummary, write_archive};
 use super::gzip::ParallelGz;
@@ -71,16 +71,24 @@ pub fn spawn(
                     Ok(x) => x,
                     Err(e) => return Err(stopped_or(&window, e)),
                 };
-                window.produced(Commit {
-                    total_len,
-                    chunks,
-                    sha256,
-                    stats: SourceStats {
-                        entries: summary.entries,
-                        bytes_read: summary.bytes_read,
-                        skipped: summary.skipped(),
+                let catalog = CatalogDigest {
+                    len: summary.catalog.len() as u64,
+                    sha256: Sha256::digest(&summary.catalog).into(),
+                };
+                window.produced(
+                    Commit {
+                        total_len,
+                        chunks,
+                        sha256,
+                        stats: SourceStats {
+                            entries: summary.entries,
+                            bytes_read: summary.bytes_read,
+                            skipped: summary.skipped(),
+                        },
+                        catalog: Some(catalog),
                     },
-                });
+                    summary.catalog.clone(),
+                );
                 Ok(summary)
             }
             Err(e) => Err(stopped_or(&window, e)),

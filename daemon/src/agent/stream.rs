@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use nbackup_protocol::SessionId;
 use nbackup_protocol::admin::AgentStreamState;
-use nbackup_protocol::wire::{Frame, Reason, Refusal, SessionState};
+use nbackup_protocol::wire::{CatalogPart, Frame, Reason, Refusal, SessionState};
 
 use super::connect::{ConnectError, Connection, Connector, Reader, Writer};
 use super::progress::Progress;
@@ -315,8 +315,11 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &Ca
                 _ => send_chunk(ctx, &mut writer, c).await,
             },
             Item::Commit(c) => {
-                debug!(session = %ctx.session, stream, "sending commit");
-                writer.send(&Frame::Commit(c.clone())).await
+                debug!(session = %ctx.session, stream, "sending catalog and commit");
+                match send_catalog(&mut writer, ctx.window.catalog()).await {
+                    Ok(()) => writer.send(&Frame::Commit(c.clone())).await,
+                    e => e,
+                }
             }
         };
         match (sent, &item) {
@@ -330,6 +333,21 @@ async fn send_loop(ctx: &StreamCtx, stream: u16, mut writer: Writer, retire: &Ca
         }
     }
 }
+
+/// Sends the whole catalog in `CatalogPart` frames of at most [`CATALOG_PART`] bytes.
+async fn send_catalog(writer: &mut Writer, catalog: bytes::Bytes) -> std::io::Result<()> {
+    let mut offset = 0;
+    while offset < catalog.len() {
+        let end = (offset + CATALOG_PART).min(catalog.len());
+        let part = CatalogPart { offset: offset as u64, data: catalog.slice(offset..end) };
+        writer.send(&Frame::CatalogPart(part)).await?;
+        offset = end;
+    }
+    Ok(())
+}
+
+/// Bytes per `CatalogPart` frame.
+const CATALOG_PART: usize = 1 << 20;
 
 async fn send_chunk(
     ctx: &StreamCtx,

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use nbackup_protocol::wire::{Chunk, Commit, Committed, Refusal};
@@ -94,6 +95,8 @@ struct State {
     pending: BTreeMap<u64, Pending>,
     queued: BTreeSet<u64>,
     produced: Option<Commit>,
+    /// The archive's catalog, sent before every `Commit` (see [`Window::catalog`]).
+    catalog: Bytes,
     commit: CommitState,
     finished: Option<Finished>,
 }
@@ -120,6 +123,7 @@ impl Window {
                 pending: BTreeMap::new(),
                 queued: BTreeSet::new(),
                 produced: None,
+                catalog: Bytes::new(),
                 commit: CommitState::Waiting,
                 finished: None,
             }),
@@ -169,9 +173,10 @@ impl Window {
     }
 
     /// The producer is done: this is what to commit once everything is acknowledged.
-    pub fn produced(&self, commit: Commit) {
+    pub fn produced(&self, commit: Commit, catalog: Bytes) {
         let mut st = self.lock();
         st.produced = Some(commit);
+        st.catalog = catalog;
         Self::update_commit(&mut st);
         drop(st);
         self.signal();
@@ -282,6 +287,13 @@ impl Window {
         st.pending.values().any(|p| matches!(p.slot, Slot::InFlight { stream: s, sent: None } if s == stream))
     }
 
+    /// The catalog the `Commit` describes; the stream that sends the `Commit` sends
+    /// it first, whole, on the same connection, so a commit retried on another
+    /// connection finds it complete.
+    pub fn catalog(&self) -> Bytes {
+        self.lock().catalog.clone()
+    }
+
     /// Whether a `Commit` has been sent and not yet answered.
     pub fn committing(&self) -> bool {
         matches!(self.lock().commit, CommitState::InFlight { .. })
@@ -382,7 +394,7 @@ mod tests {
     }
 
     fn commit(chunks: u64) -> Commit {
-        Commit { total_len: 0, chunks, sha256: [0; 32], stats: SourceStats::default() }
+        Commit { total_len: 0, chunks, sha256: [0; 32], stats: SourceStats::default(), catalog: None }
     }
 
     #[tokio::test]
@@ -427,7 +439,7 @@ mod tests {
     async fn commit_waits_for_all_acks_and_is_retried_on_another_stream() {
         let w = Window::new(100);
         w.push(chunk(0, 4)).await;
-        w.produced(commit(1));
+        w.produced(commit(1), Bytes::new());
         let Ok(Item::Chunk(_)) = w.next_item(0).await else { panic!("chunk") };
         let w2 = w.clone();
         let waiter = tokio::spawn(async move { w2.next_item(1).await });

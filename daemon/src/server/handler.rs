@@ -68,7 +68,7 @@ pub async fn ping<W: AsyncWrite + Unpin>(server: &Server, conn: &Conn, mut write
 
 /// Reads the first request of a connection, which must be of an `expected` type;
 /// anything else is refused (and logged) and yields `None`.
-async fn first_frame<R, W>(
+pub(super) async fn first_frame<R, W>(
     server: &Server,
     conn: &Conn,
     reader: &mut FrameReader<R>,

@@ -139,6 +139,7 @@ impl Server {
             }
             ConnKind::Backup => handler::backup(self, conn, reader, writer, permit).await,
             ConnKind::Join => handler::join(self, conn, reader, writer, permit).await,
+            ConnKind::Restore => super::restore::handle(self, conn, reader, writer, permit).await,
             ConnKind::Control => {
                 drop(permit);
                 control::handle(super::handle::ControlHandle::new(self), conn, reader, writer).await;

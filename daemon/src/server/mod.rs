@@ -24,6 +24,7 @@ mod journal;
 mod listener;
 mod recovery;
 pub mod registry;
+mod restore;
 pub mod session;
 pub mod storage;
 mod stream;

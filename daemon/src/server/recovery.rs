@@ -79,13 +79,15 @@ fn scan_one(server: &Server, area: &Arc<StorageArea>, pending: &mut Vec<Pending>
             Err(e) => {
                 warn!(journal = %path.display(), "cannot recover upload, removing it: {e}");
                 remove(&path.with_extension("part"));
+                remove(&path.with_extension("catalog"));
                 remove(&path);
             }
         }
     }
     // Uploads with no journal cannot be adopted; temp files are leftovers.
     for p in others {
-        if !(p.extension().is_some_and(|x| x == "part") && p.with_extension("journal").exists()) {
+        let upload = p.extension().is_some_and(|x| x == "part" || x == "catalog");
+        if !(upload && p.with_extension("journal").exists()) {
             info!(path = %p.display(), "removing stale upload file");
             remove(&p);
         }
@@ -148,6 +150,7 @@ pub async fn run(server: Arc<Server>, pending: Vec<Pending>) {
                 Ok(Err(e)) => {
                     warn!(journal = %journal.display(), "cannot recover upload, removing it: {e}");
                     remove(&journal.with_extension("part"));
+                    remove(&journal.with_extension("catalog"));
                     remove(&journal);
                     s.registry.recovery_finished(id, None);
                 }
@@ -185,11 +188,14 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path) -> std::io::Result<Recovere
         area.record_committed(&committed_entry(&id, &agent, &c))?;
         remove(path);
         remove(&part);
+        remove(&path.with_extension("catalog"));
         return Ok(Recovered::Finished(agent, c));
     }
 
     if let Some(intent) = &contents.intent {
         let archive = area.entry_dir(&agent, &backup).join(&intent.archive);
+        // A catalog still in `.incoming` was verified before the intent was written.
+        let catalog = path.with_extension("catalog");
         if part.exists() {
             match verify_against_manifest(&part, &intent.manifest)? {
                 Ok(()) => {
@@ -204,6 +210,7 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path) -> std::io::Result<Recovere
                 remove(&archive);
                 return Err(bad(why));
             }
+            area.place_catalog(&catalog, &archive)?;
             area.settle(&archive, &intent.manifest)?;
         } else {
             return Err(bad("commit intent without upload or archive".into()));

@@ -709,8 +709,13 @@ mod tests {
         let id = session.id();
         let data = Bytes::from(vec![7u8; 1000]);
         session.write_chunk(&Chunk::new(0, 0, data.clone())).expect("write");
-        let commit =
-            Commit { total_len: 1000, chunks: 1, sha256: Sha256::digest(&data).into(), stats: SourceStats::default() };
+        let commit = Commit {
+            total_len: 1000,
+            chunks: 1,
+            sha256: Sha256::digest(&data).into(),
+            stats: SourceStats::default(),
+            catalog: None,
+        };
         let CommitStart::Run(s, mut answer) = registry.begin_commit(id) else { panic!("first commit runs") };
         assert!(matches!(registry.begin_commit(id), CommitStart::Wait(_)), "a repeated Commit waits");
         // Operator abort, an agent's Abort on another stream, expiry, all at once.

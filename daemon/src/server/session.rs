@@ -36,7 +36,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use nbackup_protocol::manifest::{MANIFEST_FORMAT, Manifest, hex};
-use nbackup_protocol::wire::{Chunk, Commit, Committed, Compression, Reason, Refusal};
+use nbackup_protocol::wire::{CatalogDigest, CatalogPart, Chunk, Commit, Committed, Compression, Reason, Refusal};
 use nbackup_protocol::{Name, SessionId};
 
 use super::journal::{self, ChunkRecord, Journal};
@@ -47,6 +47,9 @@ use crate::state::RateMeter;
 /// Most chunks one session may have: 2^24 chunks, i.e. 1 TiB at the smallest chunk
 /// size and 256 TiB at the largest; the bitmap stays ≤ 2 MiB and the checksums ≤ 64 MiB.
 pub const MAX_CHUNKS: u64 = 1 << 24;
+
+/// Largest catalog a session accepts: ~20 bytes a member, so room for 10⁸ members.
+pub const MAX_CATALOG_LEN: u64 = 2 << 30;
 
 /// Identifies the entry a session writes; at most one session per key at a time.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -427,6 +430,54 @@ impl Session {
         }
     }
 
+    /// `.incoming/<session>.catalog`, where the catalog's parts are written.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.part_path.with_extension("catalog")
+    }
+
+    /// Writes one piece of the catalog at its offset (idempotent, like chunks).
+    pub fn write_catalog(&self, part: &CatalogPart) -> Result<(), Refusal> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let end = part.offset.checked_add(part.data.len() as u64).unwrap_or(u64::MAX);
+        if end > MAX_CATALOG_LEN {
+            return Err(refuse(Reason::Protocol, format!("catalog past {MAX_CATALOG_LEN} bytes")));
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.catalog_path())
+            .map_err(|e| io_refusal(&e, "cannot create the catalog file"))?;
+        file.write_all_at(&part.data, part.offset).map_err(|e| io_refusal(&e, "writing the catalog"))
+    }
+
+    /// Whether the catalog file is exactly what the agent describes; made durable if
+    /// so, removed if not. A bad catalog never fails a good archive: the archive is
+    /// committed without one (and listed by reading it).
+    fn check_catalog(&self, digest: &CatalogDigest) -> bool {
+        let path = self.catalog_path();
+        let checked = (|| -> io::Result<Result<(), String>> {
+            let bytes = std::fs::read(&path)?;
+            if bytes.len() as u64 != digest.len {
+                return Ok(Err(format!("{} bytes, the agent sent {}", bytes.len(), digest.len)));
+            }
+            if <[u8; 32]>::from(Sha256::digest(&bytes)) != digest.sha256 {
+                return Ok(Err("sha256 differs from the agent's".into()));
+            }
+            File::open(&path)?.sync_all()?;
+            Ok(Ok(()))
+        })();
+        let why = match checked {
+            Ok(Ok(())) => return true,
+            Ok(Err(why)) => why,
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(session = %self.params.id, "committing without a catalog: {why}");
+        let _ = fsutil::remove_if_exists(&path);
+        false
+    }
+
     /// Verifies the upload against `commit` and moves it to its final name. Blocking;
     /// the registry makes sure only one runs per session.
     pub fn commit(&self, commit: &Commit) -> Result<CommitDone, CommitFailure> {
@@ -443,6 +494,14 @@ impl Session {
         // Durable first, then read back: the hash must describe what the disk holds.
         self.file.sync_all().map_err(|e| fail(e, "fsync of the upload"))?;
         self.verify_stored(&crcs, total)?;
+        match &commit.catalog {
+            Some(digest) => {
+                self.check_catalog(digest);
+            }
+            None => {
+                let _ = fsutil::remove_if_exists(&self.catalog_path());
+            }
+        }
         let p = &self.params;
         let (agent, backup) = (&p.key.agent, &p.key.backup);
         let (name, seq) = self
@@ -577,6 +636,7 @@ impl Session {
     ) -> Result<Vec<String>, (Vec<String>, String)> {
         let p = &self.params;
         let step = |e: io::Error, what: &str| format!("{what}: {e}");
+        self.storage.place_catalog(&self.catalog_path(), archive).map_err(|e| (Vec::new(), step(e, "catalog")))?;
         self.storage.settle(archive, manifest).map_err(|e| (Vec::new(), step(e, "writing the manifest")))?;
         let rotated = self
             .storage
@@ -598,7 +658,7 @@ impl Session {
 
     /// Removes the upload and its journal (a session that ended without a commit).
     pub fn discard(&self) {
-        for path in [self.part_path.clone(), Journal::path_for(&self.part_path)] {
+        for path in [self.part_path.clone(), Journal::path_for(&self.part_path), self.catalog_path()] {
             if let Err(e) = fsutil::remove_if_exists(&path) {
                 tracing::warn!(path = %path.display(), "cannot remove upload: {e}");
             }
@@ -730,6 +790,7 @@ mod tests {
             total_len: data.len() as u64,
             chunks,
             sha256: Sha256::digest(data).into(),
+            catalog: None,
             stats: SourceStats::default(),
         }
     }

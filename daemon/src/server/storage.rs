@@ -278,6 +278,15 @@ impl StorageArea {
         Ok(final_path)
     }
 
+    /// Moves a session's verified catalog beside its placed archive, if there is one.
+    /// The directory is made durable by the [`settle`](Self::settle) that follows.
+    pub fn place_catalog(&self, incoming: &Path, archive: &Path) -> io::Result<()> {
+        match fs::rename(incoming, catalog_path(archive)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
     /// Makes a placed archive's name durable and writes its manifest.
     pub fn settle(&self, archive: &Path, manifest: &Manifest) -> io::Result<()> {
         let dir = archive.parent().unwrap_or(Path::new("."));
@@ -289,7 +298,8 @@ impl StorageArea {
         Ok(())
     }
 
-    /// [`place`](Self::place) and [`settle`](Self::settle) together (recovery).
+    /// [`place`](Self::place), [`place_catalog`](Self::place_catalog) and
+    /// [`settle`](Self::settle) together (recovery).
     pub fn install(
         &self,
         part_path: &Path,
@@ -300,6 +310,7 @@ impl StorageArea {
     ) -> io::Result<PathBuf> {
         part.sync_all()?;
         let path = self.place(part_path, agent, backup, &manifest.archive)?;
+        self.place_catalog(&part_path.with_extension("catalog"), &path)?;
         self.settle(&path, manifest)?;
         Ok(path)
     }
@@ -365,6 +376,7 @@ impl StorageArea {
         for old in archives.into_iter().take(excess) {
             fsutil::remove_if_exists(&old.path)?;
             self.fault("rotate:after-delete")?;
+            fsutil::remove_if_exists(&catalog_path(&old.path))?;
             fsutil::remove_if_exists(&sidecar_path(&old.path))?;
             removed.push(old.name);
         }
@@ -374,7 +386,7 @@ impl StorageArea {
         if let Ok(entries) = fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(archive) = name.strip_suffix(".json")
+                if let Some(archive) = name.strip_suffix(".json").or_else(|| name.strip_suffix(".catalog"))
                     && parse_archive_name(archive, &prefix).is_some()
                     && !dir.join(archive).exists()
                 {
@@ -387,6 +399,13 @@ impl StorageArea {
         }
         Ok(removed)
     }
+}
+
+/// `<archive>.catalog`: the archive's members, zstd-compressed JSON lines.
+pub fn catalog_path(archive: &Path) -> PathBuf {
+    let mut s = archive.as_os_str().to_owned();
+    s.push(".catalog");
+    PathBuf::from(s)
 }
 
 /// `<archive>.json`.

@@ -24,7 +24,7 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use nbackup_protocol::admin::EventKind;
-use nbackup_protocol::wire::{Ack, Chunk, Commit, CommitProgress, Frame, Reason, Refusal};
+use nbackup_protocol::wire::{Ack, CatalogPart, Chunk, Commit, CommitProgress, Frame, Reason, Refusal};
 
 use super::registry::{Attached, CommitAnswer, CommitStart, NotEnded, Outcome};
 use super::session::{CommitFailure, Session, Written};
@@ -58,6 +58,8 @@ enum StreamEnd {
 
 enum DiskJob {
     Write(Chunk),
+    /// A piece of the catalog, written in order with the chunks before the `Commit`.
+    Catalog(CatalogPart),
     Barrier(oneshot::Sender<()>),
 }
 
@@ -112,6 +114,11 @@ pub async fn run<R, W>(
                 }
             }
             Frame::Keepalive => {}
+            Frame::CatalogPart(part) => {
+                if disk_tx.send(DiskJob::Catalog(part)).await.is_err() {
+                    break StreamEnd::Stopped;
+                }
+            }
             Frame::Commit(commit) => {
                 // Let this stream's queued writes finish before verifying.
                 let (tx, rx) = oneshot::channel();
@@ -256,6 +263,17 @@ async fn disk_loop(
             DiskJob::Write(c) => c,
             DiskJob::Barrier(done) => {
                 let _ = done.send(());
+                continue;
+            }
+            DiskJob::Catalog(part) => {
+                let s = session.clone();
+                let result = tokio::task::spawn_blocking(move || s.write_catalog(&part))
+                    .await
+                    .unwrap_or_else(|e| Err(Refusal::new(Reason::Internal, format!("write task failed: {e}"))));
+                if let Err(r) = result {
+                    let _ = server.registry.end(session.id(), Outcome::Failed(r));
+                    return;
+                }
                 continue;
             }
         };

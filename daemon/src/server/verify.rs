@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use super::Server;
 use super::handle::{ArchiveFilter, EntryArchives};
-use super::storage::sidecar_path;
+use super::storage::{ArchiveFile, catalog_path, sidecar_path};
 use crate::state::EventSpec;
 
 /// What a check found.
@@ -135,6 +135,10 @@ pub fn quarantine(path: &Path) -> io::Result<PathBuf> {
     target.push(".corrupt");
     let target = PathBuf::from(target);
     std::fs::rename(path, &target)?;
+    let catalog = catalog_path(path);
+    if catalog.exists() {
+        std::fs::rename(&catalog, catalog_path(&target))?;
+    }
     let manifest = sidecar_path(path);
     if manifest.exists() {
         std::fs::rename(&manifest, sidecar_path(&target))?;
@@ -188,46 +192,84 @@ pub fn start(
 /// Blocking.
 fn run_job(server: &Server, selected: &[EntryArchives]) -> (u64, u64, u64) {
     let (mut good, mut corrupt, mut failed) = (0, 0, 0);
-    let events = &server.telemetry.events;
     for e in selected {
         for a in &e.files {
-            let who =
-                EventSpec { agent: Some(e.agent.as_str()), backup: Some(e.backup.as_str()), ..Default::default() };
-            match check(&a.path, a.compression, a.manifest.as_ref(), e.area.cfg.verify_rate) {
-                Ok(Verdict::Good { members, bytes }) => {
-                    good += 1;
-                    events.record(
-                        EventKind::Verified,
-                        who,
-                        format!("{}: verified, {members} members, {bytes} bytes, sha256 matches", a.name),
-                    );
-                }
-                Ok(Verdict::Unchecked(why)) => {
-                    failed += 1;
-                    events.record(EventKind::VerifyFailed, who, format!("{}: not verified: {why}", a.name));
-                }
-                Ok(Verdict::Corrupt(why)) => {
-                    corrupt += 1;
-                    let moved = match quarantine(&a.path) {
-                        Ok(p) => format!(
-                            "quarantined as {}",
-                            p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-                        ),
-                        Err(e) => format!("could not be quarantined: {e}"),
-                    };
-                    tracing::error!(archive = %a.path.display(), "archive corrupt: {why}; {moved}");
-                    events.record(EventKind::ArchiveCorrupt, who, format!("{}: corrupt: {why}; {moved}", a.name));
-                }
-                // Rotated out since it was listed: nothing to check.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    failed += 1;
-                    events.record(EventKind::VerifyFailed, who, format!("{}: could not be read: {e}", a.name));
-                }
+            match verify_one(server, e, a) {
+                Checked::Good(_) => good += 1,
+                Checked::Corrupt { .. } => corrupt += 1,
+                Checked::Failed(_) => failed += 1,
+                Checked::Gone => {}
             }
         }
     }
     (good, corrupt, failed)
+}
+
+/// What [`verify_one`] found, in words for the event and the asker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    Good(String),
+    Corrupt {
+        message: String,
+        quarantined: bool,
+    },
+    /// Not verified (no manifest, or the disk failed): nothing is quarantined.
+    Failed(String),
+    /// Rotated out since it was listed.
+    Gone,
+}
+
+/// Checks one archive of `entry`, quarantines it if corrupt, and records the event.
+/// Blocking.
+pub fn verify_one(server: &Server, entry: &EntryArchives, a: &ArchiveFile) -> Checked {
+    let events = &server.telemetry.events;
+    let who =
+        EventSpec { agent: Some(entry.agent.as_str()), backup: Some(entry.backup.as_str()), ..Default::default() };
+    match check(&a.path, a.compression, a.manifest.as_ref(), entry.area.cfg.verify_rate) {
+        Ok(Verdict::Good { members, bytes }) => {
+            let message = format!("{}: verified, {members} members, {bytes} bytes, sha256 matches", a.name);
+            events.record(EventKind::Verified, who, message.clone());
+            Checked::Good(message)
+        }
+        Ok(Verdict::Unchecked(why)) => {
+            let message = format!("{}: not verified: {why}", a.name);
+            events.record(EventKind::VerifyFailed, who, message.clone());
+            Checked::Failed(message)
+        }
+        Ok(Verdict::Corrupt(why)) => {
+            let (moved, quarantined) = match quarantine(&a.path) {
+                Ok(p) => (
+                    format!(
+                        "quarantined as {}",
+                        p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                    ),
+                    true,
+                ),
+                Err(e) => (format!("could not be quarantined: {e}"), false),
+            };
+            tracing::error!(archive = %a.path.display(), "archive corrupt: {why}; {moved}");
+            let message = format!("{}: corrupt: {why}; {moved}", a.name);
+            events.record(EventKind::ArchiveCorrupt, who, message.clone());
+            Checked::Corrupt { message, quarantined }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Checked::Gone,
+        Err(e) => {
+            let message = format!("{}: could not be read: {e}", a.name);
+            events.record(EventKind::VerifyFailed, who, message.clone());
+            Checked::Failed(message)
+        }
+    }
+}
+
+/// Verifies one archive now, in the one-job slot (`None` while a job runs), for a
+/// restore connection's `Verify`. Blocking.
+pub fn verify_now(server: &Server, entry: &EntryArchives, a: &ArchiveFile) -> Option<Checked> {
+    if server.verifying.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return None;
+    }
+    let checked = verify_one(server, entry, a);
+    server.verifying.store(false, std::sync::atomic::Ordering::Release);
+    Some(checked)
 }
 
 /// Ends a job: frees the one-job slot first, then says so, so whoever saw

@@ -24,12 +24,12 @@ fn decode_all(bytes: &[u8]) -> Result<Option<Frame>, DecodeError> {
 #[test]
 fn golden_preamble() {
     let p = Preamble::new(ConnKind::Backup, Caps::GZIP.union(Caps::ZSTD));
-    assert_eq!(hex(&p.encode()), "4e424b500002".to_owned() + "00000003");
+    assert_eq!(hex(&p.encode()), "4e424b500003".to_owned() + "00000003");
     assert_eq!(Preamble::decode(&p.encode()), Ok(p));
     let join = Preamble::new(ConnKind::Join, Caps::GZIP);
     assert_eq!(&join.encode()[..4], b"JOIN");
     let ping = Preamble::new(ConnKind::Ping, Caps::default());
-    assert_eq!(hex(&ping.encode()), "50494e47000200000000");
+    assert_eq!(hex(&ping.encode()), "50494e47000300000000");
 }
 
 #[test]
@@ -123,11 +123,12 @@ fn golden_commit_and_committed() {
         chunks: 1,
         sha256: [0xaa; 32],
         stats: SourceStats { entries: 3, bytes_read: 9, skipped: 1 },
+        catalog: None,
     });
     assert_eq!(
         hex(&commit.to_bytes().expect("encodes")),
         format!(
-            "2000000048{}{}{}{}{}{}",
+            "2000000049{}{}{}{}{}{}00",
             "0000000000000005",
             "0000000000000001",
             "aa".repeat(32),
@@ -136,6 +137,18 @@ fn golden_commit_and_committed() {
             "0000000000000001"
         )
     );
+    let with_catalog = Frame::Commit(Commit {
+        total_len: 5,
+        chunks: 1,
+        sha256: [0xaa; 32],
+        stats: SourceStats::default(),
+        catalog: Some(CatalogDigest { len: 2, sha256: [0xcc; 32] }),
+    });
+    let bytes = hex(&with_catalog.to_bytes().expect("encodes"));
+    assert!(bytes.starts_with("2000000071"), "{bytes}");
+    assert!(bytes.ends_with(&format!("01{}{}", "0000000000000002", "cc".repeat(32))), "{bytes}");
+    let part = Frame::CatalogPart(CatalogPart { offset: 3, data: Bytes::from_static(b"ab") });
+    assert_eq!(hex(&part.to_bytes().expect("encodes")), "250000000a00000000000000036162");
     let committed = Frame::Committed(Committed { archive: "a.tar.gz".into(), size: 5, sha256: [0xbb; 32] });
     assert_eq!(
         hex(&committed.to_bytes().expect("encodes")),
@@ -224,6 +237,14 @@ fn golden_control_channel() {
         hex(&Frame::CtlResult(CtlResult { id: 7, ok: true, message: "ok".into() }).to_bytes().expect("encodes")),
         "540000000d0000000000000007010002".to_owned() + "6f6b"
     );
+}
+
+#[test]
+fn golden_restore() {
+    assert_eq!(&Preamble::new(ConnKind::Restore, Caps::default()).encode()[..4], b"RSTR");
+    assert_eq!(hex(&Frame::RestoreRequest("{}".into()).to_bytes().expect("encodes")), "6000000006000000027b7d");
+    assert_eq!(hex(&Frame::RestoreReply("{}".into()).to_bytes().expect("encodes")), "6100000006000000027b7d");
+    assert_eq!(Reason::from_code(0x0013), Reason::NotFound);
 }
 
 #[test]
@@ -416,14 +437,21 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         Just(Frame::Keepalive),
         (any::<u64>(), any::<u64>())
             .prop_map(|(verified, total)| Frame::Committing(CommitProgress { verified, total })),
-        (any::<u64>(), any::<u64>(), any::<[u8; 32]>(), any::<[u64; 3]>()).prop_map(|(t, c, h, s)| {
-            Frame::Commit(Commit {
-                total_len: t,
-                chunks: c,
-                sha256: h,
-                stats: SourceStats { entries: s[0], bytes_read: s[1], skipped: s[2] },
-            })
-        }),
+        (any::<u64>(), any::<u64>(), any::<[u8; 32]>(), any::<[u64; 3]>(), any::<Option<(u64, [u8; 32])>>()).prop_map(
+            |(t, c, h, s, cat)| {
+                Frame::Commit(Commit {
+                    total_len: t,
+                    chunks: c,
+                    sha256: h,
+                    stats: SourceStats { entries: s[0], bytes_read: s[1], skipped: s[2] },
+                    catalog: cat.map(|(len, sha256)| CatalogDigest { len, sha256 }),
+                })
+            }
+        ),
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..512))
+            .prop_map(|(offset, data)| Frame::CatalogPart(CatalogPart { offset, data: Bytes::from(data) })),
+        ".{0,200}".prop_map(Frame::RestoreRequest),
+        ".{0,200}".prop_map(Frame::RestoreReply),
         (".{0,60}", any::<u64>(), any::<[u8; 32]>()).prop_map(|(archive, size, sha256)| Frame::Committed(Committed {
             archive,
             size,

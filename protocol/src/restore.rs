@@ -1,0 +1,193 @@
+//! What travels on a `RSTR` connection, and the catalog recorded beside each archive.
+//!
+//! A restore connection carries one request and its answer. The request and the
+//! answers' headers are JSON documents in `RestoreRequest` / `RestoreReply` frames
+//! (see [`crate::wire`]); archive bytes come back as ordinary `Chunk` frames — each
+//! with its absolute offset and CRC32C — so a client cut off mid-transfer asks again
+//! from the first byte it lacks. The agent is always the one its certificate names:
+//! `agent` in a request must be that identity, and only its own archives are listed
+//! or served.
+//!
+//! The **catalog** (`<archive>.catalog`, zstd-compressed JSON lines of
+//! [`CatalogEntry`]) is written by the agent while it archives and committed with the
+//! archive, so listing an archive's contents, or planning a selective restore, never
+//! reads the archive itself.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Name;
+use crate::wire::Compression;
+
+/// Client → server, the only request of a `RSTR` connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RestoreRequest {
+    /// This agent's archives in `storage`, of one backup or all, oldest first.
+    List { agent: Name, storage: Name, backup: Option<Name> },
+    /// Stream one archive (or its catalog) from byte `offset`.
+    Fetch { agent: Name, storage: Name, backup: Name, archive: String, part: Part, offset: u64 },
+    /// Re-read one stored archive against its manifest now; a corrupt one is
+    /// quarantined as `verify` does.
+    Verify { agent: Name, storage: Name, backup: Name, archive: String },
+}
+
+impl RestoreRequest {
+    pub fn agent(&self) -> &Name {
+        match self {
+            RestoreRequest::List { agent, .. }
+            | RestoreRequest::Fetch { agent, .. }
+            | RestoreRequest::Verify { agent, .. } => agent,
+        }
+    }
+
+    pub fn storage(&self) -> &Name {
+        match self {
+            RestoreRequest::List { storage, .. }
+            | RestoreRequest::Fetch { storage, .. }
+            | RestoreRequest::Verify { storage, .. } => storage,
+        }
+    }
+}
+
+/// Which file of an archive a `Fetch` wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    Archive,
+    Catalog,
+}
+
+/// Server → client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum RestoreReply {
+    /// A page of the listing; `more` says another page follows.
+    Archives { archives: Vec<RemoteArchive>, more: bool },
+    /// The file is `size` bytes (SHA-256 `sha256` for an archive); `Chunk` frames
+    /// from the requested offset to `size` follow, in order, then the server closes.
+    Fetching { size: u64, sha256: Option<String> },
+    /// The answer to `Verify`.
+    Verified { archive: String, good: bool, detail: String, quarantined: bool },
+}
+
+/// One archive as the restore side sees it: enough to choose it and check it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteArchive {
+    pub backup: Name,
+    pub archive: String,
+    pub size: u64,
+    pub compression: Compression,
+    /// SHA-256 from the manifest; `None` for an archive without a readable one.
+    pub sha256: Option<String>,
+    /// Tar members, from the manifest.
+    pub entries: Option<u64>,
+    pub bytes_read: Option<u64>,
+    /// RFC 3339 UTC, from the manifest.
+    pub finished_at: Option<String>,
+    pub commit_seq: Option<u64>,
+    /// Size of the catalog beside it, if it has one.
+    pub catalog: Option<u64>,
+}
+
+/// Archives per `Archives` page: each is under 600 bytes of JSON, so a page stays
+/// well inside one control frame.
+pub const LIST_PAGE: usize = 64;
+
+/// One line of a catalog: a tar member as the agent wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Member name (the source path without its leading `/`); non-UTF-8 bytes are
+    /// replaced, and `lossy` says so (match such members against the archive itself).
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mtime: i64,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    /// Symlink target, or the member a hard link points at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Offset of the member's first header block in the uncompressed tar stream.
+    pub offset: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lossy: bool,
+}
+
+/// Kinds of tar members nbackup writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    HardLink,
+    Fifo,
+    CharDevice,
+    BlockDevice,
+    Other,
+}
+
+impl EntryKind {
+    /// The `ls -l` type letter.
+    pub fn letter(self) -> char {
+        match self {
+            EntryKind::File => '-',
+            EntryKind::Dir => 'd',
+            EntryKind::Symlink => 'l',
+            EntryKind::HardLink => 'h',
+            EntryKind::Fifo => 'p',
+            EntryKind::CharDevice => 'c',
+            EntryKind::BlockDevice => 'b',
+            EntryKind::Other => '?',
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies_have_a_stable_json_shape() {
+        let req = RestoreRequest::Fetch {
+            agent: Name::new("web-01").expect("name"),
+            storage: Name::new("main").expect("name"),
+            backup: Name::new("etc").expect("name"),
+            archive: "web-01-etc-20261201T000000Z.tar.zst".into(),
+            part: Part::Archive,
+            offset: 1024,
+        };
+        let json = serde_json::to_string(&req).expect("json");
+        assert_eq!(
+            json,
+            r#"{"op":"fetch","agent":"web-01","storage":"main","backup":"etc","archive":"web-01-etc-20261201T000000Z.tar.zst","part":"archive","offset":1024}"#
+        );
+        assert_eq!(serde_json::from_str::<RestoreRequest>(&json).expect("back"), req);
+        let bad = r#"{"op":"list","agent":"../x","storage":"main","backup":null}"#;
+        assert!(serde_json::from_str::<RestoreRequest>(bad).is_err(), "names are validated");
+        let reply = RestoreReply::Fetching { size: 7, sha256: None };
+        assert_eq!(serde_json::to_string(&reply).expect("json"), r#"{"reply":"fetching","size":7,"sha256":null}"#);
+    }
+
+    #[test]
+    fn catalog_lines_are_compact() {
+        let e = CatalogEntry {
+            path: "etc/hosts".into(),
+            kind: EntryKind::File,
+            size: 12,
+            mtime: 1,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            link: None,
+            offset: 512,
+            lossy: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).expect("json"),
+            r#"{"path":"etc/hosts","type":"file","size":12,"mtime":1,"mode":420,"uid":0,"gid":0,"offset":512}"#
+        );
+    }
+}
