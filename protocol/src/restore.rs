@@ -145,9 +145,99 @@ impl EntryKind {
     }
 }
 
+/// Which archive `--at` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum At {
+    Latest,
+    /// An archive file name.
+    Name(String),
+    /// The newest archive finished at or before this instant.
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+impl At {
+    /// `latest`, an archive name (`….tar.gz` / `….tar.zst`), an RFC 3339 time, or a
+    /// local `YYYY-MM-DD[ HH:MM[:SS]]` (a date alone means the end of that day).
+    pub fn parse(s: &str) -> Result<At, String> {
+        use chrono::{Local, NaiveDate, NaiveDateTime, TimeZone};
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("latest") {
+            return Ok(At::Latest);
+        }
+        if s.ends_with(".tar.gz") || s.ends_with(".tar.zst") {
+            return Ok(At::Name(s.to_owned()));
+        }
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+            return Ok(At::Time(t.with_timezone(&chrono::Utc)));
+        }
+        let local = |naive: NaiveDateTime| {
+            Local
+                .from_local_datetime(&naive)
+                .earliest()
+                .map(|t| At::Time(t.with_timezone(&chrono::Utc)))
+                .ok_or_else(|| format!("{s:?} does not exist in the local time zone"))
+        };
+        for format in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"] {
+            if let Ok(naive) = NaiveDateTime::parse_from_str(s, format) {
+                return local(naive);
+            }
+        }
+        if let Ok(day) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+            return local(day.and_hms_opt(23, 59, 59).expect("a valid time"));
+        }
+        Err(format!("{s:?} is not `latest`, an archive name, or a time (2026-12-01, \"2026-12-01 14:30\", RFC 3339)"))
+    }
+
+    /// The archive this names among `archives` (one entry's, oldest first).
+    pub fn choose<'a>(&self, archives: &'a [RemoteArchive]) -> Option<&'a RemoteArchive> {
+        match self {
+            At::Latest => archives.last(),
+            At::Name(name) => archives.iter().find(|a| a.archive == *name),
+            At::Time(t) => archives.iter().rev().find(|a| {
+                a.finished_at
+                    .as_deref()
+                    .and_then(|f| chrono::DateTime::parse_from_rfc3339(f).ok())
+                    .is_some_and(|f| f <= *t)
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn archive(name: &str, finished: &str) -> RemoteArchive {
+        RemoteArchive {
+            backup: Name::new("etc").expect("name"),
+            archive: name.into(),
+            size: 1,
+            compression: Compression::Zstd,
+            sha256: None,
+            entries: None,
+            bytes_read: None,
+            finished_at: Some(finished.into()),
+            commit_seq: None,
+            catalog: None,
+        }
+    }
+
+    #[test]
+    fn at_chooses_latest_by_name_or_by_time() {
+        let list = [
+            archive("a-1.tar.zst", "2026-11-29T02:00:00Z"),
+            archive("a-2.tar.zst", "2026-11-30T02:00:00Z"),
+            archive("a-3.tar.zst", "2026-12-01T02:00:00Z"),
+        ];
+        assert_eq!(At::parse("latest").expect("parses").choose(&list).map(|a| a.archive.as_str()), Some("a-3.tar.zst"));
+        let by_name = At::parse("a-1.tar.zst").expect("parses");
+        assert_eq!(by_name.choose(&list).map(|a| a.archive.as_str()), Some("a-1.tar.zst"));
+        let by_time = At::parse("2026-11-30T12:00:00Z").expect("parses");
+        assert_eq!(by_time.choose(&list).map(|a| a.archive.as_str()), Some("a-2.tar.zst"));
+        assert_eq!(At::parse("2026-11-01T00:00:00Z").expect("parses").choose(&list), None, "nothing that old");
+        assert!(matches!(At::parse("2026-11-30").expect("a day"), At::Time(_)));
+        assert!(At::parse("yesterday-ish").is_err());
+    }
 
     #[test]
     fn requests_and_replies_have_a_stable_json_shape() {

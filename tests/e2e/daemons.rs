@@ -378,7 +378,7 @@ async fn backups_run_with_the_control_channel_down() {
         .expect("dir")
         .flatten()
         .map(|e| e.path())
-        .find(|p| !p.to_string_lossy().ends_with(".json"))
+        .find(|p| is_archive(p))
         .expect("archive");
     gnu_extract(&archive, &restored);
     assert_restored(&[src], &Excludes::none(), &restored);

@@ -19,12 +19,8 @@ use crate::support::*;
 /// Extracts the entry's only archive and compares it with `src`.
 fn assert_single_archive_restores(server_storage: &Path, entry: &str, src: &Path, restored: &Path) -> PathBuf {
     let dir = server_storage.join("web-01").join(entry);
-    let archives: Vec<PathBuf> = fs::read_dir(&dir)
-        .expect("entry dir")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| !p.to_string_lossy().ends_with(".json"))
-        .collect();
+    let archives: Vec<PathBuf> =
+        fs::read_dir(&dir).expect("entry dir").flatten().map(|e| e.path()).filter(|p| is_archive(p)).collect();
     assert_eq!(archives.len(), 1, "exactly one archive, never sent twice: {archives:?}");
     check_manifest(&archives[0]);
     gnu_extract(&archives[0], restored);
@@ -330,7 +326,7 @@ async fn crash_during_commit(point: &str) {
 
 fn archives_in(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.path()).filter(|p| !p.to_string_lossy().ends_with(".json")).collect())
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| is_archive(p)).collect())
         .unwrap_or_default();
     v.sort();
     v

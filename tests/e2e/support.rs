@@ -133,7 +133,7 @@ impl TestServer {
         let dir = self.storage_dir(storage).join(agent).join(backup);
         let mut v: Vec<PathBuf> =
             fs::read_dir(&dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-        v.retain(|p| !p.to_string_lossy().ends_with(".json"));
+        v.retain(|p| is_archive(p));
         // Commit order: `…T120000Z.tar.gz` before `…T120000Z-2.tar.gz`, which a plain
         // byte sort gets wrong ('-' < '.').
         v.sort_by_key(|p| {
@@ -291,6 +291,12 @@ pub fn dataset(dir: &Path, size: &str, seed: u32) -> PathBuf {
         .expect("python3 runs the dataset generator");
     assert!(out.status.success(), "make-dataset.py failed: {}", String::from_utf8_lossy(&out.stderr));
     dir.to_path_buf()
+}
+
+/// Whether `p` is an archive (not its manifest, catalog or a quarantined file).
+pub fn is_archive(p: &Path) -> bool {
+    let name = p.to_string_lossy();
+    name.ends_with(".tar.gz") || name.ends_with(".tar.zst")
 }
 
 /// Extracts an archive with the system GNU tar into `dest`.

@@ -214,6 +214,33 @@ impl Connector {
         self.connect(ConnKind::Control).await
     }
 
+    /// Opens a restore connection with `request`; returns it with the first answer.
+    pub async fn restore(
+        &self,
+        request: &nbackup_protocol::restore::RestoreRequest,
+    ) -> Result<(Connection, nbackup_protocol::restore::RestoreReply), ConnectError> {
+        let mut conn = self.connect(ConnKind::Restore).await?;
+        let json = serde_json::to_string(request).map_err(|e| ConnectError::Protocol {
+            address: self.address.clone(),
+            detail: format!("cannot encode the request: {e}"),
+        })?;
+        let first = self.request(&mut conn, Some(&Frame::RestoreRequest(json))).await?;
+        let reply = self.restore_reply(&first)?;
+        Ok((conn, reply))
+    }
+
+    /// Decodes a `RestoreReply` frame.
+    pub fn restore_reply(&self, frame: &Frame) -> Result<nbackup_protocol::restore::RestoreReply, ConnectError> {
+        match frame {
+            Frame::RestoreReply(json) => serde_json::from_str(json).map_err(|e| ConnectError::Protocol {
+                address: self.address.clone(),
+                detail: format!("bad restore reply: {e}"),
+            }),
+            Frame::Refused(r) => Err(ConnectError::Refused(r.clone())),
+            other => Err(self.unexpected("RestoreReply", other)),
+        }
+    }
+
     /// Asks the server for its health.
     pub async fn health(&self) -> Result<Health, ConnectError> {
         let mut conn = self.connect(ConnKind::Ping).await?;

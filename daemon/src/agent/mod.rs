@@ -16,6 +16,7 @@ pub mod autoscale;
 pub mod connect;
 mod control;
 pub mod daemon;
+pub mod fetch;
 pub mod gzip;
 pub mod producer;
 pub mod progress;
