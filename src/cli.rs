@@ -13,6 +13,29 @@ Exit status:
   4    the server refused (identity, storage, disk full, quota, busy, …)
   130  interrupted (Ctrl-C / SIGTERM)";
 
+const RESTORE_EXIT_CODES: &str = "\
+Exit status:
+  0    every selected member restored (or, with --dry-run, would be)
+  1    the restore failed for another reason (destination unusable, …)
+  2    usage or configuration error
+  3    the server could not be reached within the retry budget
+  4    the server refused (no such archive or entry, identity, …)
+  5    nothing restored: the selection matched no member, or none could be written
+  6    partial: some members were not restored (existing files kept, refused, failed)
+  7    checksum mismatch: the archive is damaged or differs from its manifest (SHA-256);
+       files written from it must not be trusted
+  130  interrupted (Ctrl-C / SIGTERM)";
+
+const VERIFY_EXIT_CODES: &str = "\
+Exit status:
+  0    the archive matches its manifest: decompressed to the end, every tar member read
+  1    it could not be verified (no manifest, unreadable on the server)
+  2    usage or configuration error
+  3    the server could not be reached
+  4    the server refused (no such archive, a verification already running, …)
+  7    corrupt: it differs from its manifest or does not decompress; the server
+       quarantined it";
+
 const CTL_EXIT_CODES: &str = "\
 Exit status:
   0    success
@@ -77,6 +100,18 @@ pub enum Command {
     /// Ask the server for its status, version and free space per storage
     #[command(after_help = EXIT_CODES)]
     Health(HealthArgs),
+    /// List this agent's archives on the server
+    #[command(after_help = EXIT_CODES)]
+    List(ListArgs),
+    /// List the files in one archive (from its catalog, without reading the archive)
+    #[command(after_help = EXIT_CODES)]
+    Ls(LsArgs),
+    /// Restore files from an archive, verified against its manifest
+    #[command(after_help = RESTORE_EXIT_CODES)]
+    Restore(RestoreArgs),
+    /// Ask the server to verify one of this agent's archives now
+    #[command(after_help = VERIFY_EXIT_CODES)]
+    Verify(VerifyArgs),
     /// Query and command the daemons running here through their admin API
     #[command(after_help = CTL_EXIT_CODES)]
     Ctl(CtlArgs),
@@ -178,6 +213,94 @@ pub struct HealthArgs {
     /// Agent configuration file (for the server address and certificates)
     #[arg(short, long, value_name = "FILE", env = "NBACKUP_AGENT_CONFIG")]
     pub config: PathBuf,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Agent configuration file (server address, certificates, entries)
+    #[arg(short, long, value_name = "FILE", env = "NBACKUP_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// Only this entry's archives
+    #[arg(short, long, value_name = "NAME")]
+    pub entry: Option<String>,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which archive of an entry.
+#[derive(Debug, Args)]
+pub struct ArchiveArgs {
+    /// Agent configuration file (server address, certificates, entries)
+    #[arg(short, long, value_name = "FILE", env = "NBACKUP_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// The backup entry
+    #[arg(short, long, value_name = "NAME")]
+    pub entry: String,
+    /// `latest`, an archive name from `nbackup list`, or a time (`2026-12-01`,
+    /// `"2026-12-01 14:30"`, RFC 3339): the newest archive finished by then
+    #[arg(long, value_name = "WHEN", default_value = "latest")]
+    pub at: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    /// Only these paths (and what is below them) or globs (`etc/*.conf`, `**/id_*`)
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<String>,
+    /// Print JSON (one array of members)
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OverwriteArg {
+    /// Keep existing files; report them as not restored
+    Never,
+    /// Replace existing files older than the archived ones
+    Older,
+    /// Replace existing files
+    Always,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    /// Destination directory (created if missing); members land below it by their
+    /// stored path (`/etc/hosts` → DIR/etc/hosts)
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// Only these paths (and what is below them) or globs (`etc/*.conf`, `**/id_*`)
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<String>,
+    /// Print what would be written, write nothing (from the catalog when the archive
+    /// has one: nothing is downloaded)
+    #[arg(long)]
+    pub dry_run: bool,
+    /// What to do with files that already exist
+    #[arg(long, value_enum, default_value = "never")]
+    pub overwrite: OverwriteArg,
+    /// Show a progress bar
+    #[arg(long, conflicts_with = "json")]
+    pub progress: bool,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// More log output on standard error (-v info, -vv debug)
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
     /// Print JSON
     #[arg(long)]
     pub json: bool,

@@ -11,6 +11,12 @@ pub enum Exit {
     Usage = 2,
     Unreachable = 3,
     Refused = 4,
+    /// A restore wrote nothing.
+    NoneRestored = 5,
+    /// A restore left some selected members out.
+    Partial = 6,
+    /// An archive differs from its manifest or does not decompress.
+    Mismatch = 7,
     Interrupted = 130,
 }
 

@@ -285,7 +285,8 @@ pub struct ExtractReport {
 /// Problems an [`ExtractReport`] keeps in words.
 pub const PROBLEMS_KEPT: usize = 20;
 
-fn entry_kind(t: EntryType) -> EntryKind {
+/// The catalog's kind of a tar entry type.
+pub fn kind_of(t: EntryType) -> EntryKind {
     match t {
         EntryType::Regular | EntryType::Continuous => EntryKind::File,
         EntryType::Directory => EntryKind::Dir,
@@ -361,7 +362,7 @@ pub fn extract_stream<R: Read>(input: R, dest: &Path, opts: &mut ExtractOptions<
         let header = entry.header().clone();
         let member = entry.path()?.into_owned();
         let name = member.to_string_lossy().into_owned();
-        let kind = entry_kind(header.entry_type());
+        let kind = kind_of(header.entry_type());
         let size = header.size()?;
         let mtime = header.mtime()? as i64;
         let meta = |path: PathBuf| -> io::Result<DirMeta> {

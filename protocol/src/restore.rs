@@ -67,7 +67,19 @@ pub enum RestoreReply {
     /// from the requested offset to `size` follow, in order, then the server closes.
     Fetching { size: u64, sha256: Option<String> },
     /// The answer to `Verify`.
-    Verified { archive: String, good: bool, detail: String, quarantined: bool },
+    Verified { archive: String, verdict: Verdict, detail: String, quarantined: bool },
+}
+
+/// What a verification found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Matches its manifest, decompresses to the end, every member read.
+    Good,
+    /// Differs from its manifest or does not decompress (quarantined).
+    Corrupt,
+    /// Could not be checked (no manifest, unreadable).
+    Unverified,
 }
 
 /// One archive as the restore side sees it: enough to choose it and check it.

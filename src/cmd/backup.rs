@@ -64,7 +64,7 @@ fn overall(codes: &[Exit]) -> Exit {
 }
 
 /// Tells the user about a name/certificate mismatch before the server refuses it.
-fn check_identity(config: &AgentConfig) -> anyhow::Result<()> {
+pub(crate) fn check_identity(config: &AgentConfig) -> anyhow::Result<()> {
     let ids = nbackup_daemon::tls::own_identities(&config.tls.cert).map_err(|e| fail(Exit::Usage, e))?;
     if !ids.iter().any(|i| i == config.name.as_str()) {
         return Err(fail(

@@ -8,6 +8,7 @@ pub mod ctl;
 pub mod demo;
 pub mod docs;
 pub mod health;
+pub mod restore;
 pub mod server;
 
 use std::path::Path;

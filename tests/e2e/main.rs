@@ -11,6 +11,7 @@ mod fidelity;
 mod live_fs;
 mod refusals;
 mod resilience;
+mod restore;
 mod runtime;
 mod security;
 mod storage;

@@ -33,6 +33,9 @@ pub enum Fault {
     /// After this many bytes agent → server, nothing passes either way and nothing is
     /// ever closed: a host pulled off the network (no FIN, no RST).
     FreezeAfter(u64),
+    /// Close both sides once this many bytes went server → agent (a restore cut
+    /// mid-download).
+    CutDownAfter(u64),
 }
 
 #[derive(Debug, Default)]
@@ -244,13 +247,14 @@ async fn relay(
                     pause_tx.send_replace(true);
                 }
                 let mut len = n;
-                if let Some(f) = fault {
+                if let Some(f) = fault.filter(|f| !matches!(f, Fault::CutDownAfter(_))) {
                     let limit = match f {
                         Fault::CutAfter(l)
                         | Fault::ResetAfter(l)
                         | Fault::BlackholeDownAfter(l)
                         | Fault::BlackholeUpAfter(l)
                         | Fault::FreezeAfter(l) => l,
+                        Fault::CutDownAfter(_) => unreachable!("filtered above"),
                     };
                     if before + n as u64 >= limit && !conn.kill.is_cancelled() {
                         len = limit.saturating_sub(before) as usize;
@@ -280,6 +284,7 @@ async fn relay(
                                 }
                                 conn.blackhole_down.store(true, Ordering::SeqCst);
                             }
+                            Fault::CutDownAfter(_) => unreachable!("filtered above"),
                         }
                     }
                 }
@@ -300,11 +305,22 @@ async fn relay(
         let conn = conn.clone();
         async move {
             let mut buf = vec![0u8; 16 * 1024];
+            let mut down_bytes = 0u64;
             loop {
-                let n = match sr.read(&mut buf).await {
+                let mut n = match sr.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                if let Some(Fault::CutDownAfter(limit)) = fault
+                    && down_bytes + n as u64 >= limit
+                {
+                    n = limit.saturating_sub(down_bytes) as usize;
+                    let _ = cw.write_all(&buf[..n]).await;
+                    broken.fetch_add(1, Ordering::SeqCst);
+                    conn.kill.cancel();
+                    return;
+                }
+                down_bytes += n as u64;
                 if conn.blackhole_down.load(Ordering::SeqCst) {
                     continue;
                 }

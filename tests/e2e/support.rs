@@ -110,6 +110,16 @@ impl TestServer {
 
     /// `extra` is appended to the `server:` section (e.g. `  session_ttl: 2s\n`).
     pub async fn start_with(root: &Path, pki: &Pki, storages: &[StorageSpec], extra: &str) -> TestServer {
+        Self::start_opts(root, pki, storages, extra, false).await
+    }
+
+    /// Keeping its event log in `<root>/state/server-events.jsonl`, for tests that
+    /// read what the server recorded.
+    pub async fn start_logged(root: &Path, pki: &Pki, storages: &[StorageSpec]) -> TestServer {
+        Self::start_opts(root, pki, storages, "", true).await
+    }
+
+    async fn start_opts(root: &Path, pki: &Pki, storages: &[StorageSpec], extra: &str, persist: bool) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let yaml = server_yaml(root, pki, addr, storages, extra);
@@ -119,7 +129,8 @@ impl TestServer {
         let shutdown = CancellationToken::new();
         let (cfg, token) = (config.clone(), shutdown.clone());
         let task = tokio::spawn(async move {
-            nbackup_daemon::server::run(cfg, listener, token).await.expect("server runs");
+            let options = nbackup_daemon::server::Options { persist_state: persist, ..Default::default() };
+            nbackup_daemon::server::run_with(cfg, listener, token, options).await.expect("server runs");
         });
         TestServer { addr, config, shutdown, task: Some(task) }
     }

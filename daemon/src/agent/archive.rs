@@ -33,7 +33,7 @@ use tar::{EntryType, Header, HeaderMode};
 use tokio_util::sync::CancellationToken;
 
 use nbackup_protocol::config::Excludes;
-use nbackup_protocol::restore::{CatalogEntry, EntryKind};
+use nbackup_protocol::restore::CatalogEntry;
 
 use super::progress::Progress;
 
@@ -264,16 +264,7 @@ impl<W: Write> Archiver<'_, W> {
     }
 
     fn entry_done(&mut self, name: &Path, header: &Header, link: Option<&Path>, offset: u64) -> io::Result<()> {
-        let kind = match header.entry_type() {
-            EntryType::Regular => EntryKind::File,
-            EntryType::Directory => EntryKind::Dir,
-            EntryType::Symlink => EntryKind::Symlink,
-            EntryType::Link => EntryKind::HardLink,
-            EntryType::Fifo => EntryKind::Fifo,
-            EntryType::Char => EntryKind::CharDevice,
-            EntryType::Block => EntryKind::BlockDevice,
-            _ => EntryKind::Other,
-        };
+        let kind = crate::restore::kind_of(header.entry_type());
         let path = name.to_str().map(str::to_owned);
         let entry = CatalogEntry {
             lossy: path.is_none(),

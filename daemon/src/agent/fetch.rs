@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use nbackup_protocol::Name;
 use nbackup_protocol::config::Retry;
 use nbackup_protocol::manifest::hex;
-use nbackup_protocol::restore::{Part, RemoteArchive, RestoreReply, RestoreRequest};
+use nbackup_protocol::restore::{Part, RemoteArchive, RestoreReply, RestoreRequest, Verdict};
 use nbackup_protocol::wire::Frame;
 
 use super::connect::{ConnectError, Connector};
@@ -43,7 +43,7 @@ pub struct ArchiveRef {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Verification {
     pub archive: String,
-    pub good: bool,
+    pub verdict: Verdict,
     pub detail: String,
     pub quarantined: bool,
 }
@@ -119,8 +119,8 @@ impl RestoreClient {
             archive: which.archive.clone(),
         };
         match self.connector.restore(&request).await?.1 {
-            RestoreReply::Verified { archive, good, detail, quarantined } => {
-                Ok(Verification { archive, good, detail, quarantined })
+            RestoreReply::Verified { archive, verdict, detail, quarantined } => {
+                Ok(Verification { archive, verdict, detail, quarantined })
             }
             other => Err(self.unexpected("Verified", &other)),
         }
@@ -140,8 +140,10 @@ impl RestoreClient {
         let mut sha = Sha256::new();
         let mut at = 0u64;
         let mut attempts = 0u32;
+        let mut connections = 0u32;
         loop {
             attempts += 1;
+            connections += 1;
             let request = RestoreRequest::Fetch {
                 agent: self.agent.clone(),
                 storage: which.storage.clone(),
@@ -157,7 +159,7 @@ impl RestoreClient {
             let error = match attempt {
                 Ok((size, expected)) => {
                     let sha256 = hex(&sha.finalize());
-                    return Ok(Fetched { size, sha256, expected, resumed: attempts - 1 });
+                    return Ok(Fetched { size, sha256, expected, resumed: connections - 1 });
                 }
                 Err(Attempt::Stopped) => return Err(FetchError::Cancelled),
                 Err(Attempt::Failed(e)) if !e.is_transient() => return Err(FetchError::Connect(e)),

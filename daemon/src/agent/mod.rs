@@ -20,6 +20,7 @@ pub mod fetch;
 pub mod gzip;
 pub mod producer;
 pub mod progress;
+pub mod restore;
 pub mod retry;
 pub mod stream;
 pub mod throttle;

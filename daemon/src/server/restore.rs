@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use nbackup_protocol::Name;
 use nbackup_protocol::admin::EventKind;
-use nbackup_protocol::restore::{LIST_PAGE, Part, RemoteArchive, RestoreReply, RestoreRequest};
+use nbackup_protocol::restore::{LIST_PAGE, Part, RemoteArchive, RestoreReply, RestoreRequest, Verdict};
 use nbackup_protocol::wire::{Chunk, Frame, FrameType, Reason, Refusal};
 
 use super::Server;
@@ -298,11 +298,11 @@ async fn verify<W: AsyncWrite + Unpin>(
         })
     })
     .await?;
-    let (good, detail, quarantined) = match checked {
-        Checked::Good(m) => (true, m, false),
-        Checked::Corrupt { message, quarantined } => (false, message, quarantined),
-        Checked::Failed(m) => (false, m, false),
+    let (verdict, detail, quarantined) = match checked {
+        Checked::Good(m) => (Verdict::Good, m, false),
+        Checked::Corrupt { message, quarantined } => (Verdict::Corrupt, message, quarantined),
+        Checked::Failed(m) => (Verdict::Unverified, m, false),
         Checked::Gone => return Err(Refusal::new(Reason::NotFound, format!("{archive} was rotated out")).into()),
     };
-    reply(writer, &RestoreReply::Verified { archive, good, detail, quarantined }).await
+    reply(writer, &RestoreReply::Verified { archive, verdict, detail, quarantined }).await
 }

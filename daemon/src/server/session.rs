@@ -438,7 +438,7 @@ impl Session {
     /// Writes one piece of the catalog at its offset (idempotent, like chunks).
     pub fn write_catalog(&self, part: &CatalogPart) -> Result<(), Refusal> {
         use std::os::unix::fs::OpenOptionsExt;
-        let end = part.offset.checked_add(part.data.len() as u64).unwrap_or(u64::MAX);
+        let end = part.offset.saturating_add(part.data.len() as u64);
         if end > MAX_CATALOG_LEN {
             return Err(refuse(Reason::Protocol, format!("catalog past {MAX_CATALOG_LEN} bytes")));
         }

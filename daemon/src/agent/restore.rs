@@ -1,0 +1,218 @@
+//! A restore from start to finish: choose the archive, plan from its catalog, fetch
+//! it (resumably) while a blocking thread decompresses and extracts it, and check the
+//! whole file's SHA-256 against the manifest.
+//!
+//! ```text
+//! server ─RSTR─▶ fetch task (CRC, offset, SHA-256) ─▶ channel ─▶ extraction thread
+//!                                                               (zstd/gzip ─▶ tar ─▶ safe writes)
+//! ```
+
+use std::io::{self, BufReader};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use nbackup_protocol::restore::{CatalogEntry, Part, RemoteArchive};
+use nbackup_protocol::wire::Compression;
+
+use super::fetch::{ArchiveRef, ChannelReader, FETCH_BUFFER, FetchError, Fetched, RestoreClient};
+use crate::restore::{Action, ExtractOptions, ExtractReport, Overwrite, Planned, Selection, decompress, plan};
+
+/// What to restore, where, and how.
+pub struct RestoreSpec {
+    pub which: ArchiveRef,
+    pub compression: Compression,
+    pub dest: PathBuf,
+    pub selection: Selection,
+    pub overwrite: Overwrite,
+    pub dry_run: bool,
+}
+
+/// Counters a progress display reads while a restore runs.
+#[derive(Default)]
+pub struct RestoreProgress {
+    /// Compressed bytes received.
+    pub received: AtomicU64,
+    /// Bytes of file content written.
+    pub written: AtomicU64,
+}
+
+/// How a restore ended.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreOutcome {
+    pub archive: String,
+    pub report: ExtractReport,
+    /// How the archive arrived; `None` for a dry run answered from the catalog.
+    #[serde(skip)]
+    pub fetched: Option<Fetched>,
+    /// Whether the whole archive matched the manifest's SHA-256.
+    pub verified: Option<bool>,
+    pub resumed: u32,
+    pub dry_run: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The archive stream is damaged (decompression or tar failed), or the
+    /// destination could not be used.
+    #[error("{0}")]
+    Extract(String),
+    #[error("the extraction thread failed: {0}")]
+    Task(String),
+}
+
+/// Called for every selected member (on the extraction thread).
+pub type OnEntry = Box<dyn FnMut(&Planned) + Send>;
+
+/// Fetches and decodes an archive's catalog; `None` when it has none.
+pub async fn catalog(
+    client: &RestoreClient,
+    archive: &RemoteArchive,
+    storage: &nbackup_protocol::Name,
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<CatalogEntry>>, RestoreError> {
+    if archive.catalog.is_none() {
+        return Ok(None);
+    }
+    let which =
+        ArchiveRef { storage: storage.clone(), backup: archive.backup.clone(), archive: archive.archive.clone() };
+    let (tx, rx) = tokio::sync::mpsc::channel(FETCH_BUFFER);
+    let parse = tokio::task::spawn_blocking(move || -> io::Result<Vec<CatalogEntry>> {
+        let lines = zstd::stream::read::Decoder::new(ChannelReader::new(rx))?;
+        let mut out = Vec::new();
+        for line in io::BufRead::lines(BufReader::new(lines)) {
+            let line = line?;
+            out.push(serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?);
+        }
+        Ok(out)
+    });
+    let received = AtomicU64::new(0);
+    let fetched = client.fetch(&which, Part::Catalog, &tx, &received, cancel).await;
+    drop(tx);
+    let parsed = parse.await.map_err(|e| RestoreError::Task(e.to_string()))?;
+    fetched?;
+    parsed.map(Some).map_err(|e| RestoreError::Extract(format!("the catalog is unreadable: {e}")))
+}
+
+/// What a restore of `entries` into `spec.dest` would do, from the catalog alone.
+pub fn plan_from_catalog(spec: &RestoreSpec, entries: &[CatalogEntry], on_entry: &mut OnEntry) -> ExtractReport {
+    let mut report = ExtractReport { members: entries.len() as u64, ..Default::default() };
+    for e in entries.iter().filter(|e| spec.selection.matches(&e.path)) {
+        report.selected += 1;
+        let rel = std::path::Path::new(&e.path);
+        let action = if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            Action::Refuse(format!("refusing member {} outside the destination", e.path))
+        } else {
+            plan(&spec.dest, rel, e.kind, e.mtime, spec.overwrite)
+        };
+        match &action {
+            a if a.restored() => {
+                report.restored += 1;
+                if e.kind == nbackup_protocol::restore::EntryKind::File {
+                    report.bytes += e.size;
+                }
+            }
+            Action::Keep => report.kept += 1,
+            _ => report.refused += 1,
+        }
+        on_entry(&Planned { path: e.path.clone(), kind: e.kind, size: e.size, action });
+    }
+    report
+}
+
+/// Fetches the archive and extracts (or, dry, plans) the selected members.
+pub async fn restore(
+    client: &RestoreClient,
+    spec: RestoreSpec,
+    progress: Arc<RestoreProgress>,
+    mut on_entry: OnEntry,
+    cancel: &CancellationToken,
+) -> Result<RestoreOutcome, RestoreError> {
+    let started = Instant::now();
+    let (tx, rx) = tokio::sync::mpsc::channel(FETCH_BUFFER);
+    let RestoreSpec { which, compression, dest, selection, overwrite, dry_run } = spec;
+    let p = progress.clone();
+    let extraction = tokio::task::spawn_blocking(move || -> io::Result<ExtractReport> {
+        let mut input = decompress(BufReader::with_capacity(1 << 20, ChannelReader::new(rx)), compression)?;
+        let mut opts = ExtractOptions {
+            selection: &selection,
+            overwrite,
+            dry_run,
+            on_entry: &mut *on_entry,
+            written: Some(&p.written),
+        };
+        let report = crate::restore::extract_stream(&mut input, &dest, &mut opts)?;
+        // The end-of-archive blocks and the compressor's trailer, so a damaged tail
+        // (gzip CRC, zstd checksum) is found and the fetch can finish.
+        io::copy(&mut input, &mut io::sink())?;
+        Ok(report)
+    });
+    let fetched = client.fetch(&which, Part::Archive, &tx, &progress.received, cancel).await;
+    drop(tx);
+    let extracted = extraction.await.map_err(|e| RestoreError::Task(e.to_string()))?;
+    // A damaged stream stops the extraction, which stops the fetch: report the cause.
+    let report = match (extracted, fetched.as_ref()) {
+        (Ok(report), _) => report,
+        (Err(e), Ok(_) | Err(FetchError::Cancelled)) => {
+            return Err(RestoreError::Extract(format!("the archive cannot be read: {e}")));
+        }
+        (Err(_), Err(_)) => return Err(fetched.err().map(RestoreError::Fetch).expect("an error")),
+    };
+    let fetched = fetched?;
+    Ok(RestoreOutcome {
+        archive: which.archive,
+        report,
+        verified: Some(fetched.verified()),
+        resumed: fetched.resumed,
+        fetched: Some(fetched),
+        dry_run,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Reads an archive's members from the archive itself (for archives without a
+/// catalog): every header, no content kept.
+pub async fn members_from_archive(
+    client: &RestoreClient,
+    which: &ArchiveRef,
+    compression: Compression,
+    cancel: &CancellationToken,
+) -> Result<Vec<CatalogEntry>, RestoreError> {
+    let (tx, rx) = tokio::sync::mpsc::channel(FETCH_BUFFER);
+    let walk = tokio::task::spawn_blocking(move || -> io::Result<Vec<CatalogEntry>> {
+        let input = decompress(BufReader::with_capacity(1 << 20, ChannelReader::new(rx)), compression)?;
+        let mut ar = tar::Archive::new(input);
+        let mut out = Vec::new();
+        for entry in ar.entries()? {
+            let entry = entry?;
+            let h = entry.header();
+            let path = entry.path()?.to_string_lossy().into_owned();
+            out.push(CatalogEntry {
+                lossy: false,
+                path,
+                kind: crate::restore::kind_of(h.entry_type()),
+                size: h.size()?,
+                mtime: h.mtime()? as i64,
+                mode: h.mode()? & 0o7777,
+                uid: h.uid()?,
+                gid: h.gid()?,
+                link: entry.link_name()?.map(|l| l.to_string_lossy().into_owned()),
+                offset: entry.raw_header_position(),
+            });
+        }
+        io::copy(&mut ar.into_inner(), &mut io::sink())?;
+        Ok(out)
+    });
+    let received = AtomicU64::new(0);
+    let fetched = client.fetch(which, Part::Archive, &tx, &received, cancel).await;
+    drop(tx);
+    let walked = walk.await.map_err(|e| RestoreError::Task(e.to_string()))?;
+    fetched?;
+    walked.map_err(|e| RestoreError::Extract(format!("the archive cannot be read: {e}")))
+}
