@@ -31,6 +31,10 @@ complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "server" -d 'Run the
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "backup" -d 'Run backup entries once and exit'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "list" -d 'List this agent\'s archives on the server'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "ls" -d 'List the files in one archive (from its catalog, without reading the archive)'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "restore" -d 'Restore files from an archive, verified against its manifest'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "verify" -d 'Ask the server to verify one of this agent\'s archives now'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "ctl" -d 'Query and command the daemons running here through their admin API'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "console" -d 'The operator console: live sessions, agents, freshness, history and actions'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
@@ -71,6 +75,32 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand backup" -s h -l help -d 
 complete -c nbackup -n "__fish_nbackup_using_subcommand health" -s c -l config -d 'Agent configuration file (for the server address and certificates)' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand health" -l json -d 'Print JSON'
 complete -c nbackup -n "__fish_nbackup_using_subcommand health" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand list" -s c -l config -d 'Agent configuration file (server address, certificates, entries)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand list" -s e -l entry -d 'Only this entry\'s archives' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand list" -l json -d 'Print JSON'
+complete -c nbackup -n "__fish_nbackup_using_subcommand list" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ls" -s c -l config -d 'Agent configuration file (server address, certificates, entries)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ls" -s e -l entry -d 'The backup entry' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ls" -l at -d '`latest`, an archive name from `nbackup list`, or a time (`2026-12-01`, `"2026-12-01 14:30"`, RFC 3339): the newest archive finished by then' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand ls" -l json -d 'Print JSON (one array of members)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand ls" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -s c -l config -d 'Agent configuration file (server address, certificates, entries)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -s e -l entry -d 'The backup entry' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -l at -d '`latest`, an archive name from `nbackup list`, or a time (`2026-12-01`, `"2026-12-01 14:30"`, RFC 3339): the newest archive finished by then' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -l to -d 'Destination directory (created if missing); members land below it by their stored path (`/etc/hosts` → DIR/etc/hosts)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -l overwrite -d 'What to do with files that already exist' -r -f -a "never\t'Keep existing files; report them as not restored'
+older\t'Replace existing files older than the archived ones'
+always\t'Replace existing files'"
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -l dry-run -d 'Print what would be written, write nothing (from the catalog when the archive has one: nothing is downloaded)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -l progress -d 'Show a progress bar'
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -l json -d 'Print the result as JSON'
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -s v -l verbose -d 'More log output on standard error (-v info, -vv debug)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -s c -l config -d 'Agent configuration file (server address, certificates, entries)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -s e -l entry -d 'The backup entry' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -l at -d '`latest`, an archive name from `nbackup list`, or a time (`2026-12-01`, `"2026-12-01 14:30"`, RFC 3339): the newest archive finished by then' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -l json -d 'Print JSON'
+complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics help" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics help" -l json -d 'Print JSON instead of tables'
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics help" -s h -l help -d 'Print help'
@@ -177,17 +207,21 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -l parallels -d 'P
 complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand man" -s h -l help -d 'Print help'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "cert" -d 'Create a certificate authority and issue server and agent certificates'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "backup" -d 'Run backup entries once and exit'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "ctl" -d 'Query and command the daemons running here through their admin API'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "console" -d 'The operator console: live sessions, agents, freshness, history and actions'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "completions" -d 'Print a shell completion script'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "man" -d 'Write man pages into a directory'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health ctl console demo completions man help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "cert" -d 'Create a certificate authority and issue server and agent certificates'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "backup" -d 'Run backup entries once and exit'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "list" -d 'List this agent\'s archives on the server'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "ls" -d 'List the files in one archive (from its catalog, without reading the archive)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "restore" -d 'Restore files from an archive, verified against its manifest'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "verify" -d 'Ask the server to verify one of this agent\'s archives now'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "ctl" -d 'Query and command the daemons running here through their admin API'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "console" -d 'The operator console: live sessions, agents, freshness, history and actions'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "completions" -d 'Print a shell completion script'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "man" -d 'Write man pages into a directory'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "init-ca" -d 'Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "status" -d 'Status of the daemon'

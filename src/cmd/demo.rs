@@ -3,8 +3,9 @@
 //! Creates a throwaway CA, server and agent certificates, writes real config files
 //! and loads them through the same validation as `nbackup server`/`backup`, starts the
 //! server in-process on 127.0.0.1, backs up PATH (or a generated sample tree), checks
-//! the stored archive against its manifest, restores it, and compares the restore
-//! with the source, metadata included.
+//! the stored archive against its manifest by hand and has the server re-read it,
+//! restores it over `RSTR` as `nbackup restore` does, and compares the restore with
+//! the source, metadata included.
 
 use std::fs;
 use std::io::Write;
@@ -18,9 +19,11 @@ use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use nbackup_daemon::agent::fetch::{ArchiveRef, RestoreClient};
+use nbackup_daemon::agent::restore::{self as restore_job, RestoreProgress, RestoreSpec};
 use nbackup_daemon::agent::{self, Connector, Progress};
 use nbackup_daemon::pki::{self, Leaf};
-use nbackup_daemon::restore;
+use nbackup_daemon::restore::{self, Overwrite, Selection};
 use nbackup_protocol::config::{Excludes, Logging};
 use nbackup_protocol::manifest::Manifest;
 use nbackup_protocol::wire::Compression;
@@ -120,15 +123,28 @@ async fn demo(work: &Path, source: &Path, compression: Compression, parallels: u
     let entry = agent_cfg.backups[0].clone();
     let progress = Arc::new(Progress::default());
     let result = agent::run_backup(&connector, &agent_cfg, &entry, progress, CancellationToken::new()).await;
-    shutdown.cancel();
-    server.await.context("server task")??;
-    let report = match result {
-        Ok(r) => r,
+    let outcome = match result {
+        Ok(report) => check_and_restore(work, source, &storage_dir, &agent_cfg, &connector, report).await,
         Err(e) => {
             eprintln!("backup    FAILED: {e}");
-            return Ok(for_backup_error(&e));
+            Ok(for_backup_error(&e))
         }
     };
+    shutdown.cancel();
+    server.await.context("server task")??;
+    outcome
+}
+
+/// Verifies the committed archive (by hand and by the server), restores it over
+/// `RSTR` as `nbackup restore` does, and compares the result with the source.
+async fn check_and_restore(
+    work: &Path,
+    source: &Path,
+    storage_dir: &Path,
+    agent_cfg: &nbackup_protocol::config::AgentConfig,
+    connector: &Connector,
+    report: agent::BackupReport,
+) -> anyhow::Result<Exit> {
     let ratio = report.bytes_read as f64 / report.bytes_sent.max(1) as f64;
     println!(
         "backup    committed {}: {} read, {} stored ({ratio:.2}x) in {:.2}s, {:.1} MB/s of source data",
@@ -153,18 +169,42 @@ async fn demo(work: &Path, source: &Path, compression: Compression, parallels: u
         return Ok(Exit::Failed);
     }
     println!("verify    sha256 {}… and size match the manifest ({:.0} ms)", &manifest.sha256[..16], ms(t));
-
-    // Restore and compare.
+    let client = RestoreClient::new(connector.clone(), agent_cfg.name.clone(), agent_cfg.retry);
+    let entry = &agent_cfg.backups[0];
+    let which =
+        ArchiveRef { storage: entry.storage.clone(), backup: entry.name.clone(), archive: report.archive.clone() };
     let t = Instant::now();
+    let verdict = client.verify(&which).await?;
+    if verdict.verdict != nbackup_protocol::restore::Verdict::Good {
+        eprintln!("verify    FAILED on the server: {}", verdict.detail);
+        return Ok(Exit::Mismatch);
+    }
+    println!("verify    the server re-read it: decompressed, every tar member read ({:.0} ms)", ms(t));
+
+    // Restore over the network, as `nbackup restore` does, and compare.
     let restore_dir = work.join("restore");
-    let stats = restore::extract(&archive, compression, &restore_dir)?;
-    let secs = t.elapsed().as_secs_f64();
+    let spec = RestoreSpec {
+        which,
+        compression: manifest.compression,
+        dest: restore_dir.clone(),
+        selection: Selection::all(),
+        overwrite: Overwrite::Never,
+        dry_run: false,
+    };
+    let progress = Arc::new(RestoreProgress::default());
+    let outcome = restore_job::restore(&client, spec, progress, Box::new(|_| {}), &CancellationToken::new()).await?;
+    let stats = &outcome.report;
+    if outcome.verified != Some(true) || stats.kept + stats.refused + stats.failed > 0 {
+        eprintln!("restore   FAILED: verified {:?}, problems {:?}", outcome.verified, stats.problems);
+        return Ok(Exit::Failed);
+    }
     println!(
-        "restore   {} entries, {} into {} in {secs:.2}s ({:.1} MB/s)",
-        stats.entries,
+        "restore   {} entries, {} into {} in {:.2}s ({:.1} MB/s), sha256 matches the manifest",
+        stats.restored,
         human_bytes(stats.bytes),
         restore_dir.display(),
-        mb_per_s(stats.bytes, secs)
+        outcome.seconds,
+        mb_per_s(stats.bytes, outcome.seconds)
     );
     let as_root = restore::running_as_root();
     let diffs = restore::compare_trees(&[source.to_path_buf()], &Excludes::none(), &restore_dir, as_root, 20)?;

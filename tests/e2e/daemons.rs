@@ -200,7 +200,7 @@ async fn a_scheduled_run_fires_at_its_time_in_its_time_zone() {
     let after = agent.entry("nightly").await;
     assert_eq!(after.next_run.as_deref(), Some("2026-11-23T02:00:00Z"), "tomorrow's run is next");
     let archives = fs::read_dir(tmp.path().join("storage/main/web-01/nightly")).expect("entry dir").count();
-    assert_eq!(archives, 2, "one archive and its manifest");
+    assert_eq!(archives, 3, "one archive, its manifest and its catalog");
     agent.stop().await;
     server.stop().await;
 }

@@ -29,7 +29,7 @@ async fn rotation_keeps_the_newest_archives_with_their_manifests() {
         .collect();
     assert_eq!(left, names[2..].to_vec(), "the two newest remain");
     let dir = server.storage_dir("main").join("web-01/etc");
-    assert_eq!(fs::read_dir(&dir).expect("ls").count(), 4, "two archives, two manifests");
+    assert_eq!(fs::read_dir(&dir).expect("ls").count(), 6, "two archives, their manifests and catalogs");
     for a in server.archives("main", "web-01", "etc") {
         check_manifest(&a);
     }
