@@ -2,8 +2,10 @@
 //! asked for its class — a failure, a recovery (the first success after a failure,
 //! or a late entry on time again), a success. Webhooks get a JSON (or ntfy text)
 //! body over HTTP or HTTPS (system roots); commands get the event in `NBACKUP_*`
-//! environment variables. Each delivery is retried with backoff and bounded by the
-//! target's timeout; a URL is never logged beyond its scheme and host.
+//! environment variables; e-mail goes over SMTP (STARTTLS or TLS, system roots plus
+//! an optional CA file, a password read from a file). Each delivery is retried with
+//! backoff and bounded by the target's timeout; a URL is never logged beyond its
+//! scheme and host, a password never at all.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -24,11 +26,16 @@ use tracing::{info, warn};
 /// Delays between attempts: four attempts in all.
 const BACKOFF: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)];
 
-/// A target ready to deliver to: its URL read from its file, if it has one.
+/// A target ready to deliver to: its URL or password read from its file, if it
+/// has one.
 #[derive(Clone)]
 pub struct Target {
     pub cfg: Notify,
     url: Option<String>,
+    /// The SMTP password.
+    password: Option<String>,
+    /// Extra trusted roots for SMTP, PEM.
+    roots: Option<Vec<u8>>,
 }
 
 /// Reads what the targets need from disk (URL files). Blocking.
@@ -47,9 +54,26 @@ pub fn resolve(targets: &[Notify]) -> Result<Vec<Target>, String> {
                     }
                     Some(u)
                 }
-                NotifyTarget::Command { .. } => None,
+                NotifyTarget::Command { .. } | NotifyTarget::Email(_) => None,
             };
-            Ok(Target { cfg: n.clone(), url })
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| format!("notify {}: cannot read {}: {e}", n.name, p.display()))
+            };
+            let (mut password, mut roots) = (None, None);
+            if let NotifyTarget::Email(e) = &n.target {
+                if let Some((_, file)) = &e.login {
+                    let text = String::from_utf8(read(file)?)
+                        .map_err(|_| format!("notify {}: {} is not UTF-8", n.name, file.display()))?;
+                    password = Some(text.trim_end_matches(['\r', '\n']).to_string());
+                }
+                if let Some(ca) = &e.ca_file {
+                    let pem = read(ca)?;
+                    lettre::transport::smtp::client::Certificate::from_pem(&pem)
+                        .map_err(|e| format!("notify {}: {}: {e}", n.name, ca.display()))?;
+                    roots = Some(pem);
+                }
+            }
+            Ok(Target { cfg: n.clone(), url, password, roots })
         })
         .collect()
 }
@@ -289,7 +313,70 @@ pub async fn send(target: &Target, m: &Message) -> Result<(), String> {
             let url = target.url.as_deref().ok_or("no URL")?;
             webhook(url, *format, m).await
         }
+        NotifyTarget::Email(e) => email(e, target, m).await,
     }
+}
+
+/// The subject and plain-text body of a notification e-mail.
+pub fn mail_text(m: &Message) -> (String, String) {
+    let e = &m.event;
+    let subject = format!("[nbackup] {}", m.summary.chars().take(160).collect::<String>());
+    let mut body = format!("{}\n\n", m.summary);
+    for (k, v) in [
+        ("class", word(m.class)),
+        ("event", e.kind.as_str()),
+        ("level", e.kind.level().as_str()),
+        ("daemon", m.daemon.as_str()),
+        ("host", m.host.as_str()),
+        ("agent", e.agent.as_deref().unwrap_or("")),
+        ("entry", e.backup.as_deref().unwrap_or("")),
+        ("session", e.session.as_deref().unwrap_or("")),
+        ("time", e.time.as_str()),
+    ] {
+        if !v.is_empty() {
+            body.push_str(&format!("{k:<8} {v}\n"));
+        }
+    }
+    body.push_str(&format!("\n{}\n", e.message));
+    (subject, body)
+}
+
+async fn email(cfg: &nbackup_protocol::config::Email, target: &Target, m: &Message) -> Result<(), String> {
+    use lettre::transport::smtp::authentication::Credentials;
+    use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+    use nbackup_protocol::config::SmtpTls;
+    let (subject, body) = mail_text(m);
+    let parse = |a: &str| a.parse::<lettre::message::Mailbox>().map_err(|e| format!("address {a:?}: {e}"));
+    let mut message = lettre::Message::builder().from(parse(&cfg.from)?).subject(subject);
+    for to in &cfg.to {
+        message = message.to(parse(to)?);
+    }
+    let message = message
+        .header(lettre::message::header::ContentType::TEXT_PLAIN)
+        .body(body)
+        .map_err(|e| format!("cannot build the message: {e}"))?;
+    let params = || -> Result<TlsParameters, String> {
+        let mut b = TlsParameters::builder(cfg.host.clone());
+        if let Some(pem) = &target.roots {
+            b = b.add_root_certificate(Certificate::from_pem(pem).map_err(|e| e.to_string())?);
+        }
+        b.build_rustls().map_err(|e| format!("TLS setup: {e}"))
+    };
+    let tls = match cfg.tls {
+        SmtpTls::Starttls => Tls::Required(params()?),
+        SmtpTls::Tls => Tls::Wrapper(params()?),
+        SmtpTls::None => Tls::None,
+    };
+    let mut transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(cfg.host.as_str())
+        .port(cfg.port)
+        .tls(tls)
+        .timeout(Some(target.cfg.timeout));
+    if let (Some((user, _)), Some(password)) = (&cfg.login, &target.password) {
+        transport = transport.credentials(Credentials::new(user.clone(), password.clone()));
+    }
+    let server = format!("{}:{}", cfg.host, cfg.port);
+    transport.build().send(message).await.map(|_| ()).map_err(|e| format!("SMTP {server}: {e}"))
 }
 
 async fn command(argv: &[String], m: &Message) -> Result<(), String> {

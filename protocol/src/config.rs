@@ -22,7 +22,9 @@ pub use agent::{
     RawBackup, RawResume, RawRetry, RawSource, Resume, Retry, ScaleMode, ServerEndpoint,
 };
 pub use error::{ConfigError, ConfigErrorDetails};
-pub use notify::{Notify, NotifyOn, NotifyTarget, RawNotify, RawWebhook, WebhookFormat, WebhookUrl, redact};
+pub use notify::{
+    Email, Notify, NotifyOn, NotifyTarget, RawEmail, RawNotify, RawWebhook, SmtpTls, WebhookFormat, WebhookUrl, redact,
+};
 pub use server::{DEFAULT_STATE_DIR, RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};
 pub use units::{ByteSize, HumanDuration};
 

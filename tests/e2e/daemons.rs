@@ -1339,3 +1339,51 @@ async fn failures_and_recoveries_reach_webhooks_and_commands_with_retries() {
     agent.stop().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn failures_and_recoveries_reach_an_smtp_relay_over_starttls_with_a_login() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 193);
+    // The relay refuses the first message (451): the daemon retries.
+    let (relay, mut mails) = crate::smtp::start(&pki.dir, 1).await;
+    fs::write(tmp.path().join("smtp.pass"), "s3cret-pass\n").expect("password file");
+    let notify = format!(
+        "notify:\n  - name: ops-mail\n    email:\n      server: \"127.0.0.1:{}\"\n      tls: starttls\n\
+         \x20     from: \"nbackup <backup@example.com>\"\n      to: [ops@example.com, oncall@example.com]\n\
+         \x20     username: backup@example.com\n      password_file: smtp.pass\n      ca_file: {}/ca.crt\n",
+        relay.port(),
+        pki.dir.display()
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let yaml = server_yaml(tmp.path(), &pki, addr, &[gzip("main")], "") + &notify;
+    let server = ServerDaemon::start_yaml(tmp.path(), listener, addr, &yaml).await;
+    let backups = nightly_known_for_three_days(tmp.path(), &src);
+    let agent_yaml = agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, "");
+    let agent = AgentDaemon::start(tmp.path(), &agent_yaml, Arc::new(SystemClock)).await;
+
+    let missed = next_mail(&mut mails).await;
+    assert!(missed.tls, "sent after STARTTLS");
+    assert_eq!(missed.login.as_deref(), Some("backup@example.com:s3cret-pass"));
+    assert_eq!(missed.from, "<backup@example.com>");
+    assert_eq!(missed.to, ["<ops@example.com>", "<oncall@example.com>"]);
+    assert!(missed.data.contains("Subject: [nbackup] FAILURE web-01/nightly missed_backup"), "{}", missed.data);
+    assert!(missed.data.contains("event    missed_backup"), "{}", missed.data);
+    assert!(missed.data.contains("agent    web-01"), "{}", missed.data);
+
+    agent.client.post::<ActionResult, ()>("/v1/entries/nightly/run", None).await.expect("run");
+    let recovered = next_mail(&mut mails).await;
+    assert!(recovered.data.contains("Subject: [nbackup] RECOVERED web-01/nightly committed"), "{}", recovered.data);
+
+    let answer = server.client.notify_test("ops-mail").await.expect("notify-test");
+    assert!(answer.message.contains("sent to ops-mail"), "{}", answer.message);
+    assert!(next_mail(&mut mails).await.data.contains("Subject: [nbackup] TEST"));
+    assert!(!events(&server.client).await.iter().any(|e| e.message.contains("s3cret")), "no password in events");
+    agent.stop().await;
+    server.stop().await;
+}
+
+async fn next_mail(mails: &mut tokio::sync::mpsc::UnboundedReceiver<crate::smtp::Mail>) -> crate::smtp::Mail {
+    tokio::time::timeout(Duration::from_secs(30), mails.recv()).await.expect("a mail").expect("relay runs")
+}

@@ -2,6 +2,7 @@
 //! archives extracted by the system `tar` and compared with their sources.
 
 mod proxy;
+mod smtp;
 mod support;
 
 mod cli;

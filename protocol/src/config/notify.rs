@@ -1,5 +1,5 @@
 //! `notify:` in both daemons' files: who is told about failures (and, when asked,
-//! recoveries and successes), as a webhook or a command.
+//! recoveries and successes), as a webhook, a command or an e-mail.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,6 +16,7 @@ pub struct RawNotify {
     pub webhook: Option<RawWebhook>,
     /// argv of a program run with the event in `NBACKUP_*` environment variables.
     pub command: Option<Vec<String>>,
+    pub email: Option<RawEmail>,
     pub on: Option<Vec<NotifyOn>>,
     pub timeout: Option<HumanDuration>,
 }
@@ -29,6 +30,57 @@ pub struct RawWebhook {
     /// daemon at start and reload, never logged.
     pub url_file: Option<PathBuf>,
     pub format: Option<WebhookFormat>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmail {
+    /// `host[:port]` of the submission server.
+    pub server: String,
+    pub tls: Option<SmtpTls>,
+    pub from: String,
+    pub to: Vec<String>,
+    pub username: Option<String>,
+    /// A file holding the password (never in the YAML, never logged).
+    pub password_file: Option<PathBuf>,
+    /// A PEM file of extra trusted roots (a private mail relay's CA).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How an SMTP connection is protected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS, required (port 587).
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// No TLS: only to a relay on this host (localhost, 127.0.0.0/8, ::1).
+    None,
+}
+
+impl SmtpTls {
+    pub fn default_port(self) -> u16 {
+        match self {
+            SmtpTls::Starttls => 587,
+            SmtpTls::Tls => 465,
+            SmtpTls::None => 25,
+        }
+    }
+}
+
+/// A validated e-mail target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Email {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub from: String,
+    pub to: Vec<String>,
+    /// With the file its password is read from.
+    pub login: Option<(String, PathBuf)>,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// What a target hears about.
@@ -92,6 +144,7 @@ pub fn redact(url: &str) -> String {
 pub enum NotifyTarget {
     Webhook { url: WebhookUrl, format: WebhookFormat },
     Command { argv: Vec<String> },
+    Email(Email),
 }
 
 /// A validated target.
@@ -118,9 +171,10 @@ impl Notify {
             if out.iter().any(|n| n.name == name) {
                 return Err(src.error(Some(&format!("{at}.name")), format!("{name} is used twice"), None));
             }
-            let target = match (r.webhook, r.command) {
-                (Some(w), None) => webhook(w, src, &at, base)?,
-                (None, Some(argv)) => {
+            let target = match (r.webhook, r.command, r.email) {
+                (Some(w), None, None) => webhook(w, src, &at, base)?,
+                (None, None, Some(e)) => email(e, src, &at, base)?,
+                (None, Some(argv), None) => {
                     if argv.first().is_none_or(|p| !Path::new(p).is_absolute()) {
                         return Err(src.error(
                             Some(&format!("{at}.command")),
@@ -133,8 +187,11 @@ impl Notify {
                 _ => {
                     return Err(src.error(
                         Some(&at),
-                        "needs exactly one of webhook or command",
-                        Some("a target is either `webhook: {url: …}` or `command: [/path, args…]`".into()),
+                        "needs exactly one of webhook, command or email",
+                        Some(
+                            "a target is `webhook: {url: …}`, `command: [/path, args…]` or `email: {server: …, from: …, to: […]}`"
+                                .into(),
+                        ),
                     ));
                 }
             };
@@ -162,6 +219,74 @@ impl Notify {
     }
 }
 
+fn email(e: RawEmail, src: &Source<'_>, at: &str, base: &Path) -> Result<NotifyTarget, ConfigError> {
+    let key = |k: &str| format!("{at}.email.{k}");
+    let tls = e.tls.unwrap_or_default();
+    let bad_port = |p: &str| src.error(Some(&key("server")), format!("{p:?} is not a port number"), None);
+    let parse_port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad_port(p));
+    let (host, port) = if let Some(rest) = e.server.strip_prefix('[') {
+        // [v6]:port or [v6]
+        match rest.split_once(']') {
+            Some((h, "")) => (h.to_string(), tls.default_port()),
+            Some((h, p)) => (h.to_string(), parse_port(p.trim_start_matches(':'))?),
+            None => (String::new(), 0),
+        }
+    } else {
+        match e.server.matches(':').count() {
+            0 => (e.server.clone(), tls.default_port()),
+            1 => {
+                let (h, p) = e.server.split_once(':').expect("one colon");
+                (h.to_string(), parse_port(p)?)
+            }
+            // A bare IPv6 address.
+            _ => (e.server.clone(), tls.default_port()),
+        }
+    };
+    if host.is_empty() || host.contains(['/', ' ']) {
+        return Err(src.error(Some(&key("server")), format!("{:?} is not a host name", e.server), None));
+    }
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if tls == SmtpTls::None && !loopback {
+        return Err(src.error(
+            Some(&key("tls")),
+            format!("tls: none would send mail (and any password) to {host} in clear"),
+            Some("use starttls (port 587) or tls (port 465); none is for a relay on this host only".into()),
+        ));
+    }
+    let address = |k: &str, a: &str| -> Result<String, ConfigError> {
+        let inner = a.rsplit_once('<').map_or(a, |(_, rest)| rest.trim_end_matches('>')).trim();
+        let ok = !a.contains(['\r', '\n'])
+            && inner.split_once('@').is_some_and(|(l, d)| !l.is_empty() && (d.contains('.') || d == "localhost"));
+        if ok {
+            Ok(a.trim().to_string())
+        } else {
+            Err(src.error(
+                Some(&key(k)),
+                format!("{a:?} is not an e-mail address"),
+                Some("e.g. ops@example.com or \"nbackup <backup@example.com>\"".into()),
+            ))
+        }
+    };
+    let from = address("from", &e.from)?;
+    if e.to.is_empty() {
+        return Err(src.error(Some(&key("to")), "lists nobody", Some("to: [ops@example.com]".into())));
+    }
+    let to = e.to.iter().map(|t| address("to", t)).collect::<Result<Vec<_>, _>>()?;
+    let login = match (e.username, e.password_file) {
+        (Some(u), Some(p)) => Some((u, super::resolve(base, p))),
+        (None, None) => None,
+        _ => {
+            return Err(src.error(
+                Some(&format!("{at}.email")),
+                "username and password_file go together",
+                Some("the password is read from password_file, never written in the YAML".into()),
+            ));
+        }
+    };
+    let ca_file = e.ca_file.map(|p| super::resolve(base, p));
+    Ok(NotifyTarget::Email(Email { host, port, tls, from, to, login, ca_file }))
+}
+
 fn webhook(w: RawWebhook, src: &Source<'_>, at: &str, base: &Path) -> Result<NotifyTarget, ConfigError> {
     let url = match (w.url, w.url_file) {
         (Some(u), None) => {
@@ -186,4 +311,48 @@ fn webhook(w: RawWebhook, src: &Source<'_>, at: &str, base: &Path) -> Result<Not
         }
     };
     Ok(NotifyTarget::Webhook { url, format: w.format.unwrap_or_default() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+
+    fn email_target(email: &str) -> Result<Email, String> {
+        let yaml = format!(
+            "server:\n  listen: \"127.0.0.1:9847\"\ntls:\n  ca_cert: ca.crt\n  server_cert: s.crt\n  server_key: s.key\n\
+             storages:\n  main:\n    base_dir: /tmp/x\n    max_backups: 3\n    compression: gzip\n\
+             notify:\n  - name: mail\n    email:\n{email}"
+        );
+        let cfg = ServerConfig::parse(&yaml, Path::new("/etc/nbackup/server.yaml")).map_err(|e| e.to_string())?;
+        match cfg.notify.into_iter().next().map(|n| n.target) {
+            Some(NotifyTarget::Email(e)) => Ok(e),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn email_ports_follow_the_tls_mode_and_paths_resolve_beside_the_config() {
+        let e = email_target("      server: smtp.example.com\n      from: a@example.com\n      to: [b@example.com]\n")
+            .expect("parses");
+        assert_eq!((e.host.as_str(), e.port, e.tls), ("smtp.example.com", 587, SmtpTls::Starttls));
+        let e = email_target(
+            "      server: smtp.example.com\n      tls: tls\n      from: \"nbackup <a@example.com>\"\n      to: [b@example.com]\n\
+             \x20     username: a\n      password_file: smtp.pass\n",
+        )
+        .expect("parses");
+        assert_eq!(e.port, 465);
+        assert_eq!(e.login, Some(("a".into(), PathBuf::from("/etc/nbackup/smtp.pass"))));
+        let e = email_target(
+            "      server: \"[::1]:2525\"\n      tls: none\n      from: a@localhost\n      to: [b@example.com]\n",
+        )
+        .expect("a relay on this host may be plain");
+        assert_eq!((e.host.as_str(), e.port), ("::1", 2525));
+        let bad = email_target("      server: smtp.example.com\n      from: nobody\n      to: [b@example.com]\n");
+        assert!(bad.expect_err("refused").contains("is not an e-mail address"));
+        let header = email_target(
+            "      server: smtp.example.com\n      from: \"a@example.com\\r\\nBcc: x@evil.com\"\n      to: [b@example.com]\n",
+        );
+        assert!(header.is_err(), "no header injection through an address");
+    }
 }
