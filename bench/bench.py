@@ -10,6 +10,12 @@ into a file at the same level. Runs are interleaved (nbackup, baseline, nbackup,
 baseline, ...) so that noise from a shared machine hits both alike; medians are
 reported with ratios.
 
+Restore cases: the archive each backup just committed is restored over loopback by
+`nbackup restore` (fetch over mutual TLS, SHA-256 check, decompress, safe extraction)
+and, in the same round, extracted from the server's disk by `tar -xf` (GNU tar with
+gzip or zstd): both into an empty directory on the same filesystem, the directory
+removed (untimed) after each run.
+
 A latency case then backs up a smaller tree through bench/netsim.py (one-way delay,
 per-connection window, shared bandwidth cap) with one stream and with the autoscaler.
 
@@ -180,6 +186,41 @@ class Nbackup:
             "streams": report["streams"],
         }
 
+    def restore(self, config, entry, dest):
+        shutil.rmtree(dest, ignore_errors=True)
+        pid = self.server.pid
+        reset_hwm(pid)
+        cpu0 = proc_cpu(pid)
+        t0 = time.monotonic()
+        p = subprocess.Popen(
+            [self.exe, "restore", "--json", "--entry", entry, "--to", dest, "--config", config],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out = p.stdout.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.monotonic() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"nbackup restore failed: {p.stderr.read().decode()} {out.decode()}")
+        report = json.loads(out)
+        if report.get("verified") is not True:
+            sys.exit(f"restore not verified: {report}")
+        shutil.rmtree(dest, ignore_errors=True)
+        return {
+            "wall": wall,
+            "agent_cpu": ru.ru_utime + ru.ru_stime,
+            "agent_rss": ru.ru_maxrss * 1024,
+            "server_cpu": proc_cpu(pid) - cpu0,
+            "server_rss": proc_hwm(pid),
+            "archive": report["size"],
+            "source": report["report"]["bytes"],
+        }
+
+    def archive_of(self, storage, entry):
+        d = os.path.join(self.work, "storage", storage, "bench", entry)
+        names = [n for n in os.listdir(d) if n.endswith((".tar.gz", ".tar.zst"))]
+        return os.path.join(d, sorted(names)[-1])
+
     def stop(self):
         self.server.terminate()
         self.server.wait()
@@ -249,6 +290,7 @@ def main():
     ap.add_argument("--latency-window", default="256k", help="in-flight bytes per connection and direction")
     ap.add_argument("--latency-rate", default="40m", help="shared bandwidth cap, bytes/s")
     ap.add_argument("--buffer", default="256mb")
+    ap.add_argument("--no-restore", action="store_true", help="skip the restore cases")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
 
@@ -279,9 +321,14 @@ def main():
     names = ["nbackup gzip", pigz_name, "nbackup zstd", zstd_name]
     if n > 1:
         names += [f"nbackup gzip, {n} streams", f"nbackup zstd, {n} streams"]
+    restore_names = [] if args.no_restore else [
+        "nbackup restore gzip", "tar -xzf (gzip)", "nbackup restore zstd", "tar --zstd -xf (zstd)"]
+    names += restore_names
     cases = {name: [] for name in names}
     baseline_of = {"nbackup gzip": pigz_name, "nbackup zstd": zstd_name,
-                   f"nbackup gzip, {n} streams": pigz_name, f"nbackup zstd, {n} streams": zstd_name}
+                   f"nbackup gzip, {n} streams": pigz_name, f"nbackup zstd, {n} streams": zstd_name,
+                   "nbackup restore gzip": "tar -xzf (gzip)", "nbackup restore zstd": "tar --zstd -xf (zstd)"}
+    dest = os.path.join(work, "restored")
     latency = {}
     try:
         for r in range(args.rounds):
@@ -295,6 +342,16 @@ def main():
             if n > 1:
                 cases[f"nbackup gzip, {n} streams"].append(nb.backup(loop_cfg, f"gzip{n}"))
                 cases[f"nbackup zstd, {n} streams"].append(nb.backup(loop_cfg, f"zstd{n}"))
+            if restore_names:
+                for comp, entry, flag, tar_name in (("gzip", "gzip", "-z", "tar -xzf (gzip)"),
+                                                   ("zstd", "zstd", "--zstd", "tar --zstd -xf (zstd)")):
+                    cases[f"nbackup restore {comp}"].append(nb.restore(loop_cfg, entry, dest))
+                    archive = nb.archive_of("gz" if comp == "gzip" else "zs", entry)
+                    shutil.rmtree(dest, ignore_errors=True)
+                    os.makedirs(dest)
+                    w, c, rss = run_measured(["tar", flag, "-x", "-f", archive, "-C", dest])
+                    cases[tar_name].append({"wall": w, "cpu": c, "rss": rss, "archive": os.path.getsize(archive)})
+                    shutil.rmtree(dest, ignore_errors=True)
         if args.latency_rounds > 0:
             latency = run_latency(args, nb, work)
     finally:
@@ -334,6 +391,10 @@ def main():
         results["cases"][name] = entry
         print(f"{name:<28}{mbs:>8.1f}{ratio_s:>7}{cpu:>24}{rss:>30}{entry['archive_bytes'] / 1e6:>12.1f}")
     print("\nratio = nbackup throughput / its baseline pipeline's (same compression, same level); higher is better")
+    for comp in ("gzip", "zstd") if restore_names else ():
+        r = results["cases"][f"nbackup restore {comp}"]["mb_per_s"] / results["cases"][f"nbackup {comp}"]["mb_per_s"]
+        results["cases"][f"nbackup restore {comp}"]["ratio_to_backup"] = r
+        print(f"restore {comp} / backup {comp} speed: {r:.2f}x")
     if latency:
         print(f"\nlatency case: {latency['source_bytes'] / 1e6:.0f} MB through netsim "
               f"({latency['delay_ms']:.0f} ms each way, {latency['window']} window per connection, {latency['rate']}/s shared cap)")

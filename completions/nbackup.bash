@@ -1732,7 +1732,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__verify)
-            opts="-c -e -h --config --entry --at --json --help"
+            opts="-c -e -h --config --entry --at --restore-test --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1755,6 +1755,10 @@ _nbackup() {
                     return 0
                     ;;
                 --at)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --restore-test)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

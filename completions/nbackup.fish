@@ -99,6 +99,7 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand restore" -s h -l help -d
 complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -s c -l config -d 'Agent configuration file (server address, certificates, entries)' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -s e -l entry -d 'The backup entry' -r
 complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -l at -d '`latest`, an archive name from `nbackup list`, or a time (`2026-12-01`, `"2026-12-01 14:30"`, RFC 3339): the newest archive finished by then' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -l restore-test -d 'Also restore this many random files of the archive into a temporary directory and compare them with the live source (files changed since the backup are reported, not failures)' -r
 complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -l json -d 'Print JSON'
 complete -c nbackup -n "__fish_nbackup_using_subcommand verify" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and not __fish_seen_subcommand_from status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics help" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F

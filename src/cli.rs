@@ -33,8 +33,9 @@ Exit status:
   2    usage or configuration error
   3    the server could not be reached
   4    the server refused (no such archive, a verification already running, …)
-  7    corrupt: it differs from its manifest or does not decompress; the server
-       quarantined it";
+  7    corrupt: it differs from its manifest or does not decompress (the server
+       quarantined it), or --restore-test restored a file that differs from its
+       unchanged source";
 
 const CTL_EXIT_CODES: &str = "\
 Exit status:
@@ -301,6 +302,11 @@ pub struct RestoreArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub archive: ArchiveArgs,
+    /// Also restore this many random files of the archive into a temporary directory
+    /// and compare them with the live source (files changed since the backup are
+    /// reported, not failures)
+    #[arg(long, value_name = "FILES", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub restore_test: Option<u32>,
     /// Print JSON
     #[arg(long)]
     pub json: bool,

@@ -153,12 +153,13 @@ impl Classifier {
             | EventKind::ArchiveCorrupt
             | EventKind::CommitIncomplete
             | EventKind::ReloadFailed
+            | EventKind::RestoreTestFailed
             | EventKind::Missed => {
                 self.failing.insert(key);
                 vec![NotifyOn::Failure]
             }
             // Usually its commit was the recovery already; this covers the rest.
-            EventKind::BackupRecovered => {
+            EventKind::BackupRecovered | EventKind::RestoreTested => {
                 if self.failing.remove(&key) {
                     vec![NotifyOn::Recovery]
                 } else {

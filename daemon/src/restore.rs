@@ -188,6 +188,12 @@ impl Selection {
         Ok(Selection { paths, globs, has_globs })
     }
 
+    /// Exactly these member names (and what is below them), never read as globs.
+    pub fn exact(paths: &[String]) -> Self {
+        let paths = paths.iter().map(|p| p.trim_start_matches('/').trim_end_matches('/').to_owned()).collect();
+        Selection { paths, globs: globset::GlobSet::empty(), has_globs: false }
+    }
+
     pub fn is_all(&self) -> bool {
         self.paths.is_empty() && !self.has_globs
     }
@@ -707,7 +713,8 @@ fn compare_entry(
     Ok(None)
 }
 
-fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
+/// Whether two files hold the same bytes (read side by side, 64 KiB at a time).
+pub(crate) fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
     let (mut fa, mut fb) = (BufReader::new(File::open(a)?), BufReader::new(File::open(b)?));
     let (mut ba, mut bb) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
     loop {

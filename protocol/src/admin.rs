@@ -168,6 +168,12 @@ words! {
         VerifyDone = "verify_done",
         /// An agent fetched one of its archives (or its catalog) for a restore.
         RestoreServed = "restore_served",
+        /// A restore test restored files of the newest archive and found them equal to
+        /// the live source (or changed since the backup, which is reported).
+        RestoreTested = "restore_tested",
+        /// A restore test could not restore, or restored a file that differs from an
+        /// unchanged source.
+        RestoreTestFailed = "restore_test_failed",
     }
 }
 
@@ -195,9 +201,8 @@ impl EventKind {
     pub fn level(self) -> Level {
         use EventKind::*;
         match self {
-            Failed | CommitIncomplete | ReloadFailed | Missed | MissedBackup | AgentSilent | ArchiveCorrupt => {
-                Level::Error
-            }
+            Failed | CommitIncomplete | ReloadFailed | Missed | MissedBackup | AgentSilent | ArchiveCorrupt
+            | RestoreTestFailed => Level::Error,
             StreamLost | Aborted | Expired | Refused | DiskLow | AgentDisconnected | ControlLost | Retry | Skipped
             | AbortRequested | VerifyFailed | Unknown => Level::Warn,
             _ => Level::Info,

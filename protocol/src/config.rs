@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use agent::{
     AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, ControlChannel, Excludes, RawAgentConfig, RawAutoScaler,
-    RawBackup, RawResume, RawRetry, RawSource, Resume, Retry, ScaleMode, ServerEndpoint,
+    RawBackup, RawRestoreTest, RawResume, RawRetry, RawSource, RestoreTest, Resume, Retry, ScaleMode, ServerEndpoint,
 };
 pub use error::{ConfigError, ConfigErrorDetails};
 pub use notify::{

@@ -390,19 +390,42 @@ fn start_bar(archive: &RemoteArchive, progress: &Arc<RestoreProgress>) -> (Progr
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let (agent, _guard) = agent(&args.archive.config, 0)?;
     super::runtime()?.block_on(async {
-        let (which, _) = choose(&agent, &args.archive).await?;
+        let (which, chosen) = choose(&agent, &args.archive).await?;
         let v = agent.client.verify(&which).await.map_err(connect_failure)?;
-        let code = match v.verdict {
+        let mut code = match v.verdict {
             Verdict::Good => Exit::Ok,
             Verdict::Corrupt => Exit::Mismatch,
             Verdict::Unverified => Exit::Failed,
         };
+        if !args.json {
+            if v.verdict == Verdict::Good {
+                println!("{}", v.detail);
+            } else {
+                eprintln!("error: {}", v.detail);
+            }
+        }
+        let mut test = None;
+        if let (Some(files), Exit::Ok) = (args.restore_test, code) {
+            let cancel = super::shutdown_on_signals();
+            let report =
+                job::restore_test(&agent.client, &which.storage, &chosen, files, &std::env::temp_dir(), &cancel)
+                    .await
+                    .map_err(restore_failure)?;
+            if !report.ok() {
+                code = Exit::Mismatch;
+            }
+            if !args.json {
+                let line = report.summary();
+                if report.ok() { println!("{line}") } else { eprintln!("error: {line}") }
+            }
+            test = Some(report);
+        }
         if args.json {
-            println!("{}", serde_json::to_string(&v).expect("serializable"));
-        } else if v.verdict == Verdict::Good {
-            println!("{}", v.detail);
-        } else {
-            eprintln!("error: {}", v.detail);
+            let mut out = serde_json::to_value(&v).expect("serializable");
+            if let Some(t) = test {
+                out["restore_test"] = serde_json::to_value(t).expect("serializable");
+            }
+            println!("{out}");
         }
         Ok(code.into())
     })

@@ -1387,3 +1387,36 @@ async fn failures_and_recoveries_reach_an_smtp_relay_over_starttls_with_a_login(
 async fn next_mail(mails: &mut tokio::sync::mpsc::UnboundedReceiver<crate::smtp::Mail>) -> crate::smtp::Mail {
     tokio::time::timeout(Duration::from_secs(30), mails.recv()).await.expect("a mail").expect("relay runs")
 }
+
+#[tokio::test]
+async fn a_scheduled_restore_test_restores_files_of_the_newest_archive_and_records_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "300K", 197);
+    let server = ServerDaemon::start(tmp.path(), &pki, &[zstd("main")]).await;
+    // Every minute of a clock running 30× fast: a test every 2 s.
+    let clock = Arc::new(FastClock::new(utc("2026-11-22T05:59:00Z"), 30.0));
+    let backups = entry_yaml("etc", &src, "    restore_test:\n      schedule: \"* * * * *\"\n      files: 5\n");
+    let agent =
+        AgentDaemon::start(tmp.path(), &agent_daemon_yaml(&pki, server.addr, tmp.path(), &backups, ""), clock).await;
+    agent.client.post::<ActionResult, ()>("/v1/entries/etc/run", None).await.expect("run");
+    assert!(agent.wait_result("etc", Duration::from_secs(30)).await.ok);
+    let start = Instant::now();
+    let tested = loop {
+        let found = events(&agent.client).await.into_iter().find(|e| e.kind == EventKind::RestoreTested);
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no restore test: {:?}", events(&agent.client).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(tested.backup.as_deref(), Some("etc"));
+    assert!(tested.message.contains("5 files restored, 5 identical to the source"), "{}", tested.message);
+    // Nothing is left behind in the state directory.
+    let leftovers: Vec<_> = fs::read_dir(tmp.path().join("agent-state"))
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("restore-test-")).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    agent.stop().await;
+    server.stop().await;
+}

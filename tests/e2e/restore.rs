@@ -401,3 +401,36 @@ async fn a_crafted_archive_restores_nothing_outside_the_destination() {
     assert_eq!(refused, 4, "`..`, absolute, through a symlink, hard link outside: {result}");
     f.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_test_reports_changed_files_and_fails_on_a_file_that_differs_from_an_unchanged_source() {
+    let f = fixture().await;
+    let verify = |extra: &[&str]| {
+        let out = run(nbackup().args(["verify", "--json", "--entry", "etc", "--config"]).arg(&f.config).args(extra));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), v, text(&out.stderr))
+    };
+    let (code, v, err) = verify(&["--restore-test", "10"]);
+    assert_eq!(code, Some(0), "{v} {err}");
+    assert_eq!(v["restore_test"]["checked"], 4, "all four files: {v}");
+    assert_eq!(v["restore_test"]["identical"], 4, "{v}");
+
+    // An ordinary edit since the backup: reported, not a failure.
+    fs::write(f.src.join("etc/motd"), "edited after the backup, longer\n").expect("edit");
+    let (code, v, err) = verify(&["--restore-test", "10"]);
+    assert_eq!(code, Some(0), "{v} {err}");
+    let changed = v["restore_test"]["changed"].as_array().cloned().unwrap_or_default();
+    assert_eq!(changed.len(), 1, "{v}");
+    assert!(changed[0].as_str().is_some_and(|p| p.ends_with("etc/motd")), "{v}");
+
+    // Same size, same mtime, other bytes: the backup and the source disagree.
+    let hosts = f.src.join("etc/hosts");
+    let mtime = fs::metadata(&hosts).expect("stat").modified().expect("mtime");
+    fs::write(&hosts, "127.0.0.9 localhost\n").expect("same length");
+    fs::File::options().write(true).open(&hosts).expect("open").set_modified(mtime).expect("keep mtime");
+    let (code, v, err) = verify(&["--restore-test", "10"]);
+    assert_eq!(code, Some(7), "{v} {err}");
+    let differing = v["restore_test"]["differing"].as_array().cloned().unwrap_or_default();
+    assert!(differing.iter().any(|p| p.as_str().is_some_and(|p| p.ends_with("etc/hosts"))), "{v}");
+    f.server.stop().await;
+}

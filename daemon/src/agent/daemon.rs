@@ -192,8 +192,17 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 }
 
 fn next_after(entry: &BackupEntry, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let schedule = entry.schedule.as_ref()?;
-    match entry.timezone {
+    next_in_zone(entry.schedule.as_ref()?, entry.timezone, after)
+}
+
+/// The next occurrence of `schedule` after `after`, read in `timezone` (local time
+/// when `None`).
+fn next_in_zone(
+    schedule: &nbackup_protocol::config::Schedule,
+    timezone: Option<chrono_tz::Tz>,
+    after: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    match timezone {
         Some(tz) => schedule.next_after(&after.with_timezone(&tz)).map(|t| t.with_timezone(&Utc)),
         None => schedule.next_after(&after.with_timezone(&chrono::Local)).map(|t| t.with_timezone(&Utc)),
     }
@@ -290,6 +299,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, options: Opti
     }
     background.spawn(d.clone().scheduler());
     background.spawn(d.clone().sampler());
+    background.spawn(d.clone().restore_tester());
     background.spawn(super::control::run(d.clone()));
     background.spawn(crate::daemon::reload_loop(d.clone(), options.reload.take(), shutdown.clone()));
     shutdown.cancelled().await;
@@ -608,6 +618,67 @@ impl Agentd {
                 _ = sleep => {}
                 _ = self.schedule_changed.notified() => {}
                 _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Runs each entry's `restore_test` on its schedule, one test at a time. A test
+    /// missed while the agent was down is not replayed; a changed configuration is
+    /// picked up within a minute.
+    async fn restore_tester(self: Arc<Self>) {
+        let mut last: std::collections::HashMap<String, DateTime<Utc>> = std::collections::HashMap::new();
+        loop {
+            let now = self.clock.now();
+            let config = self.config();
+            let mut earliest = now + chrono::Duration::seconds(60);
+            let mut due = Vec::new();
+            for e in &config.backups {
+                let Some(t) = &e.restore_test else { continue };
+                let after = *last.entry(e.name.to_string()).or_insert(now);
+                match next_in_zone(&t.schedule, e.timezone, after) {
+                    Some(n) if n <= now => due.push((e.clone(), n)),
+                    Some(n) => earliest = earliest.min(n),
+                    None => {}
+                }
+            }
+            for (entry, at) in due {
+                last.insert(entry.name.to_string(), at);
+                self.restore_test(&config, &entry).await;
+            }
+            tokio::select! {
+                _ = self.clock.sleep_until(earliest) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One restore test of `entry`'s newest archive, recorded as an event.
+    async fn restore_test(&self, config: &AgentConfig, entry: &BackupEntry) {
+        let Some(test) = &entry.restore_test else { return };
+        let client = super::fetch::RestoreClient::new((*self.connector()).clone(), config.name.clone(), config.retry);
+        let who = self.who(Some(entry.name.as_str()));
+        let result = async {
+            let archives = client.list(&entry.storage, Some(&entry.name)).await.map_err(|e| e.to_string())?;
+            let newest = archives.last().ok_or_else(|| "no archive on the server yet".to_string())?;
+            // On the state directory's disk, not a small /tmp; removed after.
+            super::restore::restore_test(&client, &entry.storage, newest, test.files, &config.state_dir, &self.shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(report) if report.ok() => {
+                info!(entry = %entry.name, "{}", report.summary());
+                self.events.record(EventKind::RestoreTested, who, report.summary());
+            }
+            Ok(report) => {
+                warn!(entry = %entry.name, "{}", report.summary());
+                self.events.record(EventKind::RestoreTestFailed, who, report.summary());
+            }
+            Err(e) if self.shutdown.is_cancelled() => info!(entry = %entry.name, "restore test stopped: {e}"),
+            Err(e) => {
+                warn!(entry = %entry.name, "restore test failed: {e}");
+                self.events.record(EventKind::RestoreTestFailed, who, format!("restore test failed: {e}"));
             }
         }
     }

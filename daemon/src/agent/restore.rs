@@ -216,3 +216,146 @@ pub async fn members_from_archive(
     fetched?;
     walked.map_err(|e| RestoreError::Extract(format!("the archive cannot be read: {e}")))
 }
+
+/// What a restore test found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RestoreTestReport {
+    pub archive: String,
+    /// Files restored and compared.
+    pub checked: u64,
+    /// Restored equal to the live file.
+    pub identical: u64,
+    /// Changed on the source since the backup (size or mtime): reported, not failures.
+    pub changed: Vec<String>,
+    /// Gone from the source since the backup.
+    pub gone: Vec<String>,
+    /// Restored different from a live file whose size and mtime are unchanged: the
+    /// backup (or the source) is damaged. A failure.
+    pub differing: Vec<String>,
+    pub seconds: f64,
+}
+
+impl RestoreTestReport {
+    pub fn ok(&self) -> bool {
+        self.differing.is_empty()
+    }
+
+    /// One line for the event log.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "restore test of {}: {} files restored, {} identical to the source",
+            self.archive, self.checked, self.identical
+        );
+        let list = |v: &[String]| v.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        if !self.changed.is_empty() {
+            s += &format!(", {} changed since the backup ({})", self.changed.len(), list(&self.changed));
+        }
+        if !self.gone.is_empty() {
+            s += &format!(", {} gone from the source ({})", self.gone.len(), list(&self.gone));
+        }
+        if !self.differing.is_empty() {
+            s += &format!(", {} DIFFER from an unchanged source ({})", self.differing.len(), list(&self.differing));
+        }
+        s
+    }
+}
+
+/// Restores `files` random regular files of `archive` (which must have a catalog)
+/// into a fresh directory below `workdir`, compares each with the live file, and
+/// removes the directory. The archive is fetched and decompressed whole (it is a
+/// stream); only the chosen files are written.
+pub async fn restore_test(
+    client: &RestoreClient,
+    storage: &nbackup_protocol::Name,
+    archive: &RemoteArchive,
+    files: u32,
+    workdir: &std::path::Path,
+    cancel: &CancellationToken,
+) -> Result<RestoreTestReport, RestoreError> {
+    let started = Instant::now();
+    let Some(members) = catalog(client, archive, storage, cancel).await? else {
+        return Err(RestoreError::Extract(format!(
+            "{} has no catalog; restore tests need one (archives made by this version have it)",
+            archive.archive
+        )));
+    };
+    let mut candidates: Vec<&CatalogEntry> =
+        members.iter().filter(|m| m.kind == nbackup_protocol::restore::EntryKind::File && !m.lossy).collect();
+    let chosen = sample(&mut candidates, files as usize);
+    let mut report = RestoreTestReport { archive: archive.archive.clone(), ..Default::default() };
+    if chosen.is_empty() {
+        report.seconds = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    let mut suffix = [0u8; 8];
+    getrandom::fill(&mut suffix).map_err(|e| RestoreError::Extract(format!("no randomness: {e}")))?;
+    let dest = workdir.join(format!("restore-test-{}-{}", archive.backup, nbackup_protocol::manifest::hex(&suffix)));
+    let paths: Vec<String> = chosen.iter().map(|m| m.path.clone()).collect();
+    let spec = RestoreSpec {
+        which: ArchiveRef {
+            storage: storage.clone(),
+            backup: archive.backup.clone(),
+            archive: archive.archive.clone(),
+        },
+        compression: archive.compression,
+        dest: dest.clone(),
+        selection: Selection::exact(&paths),
+        overwrite: Overwrite::Never,
+        dry_run: false,
+    };
+    let restored = restore(client, spec, Arc::new(RestoreProgress::default()), Box::new(|_| {}), cancel).await;
+    let compared = restored.and_then(|outcome| {
+        if outcome.verified != Some(true) {
+            return Err(RestoreError::Extract(format!("{}: sha256 differs from the manifest", archive.archive)));
+        }
+        for m in &chosen {
+            let live = std::path::Path::new("/").join(&m.path);
+            let copy = dest.join(&m.path);
+            report.checked += 1;
+            match compare_with_live(&live, &copy, m) {
+                Ok(Compared::Identical) => report.identical += 1,
+                Ok(Compared::Changed) => report.changed.push(live.display().to_string()),
+                Ok(Compared::Gone) => report.gone.push(live.display().to_string()),
+                Ok(Compared::Differs) => report.differing.push(live.display().to_string()),
+                Err(e) => report.differing.push(format!("{} ({e})", live.display())),
+            }
+        }
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&dest);
+    compared?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+enum Compared {
+    Identical,
+    Changed,
+    Gone,
+    Differs,
+}
+
+fn compare_with_live(live: &std::path::Path, copy: &std::path::Path, m: &CatalogEntry) -> io::Result<Compared> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(live) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Compared::Gone),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_file() || meta.len() != m.size || meta.mtime() != m.mtime {
+        return Ok(Compared::Changed);
+    }
+    Ok(if crate::restore::same_content(copy, live)? { Compared::Identical } else { Compared::Differs })
+}
+
+/// Up to `n` of `items`, chosen uniformly at random (a partial Fisher–Yates shuffle).
+fn sample<'a, T>(items: &mut [&'a T], n: usize) -> Vec<&'a T> {
+    let n = n.min(items.len());
+    for i in 0..n {
+        let mut r = [0u8; 8];
+        let _ = getrandom::fill(&mut r);
+        let j = i + (u64::from_le_bytes(r) % (items.len() - i) as u64) as usize;
+        items.swap(i, j);
+    }
+    items[..n].to_vec()
+}

@@ -109,6 +109,28 @@ pub struct RawBackup {
     /// `"HH:MM-HH:MM": rate` windows of local time.
     #[serde(default)]
     pub bandwidth_schedule: std::collections::BTreeMap<String, ByteSize>,
+    pub restore_test: Option<RawRestoreTest>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRestoreTest {
+    pub schedule: String,
+    pub files: Option<u32>,
+}
+
+/// Periodically restore a few random files of the newest archive and compare them
+/// with the live source.
+#[derive(Clone, Debug)]
+pub struct RestoreTest {
+    /// Read in the entry's time zone.
+    pub schedule: Schedule,
+    pub files: u32,
+}
+
+impl RestoreTest {
+    pub const DEFAULT_FILES: u32 = 10;
+    pub const MAX_FILES: u32 = 1000;
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -273,6 +295,7 @@ pub struct BackupEntry {
     pub parallels: u16,
     pub auto_scaler: AutoScaler,
     pub bandwidth: Bandwidth,
+    pub restore_test: Option<RestoreTest>,
 }
 
 /// The in-memory window of unacknowledged data, the chunk size, and how long a
@@ -523,6 +546,27 @@ impl AgentConfig {
             }
             let auto_scaler = auto_scaler(b.auto_scaler.as_ref(), &at, src)?;
             let bandwidth = bandwidth(b.bandwidth_limit, &b.bandwidth_schedule, &at, src)?;
+            let restore_test = match b.restore_test {
+                None => None,
+                Some(t) => {
+                    let schedule = Schedule::parse(&t.schedule).map_err(|e| {
+                        src.error(
+                            Some(&format!("{at}.restore_test.schedule")),
+                            e,
+                            Some("a cron expression, e.g. \"0 6 * * 0\" (Sundays at 06:00)".into()),
+                        )
+                    })?;
+                    let files = t.files.unwrap_or(RestoreTest::DEFAULT_FILES);
+                    if !(1..=RestoreTest::MAX_FILES).contains(&files) {
+                        return Err(src.error(
+                            Some(&format!("{at}.restore_test.files")),
+                            format!("{files} is out of range"),
+                            Some(format!("1 to {}", RestoreTest::MAX_FILES)),
+                        ));
+                    }
+                    Some(RestoreTest { schedule, files })
+                }
+            };
             backups.push(BackupEntry {
                 name: b.name,
                 storage: b.storage,
@@ -534,6 +578,7 @@ impl AgentConfig {
                 parallels,
                 auto_scaler,
                 bandwidth,
+                restore_test,
             });
         }
         Ok(AgentConfig {
