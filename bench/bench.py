@@ -159,62 +159,39 @@ class Nbackup:
             )
         return path
 
-    def backup(self, config, entry):
+    def _client(self, argv, what):
+        """Runs one `nbackup ... --json` client command; returns its report and the
+        client's and server's CPU seconds and peak RSS while it ran."""
         pid = self.server.pid
         reset_hwm(pid)
         cpu0 = proc_cpu(pid)
         t0 = time.monotonic()
-        p = subprocess.Popen(
-            [self.exe, "backup", "--json", "--entry", entry, "--config", config],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        p = subprocess.Popen([self.exe] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out = p.stdout.read()
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.monotonic() - t0
         if os.waitstatus_to_exitcode(status) != 0:
-            sys.exit(f"nbackup backup failed: {p.stderr.read().decode()}")
-        report = json.loads(out)
-        return {
+            sys.exit(f"nbackup {what} failed: {p.stderr.read().decode()} {out.decode()}")
+        return json.loads(out), {
             "wall": wall,
             "agent_cpu": ru.ru_utime + ru.ru_stime,
             "agent_rss": ru.ru_maxrss * 1024,
             "server_cpu": proc_cpu(pid) - cpu0,
             "server_rss": proc_hwm(pid),
-            "archive": report["bytes_sent"],
-            "source": report["bytes_read"],
-            "streams": report["streams"],
         }
+
+    def backup(self, config, entry):
+        report, m = self._client(["backup", "--json", "--entry", entry, "--config", config], "backup")
+        return m | {"archive": report["bytes_sent"], "source": report["bytes_read"], "streams": report["streams"]}
 
     def restore(self, config, entry, dest):
         shutil.rmtree(dest, ignore_errors=True)
-        pid = self.server.pid
-        reset_hwm(pid)
-        cpu0 = proc_cpu(pid)
-        t0 = time.monotonic()
-        p = subprocess.Popen(
-            [self.exe, "restore", "--json", "--entry", entry, "--to", dest, "--config", config],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        out = p.stdout.read()
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.monotonic() - t0
-        if os.waitstatus_to_exitcode(status) != 0:
-            sys.exit(f"nbackup restore failed: {p.stderr.read().decode()} {out.decode()}")
-        report = json.loads(out)
+        report, m = self._client(
+            ["restore", "--json", "--entry", entry, "--to", dest, "--config", config], "restore")
         if report.get("verified") is not True:
             sys.exit(f"restore not verified: {report}")
         shutil.rmtree(dest, ignore_errors=True)
-        return {
-            "wall": wall,
-            "agent_cpu": ru.ru_utime + ru.ru_stime,
-            "agent_rss": ru.ru_maxrss * 1024,
-            "server_cpu": proc_cpu(pid) - cpu0,
-            "server_rss": proc_hwm(pid),
-            "archive": report["size"],
-            "source": report["report"]["bytes"],
-        }
+        return m | {"archive": report["size"], "source": report["report"]["bytes"]}
 
     def archive_of(self, storage, entry):
         d = os.path.join(self.work, "storage", storage, "bench", entry)
@@ -291,6 +268,8 @@ def main():
     ap.add_argument("--latency-rate", default="40m", help="shared bandwidth cap, bytes/s")
     ap.add_argument("--buffer", default="256mb")
     ap.add_argument("--no-restore", action="store_true", help="skip the restore cases")
+    ap.add_argument("--restore-to", help="parent of the restore directories (default: the scratch directory); "
+                    "/dev/shm takes the destination disk out of the measurement")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
 
@@ -328,7 +307,7 @@ def main():
     baseline_of = {"nbackup gzip": pigz_name, "nbackup zstd": zstd_name,
                    f"nbackup gzip, {n} streams": pigz_name, f"nbackup zstd, {n} streams": zstd_name,
                    "nbackup restore gzip": "tar -xzf (gzip)", "nbackup restore zstd": "tar --zstd -xf (zstd)"}
-    dest = os.path.join(work, "restored")
+    dest = os.path.join(args.restore_to or work, f"nbackup-restored-{os.getpid()}")
     latency = {}
     try:
         for r in range(args.rounds):
@@ -364,7 +343,8 @@ def main():
 
     results = {"source_bytes": source_bytes, "cores": cores, "rounds": args.rounds,
                "gzip_level": args.gzip_level, "zstd_level": args.zstd_level,
-               "parallels": n, "buffer": args.buffer, "cases": {}, "latency": latency}
+               "parallels": n, "buffer": args.buffer, "cases": {}, "latency": latency,
+               "restore_to": args.restore_to or work}
     print()
     print(f"source: {source_bytes / 1e6:.0f} MB in {data}; {cores} cores; median of {args.rounds} interleaved rounds")
     hdr = f"{'case':<28}{'MB/s':>8}{'ratio':>7}{'CPU s (agent/server)':>24}{'peak RSS MiB (agent/server)':>30}{'archive MB':>12}"

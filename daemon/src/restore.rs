@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -350,13 +350,9 @@ pub fn extract_stream<R: Read>(input: R, dest: &Path, opts: &mut ExtractOptions<
     if !opts.dry_run {
         fs::create_dir_all(dest)?;
     }
-    let root = if opts.dry_run { None } else { Some(fs::File::open(dest)?) };
+    let mut root = if opts.dry_run { None } else { Some(Beneath::open(dest)?) };
     let as_root = running_as_root();
     let mut ar = tar::Archive::new(input);
-    ar.set_preserve_permissions(true);
-    ar.set_preserve_mtime(true);
-    ar.set_preserve_ownerships(as_root);
-    ar.set_overwrite(false);
     let mut report = ExtractReport::default();
     let mut dirs: Vec<DirMeta> = Vec::new();
     // Directories the selection left out, in case a selected member needs them made.
@@ -395,7 +391,7 @@ pub fn extract_stream<R: Read>(input: R, dest: &Path, opts: &mut ExtractOptions<
             Ok(target) => {
                 let rel = target.strip_prefix(dest).unwrap_or(&target).to_path_buf();
                 let action = plan(dest, &rel, kind, mtime, opts.overwrite);
-                match (&root, &action) {
+                match (&mut root, &action) {
                     (Some(root), Action::Create | Action::Merge | Action::Replace) => {
                         // Parents this member makes that the archive describes get their
                         // metadata too.
@@ -410,7 +406,7 @@ pub fn extract_stream<R: Read>(input: R, dest: &Path, opts: &mut ExtractOptions<
                             }
                         }
                         let replace = action == Action::Replace;
-                        match write_member(root, dest, &mut entry, &header, &member, &rel, replace, as_root) {
+                        match write_member(root, &mut entry, &header, &member, &rel, replace, as_root) {
                             Ok(()) => {
                                 dirs.extend(parents.iter().filter_map(|p| unselected_dirs.remove(p)));
                                 if kind == EntryKind::Dir {
@@ -453,9 +449,9 @@ pub fn extract_stream<R: Read>(input: R, dest: &Path, opts: &mut ExtractOptions<
     }
     // Deepest first, so a parent's mtime is set after its children were created.
     dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
-    if let Some(root) = &root {
+    if let Some(at) = &root {
         for d in dirs {
-            if let Err(e) = set_dir_meta(root, &d, as_root) {
+            if let Err(e) = set_dir_meta(&at.root, &d, as_root) {
                 report.failed += 1;
                 if report.problems.len() < PROBLEMS_KEPT {
                     report.problems.push(format!("{}: cannot set its metadata: {e}", d.path.display()));
@@ -483,12 +479,45 @@ fn set_dir_meta(root: &fs::File, d: &DirMeta, as_root: bool) -> io::Result<()> {
     rustix::fs::futimens(&fd, &Timestamps { last_access: t, last_modification: t }).map_err(io::Error::from)
 }
 
-/// Writes one member below `root` (= `dest`), parents opened without following a
-/// symlink. Refusals come back as `InvalidData`.
-#[allow(clippy::too_many_arguments)]
+/// The destination and the directory the last member was written in: archives list
+/// members in walk order, so most share their predecessor's parent and the
+/// component-by-component open beneath the root happens once per directory, not
+/// once per file. A cached descriptor names the directory itself, so nothing the
+/// archive does to names later can redirect it.
+struct Beneath {
+    root: fs::File,
+    path: PathBuf,
+    parent: Option<(PathBuf, rustix::fd::OwnedFd)>,
+}
+
+impl Beneath {
+    fn open(dest: &Path) -> io::Result<Self> {
+        Ok(Beneath { root: fs::File::open(dest)?, parent: None, path: dest.to_path_buf() })
+    }
+
+    fn root_path(&self) -> &Path {
+        &self.path
+    }
+
+    fn parent_of(&mut self, rel: &Path, member: &Path) -> io::Result<&rustix::fd::OwnedFd> {
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        if self.parent.as_ref().is_none_or(|(p, _)| p != parent_rel) {
+            let fd = dir_beneath(&self.root, parent_rel, member)?;
+            self.parent = Some((parent_rel.to_path_buf(), fd));
+        }
+        Ok(&self.parent.as_ref().expect("just set").1)
+    }
+}
+
+/// Bytes per write of a restored file's content.
+const WRITE_BLOCK: usize = 256 * 1024;
+
+/// Writes one member below the destination, every name created relative to a
+/// parent opened without following a symlink (`O_EXCL`/`O_NOFOLLOW`, `*at` calls),
+/// metadata set through the new file's own descriptor. Refusals come back as
+/// `InvalidData`.
 fn write_member<R: Read>(
-    root: &fs::File,
-    dest: &Path,
+    at: &mut Beneath,
     entry: &mut tar::Entry<'_, R>,
     header: &tar::Header,
     member: &Path,
@@ -496,53 +525,100 @@ fn write_member<R: Read>(
     replace: bool,
     as_root: bool,
 ) -> io::Result<()> {
-    let parent_rel = rel.parent().unwrap_or(Path::new(""));
-    let target = dest.join(rel);
-    if let Some(link) = entry.link_name()?.filter(|_| header.entry_type() == EntryType::Link) {
-        // A hard link's source must be inside too, reached without symlinks.
-        let source = safe_join(dest, &link)?;
-        let source_rel = source.strip_prefix(dest).map_err(|_| escape(member, "link outside"))?;
-        dir_beneath(root, source_rel.parent().unwrap_or(Path::new("")), member)?;
-    }
-    let mode = header.mode()? & 0o7777;
-    let mtime = header.mtime()? as i64;
-    let (uid, gid) = (header.uid()? as u32, header.gid()? as u32);
-    if header.entry_type() == EntryType::Directory {
-        if replace {
-            let parent = dir_beneath(root, parent_rel, member)?;
-            let name = rel.file_name().ok_or_else(|| escape(member, "no name"))?;
-            rustix::fs::unlinkat(&parent, name, rustix::fs::AtFlags::empty()).map_err(io::Error::from)?;
+    use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+    let name = rel.file_name().ok_or_else(|| escape(member, "no name"))?.to_owned();
+    let mode = Mode::from_raw_mode(header.mode()? & 0o7777);
+    let t = Timespec { tv_sec: header.mtime()? as i64, tv_nsec: 0 };
+    let times = Timestamps { last_access: t, last_modification: t };
+    let owner = as_root.then(|| -> io::Result<_> {
+        Ok((
+            Some(rustix::fs::Uid::from_raw(header.uid()? as u32)),
+            Some(rustix::fs::Gid::from_raw(header.gid()? as u32)),
+        ))
+    });
+    let owner = owner.transpose()?;
+    let kind = header.entry_type();
+    // A hard link's source must be inside too, reached without symlinks.
+    let link_source = match kind {
+        EntryType::Link => {
+            let link = entry.link_name()?.ok_or_else(|| escape(member, "a hard link without a target"))?;
+            let source = safe_join(at.root_path(), &link)?;
+            let source_rel = source.strip_prefix(at.root_path()).map_err(|_| escape(member, "link outside"))?;
+            let source_name = source_rel.file_name().ok_or_else(|| escape(member, "link to no name"))?.to_owned();
+            let dir = dir_beneath(&at.root, source_rel.parent().unwrap_or(Path::new("")), member)?;
+            Some((dir, source_name))
         }
-        dir_beneath(root, rel, member)?;
+        _ => None,
+    };
+    if kind == EntryType::Directory {
+        if replace {
+            let parent = at.parent_of(rel, member)?;
+            rustix::fs::unlinkat(parent, &name, AtFlags::empty()).map_err(io::Error::from)?;
+        }
+        dir_beneath(&at.root, rel, member)?;
         return Ok(());
     }
-    let parent = dir_beneath(root, parent_rel, member)?;
-    let name = rel.file_name().ok_or_else(|| escape(member, "no name"))?;
+    let parent = at.parent_of(rel, member)?;
     if replace {
         // Removes the name (a file or a symlink, never what a symlink points at).
-        rustix::fs::unlinkat(&parent, name, rustix::fs::AtFlags::empty()).map_err(io::Error::from)?;
+        rustix::fs::unlinkat(parent, &name, AtFlags::empty()).map_err(io::Error::from)?;
     }
-    match header.entry_type() {
-        kind @ (EntryType::Fifo | EntryType::Char | EntryType::Block) => {
+    let set_by_name = |parent: &rustix::fd::OwnedFd| -> io::Result<()> {
+        if let Some((uid, gid)) = owner {
+            rustix::fs::chownat(parent, &name, uid, gid, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from)?;
+        }
+        rustix::fs::utimensat(parent, &name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from)
+    };
+    match kind {
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+            let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let fd = rustix::fs::openat(parent, &name, flags, Mode::from_raw_mode(0o600)).map_err(io::Error::from)?;
+            let mut file = fs::File::from(fd);
+            copy_content(entry, &mut file)?;
+            if let Some((uid, gid)) = owner {
+                rustix::fs::fchown(&file, uid, gid).map_err(io::Error::from)?;
+            }
+            // After chown, which clears set-id bits.
+            rustix::fs::fchmod(&file, mode).map_err(io::Error::from)?;
+            rustix::fs::futimens(&file, &times).map_err(io::Error::from)
+        }
+        EntryType::Symlink => {
+            let target = entry.link_name()?.ok_or_else(|| escape(member, "a symlink without a target"))?;
+            rustix::fs::symlinkat(target.as_ref(), parent, &name).map_err(io::Error::from)?;
+            set_by_name(parent)
+        }
+        EntryType::Link => {
+            let (dir, source_name) = link_source.expect("set above for links");
+            rustix::fs::linkat(&dir, &source_name, parent, &name, AtFlags::empty()).map_err(io::Error::from)
+        }
+        EntryType::Fifo | EntryType::Char | EntryType::Block => {
             let file_type = match kind {
                 EntryType::Fifo => rustix::fs::FileType::Fifo,
                 EntryType::Char => rustix::fs::FileType::CharacterDevice,
                 _ => rustix::fs::FileType::BlockDevice,
             };
             let dev = rustix::fs::makedev(header.device_major()?.unwrap_or(0), header.device_minor()?.unwrap_or(0));
-            rustix::fs::mknodat(&parent, name, file_type, rustix::fs::Mode::from_raw_mode(mode), dev)
-                .map_err(io::Error::from)?;
-            fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
-            if as_root {
-                std::os::unix::fs::lchown(&target, Some(uid), Some(gid))?;
-            }
-            set_mtime(&target, mtime)
+            rustix::fs::mknodat(parent, &name, file_type, mode, dev).map_err(io::Error::from)?;
+            // The node was just made by us, so it is not a symlink to follow.
+            rustix::fs::chmodat(parent, &name, mode, AtFlags::empty()).map_err(io::Error::from)?;
+            set_by_name(parent)
         }
-        _ => {
-            // Parents checked (and made) without following a symlink; tar-rs then
-            // creates the member itself, refusing to write through an existing name.
-            if entry.unpack_in(dest)? { Ok(()) } else { Err(escape(member, "outside the destination")) }
-        }
+        other => Err(escape(member, &format!("unsupported member type {other:?}"))),
+    }
+}
+
+/// Copies a member's content in large writes.
+fn copy_content<R: Read>(entry: &mut R, file: &mut fs::File) -> io::Result<()> {
+    use std::io::Write;
+    let mut buf = vec![0u8; WRITE_BLOCK];
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        file.write_all(&buf[..n])?;
     }
 }
 
@@ -565,13 +641,6 @@ pub fn extract(archive: &Path, compression: Compression, dest: &Path) -> io::Res
         return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} members already exist", report.kept)));
     }
     Ok(RestoreStats { entries: report.restored, bytes: report.bytes })
-}
-
-fn set_mtime(path: &Path, secs: i64) -> io::Result<()> {
-    use rustix::fs::{AtFlags, CWD, Timespec, Timestamps, utimensat};
-    let t = Timespec { tv_sec: secs, tv_nsec: 0 };
-    utimensat(CWD, path, &Timestamps { last_access: t, last_modification: t }, AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(io::Error::from)
 }
 
 /// Compares the trees at `sources` with their restored copies under `restored` (where
@@ -729,12 +798,15 @@ pub(crate) fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
     }
 }
 
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads until `buf` is full or the input ends; returns how much it read.
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(n)

@@ -2,9 +2,8 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use tokio_util::sync::CancellationToken;
 
 use nbackup_daemon::agent::{self, BackupError, BackupReport, Connector, NoticeKind, Progress};
@@ -83,42 +82,31 @@ pub(crate) fn check_identity(config: &AgentConfig) -> anyhow::Result<()> {
 }
 
 fn start_bar(entry: &BackupEntry, progress: &Arc<Progress>) -> (ProgressBar, CancellationToken) {
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(5));
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:.bold} [{elapsed_precise}] {wide_bar:.cyan/blue} {bytes}/{total_bytes} read · {msg} · ETA {eta}",
-        )
-        .expect("static template is valid")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(entry.name.to_string());
-    let ticker = CancellationToken::new();
-    agent::archive::estimate_in_background(
-        entry.sources.clone(),
-        entry.exclude.clone(),
-        progress.clone(),
-        ticker.clone(),
-    );
-    let (b, p, t) = (bar.clone(), progress.clone(), ticker.clone());
-    tokio::spawn(async move {
-        let start = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        while !t.is_cancelled() {
-            tick.tick().await;
+    let p = progress.clone();
+    let (bar, ticker) = super::progress_bar(
+        None,
+        entry.name.to_string(),
+        "{prefix:.bold} [{elapsed_precise}] {wide_bar:.cyan/blue} {bytes}/{total_bytes} read · {msg} · ETA {eta}",
+        move |b, secs| {
             let s = p.snapshot();
             if let Some((bytes, _)) = s.estimate {
                 b.set_length(bytes.max(s.bytes_read));
             }
             b.set_position(s.bytes_read);
-            let secs = start.elapsed().as_secs_f64().max(0.001);
             b.set_message(format!(
                 "{} sent · {:.1} MB/s · {:.0} files/s",
                 super::human_bytes(s.bytes_acked),
                 super::mb_per_s(s.bytes_read, secs),
                 s.entries as f64 / secs
             ));
-        }
-    });
+        },
+    );
+    agent::archive::estimate_in_background(
+        entry.sources.clone(),
+        entry.exclude.clone(),
+        progress.clone(),
+        ticker.clone(),
+    );
     (bar, ticker)
 }
 

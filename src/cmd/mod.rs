@@ -115,3 +115,29 @@ pub fn human_bytes(n: u64) -> String {
 pub fn mb_per_s(bytes: u64, secs: f64) -> f64 {
     if secs <= 0.0 { 0.0 } else { bytes as f64 / 1e6 / secs }
 }
+
+/// A progress bar on standard error with `template` (where `{msg}` is what `update`
+/// sets), redrawn every 200 ms by `update(bar, seconds since start)` until the
+/// returned token is cancelled.
+pub fn progress_bar(
+    length: Option<u64>,
+    prefix: String,
+    template: &str,
+    mut update: impl FnMut(&indicatif::ProgressBar, f64) + Send + 'static,
+) -> (indicatif::ProgressBar, tokio_util::sync::CancellationToken) {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let bar = ProgressBar::with_draw_target(length, ProgressDrawTarget::stderr_with_hz(5));
+    bar.set_style(ProgressStyle::with_template(template).expect("static template is valid").progress_chars("=> "));
+    bar.set_prefix(prefix);
+    let ticker = tokio_util::sync::CancellationToken::new();
+    let (b, t) = (bar.clone(), ticker.clone());
+    tokio::spawn(async move {
+        let start = std::time::Instant::now();
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        while !t.is_cancelled() {
+            tick.tick().await;
+            update(&b, start.elapsed().as_secs_f64().max(0.001));
+        }
+    });
+    (bar, ticker)
+}

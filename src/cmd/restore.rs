@@ -3,10 +3,9 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use tokio_util::sync::CancellationToken;
 
 use nbackup_daemon::agent::fetch::{ArchiveRef, FetchError, RestoreClient};
@@ -357,34 +356,21 @@ fn finish(
 }
 
 fn start_bar(archive: &RemoteArchive, progress: &Arc<RestoreProgress>) -> (ProgressBar, CancellationToken) {
-    let bar = ProgressBar::with_draw_target(Some(archive.size), ProgressDrawTarget::stderr_with_hz(5));
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:.bold} [{elapsed_precise}] {wide_bar:.cyan/blue} {bytes}/{total_bytes} fetched · {msg} · ETA {eta}",
-        )
-        .expect("static template is valid")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(archive.backup.to_string());
-    let ticker = CancellationToken::new();
-    let (b, p, t) = (bar.clone(), progress.clone(), ticker.clone());
-    tokio::spawn(async move {
-        let start = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        while !t.is_cancelled() {
-            tick.tick().await;
-            let received = p.received.load(std::sync::atomic::Ordering::Relaxed);
+    let p = progress.clone();
+    super::progress_bar(
+        Some(archive.size),
+        archive.backup.to_string(),
+        "{prefix:.bold} [{elapsed_precise}] {wide_bar:.cyan/blue} {bytes}/{total_bytes} fetched · {msg} · ETA {eta}",
+        move |b, secs| {
             let written = p.written.load(std::sync::atomic::Ordering::Relaxed);
-            b.set_position(received);
-            let secs = start.elapsed().as_secs_f64().max(0.001);
+            b.set_position(p.received.load(std::sync::atomic::Ordering::Relaxed));
             b.set_message(format!(
                 "{} written · {:.1} MB/s",
                 super::human_bytes(written),
                 super::mb_per_s(written, secs)
             ));
-        }
-    });
-    (bar, ticker)
+        },
+    )
 }
 
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {

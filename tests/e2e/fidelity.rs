@@ -110,11 +110,44 @@ async fn round_trip(storage: StorageSpec, parallels: u16) {
     assert_eq!(manifest.entries, report.entries);
     let restored = tmp.path().join("restored");
     gnu_extract(&archives[0], &restored);
+    let src_b2 = src_b.clone();
     assert_restored(&[src_a.clone(), src_b], &Excludes::none(), &restored);
     // Hard links come back as links, not copies.
     let rel = src_a.strip_prefix("/").expect("absolute");
     let ino =
         |p: &str| std::os::unix::fs::MetadataExt::ino(&fs::metadata(restored.join(rel).join(p)).expect("restored"));
+    assert_eq!(ino("h1"), ino("h2"));
+    assert_eq!(ino("h1"), ino("sub/h3"));
+
+    // And the same through `nbackup restore`'s path: RSTR, SHA-256, our extractor.
+    let ours = tmp.path().join("restored-by-nbackup");
+    let client = nbackup_daemon::agent::fetch::RestoreClient::new(
+        nbackup_daemon::agent::Connector::new(&cfg).expect("connector"),
+        cfg.name.clone(),
+        cfg.retry,
+    );
+    let spec = nbackup_daemon::agent::restore::RestoreSpec {
+        which: nbackup_daemon::agent::fetch::ArchiveRef {
+            storage: cfg.backups[0].storage.clone(),
+            backup: cfg.backups[0].name.clone(),
+            archive: report.archive.clone(),
+        },
+        compression: manifest.compression,
+        dest: ours.clone(),
+        selection: nbackup_daemon::restore::Selection::all(),
+        overwrite: nbackup_daemon::restore::Overwrite::Never,
+        dry_run: false,
+    };
+    let progress = std::sync::Arc::new(nbackup_daemon::agent::restore::RestoreProgress::default());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let outcome = nbackup_daemon::agent::restore::restore(&client, spec, progress, Box::new(|_| {}), &cancel)
+        .await
+        .expect("restores");
+    assert_eq!(outcome.verified, Some(true));
+    assert!(outcome.report.problems.is_empty(), "{:?}", outcome.report.problems);
+    assert_eq!(outcome.report.restored, report.entries);
+    assert_restored(&[src_a.clone(), src_b2], &Excludes::none(), &ours);
+    let ino = |p: &str| std::os::unix::fs::MetadataExt::ino(&fs::metadata(ours.join(rel).join(p)).expect("restored"));
     assert_eq!(ino("h1"), ino("h2"));
     assert_eq!(ino("h1"), ino("sub/h3"));
     assert!(server.incoming(name).is_empty(), "no upload left behind");

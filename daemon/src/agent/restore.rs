@@ -70,6 +70,9 @@ pub enum RestoreError {
 /// Called for every selected member (on the extraction thread).
 pub type OnEntry = Box<dyn FnMut(&Planned) + Send>;
 
+/// Bytes per block handed from the decompression thread to the extraction thread.
+const DECODED_BLOCK: usize = 1 << 20;
+
 /// Fetches and decodes an archive's catalog; `None` when it has none.
 pub async fn catalog(
     client: &RestoreClient,
@@ -138,8 +141,25 @@ pub async fn restore(
     let (tx, rx) = tokio::sync::mpsc::channel(FETCH_BUFFER);
     let RestoreSpec { which, compression, dest, selection, overwrite, dry_run } = spec;
     let p = progress.clone();
-    let extraction = tokio::task::spawn_blocking(move || -> io::Result<ExtractReport> {
+    // Decompression and extraction on two threads, like `zstd -d | tar -x`: each
+    // would otherwise wait for the other.
+    let (decoded_tx, decoded_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(FETCH_BUFFER);
+    let decoding = tokio::task::spawn_blocking(move || -> io::Result<()> {
         let mut input = decompress(BufReader::with_capacity(1 << 20, ChannelReader::new(rx)), compression)?;
+        loop {
+            let mut block = vec![0u8; DECODED_BLOCK];
+            let n = crate::restore::read_full(&mut input, &mut block)?;
+            if n == 0 {
+                return Ok(());
+            }
+            block.truncate(n);
+            if decoded_tx.blocking_send(block.into()).is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let extraction = tokio::task::spawn_blocking(move || -> io::Result<ExtractReport> {
+        let mut input = ChannelReader::new(decoded_rx);
         let mut opts = ExtractOptions {
             selection: &selection,
             overwrite,
@@ -155,7 +175,10 @@ pub async fn restore(
     });
     let fetched = client.fetch(&which, Part::Archive, &tx, &progress.received, cancel).await;
     drop(tx);
+    let decoded = decoding.await.map_err(|e| RestoreError::Task(e.to_string()))?;
     let extracted = extraction.await.map_err(|e| RestoreError::Task(e.to_string()))?;
+    // A decompression error is the cause of whatever the extraction then saw.
+    let extracted = decoded.and(extracted);
     // A damaged stream stops the extraction, which stops the fetch: report the cause.
     let report = match (extracted, fetched.as_ref()) {
         (Ok(report), _) => report,

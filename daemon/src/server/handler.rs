@@ -38,7 +38,9 @@ pub async fn refuse<W: AsyncWrite + Unpin>(
 }
 
 /// Runs blocking `f` on a blocking thread; a panic there becomes an internal refusal.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Refusal> + Send + 'static) -> Result<T, Refusal> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Refusal> + Send + 'static,
+) -> Result<T, Refusal> {
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(Refusal::new(Reason::Internal, format!("server task failed: {e}"))))

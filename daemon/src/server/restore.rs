@@ -27,7 +27,7 @@ use nbackup_protocol::wire::{Chunk, Frame, FrameType, Reason, Refusal};
 
 use super::Server;
 use super::handle::EntryArchives;
-use super::handler::{first_frame, refuse};
+use super::handler::{blocking, first_frame, refuse};
 use super::listener::Conn;
 use super::storage::{ArchiveFile, StorageArea, catalog_path};
 use super::verify::{self, Checked};
@@ -121,12 +121,6 @@ struct Entry {
     area: Arc<StorageArea>,
     agent: Name,
     backup: Name,
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Refusal> + Send + 'static) -> Result<T, Refusal> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(Refusal::new(Reason::Internal, format!("server task failed: {e}"))))
 }
 
 async fn send<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, frame: &Frame) -> Result<(), Failed> {
