@@ -267,8 +267,17 @@ pub struct ExtractOptions<'a> {
     pub dry_run: bool,
     /// Told about every selected member, in archive order.
     pub on_entry: &'a mut dyn FnMut(&Planned),
-    /// Bytes of file content written so far, for progress displays.
-    pub written: Option<&'a std::sync::atomic::AtomicU64>,
+    /// What has been written so far, for progress displays.
+    pub progress: Option<&'a ExtractProgress>,
+}
+
+/// Counters an extraction advances as it goes.
+#[derive(Debug, Default)]
+pub struct ExtractProgress {
+    /// Members restored.
+    pub members: std::sync::atomic::AtomicU64,
+    /// Bytes of file content written.
+    pub bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What an extraction did.
@@ -425,11 +434,11 @@ pub fn extract_stream<R: Read>(input: R, dest: &Path, opts: &mut ExtractOptions<
         match &action {
             a if a.restored() => {
                 report.restored += 1;
-                if kind == EntryKind::File {
-                    report.bytes += size;
-                    if let Some(w) = opts.written {
-                        w.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-                    }
+                let bytes = if kind == EntryKind::File { size } else { 0 };
+                report.bytes += bytes;
+                if let Some(p) = opts.progress {
+                    p.members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    p.bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             Action::Keep => report.kept += 1,
@@ -631,7 +640,7 @@ pub fn extract(archive: &Path, compression: Compression, dest: &Path) -> io::Res
         overwrite: Overwrite::Never,
         dry_run: false,
         on_entry: &mut |_| {},
-        written: None,
+        progress: None,
     };
     let report = extract_stream(open_archive(archive, compression)?, dest, &mut opts)?;
     if let Some(problem) = report.problems.first() {

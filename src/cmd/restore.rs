@@ -362,12 +362,14 @@ fn start_bar(archive: &RemoteArchive, progress: &Arc<RestoreProgress>) -> (Progr
         archive.backup.to_string(),
         "{prefix:.bold} [{elapsed_precise}] {wide_bar:.cyan/blue} {bytes}/{total_bytes} fetched · {msg} · ETA {eta}",
         move |b, secs| {
-            let written = p.written.load(std::sync::atomic::Ordering::Relaxed);
+            let written = p.written.bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let files = p.written.members.load(std::sync::atomic::Ordering::Relaxed);
             b.set_position(p.received.load(std::sync::atomic::Ordering::Relaxed));
             b.set_message(format!(
-                "{} written · {:.1} MB/s",
+                "{} in {files} files written · {:.1} MB/s · {:.0} files/s",
                 super::human_bytes(written),
-                super::mb_per_s(written, secs)
+                super::mb_per_s(written, secs),
+                files as f64 / secs
             ));
         },
     )

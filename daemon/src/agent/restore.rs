@@ -19,7 +19,9 @@ use nbackup_protocol::restore::{CatalogEntry, Part, RemoteArchive};
 use nbackup_protocol::wire::Compression;
 
 use super::fetch::{ArchiveRef, ChannelReader, FETCH_BUFFER, FetchError, Fetched, RestoreClient};
-use crate::restore::{Action, ExtractOptions, ExtractReport, Overwrite, Planned, Selection, decompress, plan};
+use crate::restore::{
+    Action, ExtractOptions, ExtractProgress, ExtractReport, Overwrite, Planned, Selection, decompress, plan,
+};
 
 /// What to restore, where, and how.
 pub struct RestoreSpec {
@@ -36,8 +38,8 @@ pub struct RestoreSpec {
 pub struct RestoreProgress {
     /// Compressed bytes received.
     pub received: AtomicU64,
-    /// Bytes of file content written.
-    pub written: AtomicU64,
+    /// Members and bytes of file content written.
+    pub written: ExtractProgress,
 }
 
 /// How a restore ended.
@@ -165,7 +167,7 @@ pub async fn restore(
             overwrite,
             dry_run,
             on_entry: &mut *on_entry,
-            written: Some(&p.written),
+            progress: Some(&p.written),
         };
         let report = crate::restore::extract_stream(&mut input, &dest, &mut opts)?;
         // The end-of-archive blocks and the compressor's trailer, so a damaged tail
