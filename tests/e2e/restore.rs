@@ -383,6 +383,14 @@ async fn a_crafted_archive_restores_nothing_outside_the_destination() {
     };
     fs::write(dir.join(format!("{name}.json")), manifest.to_json()).expect("manifest");
 
+    // No catalog beside it: `ls` reads the archive itself, and says so.
+    let out = run(nbackup().args(["ls", "--json", "--entry", "etc", "--at", name, "--config"]).arg(&f.config));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("has no catalog; reading the archive itself"), "{}", text(&out.stderr));
+    let members: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(members.len(), 6, "{members:?}");
+    assert_eq!(members[3]["type"], "symlink");
+
     let dest = f.root.join("dest");
     let out = run(nbackup()
         .args(["restore", "--json", "--entry", "etc", "--at", name, "--to"])
