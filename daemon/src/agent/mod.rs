@@ -339,7 +339,11 @@ async fn run_session(
         level = welcome.level, streams = first_streams, max_streams, autoscaler = scaling, "session open"
     );
     progress.set_session(welcome.session.to_string());
-    let window = Window::new(config.resume.buffer_size);
+    // Small to begin with (whatever the producer's speed, a slower server should not
+    // cost `buffer_size` of memory); it grows when the link's bandwidth-delay product
+    // needs more. Two chunks per stream at least, so every stream has work.
+    let initial = window::INITIAL.max(2 * u64::from(config.resume.chunk_size) * u64::from(max_streams));
+    let window = Window::growing(initial, config.resume.buffer_size);
     let producer = producer::spawn(
         producer::ProducerSpec {
             sources: entry.sources.clone(),

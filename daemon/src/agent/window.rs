@@ -1,9 +1,14 @@
 //! The agent's window: every chunk that is produced but not yet acknowledged, shared
 //! by the producer thread and all streams of one backup.
 //!
-//! * The producer pushes chunks; each holds permits of a byte semaphore sized
-//!   `resume.buffer_size`, so a full window blocks the producer (backpressure) and an
-//!   acknowledged chunk frees its bytes simply by being dropped.
+//! * The producer pushes chunks; each holds permits of a byte semaphore, so a full
+//!   window blocks the producer (backpressure) and an acknowledged chunk frees its
+//!   bytes simply by being dropped.
+//! * The window starts small and grows — up to `resume.buffer_size` — only when the
+//!   link needs it: about four times a second it compares its size with twice the
+//!   bandwidth-delay product it measures (drain rate × the fastest acknowledgement
+//!   seen). A server slower than the producer then costs a small window, not
+//!   `buffer_size` of memory, while a long fat network still gets a full pipe.
 //! * Streams take the lowest queued chunk, send it, and mark it in flight on that
 //!   stream. When a stream dies, its in-flight chunks go back to the queue and any
 //!   stream resends them — resume, re-join and rotation are all this one rule.
@@ -89,9 +94,19 @@ enum CommitState {
     },
 }
 
+/// What the window measures to decide whether to grow.
+struct Growth {
+    /// Fastest chunk acknowledgement seen (write finished → ack): the round trip
+    /// without queueing.
+    fastest_ack: Option<Duration>,
+    since: Instant,
+    acked_then: u64,
+}
+
 struct State {
     /// Sequence number the next pushed chunk gets.
     next_seq: u64,
+    growth: Growth,
     pending: BTreeMap<u64, Pending>,
     queued: BTreeSet<u64>,
     produced: Option<Commit>,
@@ -105,7 +120,9 @@ pub struct Window {
     state: Mutex<State>,
     changed: Notify,
     budget: Arc<Semaphore>,
-    capacity: u64,
+    /// Current size in bytes; only grows, up to `max`.
+    capacity: AtomicU64,
+    max: u64,
     /// Compressed bytes acknowledged by the server (resends not counted twice).
     pub acked_bytes: AtomicU64,
     /// Chunks sent again after a stream was lost.
@@ -114,12 +131,26 @@ pub struct Window {
     pub sent_bytes: AtomicU64,
 }
 
+/// Where a backup's window starts (`resume.buffer_size` is where it may grow to).
+pub const INITIAL: u64 = 32 << 20;
+
+/// How often the window reconsiders its size.
+const GROWTH_INTERVAL: Duration = Duration::from_millis(250);
+
 impl Window {
-    pub fn new(capacity: u64) -> Arc<Self> {
-        let permits = usize::try_from(capacity).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+    /// A window of `max` bytes from the start.
+    pub fn new(max: u64) -> Arc<Self> {
+        Self::growing(max, max)
+    }
+
+    /// A window of `initial` bytes that may grow to `max` when the link needs it.
+    pub fn growing(initial: u64, max: u64) -> Arc<Self> {
+        let max = max.min(Semaphore::MAX_PERMITS as u64);
+        let capacity = initial.min(max);
         Arc::new(Window {
             state: Mutex::new(State {
                 next_seq: 0,
+                growth: Growth { fastest_ack: None, since: Instant::now(), acked_then: 0 },
                 pending: BTreeMap::new(),
                 queued: BTreeSet::new(),
                 produced: None,
@@ -128,8 +159,9 @@ impl Window {
                 finished: None,
             }),
             changed: Notify::new(),
-            budget: Arc::new(Semaphore::new(permits)),
-            capacity,
+            budget: Arc::new(Semaphore::new(capacity as usize)),
+            capacity: AtomicU64::new(capacity),
+            max,
             acked_bytes: AtomicU64::new(0),
             resent_chunks: AtomicU64::new(0),
             sent_bytes: AtomicU64::new(0),
@@ -145,12 +177,39 @@ impl Window {
     }
 
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Relaxed)
     }
 
     /// Bytes currently held (queued or in flight).
     pub fn used(&self) -> u64 {
-        self.capacity.saturating_sub(self.budget.available_permits() as u64)
+        self.capacity().saturating_sub(self.budget.available_permits() as u64)
+    }
+
+    /// Grows the window to twice the measured bandwidth-delay product when it is
+    /// smaller (at least by a quarter, at most to `max`). Called with the state
+    /// locked, on an acknowledgement that took `latency`.
+    fn consider_growth(&self, st: &mut State, latency: Option<Duration>) {
+        let g = &mut st.growth;
+        if let Some(l) = latency {
+            g.fastest_ack = Some(g.fastest_ack.map_or(l, |f| f.min(l)));
+        }
+        let elapsed = g.since.elapsed();
+        if elapsed < GROWTH_INTERVAL {
+            return;
+        }
+        let acked = self.acked_bytes.load(Ordering::Relaxed);
+        let drain_bps = acked.saturating_sub(g.acked_then) as f64 / elapsed.as_secs_f64();
+        (g.since, g.acked_then) = (Instant::now(), acked);
+        let Some(rtt) = g.fastest_ack else { return };
+        let needed = (2.0 * drain_bps * rtt.as_secs_f64()) as u64;
+        let capacity = self.capacity();
+        if needed <= capacity || capacity >= self.max {
+            return;
+        }
+        let grown = needed.max(capacity + capacity / 4).min(self.max);
+        self.budget.add_permits((grown - capacity) as usize);
+        self.capacity.store(grown, Ordering::Relaxed);
+        tracing::debug!(from = capacity, to = grown, drain_bps, rtt_ms = rtt.as_secs_f64() * 1e3, "window grown");
     }
 
     /// Adds a chunk, waiting while the window is full. Returns `false` if the transfer
@@ -225,13 +284,15 @@ impl Window {
         let p = st.pending.remove(&seq)?;
         st.queued.remove(&seq);
         self.acked_bytes.fetch_add(p.chunk.data.len() as u64, Ordering::Relaxed);
+        let latency = match p.slot {
+            Slot::InFlight { sent, .. } => sent.map(|t| t.elapsed()),
+            Slot::Queued => None,
+        };
+        self.consider_growth(&mut st, latency);
         Self::update_commit(&mut st);
         drop(st);
         self.signal();
-        match p.slot {
-            Slot::InFlight { sent, .. } => sent.map(|t| t.elapsed()),
-            Slot::Queued => None,
-        }
+        latency
     }
 
     /// The lowest chunk the window still holds (or the next to be produced): every
@@ -395,6 +456,46 @@ mod tests {
 
     fn commit(chunks: u64) -> Commit {
         Commit { total_len: 0, chunks, sha256: [0; 32], stats: SourceStats::default(), catalog: None }
+    }
+
+    /// Sends and acknowledges `n` chunks of `len` bytes starting at `seq`, each
+    /// acknowledged `latency` after it was written.
+    async fn round_trip(w: &Window, seq: u64, n: u64, len: usize, latency: Duration) {
+        for s in seq..seq + n {
+            assert!(w.push(chunk(s, len)).await);
+            assert!(matches!(w.next_item(0).await, Ok(Item::Chunk(_))));
+            w.written(0, Some(s));
+        }
+        tokio::time::sleep(latency).await;
+        for s in seq..seq + n {
+            w.ack(s);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_window_grows_for_a_long_pipe_and_not_for_a_slow_server() {
+        // Every chunk takes 100 ms to be acknowledged and the window is always full:
+        // the bandwidth-delay product, not the server, limits the transfer.
+        let pipe = Window::growing(1000, 100_000);
+        for round in 0..3 {
+            round_trip(&pipe, round * 10, 10, 100, Duration::from_millis(100)).await;
+        }
+        assert!(pipe.capacity() > 1000, "grown: {}", pipe.capacity());
+        assert!(pipe.capacity() <= 100_000);
+        // Acknowledged at once, then nothing for a while: a server (or producer) that
+        // is slow, which a bigger window would only fill.
+        let slow = Window::growing(1000, 100_000);
+        for round in 0..3 {
+            round_trip(&slow, round * 10, 10, 100, Duration::from_millis(1)).await;
+            tokio::time::sleep(Duration::from_millis(120)).await;
+        }
+        assert_eq!(slow.capacity(), 1000, "not grown");
+        // Never past the maximum.
+        let capped = Window::growing(1000, 1200);
+        for round in 0..3 {
+            round_trip(&capped, round * 10, 10, 100, Duration::from_millis(100)).await;
+        }
+        assert_eq!(capped.capacity(), 1200);
     }
 
     #[tokio::test]
