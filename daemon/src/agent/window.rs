@@ -132,7 +132,7 @@ pub struct Window {
 }
 
 /// Where a backup's window starts (`resume.buffer_size` is where it may grow to).
-pub const INITIAL: u64 = 32 << 20;
+pub const INITIAL: u64 = 16 << 20;
 
 /// How often the window reconsiders its size.
 const GROWTH_INTERVAL: Duration = Duration::from_millis(250);
