@@ -85,6 +85,33 @@ async fn choose(agent: &Agent, args: &ArchiveArgs) -> anyhow::Result<(ArchiveRef
     Ok((which, chosen))
 }
 
+/// The archive's catalog; `None` when it has none, or when it cannot be read (said
+/// on standard error: the archive itself still restores, only without a plan).
+async fn catalog(
+    agent: &Agent,
+    chosen: &RemoteArchive,
+    which: &ArchiveRef,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<Vec<CatalogEntry>>> {
+    match job::catalog(&agent.client, chosen, &which.storage, cancel).await {
+        Ok(c) => Ok(c),
+        Err(e @ RestoreError::Extract(_)) => {
+            eprintln!("warning: {e}; going by the archive itself");
+            Ok(None)
+        }
+        Err(RestoreError::Fetch(FetchError::Connect(ConnectError::Refused(r))))
+            if r.reason == nbackup_protocol::wire::Reason::NotFound =>
+        {
+            eprintln!(
+                "warning: the catalog of {} is gone from the server; going by the archive itself",
+                chosen.archive
+            );
+            Ok(None)
+        }
+        Err(e) => Err(restore_failure(e)),
+    }
+}
+
 pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let (agent, _guard) = agent(&args.config, 0)?;
     let entries: Vec<&BackupEntry> = match &args.entry {
@@ -145,20 +172,19 @@ pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
     super::runtime()?.block_on(async {
         let cancel = super::shutdown_on_signals();
         let (which, chosen) = choose(&agent, &args.archive).await?;
-        let members =
-            match job::catalog(&agent.client, &chosen, &which.storage, &cancel).await.map_err(restore_failure)? {
-                Some(m) => m,
-                None => {
-                    eprintln!(
-                        "{} has no catalog; reading the archive itself ({})",
-                        chosen.archive,
-                        super::human_bytes(chosen.size)
-                    );
-                    job::members_from_archive(&agent.client, &which, chosen.compression, &cancel)
-                        .await
-                        .map_err(restore_failure)?
-                }
-            };
+        let members = match catalog(&agent, &chosen, &which, &cancel).await? {
+            Some(m) => m,
+            None => {
+                eprintln!(
+                    "{} has no catalog; reading the archive itself ({})",
+                    chosen.archive,
+                    super::human_bytes(chosen.size)
+                );
+                job::members_from_archive(&agent.client, &which, chosen.compression, &cancel)
+                    .await
+                    .map_err(restore_failure)?
+            }
+        };
         let shown: Vec<&CatalogEntry> = members.iter().filter(|m| selection.matches(&m.path)).collect();
         if args.json {
             println!("{}", serde_json::to_string(&shown).expect("serializable"));
@@ -226,7 +252,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 sink.lock().expect("not poisoned").push(p.clone());
             }
         });
-        let catalog = job::catalog(&agent.client, &chosen, &which.storage, &cancel).await.map_err(restore_failure)?;
+        let catalog = catalog(&agent, &chosen, &which, &cancel).await?;
         if let Some(members) = &catalog {
             if args.dry_run {
                 let report = job::plan_from_catalog(&spec, members, &mut on_entry);

@@ -442,3 +442,21 @@ async fn a_restore_test_reports_changed_files_and_fails_on_a_file_that_differs_f
     assert!(differing.iter().any(|p| p.as_str().is_some_and(|p| p.ends_with("etc/hosts"))), "{v}");
     f.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_catalog_costs_the_plan_not_the_restore() {
+    let f = fixture().await;
+    let archive = f.server.archives("main", "web-01", "etc").pop().expect("archive");
+    let mut catalog = archive.as_os_str().to_owned();
+    catalog.push(".catalog");
+    fs::write(&catalog, b"not zstd at all").expect("damage the catalog");
+    let dest = f.root.join("dest");
+    let out = run(nbackup().args(["restore", "--entry", "etc", "--to"]).arg(&dest).arg("--config").arg(&f.config));
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stderr).contains("the catalog is unreadable"), "{}", text(&out.stderr));
+    assert_restored(std::slice::from_ref(&f.src), &Excludes::none(), &dest);
+    let out = run(nbackup().args(["ls", "--entry", "etc", "--config"]).arg(&f.config));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("etc/hosts"), "{}", text(&out.stdout));
+    f.server.stop().await;
+}
