@@ -24,11 +24,6 @@ use nbackup_protocol::manifest::{Manifest, hex};
 use nbackup_protocol::restore::EntryKind;
 use nbackup_protocol::wire::Compression;
 
-/// A decompressing reader over an archive file.
-pub fn open_archive(path: &Path, compression: Compression) -> io::Result<Box<dyn Read>> {
-    decompress(BufReader::with_capacity(1 << 20, File::open(path)?), compression)
-}
-
 /// A decompressing reader over buffered compressed bytes.
 pub fn decompress<'r, R: io::BufRead + 'r>(input: R, compression: Compression) -> io::Result<Box<dyn Read + 'r>> {
     Ok(match compression {
@@ -71,15 +66,8 @@ pub fn running_as_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// What an extraction wrote.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct RestoreStats {
-    pub entries: u64,
-    pub bytes: u64,
-}
-
 /// Joins a member path onto `dest`, refusing anything that could escape it.
-fn safe_join(dest: &Path, member: &Path) -> io::Result<PathBuf> {
+pub(crate) fn safe_join(dest: &Path, member: &Path) -> io::Result<PathBuf> {
     let mut out = dest.to_path_buf();
     for c in member.components() {
         match c {
@@ -300,6 +288,43 @@ pub struct ExtractReport {
 /// Problems an [`ExtractReport`] keeps in words.
 pub const PROBLEMS_KEPT: usize = 20;
 
+impl Planned {
+    /// Bytes of file content this member restores.
+    pub fn content_bytes(&self) -> u64 {
+        if self.kind == EntryKind::File && self.action.restored() { self.size } else { 0 }
+    }
+}
+
+impl ExtractReport {
+    /// Counts one selected member by what became of it.
+    pub fn count(&mut self, p: &Planned) {
+        self.selected += 1;
+        self.bytes += p.content_bytes();
+        let why = match &p.action {
+            a if a.restored() => {
+                self.restored += 1;
+                return;
+            }
+            Action::Keep => {
+                self.kept += 1;
+                return;
+            }
+            Action::Refuse(why) => {
+                self.refused += 1;
+                why
+            }
+            Action::Fail(why) => {
+                self.failed += 1;
+                why
+            }
+            Action::Create | Action::Merge | Action::Replace => return,
+        };
+        if self.problems.len() < PROBLEMS_KEPT {
+            self.problems.push(why.clone());
+        }
+    }
+}
+
 /// The catalog's kind of a tar entry type.
 pub fn kind_of(t: EntryType) -> EntryKind {
     match t {
@@ -394,7 +419,6 @@ pub fn extract_stream<R: Read>(input: R, dest: &Path, opts: &mut ExtractOptions<
             }
             continue;
         }
-        report.selected += 1;
         let action = match safe_join(dest, &member) {
             Err(e) => Action::Refuse(e.to_string()),
             Ok(target) => {
@@ -431,30 +455,13 @@ pub fn extract_stream<R: Read>(input: R, dest: &Path, opts: &mut ExtractOptions<
                 }
             }
         };
-        match &action {
-            a if a.restored() => {
-                report.restored += 1;
-                let bytes = if kind == EntryKind::File { size } else { 0 };
-                report.bytes += bytes;
-                if let Some(p) = opts.progress {
-                    p.members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    p.bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-            Action::Keep => report.kept += 1,
-            Action::Refuse(why) | Action::Fail(why) => {
-                if matches!(action, Action::Refuse(_)) {
-                    report.refused += 1;
-                } else {
-                    report.failed += 1;
-                }
-                if report.problems.len() < PROBLEMS_KEPT {
-                    report.problems.push(why.clone());
-                }
-            }
-            _ => {}
+        let planned = Planned { path: name, kind, size, action };
+        report.count(&planned);
+        if let Some(p) = opts.progress.filter(|_| planned.action.restored()) {
+            p.members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            p.bytes.fetch_add(planned.content_bytes(), std::sync::atomic::Ordering::Relaxed);
         }
-        (opts.on_entry)(&Planned { path: name, kind, size, action });
+        (opts.on_entry)(&planned);
     }
     // Deepest first, so a parent's mtime is set after its children were created.
     dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
@@ -631,27 +638,6 @@ fn copy_content<R: Read>(entry: &mut R, file: &mut fs::File) -> io::Result<()> {
     }
 }
 
-/// Extracts a whole archive file into `dest`; any member that cannot be restored
-/// fails it (the strict form the demo and the tests use).
-pub fn extract(archive: &Path, compression: Compression, dest: &Path) -> io::Result<RestoreStats> {
-    let selection = Selection::all();
-    let mut opts = ExtractOptions {
-        selection: &selection,
-        overwrite: Overwrite::Never,
-        dry_run: false,
-        on_entry: &mut |_| {},
-        progress: None,
-    };
-    let report = extract_stream(open_archive(archive, compression)?, dest, &mut opts)?;
-    if let Some(problem) = report.problems.first() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, problem.clone()));
-    }
-    if report.kept > 0 {
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} members already exist", report.kept)));
-    }
-    Ok(RestoreStats { entries: report.restored, bytes: report.bytes })
-}
-
 /// Compares the trees at `sources` with their restored copies under `restored` (where
 /// `/a/b` is found at `restored/a/b`): type, permission bits, mtime (seconds),
 /// ownership (when `check_owner`), content, symlink targets, device numbers and the
@@ -824,6 +810,25 @@ pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Extracts a whole archive file into `dest`, any member that cannot be restored
+    /// failing it; returns the members restored.
+    fn extract(archive: &Path, compression: Compression, dest: &Path) -> io::Result<u64> {
+        let selection = Selection::all();
+        let mut opts = ExtractOptions {
+            selection: &selection,
+            overwrite: Overwrite::Never,
+            dry_run: false,
+            on_entry: &mut |_| {},
+            progress: None,
+        };
+        let input = decompress(BufReader::new(File::open(archive)?), compression)?;
+        let report = extract_stream(input, dest, &mut opts)?;
+        match report.problems.first() {
+            Some(problem) => Err(io::Error::new(io::ErrorKind::InvalidData, problem.clone())),
+            None => Ok(report.restored),
+        }
+    }
 
     #[test]
     fn safe_join_refuses_escapes() {

@@ -75,6 +75,30 @@ pub type OnEntry = Box<dyn FnMut(&Planned) + Send>;
 /// Bytes per block handed from the decompression thread to the extraction thread.
 const DECODED_BLOCK: usize = 1 << 20;
 
+/// Fetches `part` of `which` while `consume` reads it, in order, on a blocking
+/// thread. When both fail, the consumer's error is the cause (a consumer that stops
+/// reading stops the fetch); `what` says what could not be read.
+async fn fetch_with<T: Send + 'static>(
+    client: &RestoreClient,
+    which: &ArchiveRef,
+    part: Part,
+    received: &AtomicU64,
+    cancel: &CancellationToken,
+    what: &'static str,
+    consume: impl FnOnce(ChannelReader) -> io::Result<T> + Send + 'static,
+) -> Result<(T, Fetched), RestoreError> {
+    let (tx, rx) = tokio::sync::mpsc::channel(FETCH_BUFFER);
+    let consumer = tokio::task::spawn_blocking(move || consume(ChannelReader::new(rx)));
+    let fetched = client.fetch(which, part, &tx, received, cancel).await;
+    drop(tx);
+    let consumed = consumer.await.map_err(|e| RestoreError::Task(e.to_string()))?;
+    match (consumed, fetched) {
+        (Ok(t), Ok(f)) => Ok((t, f)),
+        (Err(e), Ok(_) | Err(FetchError::Cancelled)) => Err(RestoreError::Extract(format!("{what}: {e}"))),
+        (_, Err(f)) => Err(RestoreError::Fetch(f)),
+    }
+}
+
 /// Fetches and decodes an archive's catalog; `None` when it has none.
 pub async fn catalog(
     client: &RestoreClient,
@@ -87,46 +111,32 @@ pub async fn catalog(
     }
     let which =
         ArchiveRef { storage: storage.clone(), backup: archive.backup.clone(), archive: archive.archive.clone() };
-    let (tx, rx) = tokio::sync::mpsc::channel(FETCH_BUFFER);
-    let parse = tokio::task::spawn_blocking(move || -> io::Result<Vec<CatalogEntry>> {
-        let lines = zstd::stream::read::Decoder::new(ChannelReader::new(rx))?;
+    let received = AtomicU64::new(0);
+    let parse = |raw: ChannelReader| -> io::Result<Vec<CatalogEntry>> {
+        let lines = zstd::stream::read::Decoder::new(raw)?;
         let mut out = Vec::new();
         for line in io::BufRead::lines(BufReader::new(lines)) {
-            let line = line?;
-            out.push(serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?);
+            out.push(serde_json::from_str(&line?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?);
         }
         Ok(out)
-    });
-    let received = AtomicU64::new(0);
-    let fetched = client.fetch(&which, Part::Catalog, &tx, &received, cancel).await;
-    drop(tx);
-    let parsed = parse.await.map_err(|e| RestoreError::Task(e.to_string()))?;
-    fetched?;
-    parsed.map(Some).map_err(|e| RestoreError::Extract(format!("the catalog is unreadable: {e}")))
+    };
+    let what = "the catalog is unreadable";
+    let (entries, _) = fetch_with(client, &which, Part::Catalog, &received, cancel, what, parse).await?;
+    Ok(Some(entries))
 }
 
 /// What a restore of `entries` into `spec.dest` would do, from the catalog alone.
 pub fn plan_from_catalog(spec: &RestoreSpec, entries: &[CatalogEntry], on_entry: &mut OnEntry) -> ExtractReport {
     let mut report = ExtractReport { members: entries.len() as u64, ..Default::default() };
     for e in entries.iter().filter(|e| spec.selection.matches(&e.path)) {
-        report.selected += 1;
         let rel = std::path::Path::new(&e.path);
-        let action = if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-            Action::Refuse(format!("refusing member {} outside the destination", e.path))
-        } else {
-            plan(&spec.dest, rel, e.kind, e.mtime, spec.overwrite)
+        let action = match crate::restore::safe_join(&spec.dest, rel) {
+            Err(why) => Action::Refuse(why.to_string()),
+            Ok(_) => plan(&spec.dest, rel, e.kind, e.mtime, spec.overwrite),
         };
-        match &action {
-            a if a.restored() => {
-                report.restored += 1;
-                if e.kind == nbackup_protocol::restore::EntryKind::File {
-                    report.bytes += e.size;
-                }
-            }
-            Action::Keep => report.kept += 1,
-            _ => report.refused += 1,
-        }
-        on_entry(&Planned { path: e.path.clone(), kind: e.kind, size: e.size, action });
+        let planned = Planned { path: e.path.clone(), kind: e.kind, size: e.size, action };
+        report.count(&planned);
+        on_entry(&planned);
     }
     report
 }
@@ -140,56 +150,47 @@ pub async fn restore(
     cancel: &CancellationToken,
 ) -> Result<RestoreOutcome, RestoreError> {
     let started = Instant::now();
-    let (tx, rx) = tokio::sync::mpsc::channel(FETCH_BUFFER);
     let RestoreSpec { which, compression, dest, selection, overwrite, dry_run } = spec;
     let p = progress.clone();
-    // Decompression and extraction on two threads, like `zstd -d | tar -x`: each
-    // would otherwise wait for the other.
-    let (decoded_tx, decoded_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(FETCH_BUFFER);
-    let decoding = tokio::task::spawn_blocking(move || -> io::Result<()> {
-        let mut input = decompress(BufReader::with_capacity(1 << 20, ChannelReader::new(rx)), compression)?;
-        loop {
-            let mut block = vec![0u8; DECODED_BLOCK];
-            let n = crate::restore::read_full(&mut input, &mut block)?;
-            if n == 0 {
-                return Ok(());
-            }
-            block.truncate(n);
-            if decoded_tx.blocking_send(block.into()).is_err() {
-                return Ok(());
-            }
-        }
-    });
-    let extraction = tokio::task::spawn_blocking(move || -> io::Result<ExtractReport> {
-        let mut input = ChannelReader::new(decoded_rx);
-        let mut opts = ExtractOptions {
-            selection: &selection,
-            overwrite,
-            dry_run,
-            on_entry: &mut *on_entry,
-            progress: Some(&p.written),
-        };
-        let report = crate::restore::extract_stream(&mut input, &dest, &mut opts)?;
-        // The end-of-archive blocks and the compressor's trailer, so a damaged tail
-        // (gzip CRC, zstd checksum) is found and the fetch can finish.
-        io::copy(&mut input, &mut io::sink())?;
-        Ok(report)
-    });
-    let fetched = client.fetch(&which, Part::Archive, &tx, &progress.received, cancel).await;
-    drop(tx);
-    let decoded = decoding.await.map_err(|e| RestoreError::Task(e.to_string()))?;
-    let extracted = extraction.await.map_err(|e| RestoreError::Task(e.to_string()))?;
-    // A decompression error is the cause of whatever the extraction then saw.
-    let extracted = decoded.and(extracted);
-    // A damaged stream stops the extraction, which stops the fetch: report the cause.
-    let report = match (extracted, fetched.as_ref()) {
-        (Ok(report), _) => report,
-        (Err(e), Ok(_) | Err(FetchError::Cancelled)) => {
-            return Err(RestoreError::Extract(format!("the archive cannot be read: {e}")));
-        }
-        (Err(_), Err(_)) => return Err(fetched.err().map(RestoreError::Fetch).expect("an error")),
+    let unpack = move |raw: ChannelReader| -> io::Result<ExtractReport> {
+        // Decompression and extraction on two threads, like `zstd -d | tar -x`: each
+        // would otherwise wait for the other.
+        let (decoded_tx, decoded_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(FETCH_BUFFER);
+        std::thread::scope(|scope| {
+            let decoding = scope.spawn(move || -> io::Result<()> {
+                let mut input = decompress(BufReader::with_capacity(1 << 20, raw), compression)?;
+                loop {
+                    let mut block = vec![0u8; DECODED_BLOCK];
+                    let n = crate::restore::read_full(&mut input, &mut block)?;
+                    block.truncate(n);
+                    if n == 0 || decoded_tx.blocking_send(block.into()).is_err() {
+                        return Ok(());
+                    }
+                }
+            });
+            let extracted = (|| {
+                let mut input = ChannelReader::new(decoded_rx);
+                let mut opts = ExtractOptions {
+                    selection: &selection,
+                    overwrite,
+                    dry_run,
+                    on_entry: &mut *on_entry,
+                    progress: Some(&p.written),
+                };
+                let report = crate::restore::extract_stream(&mut input, &dest, &mut opts)?;
+                // The end-of-archive blocks and the compressor's trailer, so a damaged
+                // tail (gzip CRC, zstd checksum) is found and the fetch can finish.
+                io::copy(&mut input, &mut io::sink())?;
+                Ok(report)
+            })();
+            let decoded =
+                decoding.join().unwrap_or_else(|_| Err(io::Error::other("the decompression thread panicked")));
+            // A decompression error is the cause of whatever the extraction then saw.
+            decoded.and(extracted)
+        })
     };
-    let fetched = fetched?;
+    let what = "the archive cannot be read";
+    let (report, fetched) = fetch_with(client, &which, Part::Archive, &progress.received, cancel, what, unpack).await?;
     Ok(RestoreOutcome {
         archive: which.archive,
         report,
@@ -209,9 +210,8 @@ pub async fn members_from_archive(
     compression: Compression,
     cancel: &CancellationToken,
 ) -> Result<Vec<CatalogEntry>, RestoreError> {
-    let (tx, rx) = tokio::sync::mpsc::channel(FETCH_BUFFER);
-    let walk = tokio::task::spawn_blocking(move || -> io::Result<Vec<CatalogEntry>> {
-        let input = decompress(BufReader::with_capacity(1 << 20, ChannelReader::new(rx)), compression)?;
+    let walk = move |raw: ChannelReader| -> io::Result<Vec<CatalogEntry>> {
+        let input = decompress(BufReader::with_capacity(1 << 20, raw), compression)?;
         let mut ar = tar::Archive::new(input);
         let mut out = Vec::new();
         for entry in ar.entries()? {
@@ -233,13 +233,10 @@ pub async fn members_from_archive(
         }
         io::copy(&mut ar.into_inner(), &mut io::sink())?;
         Ok(out)
-    });
+    };
     let received = AtomicU64::new(0);
-    let fetched = client.fetch(which, Part::Archive, &tx, &received, cancel).await;
-    drop(tx);
-    let walked = walk.await.map_err(|e| RestoreError::Task(e.to_string()))?;
-    fetched?;
-    walked.map_err(|e| RestoreError::Extract(format!("the archive cannot be read: {e}")))
+    let what = "the archive cannot be read";
+    Ok(fetch_with(client, which, Part::Archive, &received, cancel, what, walk).await?.0)
 }
 
 /// What a restore test found.

@@ -162,14 +162,16 @@ async fn list<W: AsyncWrite + Unpin>(
     backup: Option<Name>,
 ) -> Result<(), Failed> {
     let archives = blocking(move || {
+        let cannot = |e: std::io::Error| Refusal::new(Reason::Internal, format!("cannot list: {e}"));
+        // One entry's directory when the request names it; every entry of this agent's
+        // otherwise (also ones its config no longer has).
+        let backups = match backup {
+            Some(b) => vec![b],
+            None => area.entries().map_err(cannot)?.into_iter().filter(|(a, _)| *a == agent).map(|(_, b)| b).collect(),
+        };
         let mut out = Vec::new();
-        let entries = area.entries().map_err(|e| Refusal::new(Reason::Internal, format!("cannot list: {e}")))?;
-        for (a, b) in entries {
-            if a != agent || backup.as_ref().is_some_and(|want| *want != b) {
-                continue;
-            }
-            let files = area.list(&a, &b).map_err(|e| Refusal::new(Reason::Internal, format!("cannot list: {e}")))?;
-            out.extend(files.iter().map(|f| remote(&b, f)));
+        for b in backups {
+            out.extend(area.list(&agent, &b).map_err(cannot)?.iter().map(|f| remote(&b, f)));
         }
         Ok(out)
     })
