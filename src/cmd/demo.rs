@@ -194,8 +194,8 @@ async fn check_and_restore(
     let progress = Arc::new(RestoreProgress::default());
     let outcome = restore_job::restore(&client, spec, progress, Box::new(|_| {}), &CancellationToken::new()).await?;
     let stats = &outcome.report;
-    if outcome.verified != Some(true) || stats.kept + stats.refused + stats.failed > 0 {
-        eprintln!("restore   FAILED: verified {:?}, problems {:?}", outcome.verified, stats.problems);
+    if outcome.verified() != Some(true) || stats.kept + stats.refused + stats.failed > 0 {
+        eprintln!("restore   FAILED: verified {:?}, problems {:?}", outcome.verified(), stats.problems);
         return Ok(Exit::Failed);
     }
     println!(

@@ -260,8 +260,6 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                     archive: chosen.archive.clone(),
                     report,
                     fetched: None,
-                    verified: None,
-                    resumed: 0,
                     dry_run: true,
                     seconds: 0.0,
                 };
@@ -319,7 +317,7 @@ fn finish(
     dest: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
     let r: &ExtractReport = &outcome.report;
-    let code = if outcome.verified == Some(false) {
+    let code = if outcome.verified() == Some(false) {
         Exit::Mismatch
     } else if r.restored == 0 {
         Exit::NoneRestored
@@ -329,10 +327,17 @@ fn finish(
         Exit::Ok
     };
     if json {
-        let mut v = serde_json::to_value(outcome).expect("serializable");
-        v["destination"] = serde_json::Value::String(dest.display().to_string());
-        v["exit"] = serde_json::Value::from(code as u8);
-        v["members"] = serde_json::to_value(&*planned.lock().expect("not poisoned")).expect("serializable");
+        let mut v = serde_json::json!({
+            "archive": outcome.archive,
+            "destination": dest.display().to_string(),
+            "report": r,
+            "verified": outcome.verified(),
+            "resumed": outcome.resumed(),
+            "dry_run": outcome.dry_run,
+            "seconds": outcome.seconds,
+            "exit": code as u8,
+            "members": &*planned.lock().expect("not poisoned"),
+        });
         if let Some(f) = &outcome.fetched {
             v["sha256"] = serde_json::Value::String(f.sha256.clone());
             v["size"] = serde_json::Value::from(f.size);

@@ -143,7 +143,7 @@ async fn round_trip(storage: StorageSpec, parallels: u16) {
     let outcome = nbackup_daemon::agent::restore::restore(&client, spec, progress, Box::new(|_| {}), &cancel)
         .await
         .expect("restores");
-    assert_eq!(outcome.verified, Some(true));
+    assert_eq!(outcome.verified(), Some(true));
     assert!(outcome.report.problems.is_empty(), "{:?}", outcome.report.problems);
     assert_eq!(outcome.report.restored, report.entries);
     assert_restored(&[src_a.clone(), src_b2], &Excludes::none(), &ours);

@@ -74,8 +74,8 @@ async fn a_restore_cut_mid_transfer_resumes_from_where_it_stopped_and_restores_b
     .expect("restore succeeds");
 
     assert_eq!(proxy.broken.load(std::sync::atomic::Ordering::SeqCst), 1, "the cut happened");
-    assert_eq!(outcome.resumed, 1, "one reconnection");
-    assert_eq!(outcome.verified, Some(true), "sha256 matches the manifest");
+    assert_eq!(outcome.resumed(), 1, "one reconnection");
+    assert_eq!(outcome.verified(), Some(true), "sha256 matches the manifest");
     let fetched = outcome.fetched.as_ref().expect("fetched");
     assert_eq!(fetched.size, report.bytes_sent);
     assert_eq!(fetched.sha256, report.sha256);

@@ -9,7 +9,6 @@
 //! manifest's at the end, and the verdict is the fetch's result.
 
 use std::io::{self, Read};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -285,6 +284,3 @@ impl Read for ChannelReader {
 
 /// Chunks buffered between the network and the extraction thread (1 MiB each).
 pub const FETCH_BUFFER: usize = 16;
-
-/// Shared byte counter for progress displays.
-pub type Counter = Arc<AtomicU64>;

@@ -43,18 +43,26 @@ pub struct RestoreProgress {
 }
 
 /// How a restore ended.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct RestoreOutcome {
     pub archive: String,
     pub report: ExtractReport,
     /// How the archive arrived; `None` for a dry run answered from the catalog.
-    #[serde(skip)]
     pub fetched: Option<Fetched>,
-    /// Whether the whole archive matched the manifest's SHA-256.
-    pub verified: Option<bool>,
-    pub resumed: u32,
     pub dry_run: bool,
     pub seconds: f64,
+}
+
+impl RestoreOutcome {
+    /// Whether the whole archive matched the manifest's SHA-256 (`None`: not fetched).
+    pub fn verified(&self) -> Option<bool> {
+        self.fetched.as_ref().map(Fetched::verified)
+    }
+
+    /// Connections the fetch took beyond the first.
+    pub fn resumed(&self) -> u32 {
+        self.fetched.as_ref().map_or(0, |f| f.resumed)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,8 +202,6 @@ pub async fn restore(
     Ok(RestoreOutcome {
         archive: which.archive,
         report,
-        verified: Some(fetched.verified()),
-        resumed: fetched.resumed,
         fetched: Some(fetched),
         dry_run,
         seconds: started.elapsed().as_secs_f64(),
@@ -327,7 +333,7 @@ pub async fn restore_test(
     };
     let restored = restore(client, spec, Arc::new(RestoreProgress::default()), Box::new(|_| {}), cancel).await;
     let compared = restored.and_then(|outcome| {
-        if outcome.verified != Some(true) {
+        if outcome.verified() != Some(true) {
             return Err(RestoreError::Extract(format!("{}: sha256 differs from the manifest", archive.archive)));
         }
         for m in &chosen {

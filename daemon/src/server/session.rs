@@ -452,10 +452,10 @@ impl Session {
         file.write_all_at(&part.data, part.offset).map_err(|e| io_refusal(&e, "writing the catalog"))
     }
 
-    /// Whether the catalog file is exactly what the agent describes; made durable if
-    /// so, removed if not. A bad catalog never fails a good archive: the archive is
+    /// Keeps the catalog file if it is exactly what the agent describes (made
+    /// durable), removes it if not. A bad catalog never fails a good archive: the archive is
     /// committed without one (and listed by reading it).
-    fn check_catalog(&self, digest: &CatalogDigest) -> bool {
+    fn check_catalog(&self, digest: &CatalogDigest) {
         let path = self.catalog_path();
         let checked = (|| -> io::Result<Result<(), String>> {
             let bytes = std::fs::read(&path)?;
@@ -469,13 +469,12 @@ impl Session {
             Ok(Ok(()))
         })();
         let why = match checked {
-            Ok(Ok(())) => return true,
+            Ok(Ok(())) => return,
             Ok(Err(why)) => why,
             Err(e) => e.to_string(),
         };
         tracing::warn!(session = %self.params.id, "committing without a catalog: {why}");
         let _ = fsutil::remove_if_exists(&path);
-        false
     }
 
     /// Verifies the upload against `commit` and moves it to its final name. Blocking;
@@ -495,9 +494,7 @@ impl Session {
         self.file.sync_all().map_err(|e| fail(e, "fsync of the upload"))?;
         self.verify_stored(&crcs, total)?;
         match &commit.catalog {
-            Some(digest) => {
-                self.check_catalog(digest);
-            }
+            Some(digest) => self.check_catalog(digest),
             None => {
                 let _ = fsutil::remove_if_exists(&self.catalog_path());
             }
