@@ -7,12 +7,14 @@
 
 pub mod admin;
 pub mod agent;
+pub mod codec;
 pub mod conn;
 pub mod daemon;
 pub mod fault;
 pub mod fsutil;
 pub mod notify;
 pub mod pki;
+mod pool;
 pub mod restore;
 pub mod server;
 pub mod state;

@@ -22,16 +22,6 @@ use tar::EntryType;
 use nbackup_protocol::config::Excludes;
 use nbackup_protocol::manifest::{Manifest, hex};
 use nbackup_protocol::restore::EntryKind;
-use nbackup_protocol::wire::Compression;
-
-/// A decompressing reader over buffered compressed bytes.
-pub fn decompress<'r, R: io::BufRead + 'r>(input: R, compression: Compression) -> io::Result<Box<dyn Read + 'r>> {
-    Ok(match compression {
-        // Multi-member aware: concatenated gzip streams are valid gzip.
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(input)?),
-    })
-}
 
 /// Recomputes an archive's SHA-256 and size and checks them against its manifest.
 pub fn verify_against_manifest(archive: &Path, manifest: &Manifest) -> io::Result<Result<(), String>> {
@@ -257,6 +247,9 @@ pub struct ExtractOptions<'a> {
     pub on_entry: &'a mut dyn FnMut(&Planned),
     /// What has been written so far, for progress displays.
     pub progress: Option<&'a ExtractProgress>,
+    /// Directories not in `input` whose metadata a parent made for a selected member
+    /// should get (a restore that reads only some blocks knows them from the catalog).
+    pub known_dirs: Vec<DirMeta>,
 }
 
 /// Counters an extraction advances as it goes.
@@ -323,6 +316,19 @@ impl ExtractReport {
             self.problems.push(why.clone());
         }
     }
+
+    /// Adds the counts of another extraction of the same restore.
+    pub fn add(&mut self, other: ExtractReport) {
+        self.members += other.members;
+        self.selected += other.selected;
+        self.restored += other.restored;
+        self.bytes += other.bytes;
+        self.kept += other.kept;
+        self.refused += other.refused;
+        self.failed += other.failed;
+        let room = PROBLEMS_KEPT.saturating_sub(self.problems.len());
+        self.problems.extend(other.problems.into_iter().take(room));
+    }
 }
 
 /// The catalog's kind of a tar entry type.
@@ -367,12 +373,21 @@ pub fn plan(dest: &Path, rel: &Path, kind: EntryKind, mtime: i64, overwrite: Ove
     }
 }
 
-struct DirMeta {
+/// A directory's archived metadata, applied after its contents are written.
+#[derive(Clone, Debug)]
+pub struct DirMeta {
+    /// Relative to the destination.
     path: PathBuf,
     mode: u32,
     mtime: i64,
     uid: u32,
     gid: u32,
+}
+
+impl DirMeta {
+    pub fn from_catalog(e: &nbackup_protocol::restore::CatalogEntry) -> Self {
+        DirMeta { path: PathBuf::from(&e.path), mode: e.mode, mtime: e.mtime, uid: e.uid as u32, gid: e.gid as u32 }
+    }
 }
 
 /// Extracts the tar stream `input` (already decompressed) into `dest`, created if
@@ -390,7 +405,8 @@ pub fn extract_stream<R: Read>(input: R, dest: &Path, opts: &mut ExtractOptions<
     let mut report = ExtractReport::default();
     let mut dirs: Vec<DirMeta> = Vec::new();
     // Directories the selection left out, in case a selected member needs them made.
-    let mut unselected_dirs: HashMap<PathBuf, DirMeta> = HashMap::new();
+    let mut unselected_dirs: HashMap<PathBuf, DirMeta> =
+        opts.known_dirs.drain(..).map(|d| (d.path.clone(), d)).collect();
     let mut made: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     for entry in ar.entries()? {
         let mut entry = entry?;
@@ -810,6 +826,7 @@ pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nbackup_protocol::wire::Compression;
 
     /// Extracts a whole archive file into `dest`, any member that cannot be restored
     /// failing it; returns the members restored.
@@ -821,8 +838,9 @@ mod tests {
             dry_run: false,
             on_entry: &mut |_| {},
             progress: None,
+            known_dirs: Vec::new(),
         };
-        let input = decompress(BufReader::new(File::open(archive)?), compression)?;
+        let input = crate::codec::decoder(BufReader::new(File::open(archive)?), compression, 2)?;
         let report = extract_stream(input, dest, &mut opts)?;
         match report.problems.first() {
             Some(problem) => Err(io::Error::new(io::ErrorKind::InvalidData, problem.clone())),

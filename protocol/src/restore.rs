@@ -24,8 +24,18 @@ use crate::wire::Compression;
 pub enum RestoreRequest {
     /// This agent's archives in `storage`, of one backup or all, oldest first.
     List { agent: Name, storage: Name, backup: Option<Name> },
-    /// Stream one archive (or its catalog) from byte `offset`.
-    Fetch { agent: Name, storage: Name, backup: Name, archive: String, part: Part, offset: u64 },
+    /// Stream one archive (or its catalog) from byte `offset` to `end` (exclusive;
+    /// the end of the file when absent).
+    Fetch {
+        agent: Name,
+        storage: Name,
+        backup: Name,
+        archive: String,
+        part: Part,
+        offset: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        end: Option<u64>,
+    },
     /// Re-read one stored archive against its manifest now; a corrupt one is
     /// quarantined as `verify` does.
     Verify { agent: Name, storage: Name, backup: Name, archive: String },
@@ -64,7 +74,8 @@ pub enum RestoreReply {
     /// A page of the listing; `more` says another page follows.
     Archives { archives: Vec<RemoteArchive>, more: bool },
     /// The file is `size` bytes (SHA-256 `sha256` for an archive); `Chunk` frames
-    /// from the requested offset to `size` follow, in order, then the server closes.
+    /// from the requested offset to the requested end (or `size`) follow, in order,
+    /// then the server closes.
     Fetching { size: u64, sha256: Option<String> },
     /// The answer to `Verify`.
     Verified { archive: String, verdict: Verdict, detail: String, quarantined: bool },
@@ -104,6 +115,100 @@ pub struct RemoteArchive {
 /// Archives per `Archives` page: each is under 600 bytes of JSON, so a page stays
 /// well inside one control frame.
 pub const LIST_PAGE: usize = 64;
+
+/// Where an archive can be entered without decompressing what comes before: block
+/// `i` holds uncompressed (tar) bytes `[i × block, (i + 1) × block)` and starts at
+/// compressed offset `offsets[i]` — a gzip member or a zstd frame that decodes alone.
+/// The last line of a catalog (`{"blocks": …}`) when the agent recorded one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockIndex {
+    pub block: u64,
+    pub offsets: Vec<u64>,
+}
+
+/// A compressed byte range to fetch, and the tar bytes wanted from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Compressed bytes `[start, end)` of the archive: whole blocks.
+    pub start: u64,
+    pub end: u64,
+    /// Offset in the tar stream of the first byte `start` decompresses to.
+    pub tar_offset: u64,
+    /// The tar bytes `[from, to)` wanted (`to` is `u64::MAX` for "to the end").
+    pub from: u64,
+    pub to: u64,
+}
+
+impl BlockIndex {
+    /// The blocks holding tar bytes `[from, to)` (`to == u64::MAX`: to the end);
+    /// `archive_len` ends the last block. `None` outside the index.
+    pub fn extent(&self, from: u64, to: u64, archive_len: u64) -> Option<Extent> {
+        if self.block == 0 || from >= to {
+            return None;
+        }
+        let first = usize::try_from(from / self.block).ok()?;
+        let start = *self.offsets.get(first)?;
+        let end = match to {
+            u64::MAX => archive_len,
+            to => {
+                let last = usize::try_from((to - 1) / self.block).ok()?;
+                self.offsets.get(last + 1).copied().unwrap_or(archive_len)
+            }
+        };
+        (start < end && end <= archive_len).then_some(Extent {
+            start,
+            end,
+            tar_offset: first as u64 * self.block,
+            from,
+            to,
+        })
+    }
+
+    /// The fewest extents covering tar ranges `ranges` (sorted by start): ranges
+    /// whose blocks are within `gap` compressed bytes of each other are read as one,
+    /// as reading through is cheaper than another request.
+    pub fn extents(&self, ranges: &[(u64, u64)], archive_len: u64, gap: u64) -> Option<Vec<Extent>> {
+        let mut out: Vec<Extent> = Vec::new();
+        for &(from, to) in ranges {
+            let next = self.extent(from, to, archive_len)?;
+            match out.last_mut() {
+                Some(prev) if next.start <= prev.end.saturating_add(gap) && next.from >= prev.from => {
+                    prev.end = prev.end.max(next.end);
+                    prev.to = prev.to.max(next.to);
+                }
+                _ => out.push(next),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// One line of a catalog file, as written and read.
+pub enum CatalogLine {
+    Entry(CatalogEntry),
+    Blocks(BlockIndex),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlocksLine {
+    blocks: BlockIndex,
+}
+
+impl CatalogLine {
+    pub fn parse(line: &str) -> Result<Self, serde_json::Error> {
+        if line.starts_with("{\"blocks\"") {
+            serde_json::from_str::<BlocksLine>(line).map(|l| CatalogLine::Blocks(l.blocks))
+        } else {
+            serde_json::from_str(line).map(CatalogLine::Entry)
+        }
+    }
+
+    pub fn blocks_line(blocks: &BlockIndex) -> String {
+        serde_json::to_string(&BlocksLine { blocks: blocks.clone() }).expect("serializable")
+    }
+}
 
 /// One line of a catalog: a tar member as the agent wrote it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +365,7 @@ mod tests {
             archive: "web-01-etc-20261201T000000Z.tar.zst".into(),
             part: Part::Archive,
             offset: 1024,
+            end: None,
         };
         let json = serde_json::to_string(&req).expect("json");
         assert_eq!(
@@ -267,10 +373,49 @@ mod tests {
             r#"{"op":"fetch","agent":"web-01","storage":"main","backup":"etc","archive":"web-01-etc-20261201T000000Z.tar.zst","part":"archive","offset":1024}"#
         );
         assert_eq!(serde_json::from_str::<RestoreRequest>(&json).expect("back"), req);
+        let ranged = json.replace(r#""offset":1024"#, r#""offset":1024,"end":4096"#);
+        match serde_json::from_str::<RestoreRequest>(&ranged).expect("a range") {
+            RestoreRequest::Fetch { offset: 1024, end: Some(4096), .. } => {}
+            other => panic!("{other:?}"),
+        }
         let bad = r#"{"op":"list","agent":"../x","storage":"main","backup":null}"#;
         assert!(serde_json::from_str::<RestoreRequest>(bad).is_err(), "names are validated");
         let reply = RestoreReply::Fetching { size: 7, sha256: None };
         assert_eq!(serde_json::to_string(&reply).expect("json"), r#"{"reply":"fetching","size":7,"sha256":null}"#);
+    }
+
+    #[test]
+    fn extents_cover_whole_blocks_and_merge_when_close() {
+        // Four blocks of 100 tar bytes at compressed offsets 0, 40, 90, 130; 170 bytes in all.
+        let ix = BlockIndex { block: 100, offsets: vec![0, 40, 90, 130] };
+        let x = ix.extent(150, 160, 170).expect("inside");
+        assert_eq!((x.start, x.end, x.tar_offset, x.from, x.to), (40, 90, 100, 150, 160));
+        // A member ending exactly on a block boundary does not pull in the next block.
+        assert_eq!(ix.extent(100, 200, 170).map(|x| (x.start, x.end)), Some((40, 90)));
+        // Spanning blocks, and "to the end".
+        assert_eq!(ix.extent(50, 250, 170).map(|x| (x.start, x.end)), Some((0, 130)));
+        assert_eq!(ix.extent(310, u64::MAX, 170).map(|x| (x.start, x.end, x.tar_offset)), Some((130, 170, 300)));
+        assert_eq!(ix.extent(400, 410, 170), None, "past the index");
+        assert_eq!(ix.extent(10, 10, 170), None, "empty");
+        // Blocks 0 and 3 are 90 compressed bytes apart: separate with a small gap, one read with a big one.
+        let ranges = [(10, 20), (310, 320)];
+        assert_eq!(ix.extents(&ranges, 170, 10).expect("extents").len(), 2);
+        let one = ix.extents(&ranges, 170, 90).expect("extents");
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].start, one[0].end, one[0].from, one[0].to), (0, 170, 10, 320));
+        // An index whose offsets lie past the archive is not trusted.
+        assert_eq!(ix.extent(310, 320, 100), None);
+    }
+
+    #[test]
+    fn catalog_lines_tell_entries_from_the_block_index() {
+        let ix = BlockIndex { block: 1 << 20, offsets: vec![0, 51_234] };
+        let line = CatalogLine::blocks_line(&ix);
+        assert_eq!(line, r#"{"blocks":{"block":1048576,"offsets":[0,51234]}}"#);
+        assert!(matches!(CatalogLine::parse(&line), Ok(CatalogLine::Blocks(b)) if b == ix));
+        let entry = r#"{"path":"etc/hosts","type":"file","size":1,"mtime":0,"mode":420,"uid":0,"gid":0,"offset":0}"#;
+        assert!(matches!(CatalogLine::parse(entry), Ok(CatalogLine::Entry(e)) if e.path == "etc/hosts"));
+        assert!(CatalogLine::parse(r#"{"blocks":{"block":1}}"#).is_err(), "offsets are required");
     }
 
     #[test]

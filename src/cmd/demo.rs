@@ -186,13 +186,15 @@ async fn check_and_restore(
     let spec = RestoreSpec {
         which,
         compression: manifest.compression,
+        size: manifest.size,
         dest: restore_dir.clone(),
         selection: Selection::all(),
         overwrite: Overwrite::Never,
         dry_run: false,
     };
     let progress = Arc::new(RestoreProgress::default());
-    let outcome = restore_job::restore(&client, spec, progress, Box::new(|_| {}), &CancellationToken::new()).await?;
+    let outcome =
+        restore_job::restore(&client, spec, None, progress, Box::new(|_| {}), &CancellationToken::new()).await?;
     let stats = &outcome.report;
     if outcome.verified() != Some(true) || stats.kept + stats.refused + stats.failed > 0 {
         eprintln!("restore   FAILED: verified {:?}, problems {:?}", outcome.verified(), stats.problems);

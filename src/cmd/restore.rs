@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use nbackup_daemon::agent::fetch::{ArchiveRef, FetchError, RestoreClient};
 use nbackup_daemon::agent::restore::{
-    self as job, OnEntry, RestoreError, RestoreOutcome, RestoreProgress, RestoreSpec,
+    self as job, Catalog, OnEntry, Read, RestoreError, RestoreOutcome, RestoreProgress, RestoreSpec,
 };
 use nbackup_daemon::agent::{ConnectError, Connector};
 use nbackup_daemon::restore::{Action, ExtractReport, Overwrite, Planned, Selection};
@@ -92,7 +92,7 @@ async fn catalog(
     chosen: &RemoteArchive,
     which: &ArchiveRef,
     cancel: &CancellationToken,
-) -> anyhow::Result<Option<Vec<CatalogEntry>>> {
+) -> anyhow::Result<Option<Catalog>> {
     match job::catalog(&agent.client, chosen, &which.storage, cancel).await {
         Ok(c) => Ok(c),
         Err(e @ RestoreError::Extract(_)) => {
@@ -173,7 +173,7 @@ pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
         let cancel = super::shutdown_on_signals();
         let (which, chosen) = choose(&agent, &args.archive).await?;
         let members = match catalog(&agent, &chosen, &which, &cancel).await? {
-            Some(m) => m,
+            Some(c) => c.entries,
             None => {
                 eprintln!(
                     "{} has no catalog; reading the archive itself ({})",
@@ -234,6 +234,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         let spec = RestoreSpec {
             which: which.clone(),
             compression: chosen.compression,
+            size: chosen.size,
             dest: dest.clone(),
             selection,
             overwrite,
@@ -252,17 +253,12 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
                 sink.lock().expect("not poisoned").push(p.clone());
             }
         });
-        let catalog = catalog(&agent, &chosen, &which, &cancel).await?;
-        if let Some(members) = &catalog {
+        let catalog = catalog(&agent, &chosen, &which, &cancel).await?.map(Arc::new);
+        if let Some(members) = catalog.as_deref().map(|c| &c.entries) {
             if args.dry_run {
                 let report = job::plan_from_catalog(&spec, members, &mut on_entry);
-                let outcome = RestoreOutcome {
-                    archive: chosen.archive.clone(),
-                    report,
-                    fetched: None,
-                    dry_run: true,
-                    seconds: 0.0,
-                };
+                let outcome =
+                    RestoreOutcome { archive: chosen.archive.clone(), report, read: None, dry_run: true, seconds: 0.0 };
                 return finish(&outcome, &planned, json, &dest);
             }
             let (count, bytes) = members
@@ -287,7 +283,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         }
         let progress = Arc::new(RestoreProgress::default());
         let bar = args.progress.then(|| start_bar(&chosen, &progress));
-        let result = job::restore(&agent.client, spec, progress.clone(), on_entry, &cancel).await;
+        let result = job::restore(&agent.client, spec, catalog, progress.clone(), on_entry, &cancel).await;
         if let Some((bar, ticker)) = bar {
             ticker.cancel();
             bar.finish_and_clear();
@@ -338,9 +334,14 @@ fn finish(
             "exit": code as u8,
             "members": &*planned.lock().expect("not poisoned"),
         });
-        if let Some(f) = &outcome.fetched {
+        if let Some(f) = outcome.fetched() {
             v["sha256"] = serde_json::Value::String(f.sha256.clone());
-            v["size"] = serde_json::Value::from(f.size);
+        }
+        if outcome.read.is_some() {
+            v["fetched_bytes"] = serde_json::Value::from(outcome.bytes_fetched());
+        }
+        if let Some(Read::Extents(x)) = &outcome.read {
+            v["ranges"] = serde_json::Value::from(x.extents);
         }
         println!("{v}");
         return Ok(code.into());
@@ -359,25 +360,29 @@ fn finish(
     if r.refused + r.failed > 0 {
         line += &format!("; {} refused, {} failed", r.refused, r.failed);
     }
-    if let Some(f) = &outcome.fetched {
+    if let Some(read) = &outcome.read {
         line += &format!(
             "; {} in {:.1} s ({:.1} MB/s)",
-            super::human_bytes(f.size),
+            super::human_bytes(outcome.bytes_fetched()),
             outcome.seconds,
             super::mb_per_s(r.bytes, outcome.seconds)
         );
-        if f.resumed > 0 {
-            line += &format!(", resumed {} time(s)", f.resumed);
+        if let Read::Extents(x) = read {
+            line += &format!(" — {} range(s) of the {} archive", x.extents, super::human_bytes(x.of));
+        }
+        if outcome.resumed() > 0 {
+            line += &format!(", resumed {} time(s)", outcome.resumed());
         }
     }
     println!("{line}");
-    match outcome.fetched.as_ref() {
-        Some(f) if f.verified() => println!("sha256 {} matches the manifest", f.sha256),
-        Some(f) => eprintln!(
+    match &outcome.read {
+        Some(Read::Whole(f)) if f.verified() => println!("sha256 {} matches the manifest", f.sha256),
+        Some(Read::Whole(f)) => eprintln!(
             "error: the archive's sha256 {} differs from the manifest's ({}); the restored files must not be trusted",
             f.sha256,
             f.expected.as_deref().unwrap_or("none")
         ),
+        Some(Read::Extents(_)) => println!("every block read passed its checksum (gzip CRC-32 / zstd XXH64)"),
         None => {}
     }
     for p in &r.problems {

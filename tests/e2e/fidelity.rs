@@ -133,6 +133,7 @@ async fn round_trip(storage: StorageSpec, parallels: u16) {
             archive: report.archive.clone(),
         },
         compression: manifest.compression,
+        size: manifest.size,
         dest: ours.clone(),
         selection: nbackup_daemon::restore::Selection::all(),
         overwrite: nbackup_daemon::restore::Overwrite::Never,
@@ -140,7 +141,7 @@ async fn round_trip(storage: StorageSpec, parallels: u16) {
     };
     let progress = std::sync::Arc::new(nbackup_daemon::agent::restore::RestoreProgress::default());
     let cancel = tokio_util::sync::CancellationToken::new();
-    let outcome = nbackup_daemon::agent::restore::restore(&client, spec, progress, Box::new(|_| {}), &cancel)
+    let outcome = nbackup_daemon::agent::restore::restore(&client, spec, None, progress, Box::new(|_| {}), &cancel)
         .await
         .expect("restores");
     assert_eq!(outcome.verified(), Some(true));

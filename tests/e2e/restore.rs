@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use nbackup_daemon::agent::Connector;
 use nbackup_daemon::agent::fetch::{ArchiveRef, RestoreClient};
 use nbackup_daemon::agent::restore::{self as job, RestoreProgress, RestoreSpec};
+use nbackup_daemon::agent::{BackupReport, Connector};
 use nbackup_daemon::restore::{Overwrite, Selection};
 use nbackup_protocol::Name;
 use nbackup_protocol::config::{AgentConfig, Excludes};
@@ -32,15 +32,16 @@ fn server_events(root: &Path) -> String {
     fs::read_to_string(root.join("state/server-events.jsonl")).unwrap_or_default()
 }
 
-fn spec(cfg: &AgentConfig, archive: &str, dest: &Path, paths: &[&str]) -> RestoreSpec {
+fn spec(cfg: &AgentConfig, report: &BackupReport, dest: &Path, paths: &[&str]) -> RestoreSpec {
     let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
     RestoreSpec {
         which: ArchiveRef {
             storage: cfg.backups[0].storage.clone(),
             backup: cfg.backups[0].name.clone(),
-            archive: archive.into(),
+            archive: report.archive.clone(),
         },
         compression: nbackup_protocol::wire::Compression::Zstd,
+        size: report.bytes_sent,
         dest: dest.to_path_buf(),
         selection: Selection::new(&paths).expect("selection"),
         overwrite: Overwrite::Never,
@@ -65,7 +66,8 @@ async fn a_restore_cut_mid_transfer_resumes_from_where_it_stopped_and_restores_b
     let progress = Arc::new(RestoreProgress::default());
     let outcome = job::restore(
         &client(&via),
-        spec(&via, &report.archive, &dest, &[]),
+        spec(&via, &report, &dest, &[]),
+        None,
         progress.clone(),
         Box::new(|_| {}),
         &CancellationToken::new(),
@@ -76,7 +78,7 @@ async fn a_restore_cut_mid_transfer_resumes_from_where_it_stopped_and_restores_b
     assert_eq!(proxy.broken.load(std::sync::atomic::Ordering::SeqCst), 1, "the cut happened");
     assert_eq!(outcome.resumed(), 1, "one reconnection");
     assert_eq!(outcome.verified(), Some(true), "sha256 matches the manifest");
-    let fetched = outcome.fetched.as_ref().expect("fetched");
+    let fetched = outcome.fetched().expect("fetched");
     assert_eq!(fetched.size, report.bytes_sent);
     assert_eq!(fetched.sha256, report.sha256);
     assert_eq!(outcome.report.restored, report.entries);

@@ -17,8 +17,9 @@
 //!
 //! Every member is also written to the **catalog** ([`CatalogEntry`] lines, zstd
 //! compressed in memory, ~20 bytes a member), with the offset of its first header in
-//! the uncompressed tar stream; it is committed beside the archive so that listing
-//! and planning a restore never read the archive.
+//! the uncompressed tar stream, and ends with the compressor's block index; it is
+//! committed beside the archive so that listing and planning a restore never read
+//! the archive, and restoring a few files reads only the blocks that hold them.
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
@@ -33,7 +34,7 @@ use tar::{EntryType, Header, HeaderMode};
 use tokio_util::sync::CancellationToken;
 
 use nbackup_protocol::config::Excludes;
-use nbackup_protocol::restore::CatalogEntry;
+use nbackup_protocol::restore::{BlockIndex, CatalogEntry, CatalogLine};
 
 use super::progress::Progress;
 
@@ -69,13 +70,32 @@ pub struct ArchiveSummary {
     /// Entries left out by exclude patterns.
     pub excluded: u64,
     pub notices: Vec<Notice>,
-    /// The catalog, zstd-compressed JSON lines.
+    /// The catalog, zstd-compressed JSON lines (filled in by [`CatalogWriter::finish`]).
     pub catalog: bytes::Bytes,
 }
 
 impl ArchiveSummary {
     pub fn skipped(&self) -> u64 {
         self.notices.iter().filter(|n| n.kind == NoticeKind::Skipped).count() as u64
+    }
+}
+
+/// The catalog being written: its last line, the block index, is only known once
+/// the compressor has finished.
+pub struct CatalogWriter(zstd::stream::write::Encoder<'static, Vec<u8>>);
+
+impl CatalogWriter {
+    fn new() -> io::Result<Self> {
+        zstd::stream::write::Encoder::new(Vec::new(), CATALOG_LEVEL).map(CatalogWriter)
+    }
+
+    /// Ends the catalog with the block index, if the compressor recorded one.
+    pub fn finish(mut self, blocks: Option<&BlockIndex>) -> io::Result<bytes::Bytes> {
+        if let Some(blocks) = blocks {
+            self.0.write_all(CatalogLine::blocks_line(blocks).as_bytes())?;
+            self.0.write_all(b"\n")?;
+        }
+        Ok(self.0.finish()?.into())
     }
 }
 
@@ -88,10 +108,10 @@ pub fn write_archive<W: Write>(
     excludes: &Excludes,
     out: W,
     progress: &Arc<Progress>,
-) -> io::Result<(W, ArchiveSummary)> {
+) -> io::Result<(W, ArchiveSummary, CatalogWriter)> {
     let mut a = Archiver {
         tar: tar::Builder::new(Counting { inner: out, count: 0 }),
-        catalog: zstd::stream::write::Encoder::new(Vec::new(), CATALOG_LEVEL)?,
+        catalog: CatalogWriter::new()?,
         excludes,
         progress: progress.clone(),
         links: HashMap::new(),
@@ -115,9 +135,7 @@ pub fn write_archive<W: Write>(
         ));
     }
     let out = a.tar.into_inner()?.inner;
-    let mut summary = a.summary;
-    summary.catalog = a.catalog.finish()?.into();
-    Ok((out, summary))
+    Ok((out, a.summary, a.catalog))
 }
 
 /// zstd level of the catalog: JSON lines of paths compress ~8× at level 3, cheaply.
@@ -147,7 +165,7 @@ fn display_list(paths: &[PathBuf]) -> String {
 
 struct Archiver<'a, W: Write> {
     tar: tar::Builder<Counting<W>>,
-    catalog: zstd::stream::write::Encoder<'static, Vec<u8>>,
+    catalog: CatalogWriter,
     excludes: &'a Excludes,
     progress: Arc<Progress>,
     /// (device, inode) of files with several links → member name stored first.
@@ -278,8 +296,8 @@ impl<W: Write> Archiver<'_, W> {
             link: link.map(|l| l.to_string_lossy().into_owned()),
             offset,
         };
-        serde_json::to_writer(&mut self.catalog, &entry).map_err(io::Error::other)?;
-        self.catalog.write_all(b"\n")?;
+        serde_json::to_writer(&mut self.catalog.0, &entry).map_err(io::Error::other)?;
+        self.catalog.0.write_all(b"\n")?;
         self.summary.entries += 1;
         self.progress.entries.fetch_add(1, Ordering::Relaxed);
         Ok(())

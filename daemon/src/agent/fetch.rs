@@ -136,8 +136,23 @@ impl RestoreClient {
         received: &AtomicU64,
         cancel: &CancellationToken,
     ) -> Result<Fetched, FetchError> {
+        self.fetch_range(which, part, 0..u64::MAX, out, received, cancel).await
+    }
+
+    /// [`RestoreClient::fetch`] of bytes `range` only (clamped to the file); the
+    /// SHA-256 is then of those bytes.
+    pub async fn fetch_range(
+        &self,
+        which: &ArchiveRef,
+        part: Part,
+        range: std::ops::Range<u64>,
+        out: &tokio::sync::mpsc::Sender<Bytes>,
+        received: &AtomicU64,
+        cancel: &CancellationToken,
+    ) -> Result<Fetched, FetchError> {
         let mut sha = Sha256::new();
-        let mut at = 0u64;
+        let mut at = range.start;
+        let end = (range.end != u64::MAX).then_some(range.end);
         let mut attempts = 0u32;
         let mut connections = 0u32;
         loop {
@@ -150,6 +165,7 @@ impl RestoreClient {
                 archive: which.archive.clone(),
                 part,
                 offset: at,
+                end,
             };
             let attempt = tokio::select! {
                 r = self.fetch_from(&request, at, &mut sha, out, received) => r,
@@ -202,7 +218,11 @@ impl RestoreClient {
             info!(offset = at, size, "restore resumed");
         }
         let cut = |at: u64, why: String| Attempt::Cut { at, why };
-        while at < size {
+        let stop = match request {
+            RestoreRequest::Fetch { end: Some(end), .. } => (*end).min(size),
+            _ => size,
+        };
+        while at < stop {
             let frame = match timeout(FETCH_IDLE, conn.reader.read_frame()).await {
                 Err(_) => return Err(cut(at, format!("no data for {FETCH_IDLE:?}"))),
                 Ok(Err(e)) => return Err(cut(at, e.to_string())),
@@ -213,7 +233,7 @@ impl RestoreClient {
                 Frame::Refused(r) => return Err(Attempt::Failed(ConnectError::Refused(r))),
                 other => return Err(cut(at, format!("unexpected {} frame", other.frame_type().name()))),
             };
-            if chunk.offset != at || !chunk.crc_ok() || at + chunk.data.len() as u64 > size || chunk.data.is_empty() {
+            if chunk.offset != at || !chunk.crc_ok() || at + chunk.data.len() as u64 > stop || chunk.data.is_empty() {
                 return Err(cut(at, format!("chunk at {} failed its checks (expected offset {at})", chunk.offset)));
             }
             sha.update(&chunk.data);

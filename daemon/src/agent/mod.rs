@@ -17,7 +17,6 @@ pub mod connect;
 mod control;
 pub mod daemon;
 pub mod fetch;
-pub mod gzip;
 pub mod producer;
 pub mod progress;
 pub mod restore;

@@ -19,9 +19,9 @@ use nbackup_protocol::config::Excludes;
 use nbackup_protocol::wire::{CatalogDigest, Chunk, Commit, Compression, SourceStats};
 
 use super::archive::{ArchiveSummary, write_archive};
-use super::gzip::ParallelGz;
 use super::progress::Progress;
 use super::window::{Failure, Window};
+use crate::codec::Encoder;
 
 /// What the producer needs to know.
 pub struct ProducerSpec {
@@ -106,20 +106,11 @@ fn stopped_or(window: &Window, e: io::Error) -> String {
 }
 
 fn produce(spec: &ProducerSpec, sink: ChunkSink, progress: &Arc<Progress>) -> io::Result<(ChunkSink, ArchiveSummary)> {
-    match spec.compression {
-        Compression::Gzip => {
-            let gz = ParallelGz::new(sink, spec.level.clamp(1, 9) as u32, spec.threads);
-            let (gz, summary) = write_archive(&spec.sources, &spec.excludes, gz, progress)?;
-            Ok((gz.finish()?, summary))
-        }
-        Compression::Zstd => {
-            let mut enc = zstd::stream::write::Encoder::new(sink, spec.level)?;
-            enc.multithread(spec.threads as u32)?;
-            enc.include_checksum(true)?;
-            let (enc, summary) = write_archive(&spec.sources, &spec.excludes, enc, progress)?;
-            Ok((enc.finish()?, summary))
-        }
-    }
+    let encoder = Encoder::new(sink, spec.compression, spec.level, spec.threads)?;
+    let (encoder, mut summary, catalog) = write_archive(&spec.sources, &spec.excludes, encoder, progress)?;
+    let (sink, blocks) = encoder.finish()?;
+    summary.catalog = catalog.finish(Some(&blocks))?;
+    Ok((sink, summary))
 }
 
 /// Cuts the compressed stream into chunks, hashes it, and pushes chunks to the window.

@@ -7,26 +7,28 @@
 //!                                                               (zstd/gzip ─▶ tar ─▶ safe writes)
 //! ```
 
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read as _};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use nbackup_protocol::restore::{CatalogEntry, Part, RemoteArchive};
+use nbackup_protocol::restore::{BlockIndex, CatalogEntry, CatalogLine, EntryKind, Extent, Part, RemoteArchive};
 use nbackup_protocol::wire::Compression;
 
 use super::fetch::{ArchiveRef, ChannelReader, FETCH_BUFFER, FetchError, Fetched, RestoreClient};
 use crate::restore::{
-    Action, ExtractOptions, ExtractProgress, ExtractReport, Overwrite, Planned, Selection, decompress, plan,
+    Action, DirMeta, ExtractOptions, ExtractProgress, ExtractReport, Overwrite, Planned, Selection, plan,
 };
 
 /// What to restore, where, and how.
 pub struct RestoreSpec {
     pub which: ArchiveRef,
     pub compression: Compression,
+    /// The archive's size (from the listing).
+    pub size: u64,
     pub dest: PathBuf,
     pub selection: Selection,
     pub overwrite: Overwrite,
@@ -47,21 +49,66 @@ pub struct RestoreProgress {
 pub struct RestoreOutcome {
     pub archive: String,
     pub report: ExtractReport,
-    /// How the archive arrived; `None` for a dry run answered from the catalog.
-    pub fetched: Option<Fetched>,
+    /// How the archive was read; `None` for a dry run answered from the catalog.
+    pub read: Option<Read>,
     pub dry_run: bool,
     pub seconds: f64,
 }
 
+/// How a restore read the archive.
+#[derive(Debug, Clone)]
+pub enum Read {
+    /// All of it, its SHA-256 compared with the manifest's.
+    Whole(Fetched),
+    /// Only the blocks holding the selected members, each checked by its own checksum.
+    Extents(Extents),
+}
+
+/// The blocks a restore read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extents {
+    /// Ranges fetched.
+    pub extents: u64,
+    /// Compressed bytes fetched, of the archive's `of`.
+    pub bytes: u64,
+    pub of: u64,
+    pub resumed: u32,
+}
+
 impl RestoreOutcome {
-    /// Whether the whole archive matched the manifest's SHA-256 (`None`: not fetched).
+    /// Whether the whole archive matched the manifest's SHA-256; `None` when it was
+    /// not read whole (a dry run, or a restore of some blocks).
     pub fn verified(&self) -> Option<bool> {
-        self.fetched.as_ref().map(Fetched::verified)
+        match &self.read {
+            Some(Read::Whole(f)) => Some(f.verified()),
+            _ => None,
+        }
     }
 
-    /// Connections the fetch took beyond the first.
+    /// The whole-archive fetch, if there was one.
+    pub fn fetched(&self) -> Option<&Fetched> {
+        match &self.read {
+            Some(Read::Whole(f)) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Compressed bytes fetched.
+    pub fn bytes_fetched(&self) -> u64 {
+        match &self.read {
+            Some(Read::Whole(f)) => f.size,
+            Some(Read::Extents(x)) => x.bytes,
+            None => 0,
+        }
+    }
+
+    /// Connections the fetch took beyond the first (per range).
     pub fn resumed(&self) -> u32 {
-        self.fetched.as_ref().map_or(0, |f| f.resumed)
+        match &self.read {
+            Some(Read::Whole(f)) => f.resumed,
+            Some(Read::Extents(x)) => x.resumed,
+            None => 0,
+        }
     }
 }
 
@@ -80,24 +127,33 @@ pub enum RestoreError {
 /// Called for every selected member (on the extraction thread).
 pub type OnEntry = Box<dyn FnMut(&Planned) + Send>;
 
+/// Threads inflating gzip members: all cores, the restore is what this host is doing.
+fn decode_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+}
+
 /// Bytes per block handed from the decompression thread to the extraction thread.
 const DECODED_BLOCK: usize = 1 << 20;
 
 /// Fetches `part` of `which` while `consume` reads it, in order, on a blocking
 /// thread. When both fail, the consumer's error is the cause (a consumer that stops
-/// reading stops the fetch); `what` says what could not be read.
+/// reading stops the fetch) (the error says which part).
 async fn fetch_with<T: Send + 'static>(
     client: &RestoreClient,
     which: &ArchiveRef,
     part: Part,
+    range: std::ops::Range<u64>,
     received: &AtomicU64,
     cancel: &CancellationToken,
-    what: &'static str,
     consume: impl FnOnce(ChannelReader) -> io::Result<T> + Send + 'static,
 ) -> Result<(T, Fetched), RestoreError> {
+    let what = match part {
+        Part::Archive => "the archive cannot be read",
+        Part::Catalog => "the catalog is unreadable",
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(FETCH_BUFFER);
     let consumer = tokio::task::spawn_blocking(move || consume(ChannelReader::new(rx)));
-    let fetched = client.fetch(which, part, &tx, received, cancel).await;
+    let fetched = client.fetch_range(which, part, range, &tx, received, cancel).await;
     drop(tx);
     let consumed = consumer.await.map_err(|e| RestoreError::Task(e.to_string()))?;
     match (consumed, fetched) {
@@ -107,30 +163,40 @@ async fn fetch_with<T: Send + 'static>(
     }
 }
 
+/// An archive's catalog as read: its members in archive order and, for archives
+/// made since block indexes were recorded, where the blocks start.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub entries: Vec<CatalogEntry>,
+    pub blocks: Option<BlockIndex>,
+}
+
 /// Fetches and decodes an archive's catalog; `None` when it has none.
 pub async fn catalog(
     client: &RestoreClient,
     archive: &RemoteArchive,
     storage: &nbackup_protocol::Name,
     cancel: &CancellationToken,
-) -> Result<Option<Vec<CatalogEntry>>, RestoreError> {
+) -> Result<Option<Catalog>, RestoreError> {
     if archive.catalog.is_none() {
         return Ok(None);
     }
     let which =
         ArchiveRef { storage: storage.clone(), backup: archive.backup.clone(), archive: archive.archive.clone() };
     let received = AtomicU64::new(0);
-    let parse = |raw: ChannelReader| -> io::Result<Vec<CatalogEntry>> {
+    let parse = |raw: ChannelReader| -> io::Result<Catalog> {
         let lines = zstd::stream::read::Decoder::new(raw)?;
-        let mut out = Vec::new();
+        let mut out = Catalog { entries: Vec::new(), blocks: None };
         for line in io::BufRead::lines(BufReader::new(lines)) {
-            out.push(serde_json::from_str(&line?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?);
+            match CatalogLine::parse(&line?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+                CatalogLine::Entry(e) => out.entries.push(e),
+                CatalogLine::Blocks(b) => out.blocks = Some(b),
+            }
         }
         Ok(out)
     };
-    let what = "the catalog is unreadable";
-    let (entries, _) = fetch_with(client, &which, Part::Catalog, &received, cancel, what, parse).await?;
-    Ok(Some(entries))
+    let (catalog, _) = fetch_with(client, &which, Part::Catalog, 0..u64::MAX, &received, cancel, parse).await?;
+    Ok(Some(catalog))
 }
 
 /// What a restore of `entries` into `spec.dest` would do, from the catalog alone.
@@ -150,23 +216,155 @@ pub fn plan_from_catalog(spec: &RestoreSpec, entries: &[CatalogEntry], on_entry:
 }
 
 /// Fetches the archive and extracts (or, dry, plans) the selected members.
+///
+/// With a catalog that has a block index, a selection whose members sit in less
+/// than half of the archive is restored by fetching only the blocks that hold them
+/// (each block's own checksum is checked: gzip CRC-32, zstd frame checksum); the
+/// whole archive is fetched otherwise, and then checked against the manifest's
+/// SHA-256.
 pub async fn restore(
     client: &RestoreClient,
     spec: RestoreSpec,
+    catalog: Option<Arc<Catalog>>,
     progress: Arc<RestoreProgress>,
     mut on_entry: OnEntry,
     cancel: &CancellationToken,
 ) -> Result<RestoreOutcome, RestoreError> {
     let started = Instant::now();
-    let RestoreSpec { which, compression, dest, selection, overwrite, dry_run } = spec;
-    let p = progress.clone();
-    let unpack = move |raw: ChannelReader| -> io::Result<ExtractReport> {
+    let plan = catalog.as_deref().and_then(|c| seek_plan(c, &spec.selection, spec.size));
+    let (report, read) = match plan {
+        Some((extents, known_dirs)) => {
+            let members = catalog.as_deref().map_or(0, |c| c.entries.len() as u64);
+            let (mut report, read) =
+                restore_extents(client, &spec, extents, known_dirs, &progress, on_entry, cancel).await?;
+            report.members = members;
+            (report, read)
+        }
+        None => {
+            let job = Unpack::of(&spec, Vec::new(), progress.clone());
+            let whole = 0..u64::MAX;
+            let consume = move |raw: ChannelReader| job.run(raw, 0, u64::MAX, &mut *on_entry);
+            let (report, fetched) =
+                fetch_with(client, &spec.which, Part::Archive, whole, &progress.received, cancel, consume).await?;
+            (report, Read::Whole(fetched))
+        }
+    };
+    Ok(RestoreOutcome {
+        archive: spec.which.archive,
+        report,
+        read: Some(read),
+        dry_run: spec.dry_run,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Compressed bytes between two wanted extents below which one read covers both.
+const SEEK_GAP: u64 = 4 << 20;
+
+/// The extents holding the members `selection` picks, and the catalog's metadata of
+/// the directories above them; `None` when reading the whole archive is better (no
+/// block index, everything selected, or the members span half the archive or more).
+fn seek_plan(catalog: &Catalog, selection: &Selection, size: u64) -> Option<(Vec<Extent>, Vec<DirMeta>)> {
+    let blocks = catalog.blocks.as_ref()?;
+    let entries = &catalog.entries;
+    if selection.is_all() || !entries.windows(2).all(|w| w[0].offset < w[1].offset) {
+        return None;
+    }
+    let mut ranges = Vec::new();
+    let mut parents = std::collections::BTreeSet::new();
+    for (i, e) in entries.iter().enumerate().filter(|(_, e)| selection.matches(&e.path)) {
+        // A member ends where the next one's first header starts.
+        ranges.push((e.offset, entries.get(i + 1).map_or(u64::MAX, |next| next.offset)));
+        parents.extend(std::path::Path::new(&e.path).ancestors().skip(1).map(std::path::Path::to_path_buf));
+    }
+    if ranges.is_empty() {
+        return None;
+    }
+    let extents = blocks.extents(&ranges, size, SEEK_GAP)?;
+    let bytes: u64 = extents.iter().map(|x| x.end - x.start).sum();
+    if bytes.saturating_mul(2) >= size {
+        return None;
+    }
+    let known_dirs = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Dir && parents.contains(std::path::Path::new(&e.path)))
+        .map(DirMeta::from_catalog)
+        .collect();
+    Some((extents, known_dirs))
+}
+
+/// Fetches and extracts each extent in turn.
+async fn restore_extents(
+    client: &RestoreClient,
+    spec: &RestoreSpec,
+    extents: Vec<Extent>,
+    known_dirs: Vec<DirMeta>,
+    progress: &Arc<RestoreProgress>,
+    mut on_entry: OnEntry,
+    cancel: &CancellationToken,
+) -> Result<(ExtractReport, Read), RestoreError> {
+    let mut report = ExtractReport::default();
+    let mut read = Extents { extents: extents.len() as u64, bytes: 0, of: spec.size, resumed: 0 };
+    for x in extents {
+        let job = Unpack::of(spec, known_dirs.clone(), progress.clone());
+        let consume = move |raw: ChannelReader| {
+            let r = job.run(raw, x.from - x.tar_offset, x.to.saturating_sub(x.from), &mut *on_entry);
+            r.map(|r| (r, on_entry))
+        };
+        let received = AtomicU64::new(0);
+        let ((part, back), fetched) =
+            fetch_with(client, &spec.which, Part::Archive, x.start..x.end, &received, cancel, consume).await?;
+        on_entry = back;
+        progress.received.fetch_add(fetched.size, Ordering::Relaxed);
+        read.bytes += x.end - x.start;
+        read.resumed += fetched.resumed;
+        report.add(part);
+    }
+    Ok((report, Read::Extents(read)))
+}
+
+/// One decompress-and-extract job: what it needs, owned, for its blocking thread.
+struct Unpack {
+    compression: Compression,
+    dest: PathBuf,
+    selection: Selection,
+    overwrite: Overwrite,
+    dry_run: bool,
+    known_dirs: Vec<DirMeta>,
+    progress: Arc<RestoreProgress>,
+}
+
+impl Unpack {
+    fn of(spec: &RestoreSpec, known_dirs: Vec<DirMeta>, progress: Arc<RestoreProgress>) -> Self {
+        Unpack {
+            compression: spec.compression,
+            dest: spec.dest.clone(),
+            selection: spec.selection.clone(),
+            overwrite: spec.overwrite,
+            dry_run: spec.dry_run,
+            known_dirs,
+            progress,
+        }
+    }
+
+    /// Decompresses `raw`, skips `skip` tar bytes, and extracts from the next `len`
+    /// (`u64::MAX`: all); the rest is decompressed too, so every block's checksum is
+    /// checked and the fetch can finish.
+    fn run(
+        self,
+        raw: ChannelReader,
+        skip: u64,
+        len: u64,
+        on_entry: &mut dyn FnMut(&Planned),
+    ) -> io::Result<ExtractReport> {
         // Decompression and extraction on two threads, like `zstd -d | tar -x`: each
         // would otherwise wait for the other.
         let (decoded_tx, decoded_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(FETCH_BUFFER);
+        let compression = self.compression;
         std::thread::scope(|scope| {
             let decoding = scope.spawn(move || -> io::Result<()> {
-                let mut input = decompress(BufReader::with_capacity(1 << 20, raw), compression)?;
+                let raw = BufReader::with_capacity(1 << 20, raw);
+                let mut input = crate::codec::decoder(raw, compression, decode_workers())?;
                 loop {
                     let mut block = vec![0u8; DECODED_BLOCK];
                     let n = crate::restore::read_full(&mut input, &mut block)?;
@@ -178,14 +376,22 @@ pub async fn restore(
             });
             let extracted = (|| {
                 let mut input = ChannelReader::new(decoded_rx);
+                io::copy(&mut (&mut input).take(skip), &mut io::sink())?;
                 let mut opts = ExtractOptions {
-                    selection: &selection,
-                    overwrite,
-                    dry_run,
-                    on_entry: &mut *on_entry,
-                    progress: Some(&p.written),
+                    selection: &self.selection,
+                    overwrite: self.overwrite,
+                    dry_run: self.dry_run,
+                    on_entry,
+                    progress: Some(&self.progress.written),
+                    known_dirs: self.known_dirs,
                 };
-                let report = crate::restore::extract_stream(&mut input, &dest, &mut opts)?;
+                let report = if len == u64::MAX {
+                    crate::restore::extract_stream(&mut input, &self.dest, &mut opts)?
+                } else {
+                    // The members wanted, then an end-of-archive marker of our own.
+                    let wanted = (&mut input).take(len).chain(io::repeat(0).take(1024));
+                    crate::restore::extract_stream(wanted, &self.dest, &mut opts)?
+                };
                 // The end-of-archive blocks and the compressor's trailer, so a damaged
                 // tail (gzip CRC, zstd checksum) is found and the fetch can finish.
                 io::copy(&mut input, &mut io::sink())?;
@@ -196,16 +402,7 @@ pub async fn restore(
             // A decompression error is the cause of whatever the extraction then saw.
             decoded.and(extracted)
         })
-    };
-    let what = "the archive cannot be read";
-    let (report, fetched) = fetch_with(client, &which, Part::Archive, &progress.received, cancel, what, unpack).await?;
-    Ok(RestoreOutcome {
-        archive: which.archive,
-        report,
-        fetched: Some(fetched),
-        dry_run,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    }
 }
 
 /// Reads an archive's members from the archive itself (for archives without a
@@ -217,7 +414,7 @@ pub async fn members_from_archive(
     cancel: &CancellationToken,
 ) -> Result<Vec<CatalogEntry>, RestoreError> {
     let walk = move |raw: ChannelReader| -> io::Result<Vec<CatalogEntry>> {
-        let input = decompress(BufReader::with_capacity(1 << 20, raw), compression)?;
+        let input = crate::codec::decoder(BufReader::with_capacity(1 << 20, raw), compression, decode_workers())?;
         let mut ar = tar::Archive::new(input);
         let mut out = Vec::new();
         for entry in ar.entries()? {
@@ -241,8 +438,7 @@ pub async fn members_from_archive(
         Ok(out)
     };
     let received = AtomicU64::new(0);
-    let what = "the archive cannot be read";
-    Ok(fetch_with(client, which, Part::Archive, &received, cancel, what, walk).await?.0)
+    Ok(fetch_with(client, which, Part::Archive, 0..u64::MAX, &received, cancel, walk).await?.0)
 }
 
 /// What a restore test found.
@@ -290,8 +486,8 @@ impl RestoreTestReport {
 
 /// Restores `files` random regular files of `archive` (which must have a catalog)
 /// into a fresh directory below `workdir`, compares each with the live file, and
-/// removes the directory. The archive is fetched and decompressed whole (it is a
-/// stream); only the chosen files are written.
+/// removes the directory. Only the blocks holding the chosen files are fetched when
+/// the archive has a block index.
 pub async fn restore_test(
     client: &RestoreClient,
     storage: &nbackup_protocol::Name,
@@ -301,14 +497,14 @@ pub async fn restore_test(
     cancel: &CancellationToken,
 ) -> Result<RestoreTestReport, RestoreError> {
     let started = Instant::now();
-    let Some(members) = catalog(client, archive, storage, cancel).await? else {
+    let Some(catalog) = catalog(client, archive, storage, cancel).await?.map(Arc::new) else {
         return Err(RestoreError::Extract(format!(
             "{} has no catalog; restore tests need one (archives made by this version have it)",
             archive.archive
         )));
     };
     let mut candidates: Vec<&CatalogEntry> =
-        members.iter().filter(|m| m.kind == nbackup_protocol::restore::EntryKind::File && !m.lossy).collect();
+        catalog.entries.iter().filter(|m| m.kind == EntryKind::File && !m.lossy).collect();
     let chosen = sample(&mut candidates, files as usize);
     let mut report = RestoreTestReport { archive: archive.archive.clone(), ..Default::default() };
     if chosen.is_empty() {
@@ -326,14 +522,16 @@ pub async fn restore_test(
             archive: archive.archive.clone(),
         },
         compression: archive.compression,
+        size: archive.size,
         dest: dest.clone(),
         selection: Selection::exact(&paths),
         overwrite: Overwrite::Never,
         dry_run: false,
     };
-    let restored = restore(client, spec, Arc::new(RestoreProgress::default()), Box::new(|_| {}), cancel).await;
+    let progress = Arc::new(RestoreProgress::default());
+    let restored = restore(client, spec, Some(catalog.clone()), progress, Box::new(|_| {}), cancel).await;
     let compared = restored.and_then(|outcome| {
-        if outcome.verified() != Some(true) {
+        if outcome.verified() == Some(false) {
             return Err(RestoreError::Extract(format!("{}: sha256 differs from the manifest", archive.archive)));
         }
         for m in &chosen {

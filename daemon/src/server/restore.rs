@@ -66,9 +66,9 @@ pub async fn handle<R, W>(
     };
     let result = match request {
         RestoreRequest::List { agent, backup, .. } => list(&mut writer, area, agent, backup).await,
-        RestoreRequest::Fetch { agent, backup, archive, part, offset, .. } => {
+        RestoreRequest::Fetch { agent, backup, archive, part, offset, end, .. } => {
             let entry = Entry { area, agent, backup };
-            fetch(&server, &conn, &mut writer, entry, &archive, part, offset).await
+            fetch(&server, &conn, &mut writer, entry, &archive, part, offset..end.unwrap_or(u64::MAX)).await
         }
         RestoreRequest::Verify { agent, backup, archive, .. } => {
             verify(&server, &mut writer, Entry { area, agent, backup }, archive).await
@@ -212,7 +212,7 @@ async fn fetch<W: AsyncWrite + Unpin>(
     entry: Entry,
     archive: &str,
     part: Part,
-    offset: u64,
+    range: std::ops::Range<u64>,
 ) -> Result<(), Failed> {
     let file = find(&entry, archive).await?;
     let (path, sha256) = match part {
@@ -232,18 +232,27 @@ async fn fetch<W: AsyncWrite + Unpin>(
     })
     .await?;
     let (f, size) = opened;
-    if offset > size {
-        return Err(Refusal::new(Reason::Protocol, format!("offset {offset} is past the end ({size} bytes)")).into());
+    let (offset, stop) = (range.start, range.end.min(size));
+    if offset > stop {
+        return Err(Refusal::new(
+            Reason::Protocol,
+            format!("offset {offset} is past the end ({stop} of {size} bytes)"),
+        )
+        .into());
     }
     let what = match part {
         Part::Archive => "archive",
         Part::Catalog => "catalog",
     };
-    info!(agent = %entry.agent, backup = %entry.backup, archive, what, offset, size, peer = %conn.peer, "serving a restore");
+    info!(agent = %entry.agent, backup = %entry.backup, archive, what, offset, stop, size, peer = %conn.peer, "serving a restore");
     if part == Part::Archive {
         let who =
             EventSpec { agent: Some(entry.agent.as_str()), backup: Some(entry.backup.as_str()), ..Default::default() };
-        let from = if offset > 0 { format!(" from byte {offset}") } else { String::new() };
+        let from = match (offset, stop < size) {
+            (_, true) => format!(" bytes {offset}..{stop} of {size}"),
+            (0, false) => String::new(),
+            (_, false) => format!(" from byte {offset}"),
+        };
         server.telemetry.events.record(
             EventKind::RestoreServed,
             who,
@@ -254,14 +263,14 @@ async fn fetch<W: AsyncWrite + Unpin>(
     let read = |at: u64| {
         let f = f.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-            let len = (size - at).min(FETCH_CHUNK as u64) as usize;
+            let len = (stop - at).min(FETCH_CHUNK as u64) as usize;
             let mut buf = vec![0u8; len];
             f.read_exact_at(&mut buf, at)?;
             Ok(Bytes::from(buf))
         })
     };
     let mut at = offset;
-    let mut next = (at < size).then(|| read(at));
+    let mut next = (at < stop).then(|| read(at));
     while let Some(pending) = next.take() {
         let data = match pending.await {
             Ok(Ok(d)) => d,
@@ -273,7 +282,7 @@ async fn fetch<W: AsyncWrite + Unpin>(
         };
         let chunk = Chunk::new(at / FETCH_CHUNK as u64, at, data);
         at += chunk.data.len() as u64;
-        next = (at < size).then(|| read(at));
+        next = (at < stop).then(|| read(at));
         send(writer, &Frame::Chunk(chunk)).await?;
     }
     Ok(())

@@ -115,7 +115,8 @@ pub fn check(
 }
 
 fn walk<R: Read>(input: &mut R, compression: Compression) -> io::Result<u64> {
-    let decoder = crate::restore::decompress(io::BufReader::new(input), compression)?;
+    // One inflating worker: verification is background work beside ingestion.
+    let decoder = crate::codec::decoder(io::BufReader::new(input), compression, 1)?;
     let mut archive = tar::Archive::new(decoder);
     let mut members = 0u64;
     for entry in archive.entries()? {
