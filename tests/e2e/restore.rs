@@ -462,3 +462,75 @@ async fn an_unreadable_catalog_costs_the_plan_not_the_restore() {
     assert!(text(&out.stdout).contains("etc/hosts"), "{}", text(&out.stdout));
     f.server.stop().await;
 }
+
+// The binary runs synchronously: the in-process server needs other threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restoring_one_file_of_a_large_archive_reads_only_the_blocks_that_hold_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().to_path_buf();
+    let pki = Pki::new(&root.join("pki"));
+    let server = TestServer::start_logged(&root, &pki, &[gzip("main")]).await;
+    // Twelve 1 MiB incompressible files (a dozen 1 MiB gzip members), one of them in
+    // a directory with its own mode and mtime.
+    let src = root.join("src");
+    fs::create_dir_all(src.join("deep/dir")).expect("mkdir");
+    for i in 0..12 {
+        let at = if i == 7 { src.join("deep/dir/wanted.bin") } else { src.join(format!("f{i:02}.bin")) };
+        fs::write(&at, noise(1 << 20, 100 + i)).expect("write");
+    }
+    fs::set_permissions(src.join("deep/dir"), std::os::unix::fs::PermissionsExt::from_mode(0o750)).expect("chmod");
+    let when = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    fs::File::open(src.join("deep/dir")).expect("open").set_modified(when).expect("mtime");
+    let yaml = agent_yaml(&pki, "web-01", &pki.agent("web-01"), server.addr, &[entry("etc", "main", &[&src])], "");
+    let config = root.join("agent.yaml");
+    fs::write(&config, yaml).expect("config");
+    let out = run(nbackup().args(["backup", "--config"]).arg(&config));
+    assert!(out.status.success(), "backup: {}", text(&out.stderr));
+    let archive = server.archives("main", "web-01", "etc").pop().expect("archive");
+    let size = fs::metadata(&archive).expect("archive").len();
+
+    let wanted = src.join("deep/dir/wanted.bin");
+    let member = wanted.strip_prefix("/").expect("absolute").display().to_string();
+    let dest = root.join("dest");
+    let restore = |dest: &Path| {
+        run(nbackup()
+            .args(["restore", "--json", "--entry", "etc", "--to"])
+            .arg(dest)
+            .arg("--config")
+            .arg(&config)
+            .arg(&member))
+    };
+    let out = restore(&dest);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(result["report"]["restored"], 1, "{result}");
+    assert_eq!(result["ranges"], 1, "{result}");
+    let fetched = result["fetched_bytes"].as_u64().expect("fetched bytes");
+    // The file's 1 MiB lies in two or three members of ~1 MiB each, of a 12 MiB archive.
+    assert!(fetched <= 3 * (1 << 20) + 4096 && fetched < size / 3, "fetched {fetched} of {size}: {result}");
+    assert_eq!(result["verified"], serde_json::Value::Null, "not read whole: {result}");
+    let copy = dest.join(&member);
+    assert_eq!(fs::read(&copy).expect("restored"), fs::read(&wanted).expect("source"), "byte for byte");
+    // Its directory, not in the blocks read, still gets its archived metadata (from the catalog).
+    let dir = fs::metadata(copy.parent().expect("parent")).expect("dir");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&dir.permissions()) & 0o7777, 0o750);
+    assert_eq!(dir.modified().expect("mtime"), when);
+    assert!(!dest.join(src.join("f00.bin").strip_prefix("/").expect("abs")).exists(), "nothing else");
+    let events = server_events(&root);
+    assert!(events.contains(&format!(" of {size}")), "the server served a range: {events}");
+
+    // A flipped byte inside one of those blocks is found by that block's CRC: exit 7.
+    let mut bytes = fs::read(&archive).expect("read");
+    let catalog_line =
+        text(&run(nbackup().args(["ls", "--json", "--entry", "etc", "--config"]).arg(&config).arg(&member)).stdout);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&catalog_line).expect("json");
+    let tar_offset = listed[0]["offset"].as_u64().expect("offset");
+    // Member i of this archive starts near i MiB compressed (incompressible data).
+    let at = ((tar_offset + (1 << 19)) as usize).min(bytes.len() - 100);
+    bytes[at] ^= 0x20;
+    fs::write(&archive, bytes).expect("flip");
+    let out = restore(&root.join("dest2"));
+    assert_eq!(out.status.code(), Some(7), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stderr).contains("gzip member"), "{}", text(&out.stderr));
+    server.stop().await;
+}
