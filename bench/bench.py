@@ -49,6 +49,10 @@ def tree_bytes(root):
     return total
 
 
+def tree_files(root):
+    return sum(len(files) for _, _, files in os.walk(root))
+
+
 def run_measured(argv, stdout=subprocess.DEVNULL, stdin=None):
     """Runs argv, returns (wall, cpu_seconds, maxrss_bytes, exit_status)."""
     t0 = time.monotonic()
@@ -260,7 +264,11 @@ def main():
     ap.add_argument("--work", help="scratch directory (default: a temp dir)")
     ap.add_argument("--gzip-level", type=int, default=6)
     ap.add_argument("--zstd-level", type=int, default=3)
-    ap.add_argument("--parallels", type=int, default=2, help="streams for the N-stream cases (1 to skip them)")
+    ap.add_argument("--parallels", default="2",
+                    help="streams for the N-stream cases, a comma-separated sweep (e.g. 2,4; 1 to skip them)")
+    ap.add_argument("--small-files", type=int, default=0,
+                    help="also back up a tree of N files of 0-4 KiB (make-dataset.py --small-files), warm and cold")
+    ap.add_argument("--small-data", help="directory of the small-files tree (created if missing)")
     ap.add_argument("--latency-rounds", type=int, default=1, help="rounds of the latency case (0 to skip it)")
     ap.add_argument("--latency-size", default="256M")
     ap.add_argument("--latency-ms", type=float, default=50, help="one-way delay")
@@ -289,24 +297,41 @@ def main():
     cores = os.cpu_count()
     nb = Nbackup(os.path.abspath(args.nbackup), work, args.gzip_level, args.zstd_level)
     local = f"127.0.0.1:{nb.port}"
-    n = args.parallels
-    loop_cfg = nb.agent_config("loopback", local, [
-        ("gzip", "gz", 1, "", data), ("zstd", "zs", 1, "", data),
-        (f"gzip{n}", "gz", n, "", data), (f"zstd{n}", "zs", n, "", data),
-    ], args.buffer)
+    sweep = [int(x) for x in str(args.parallels).split(",") if int(x) > 1]
+    n = max(sweep, default=1)
+    entries = [("gzip", "gz", 1, "", data), ("zstd", "zs", 1, "", data)]
+    for k in sweep:
+        entries += [(f"gzip{k}", "gz", k, "", data), (f"zstd{k}", "zs", k, "", data)]
+    small = None
+    if args.small_files:
+        small = os.path.abspath(args.small_data or os.path.join(work, "small"))
+        if not os.path.isdir(small) or not os.listdir(small):
+            print(f"generating {args.small_files} small files in {small} ...", flush=True)
+            subprocess.run([sys.executable, os.path.join(HERE, "make-dataset.py"), small,
+                            "--small-files", str(args.small_files)], check=True)
+        entries.append(("small", "zs", 1, "", small))
+    loop_cfg = nb.agent_config("loopback", local, entries, args.buffer)
     tar = ["tar", "-cf", "-", "-C", "/", data.lstrip("/")]
     out = os.path.join(work, "baseline.out")
     pigz_name, zstd_name = f"tar | pigz -p{cores} -{args.gzip_level}", f"tar | zstd -T0 -{args.zstd_level}"
     names = ["nbackup gzip", pigz_name, "nbackup zstd", zstd_name]
-    if n > 1:
-        names += [f"nbackup gzip, {n} streams", f"nbackup zstd, {n} streams"]
+    for k in sweep:
+        names += [f"nbackup gzip, {k} streams", f"nbackup zstd, {k} streams"]
+    small_tar = ["tar", "-cf", "-", "-C", "/", small.lstrip("/")] if small else None
+    can_drop = small is not None and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+    temps = (["warm", "cold"] if can_drop else ["warm"]) if small else []
+    for t in temps:
+        names += [f"nbackup zstd, small files, {t}", f"{zstd_name}, small files, {t}"]
     restore_names = [] if args.no_restore else [
         "nbackup restore gzip", "tar -xzf (gzip)", "nbackup restore zstd", "tar --zstd -xf (zstd)"]
     names += restore_names
     cases = {name: [] for name in names}
     baseline_of = {"nbackup gzip": pigz_name, "nbackup zstd": zstd_name,
-                   f"nbackup gzip, {n} streams": pigz_name, f"nbackup zstd, {n} streams": zstd_name,
                    "nbackup restore gzip": "tar -xzf (gzip)", "nbackup restore zstd": "tar --zstd -xf (zstd)"}
+    for k in sweep:
+        baseline_of |= {f"nbackup gzip, {k} streams": pigz_name, f"nbackup zstd, {k} streams": zstd_name}
+    for t in temps:
+        baseline_of[f"nbackup zstd, small files, {t}"] = f"{zstd_name}, small files, {t}"
     dest = os.path.join(args.restore_to or work, f"nbackup-restored-{os.getpid()}")
     latency = {}
     try:
@@ -318,9 +343,22 @@ def main():
             cases["nbackup zstd"].append(nb.backup(loop_cfg, "zstd"))
             w, c, rss, size = pipeline(tar, ["zstd", "-T0", f"-{args.zstd_level}", "-q", "-c"], out)
             cases[zstd_name].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
-            if n > 1:
-                cases[f"nbackup gzip, {n} streams"].append(nb.backup(loop_cfg, f"gzip{n}"))
-                cases[f"nbackup zstd, {n} streams"].append(nb.backup(loop_cfg, f"zstd{n}"))
+            for k in sweep:
+                cases[f"nbackup gzip, {k} streams"].append(nb.backup(loop_cfg, f"gzip{k}"))
+                cases[f"nbackup zstd, {k} streams"].append(nb.backup(loop_cfg, f"zstd{k}"))
+            for t in temps:
+                # Each run alone with the cache it is meant to see: dropped for "cold",
+                # filled by reading the tree for "warm".
+                for who in ("nbackup", "tar"):
+                    if t == "cold":
+                        subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, check=True)
+                    else:
+                        subprocess.run(f"tar -cf - -C / {small.lstrip('/')} | cat > /dev/null", shell=True, check=True)
+                    if who == "nbackup":
+                        cases[f"nbackup zstd, small files, {t}"].append(nb.backup(loop_cfg, "small"))
+                    else:
+                        w, c, rss, size = pipeline(small_tar, ["zstd", "-T0", f"-{args.zstd_level}", "-q", "-c"], out)
+                        cases[f"{zstd_name}, small files, {t}"].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
             if restore_names:
                 for comp, entry, flag, tar_name in (("gzip", "gzip", "-z", "tar -xzf (gzip)"),
                                                    ("zstd", "zstd", "--zstd", "tar --zstd -xf (zstd)")):
@@ -341,9 +379,11 @@ def main():
     def med(runs, key):
         return statistics.median(r[key] for r in runs)
 
+    small_bytes, small_count = (tree_bytes(small), tree_files(small)) if small else (0, 0)
     results = {"source_bytes": source_bytes, "cores": cores, "rounds": args.rounds,
                "gzip_level": args.gzip_level, "zstd_level": args.zstd_level,
-               "parallels": n, "buffer": args.buffer, "cases": {}, "latency": latency,
+               "parallels": sweep or [1], "buffer": args.buffer, "cases": {}, "latency": latency,
+               "small_files": {"dir": small, "files": small_count, "bytes": small_bytes} if small else None,
                "restore_to": args.restore_to or work}
     print()
     print(f"source: {source_bytes / 1e6:.0f} MB in {data}; {cores} cores; median of {args.rounds} interleaved rounds")
@@ -353,8 +393,12 @@ def main():
     for name in names:
         runs = cases[name]
         wall = med(runs, "wall")
-        mbs = source_bytes / 1e6 / wall
+        is_small = "small files" in name
+        mbs = (small_bytes if is_small else source_bytes) / 1e6 / wall
         entry = {"wall_s": wall, "mb_per_s": mbs, "archive_bytes": med(runs, "archive"), "runs": runs}
+        if is_small:
+            entry["files"] = small_count
+            entry["files_per_s"] = small_count / wall
         if name.startswith("nbackup"):
             ratio = med(cases[baseline_of[name]], "wall") / wall
             entry.update(agent_cpu_s=med(runs, "agent_cpu"), server_cpu_s=med(runs, "server_cpu"),
@@ -370,6 +414,9 @@ def main():
             ratio_s = ""
         results["cases"][name] = entry
         print(f"{name:<28}{mbs:>8.1f}{ratio_s:>7}{cpu:>24}{rss:>30}{entry['archive_bytes'] / 1e6:>12.1f}")
+    for name in names:
+        if "files_per_s" in results["cases"][name]:
+            print(f"  {name}: {results['cases'][name]['files_per_s']:,.0f} files/s")
     print("\nratio = nbackup throughput / its baseline pipeline's (same compression, same level); higher is better")
     for comp in ("gzip", "zstd") if restore_names else ():
         r = results["cases"][f"nbackup restore {comp}"]["mb_per_s"] / results["cases"][f"nbackup {comp}"]["mb_per_s"]

@@ -336,12 +336,14 @@ fn finish(
         });
         if let Some(f) = outcome.fetched() {
             v["sha256"] = serde_json::Value::String(f.sha256.clone());
+            v["size"] = serde_json::Value::from(f.size);
         }
         if outcome.read.is_some() {
             v["fetched_bytes"] = serde_json::Value::from(outcome.bytes_fetched());
         }
         if let Some(Read::Extents(x)) = &outcome.read {
             v["ranges"] = serde_json::Value::from(x.extents);
+            v["size"] = serde_json::Value::from(x.of);
         }
         println!("{v}");
         return Ok(code.into());

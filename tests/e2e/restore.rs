@@ -239,6 +239,7 @@ async fn restore_commands_list_select_by_glob_dry_run_and_refuse_to_overwrite() 
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(result["verified"], true, "{result}");
     assert_eq!(result["report"]["restored"], 2, "{result}");
+    assert!(result["size"].as_u64().is_some_and(|n| n == result["fetched_bytes"]), "{result}");
     let restored = dest.join(member("etc/nginx/nginx.conf"));
     assert_eq!(fs::read_to_string(&restored).expect("restored"), "worker_processes 2;\n");
     assert!(!dest.join(member("etc/hosts")).exists(), "outside the selection");

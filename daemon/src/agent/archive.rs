@@ -21,7 +21,7 @@
 //! committed beside the archive so that listing and planning a restore never read
 //! the archive, and restoring a few files reads only the blocks that hold them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -37,6 +37,7 @@ use nbackup_protocol::config::Excludes;
 use nbackup_protocol::restore::{BlockIndex, CatalogEntry, CatalogLine};
 
 use super::progress::Progress;
+use crate::pool::Ordered;
 
 /// Something the archiver did not store as found.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -204,35 +205,47 @@ impl<W: Write> Archiver<'_, W> {
                 }
                 keep
             });
+        // The lstat of every entry, and the whole of every small file, are read ahead
+        // on a pool of threads while this one writes the tar stream in walk order: a
+        // cold cache then serves many reads at once instead of one at a time.
+        let mut ahead = LookAhead::new()?;
         for item in walker {
-            match item {
-                Ok(entry) => {
-                    // walkdir's metadata is from lstat, as we want.
-                    match entry.metadata() {
-                        Ok(meta) => self.add(entry.path(), &meta)?,
-                        Err(e) if e.io_error().is_some_and(|io| io.kind() == io::ErrorKind::NotFound) => {
-                            self.notice(entry.path(), NoticeKind::Skipped, "vanished during the backup".into());
-                        }
-                        Err(e) => self.notice(entry.path(), NoticeKind::Skipped, format!("cannot stat: {e}")),
-                    }
-                }
-                Err(e) => {
-                    let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
-                    let what = if e.depth() > 0 || e.io_error().is_some() { "cannot read" } else { "walk error" };
-                    let detail = match e.io_error() {
-                        Some(io) if io.kind() == io::ErrorKind::NotFound => "vanished during the backup".to_string(),
-                        Some(io) => format!("{what}: {io}"),
-                        None => e.to_string(),
-                    };
-                    self.notice(&path, NoticeKind::Skipped, detail);
-                }
+            ahead.push(item.map(walkdir::DirEntry::into_path), root)?;
+            while ahead.len() > LOOK_AHEAD {
+                self.settle(&mut ahead)?;
             }
+        }
+        ahead.flush()?;
+        while ahead.len() > 0 {
+            self.settle(&mut ahead)?;
         }
         self.summary.excluded += excluded;
         Ok(())
     }
 
-    fn add(&mut self, path: &Path, meta: &Metadata) -> io::Result<()> {
+    /// Archives the oldest entry of the look-ahead.
+    fn settle(&mut self, ahead: &mut LookAhead) -> io::Result<()> {
+        let waited = std::time::Instant::now();
+        let next = ahead.next()?;
+        self.progress.read_nanos.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match next {
+            Walked::Entry(path, Looked { lstat: Ok(meta), small }) => self.add(&path, &meta, small),
+            Walked::Entry(path, Looked { lstat: Err(e), .. }) if e.kind() == io::ErrorKind::NotFound => {
+                self.notice(&path, NoticeKind::Skipped, "vanished during the backup".into());
+                Ok(())
+            }
+            Walked::Entry(path, Looked { lstat: Err(e), .. }) => {
+                self.notice(&path, NoticeKind::Skipped, format!("cannot stat: {e}"));
+                Ok(())
+            }
+            Walked::Failed(path, detail) => {
+                self.notice(&path, NoticeKind::Skipped, detail);
+                Ok(())
+            }
+        }
+    }
+
+    fn add(&mut self, path: &Path, meta: &Metadata, small: Option<Opened<ReadAhead>>) -> io::Result<()> {
         let ft = meta.file_type();
         let name = member_name(path);
         if name.as_os_str().is_empty() {
@@ -244,7 +257,7 @@ impl<W: Write> Archiver<'_, W> {
             return Ok(());
         }
         if ft.is_file() {
-            return self.add_file(path, &name, meta);
+            return self.add_file(path, &name, meta, small);
         }
         let mut header = Header::new_gnu();
         header.set_metadata_in_mode(meta, HeaderMode::Complete);
@@ -303,7 +316,13 @@ impl<W: Write> Archiver<'_, W> {
         Ok(())
     }
 
-    fn add_file(&mut self, path: &Path, name: &Path, lstat: &Metadata) -> io::Result<()> {
+    fn add_file(
+        &mut self,
+        path: &Path,
+        name: &Path,
+        lstat: &Metadata,
+        small: Option<Opened<ReadAhead>>,
+    ) -> io::Result<()> {
         if lstat.nlink() > 1
             && let Some(first) = self.links.get(&(lstat.dev(), lstat.ino()))
         {
@@ -316,26 +335,14 @@ impl<W: Write> Archiver<'_, W> {
             self.tar.append_link(&mut header, name, &first)?;
             return self.entry_done(name, &header, Some(&first), offset);
         }
-        let file = match open_regular(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.notice(path, NoticeKind::Skipped, "vanished before it could be read".into());
-                return Ok(());
-            }
-            Err(e) => {
-                self.notice(path, NoticeKind::Skipped, format!("cannot open: {e}"));
-                return Ok(());
-            }
+        let opened = match small {
+            Some(read) => read.map(Body::Read),
+            None => open_file(path).map(Body::Stream),
         };
-        // Describe the file as opened, not as listed: it may have changed in between.
-        let meta = match file.metadata() {
-            Ok(m) if m.is_file() => m,
-            Ok(_) => {
-                self.notice(path, NoticeKind::Skipped, "changed type while being archived".into());
-                return Ok(());
-            }
-            Err(e) => {
-                self.notice(path, NoticeKind::Skipped, format!("cannot stat: {e}"));
+        let (meta, body) = match opened {
+            Opened::File { meta, body } => (meta, body),
+            Opened::Skipped(detail) => {
+                self.notice(path, NoticeKind::Skipped, detail);
                 return Ok(());
             }
         };
@@ -344,19 +351,32 @@ impl<W: Write> Archiver<'_, W> {
         header.set_metadata_in_mode(&meta, HeaderMode::Complete);
         header.set_size(size);
         let offset = self.offset();
-        let mut reader = ExactReader {
-            // tar copies through an 8 KiB buffer; read the file in larger blocks.
-            file: io::BufReader::with_capacity(READ_BLOCK, file),
-            remaining: size,
-            read: 0,
-            error: None,
-            padded: false,
-            progress: &self.progress,
+        let read = match body {
+            Body::Stream(file) => {
+                let mut reader = ExactReader {
+                    // tar copies through an 8 KiB buffer; read the file in larger blocks.
+                    file: io::BufReader::with_capacity(READ_BLOCK, file),
+                    remaining: size,
+                    read: 0,
+                    error: None,
+                    padded: false,
+                    progress: &self.progress,
+                };
+                let result = self.tar.append_data(&mut header, name, &mut reader);
+                let ExactReader { file, read, error, padded, .. } = reader;
+                result?;
+                ReadOutcome { read, error, padded, grew: grew(&file.into_inner(), size) }
+            }
+            Body::Read(ReadAhead { data, outcome }) => {
+                // Exactly `size` bytes, zero-padded if the file shrank.
+                let pad = size.saturating_sub(data.len() as u64);
+                let content = io::Cursor::new(&data[..]).chain(io::repeat(0).take(pad));
+                self.tar.append_data(&mut header, name, content)?;
+                self.progress.bytes_read.fetch_add(outcome.read, Ordering::Relaxed);
+                outcome
+            }
         };
-        let result = self.tar.append_data(&mut header, name, &mut reader);
-        let ExactReader { file, read, error, padded, .. } = reader;
-        let file = file.into_inner();
-        result?;
+        let ReadOutcome { read, error, padded, grew } = read;
         self.summary.bytes_read += read;
         if let Some(e) = error {
             self.notice(
@@ -370,7 +390,7 @@ impl<W: Write> Archiver<'_, W> {
                 NoticeKind::Padded,
                 format!("shrank while read; stored {read} bytes zero-padded to {size}"),
             );
-        } else if grew(&file, size) {
+        } else if grew {
             self.notice(path, NoticeKind::Truncated, format!("grew while read; stored its first {size} bytes"));
         }
         if meta.nlink() > 1 {
@@ -380,6 +400,216 @@ impl<W: Write> Archiver<'_, W> {
     }
 }
 
+/// Entries read ahead of the tar writer.
+const LOOK_AHEAD: usize = 512;
+/// Entries per job of the read-ahead pool: fewer hand-offs between threads.
+const BATCH: usize = 16;
+/// Threads reading ahead; most of the time each waits for the disk.
+const READERS: usize = 32;
+/// Regular files up to this size are read whole by the read-ahead (at most
+/// `LOOK_AHEAD × SMALL` = 16 MiB held); larger ones are read by the tar writer.
+const SMALL: u64 = 32 * 1024;
+
+/// What the read-ahead learned of one entry.
+struct Looked {
+    /// `lstat`, as the walk lists it.
+    lstat: io::Result<Metadata>,
+    /// A small regular file, opened and read whole.
+    small: Option<Opened<ReadAhead>>,
+}
+
+/// The walk's next item, in walk order.
+#[allow(clippy::large_enum_variant)] // one lives at a time, on the stack; boxing would allocate per entry
+enum Walked {
+    Entry(PathBuf, Looked),
+    /// The walk could not read it (with the notice's detail).
+    Failed(PathBuf, String),
+}
+
+/// A regular file opened for archiving: its metadata as opened, and its content
+/// (a stream, or read ahead), or why it is skipped.
+enum Opened<T> {
+    File { meta: Metadata, body: T },
+    Skipped(String),
+}
+
+impl<T> Opened<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Opened<U> {
+        match self {
+            Opened::File { meta, body } => Opened::File { meta, body: f(body) },
+            Opened::Skipped(why) => Opened::Skipped(why),
+        }
+    }
+}
+
+enum Body {
+    Stream(File),
+    Read(ReadAhead),
+}
+
+struct ReadAhead {
+    data: Vec<u8>,
+    outcome: ReadOutcome,
+}
+
+/// How reading a file's content went.
+struct ReadOutcome {
+    read: u64,
+    error: Option<io::Error>,
+    padded: bool,
+    grew: bool,
+}
+
+/// Opens a regular file and describes it as opened, not as listed: it may have
+/// changed in between.
+fn open_file(path: &Path) -> Opened<File> {
+    let file = match open_regular(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Opened::Skipped("vanished before it could be read".into());
+        }
+        Err(e) => return Opened::Skipped(format!("cannot open: {e}")),
+    };
+    match file.metadata() {
+        Ok(meta) if meta.is_file() => Opened::File { meta, body: file },
+        Ok(_) => Opened::Skipped("changed type while being archived".into()),
+        Err(e) => Opened::Skipped(format!("cannot stat: {e}")),
+    }
+}
+
+/// The walk's items and what the read-ahead pool found of them, in walk order.
+struct LookAhead {
+    pool: Ordered<Vec<PathBuf>, Vec<Looked>>,
+    /// Walked and not yet settled, oldest first.
+    items: VecDeque<Pending>,
+    /// Paths not yet handed to the pool.
+    batch: Vec<PathBuf>,
+    /// What the pool found of the oldest batch taken from it, in order.
+    ready: VecDeque<Looked>,
+}
+
+enum Pending {
+    Looking(PathBuf),
+    Failed(PathBuf, String),
+}
+
+impl LookAhead {
+    fn new() -> io::Result<Self> {
+        let pool = Ordered::new(
+            "nbackup-read",
+            READERS,
+            || (),
+            |_, paths: Vec<PathBuf>| Ok(paths.iter().map(|p| look(p)).collect()),
+        )?;
+        Ok(LookAhead { pool, items: VecDeque::new(), batch: Vec::with_capacity(BATCH), ready: VecDeque::new() })
+    }
+
+    fn push(&mut self, item: Result<PathBuf, walkdir::Error>, root: &Path) -> io::Result<()> {
+        match item {
+            Ok(path) => {
+                self.batch.push(path.clone());
+                self.items.push_back(Pending::Looking(path));
+                if self.batch.len() == BATCH {
+                    self.flush()?;
+                }
+            }
+            Err(e) => {
+                let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
+                let what = if e.depth() > 0 || e.io_error().is_some() { "cannot read" } else { "walk error" };
+                let detail = match e.io_error() {
+                    Some(io) if io.kind() == io::ErrorKind::NotFound => "vanished during the backup".to_string(),
+                    Some(io) => format!("{what}: {io}"),
+                    None => e.to_string(),
+                };
+                self.items.push_back(Pending::Failed(path, detail));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the paths walked so far to the pool.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.pool.push(std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH)))
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The oldest item, waiting for the pool if need be. Only with `len() > 0`.
+    fn next(&mut self) -> io::Result<Walked> {
+        match self.items.pop_front().expect("caller checked len") {
+            Pending::Failed(path, detail) => Ok(Walked::Failed(path, detail)),
+            Pending::Looking(path) => {
+                if self.ready.is_empty() {
+                    // Its batch is the oldest in the pool, or not handed over yet.
+                    if self.pool.len() == 0 {
+                        self.flush()?;
+                    }
+                    self.ready = self.pool.pop().expect("a batch in flight")?.into();
+                }
+                Ok(Walked::Entry(path, self.ready.pop_front().expect("one result per path")))
+            }
+        }
+    }
+}
+
+/// What the read-ahead does for one entry: `lstat`, and read a small regular file
+/// whole or ask the kernel to start reading a large one.
+fn look(path: &Path) -> Looked {
+    let lstat = std::fs::symlink_metadata(path);
+    let small = match &lstat {
+        // Files with several links are read once, as the first name; later names
+        // become hard links and need no content.
+        Ok(m) if m.is_file() && m.len() <= SMALL && m.nlink() == 1 => read_small(path),
+        Ok(m) if m.is_file() && m.len() > SMALL => {
+            if let Ok(f) = open_regular(path) {
+                let head = std::num::NonZeroU64::new(m.len().min(WILL_NEED));
+                let _ = rustix::fs::fadvise(&f, 0, head, rustix::fs::Advice::WillNeed);
+            }
+            None
+        }
+        _ => None,
+    };
+    Looked { lstat, small }
+}
+
+/// The head of a large file the read-ahead asks the kernel to fetch early.
+const WILL_NEED: u64 = 2 << 20;
+
+/// Reads a small file whole: exactly its size as opened, less if it shrank.
+fn read_small(path: &Path) -> Option<Opened<ReadAhead>> {
+    let (meta, mut file) = match open_file(path) {
+        Opened::File { meta, body } => (meta, body),
+        Opened::Skipped(why) => return Some(Opened::Skipped(why)),
+    };
+    if meta.len() > SMALL {
+        // Grew past the read-ahead's limit since the walk listed it.
+        return None;
+    }
+    let size = meta.len() as usize;
+    let mut data = vec![0u8; size];
+    let mut read = 0;
+    let mut error = None;
+    while read < size {
+        match file.read(&mut data[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    data.truncate(read);
+    let padded = error.is_none() && read < size;
+    let outcome = ReadOutcome { read: read as u64, error, padded, grew: grew(&file, size as u64) };
+    Some(Opened::File { meta, body: ReadAhead { data, outcome } })
+}
 fn grew(file: &File, size: u64) -> bool {
     file.metadata().map(|m| m.len() > size).unwrap_or(false)
 }
