@@ -210,7 +210,7 @@ impl<W: Write> Archiver<'_, W> {
         // cold cache then serves many reads at once instead of one at a time.
         let mut ahead = LookAhead::new()?;
         for item in walker {
-            ahead.push(item.map(walkdir::DirEntry::into_path), root)?;
+            ahead.push(item, root)?;
             while ahead.len() > LOOK_AHEAD {
                 self.settle(&mut ahead)?;
             }
@@ -405,7 +405,7 @@ const LOOK_AHEAD: usize = 512;
 /// Entries per job of the read-ahead pool: fewer hand-offs between threads.
 const BATCH: usize = 16;
 /// Threads reading ahead; most of the time each waits for the disk.
-const READERS: usize = 32;
+const READERS: usize = 8;
 /// Regular files up to this size are read whole by the read-ahead (at most
 /// `LOOK_AHEAD × SMALL` = 16 MiB held); larger ones are read by the tar writer.
 const SMALL: u64 = 32 * 1024;
@@ -479,11 +479,11 @@ fn open_file(path: &Path) -> Opened<File> {
 
 /// The walk's items and what the read-ahead pool found of them, in walk order.
 struct LookAhead {
-    pool: Ordered<Vec<PathBuf>, Vec<Looked>>,
+    pool: Ordered<Vec<(PathBuf, bool)>, Vec<Looked>>,
     /// Walked and not yet settled, oldest first.
     items: VecDeque<Pending>,
-    /// Paths not yet handed to the pool.
-    batch: Vec<PathBuf>,
+    /// Paths not yet handed to the pool, and whether the listing says "regular file".
+    batch: Vec<(PathBuf, bool)>,
     /// What the pool found of the oldest batch taken from it, in order.
     ready: VecDeque<Looked>,
 }
@@ -499,15 +499,17 @@ impl LookAhead {
             "nbackup-read",
             READERS,
             || (),
-            |_, paths: Vec<PathBuf>| Ok(paths.iter().map(|p| look(p)).collect()),
+            |_, paths: Vec<(PathBuf, bool)>| Ok(paths.iter().map(|(p, file)| look(p, *file)).collect()),
         )?;
         Ok(LookAhead { pool, items: VecDeque::new(), batch: Vec::with_capacity(BATCH), ready: VecDeque::new() })
     }
 
-    fn push(&mut self, item: Result<PathBuf, walkdir::Error>, root: &Path) -> io::Result<()> {
+    fn push(&mut self, item: Result<walkdir::DirEntry, walkdir::Error>, root: &Path) -> io::Result<()> {
         match item {
-            Ok(path) => {
-                self.batch.push(path.clone());
+            Ok(entry) => {
+                let file = entry.file_type().is_file();
+                let path = entry.into_path();
+                self.batch.push((path.clone(), file));
                 self.items.push_back(Pending::Looking(path));
                 if self.batch.len() == BATCH {
                     self.flush()?;
@@ -559,35 +561,45 @@ impl LookAhead {
 
 /// What the read-ahead does for one entry: `lstat`, and read a small regular file
 /// whole or ask the kernel to start reading a large one.
-fn look(path: &Path) -> Looked {
-    let lstat = std::fs::symlink_metadata(path);
-    let small = match &lstat {
-        // Files with several links are read once, as the first name; later names
-        // become hard links and need no content.
-        Ok(m) if m.is_file() && m.len() <= SMALL && m.nlink() == 1 => read_small(path),
-        Ok(m) if m.is_file() && m.len() > SMALL => {
-            if let Ok(f) = open_regular(path) {
-                let head = std::num::NonZeroU64::new(m.len().min(WILL_NEED));
-                let _ = rustix::fs::fadvise(&f, 0, head, rustix::fs::Advice::WillNeed);
+///
+/// An entry the directory listing calls a regular file is opened straight away
+/// (`O_NOFOLLOW | O_NONBLOCK`) and described by `fstat`: one path lookup instead of
+/// two. Whatever else it has become by then is looked at with `lstat`, like every
+/// other entry.
+fn look(path: &Path, listed_as_file: bool) -> Looked {
+    if listed_as_file {
+        match open_regular(path) {
+            Ok(file) => {
+                if let Ok(meta) = file.metadata()
+                    && meta.is_file()
+                {
+                    let small = read_opened(file, meta.clone());
+                    return Looked { lstat: Ok(meta), small };
+                }
             }
-            None
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Looked { lstat: Err(e), small: None },
+            // A symlink now (ELOOP), or unreadable: lstat says what it is and the
+            // tar writer's own open reports why it cannot be read.
+            Err(_) => {}
         }
-        _ => None,
-    };
-    Looked { lstat, small }
+    }
+    Looked { lstat: std::fs::symlink_metadata(path), small: None }
 }
 
 /// The head of a large file the read-ahead asks the kernel to fetch early.
 const WILL_NEED: u64 = 2 << 20;
 
-/// Reads a small file whole: exactly its size as opened, less if it shrank.
-fn read_small(path: &Path) -> Option<Opened<ReadAhead>> {
-    let (meta, mut file) = match open_file(path) {
-        Opened::File { meta, body } => (meta, body),
-        Opened::Skipped(why) => return Some(Opened::Skipped(why)),
-    };
+/// Reads a small file whole: exactly its size as opened, less if it shrank. `None`
+/// leaves the file to the tar writer: a large one (whose head the kernel is asked
+/// to fetch meanwhile), or one with several links (read once, as its first name;
+/// later names become hard links and need no content).
+fn read_opened(mut file: File, meta: Metadata) -> Option<Opened<ReadAhead>> {
+    if meta.nlink() > 1 {
+        return None;
+    }
     if meta.len() > SMALL {
-        // Grew past the read-ahead's limit since the walk listed it.
+        let head = std::num::NonZeroU64::new(meta.len().min(WILL_NEED));
+        let _ = rustix::fs::fadvise(&file, 0, head, rustix::fs::Advice::WillNeed);
         return None;
     }
     let size = meta.len() as usize;

@@ -310,7 +310,7 @@ impl Session {
         let session = Self::assemble(params, storage, part_path, file, st);
         session.bytes_received.store(bytes, Ordering::Relaxed);
         session.publish(&crate::lock(&session.chunks));
-        session.hash_forward().map_err(|r| io::Error::new(io::ErrorKind::InvalidData, r.message))?;
+        session.hash_forward(None).map_err(|r| io::Error::new(io::ErrorKind::InvalidData, r.message))?;
         session.touch();
         Ok(session)
     }
@@ -395,11 +395,14 @@ impl Session {
         Ok(Written::New)
     }
 
-    /// Hashes the contiguous prefix as far as it reaches, reading each chunk back
-    /// from the file (from the page cache, just written) and checking it against the
-    /// CRC32C it arrived with. Blocking; callers run it after acknowledging a chunk,
-    /// off the ack path, and the commit runs it to the end.
-    pub fn hash_forward(&self) -> Result<(), Refusal> {
+    /// Hashes the contiguous prefix as far as it reaches. `arrived`, the chunk just
+    /// written, is hashed from the buffer it arrived in when it is next in order
+    /// (its CRC32C was checked on arrival; the commit reads the whole file back
+    /// against the CRC32Cs); other chunks are read back from the file (the page
+    /// cache, just written) and checked against the CRC32C they arrived with.
+    /// Blocking; callers run it after acknowledging a chunk, off the ack path, and
+    /// the commit runs it to the end.
+    pub fn hash_forward(&self, arrived: Option<&Chunk>) -> Result<(), Refusal> {
         let cs = u64::from(self.params.chunk_size);
         let mut hs = crate::lock(&self.hash);
         loop {
@@ -408,6 +411,12 @@ impl Session {
                 let st = crate::lock(&self.chunks);
                 if seq >= st.contiguous {
                     return Ok(());
+                }
+                if let Some(c) = arrived.filter(|c| c.seq == seq) {
+                    drop(st);
+                    hs.hasher.update(&c.data);
+                    hs.hashed += 1;
+                    continue;
                 }
                 let len = match st.short {
                     Some((s, l)) if s == seq => u64::from(l),
@@ -580,7 +589,7 @@ impl Session {
         }
         let crcs = st.crcs[..commit.chunks as usize].to_vec();
         drop(st);
-        self.hash_forward()?;
+        self.hash_forward(None)?;
         let hs = crate::lock(&self.hash);
         if hs.hashed != commit.chunks {
             return Err(refuse(Reason::Internal, format!("{} of {} chunks hashed", hs.hashed, commit.chunks)));

@@ -279,9 +279,11 @@ async fn disk_loop(
         };
         let seq = chunk.seq;
         let s = session.clone();
-        let result = tokio::task::spawn_blocking(move || s.write_chunk(&chunk))
-            .await
-            .unwrap_or_else(|e| Err(Refusal::new(Reason::Internal, format!("write task failed: {e}"))));
+        let written = tokio::task::spawn_blocking(move || (s.write_chunk(&chunk), chunk)).await;
+        let (result, chunk) = match written {
+            Ok((result, chunk)) => (result, Some(chunk)),
+            Err(e) => (Err(Refusal::new(Reason::Internal, format!("write task failed: {e}"))), None),
+        };
         match result {
             Ok(written) => {
                 if written == Written::Duplicate {
@@ -291,10 +293,10 @@ async fn disk_loop(
                     return;
                 }
                 if written == Written::New {
-                    // Hash the grown prefix from the file, off the ack path.
+                    // Hash the grown prefix, off the ack path.
                     let (s, srv) = (session.clone(), server.clone());
                     server.tracker.spawn_blocking(move || {
-                        if let Err(r) = s.hash_forward() {
+                        if let Err(r) = s.hash_forward(chunk.as_ref()) {
                             let _ = srv.registry.end(s.id(), Outcome::Failed(r));
                         }
                     });
