@@ -401,14 +401,14 @@ impl<W: Write> Archiver<'_, W> {
 }
 
 /// Entries read ahead of the tar writer.
-const LOOK_AHEAD: usize = 512;
+const LOOK_AHEAD: usize = 256;
 /// Entries per job of the read-ahead pool: fewer hand-offs between threads.
 const BATCH: usize = 16;
 /// Threads reading ahead; most of the time each waits for the disk.
 const READERS: usize = 8;
 /// Regular files up to this size are read whole by the read-ahead (at most
-/// `LOOK_AHEAD × SMALL` = 16 MiB held); larger ones are read by the tar writer.
-const SMALL: u64 = 32 * 1024;
+/// `LOOK_AHEAD × SMALL` = 4 MiB held); larger ones are read by the tar writer.
+const SMALL: u64 = 16 * 1024;
 
 /// What the read-ahead learned of one entry.
 struct Looked {
