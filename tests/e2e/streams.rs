@@ -28,7 +28,9 @@ async fn a_dead_streams_chunks_are_carried_by_the_other_streams() {
     let report = backup(&cfg, 0).await.expect("the remaining streams finish the backup");
     assert_eq!(report.streams, 3);
     assert!(report.resent_chunks > 0, "the dead stream's chunks were resent");
-    assert!(proxy.broken.load(Ordering::SeqCst) >= 2);
+    // The cut happened; whether the dead stream's re-join was refused before the
+    // others finished depends on its backoff, so it is not asserted.
+    assert!(proxy.broken.load(Ordering::SeqCst) >= 1);
     let restored = tmp.path().join("restored");
     gnu_extract(&server.archives("main", "web-01", "par")[0], &restored);
     assert_restored(std::slice::from_ref(&src), &Excludes::none(), &restored);

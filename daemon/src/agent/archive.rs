@@ -21,11 +21,11 @@
 //! committed beside the archive so that listing and planning a restore never read
 //! the archive, and restoring a few files reads only the blocks that hold them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +37,7 @@ use nbackup_protocol::config::Excludes;
 use nbackup_protocol::restore::{BlockIndex, CatalogEntry, CatalogLine};
 
 use super::progress::Progress;
-use crate::pool::Ordered;
+use super::readahead::{LOOK_AHEAD, LookAhead, Looked, Opened, ReadAhead, ReadOutcome, Walked, grew, open_file};
 
 /// Something the archiver did not store as found.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -400,243 +400,9 @@ impl<W: Write> Archiver<'_, W> {
     }
 }
 
-/// Entries read ahead of the tar writer.
-const LOOK_AHEAD: usize = 256;
-/// Entries per job of the read-ahead pool: fewer hand-offs between threads.
-const BATCH: usize = 16;
-/// Threads reading ahead; most of the time each waits for the disk.
-const READERS: usize = 8;
-/// Regular files up to this size are read whole by the read-ahead (at most
-/// `LOOK_AHEAD × SMALL` = 4 MiB held); larger ones are read by the tar writer.
-const SMALL: u64 = 16 * 1024;
-
-/// What the read-ahead learned of one entry.
-struct Looked {
-    /// `lstat`, as the walk lists it.
-    lstat: io::Result<Metadata>,
-    /// A small regular file, opened and read whole.
-    small: Option<Opened<ReadAhead>>,
-}
-
-/// The walk's next item, in walk order.
-#[allow(clippy::large_enum_variant)] // one lives at a time, on the stack; boxing would allocate per entry
-enum Walked {
-    Entry(PathBuf, Looked),
-    /// The walk could not read it (with the notice's detail).
-    Failed(PathBuf, String),
-}
-
-/// A regular file opened for archiving: its metadata as opened, and its content
-/// (a stream, or read ahead), or why it is skipped.
-enum Opened<T> {
-    File { meta: Metadata, body: T },
-    Skipped(String),
-}
-
-impl<T> Opened<T> {
-    fn map<U>(self, f: impl FnOnce(T) -> U) -> Opened<U> {
-        match self {
-            Opened::File { meta, body } => Opened::File { meta, body: f(body) },
-            Opened::Skipped(why) => Opened::Skipped(why),
-        }
-    }
-}
-
 enum Body {
     Stream(File),
     Read(ReadAhead),
-}
-
-struct ReadAhead {
-    data: Vec<u8>,
-    outcome: ReadOutcome,
-}
-
-/// How reading a file's content went.
-struct ReadOutcome {
-    read: u64,
-    error: Option<io::Error>,
-    padded: bool,
-    grew: bool,
-}
-
-/// Opens a regular file and describes it as opened, not as listed: it may have
-/// changed in between.
-fn open_file(path: &Path) -> Opened<File> {
-    let file = match open_regular(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Opened::Skipped("vanished before it could be read".into());
-        }
-        Err(e) => return Opened::Skipped(format!("cannot open: {e}")),
-    };
-    match file.metadata() {
-        Ok(meta) if meta.is_file() => Opened::File { meta, body: file },
-        Ok(_) => Opened::Skipped("changed type while being archived".into()),
-        Err(e) => Opened::Skipped(format!("cannot stat: {e}")),
-    }
-}
-
-/// The walk's items and what the read-ahead pool found of them, in walk order.
-struct LookAhead {
-    pool: Ordered<Vec<(PathBuf, bool)>, Vec<Looked>>,
-    /// Walked and not yet settled, oldest first.
-    items: VecDeque<Pending>,
-    /// Paths not yet handed to the pool, and whether the listing says "regular file".
-    batch: Vec<(PathBuf, bool)>,
-    /// What the pool found of the oldest batch taken from it, in order.
-    ready: VecDeque<Looked>,
-}
-
-enum Pending {
-    Looking(PathBuf),
-    Failed(PathBuf, String),
-}
-
-impl LookAhead {
-    fn new() -> io::Result<Self> {
-        let pool = Ordered::new(
-            "nbackup-read",
-            READERS,
-            || (),
-            |_, paths: Vec<(PathBuf, bool)>| Ok(paths.iter().map(|(p, file)| look(p, *file)).collect()),
-        )?;
-        Ok(LookAhead { pool, items: VecDeque::new(), batch: Vec::with_capacity(BATCH), ready: VecDeque::new() })
-    }
-
-    fn push(&mut self, item: Result<walkdir::DirEntry, walkdir::Error>, root: &Path) -> io::Result<()> {
-        match item {
-            Ok(entry) => {
-                let file = entry.file_type().is_file();
-                let path = entry.into_path();
-                self.batch.push((path.clone(), file));
-                self.items.push_back(Pending::Looking(path));
-                if self.batch.len() == BATCH {
-                    self.flush()?;
-                }
-            }
-            Err(e) => {
-                let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
-                let what = if e.depth() > 0 || e.io_error().is_some() { "cannot read" } else { "walk error" };
-                let detail = match e.io_error() {
-                    Some(io) if io.kind() == io::ErrorKind::NotFound => "vanished during the backup".to_string(),
-                    Some(io) => format!("{what}: {io}"),
-                    None => e.to_string(),
-                };
-                self.items.push_back(Pending::Failed(path, detail));
-            }
-        }
-        Ok(())
-    }
-
-    /// Hands the paths walked so far to the pool.
-    fn flush(&mut self) -> io::Result<()> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        self.pool.push(std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH)))
-    }
-
-    fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    /// The oldest item, waiting for the pool if need be. Only with `len() > 0`.
-    fn next(&mut self) -> io::Result<Walked> {
-        match self.items.pop_front().expect("caller checked len") {
-            Pending::Failed(path, detail) => Ok(Walked::Failed(path, detail)),
-            Pending::Looking(path) => {
-                if self.ready.is_empty() {
-                    // Its batch is the oldest in the pool, or not handed over yet.
-                    if self.pool.len() == 0 {
-                        self.flush()?;
-                    }
-                    self.ready = self.pool.pop().expect("a batch in flight")?.into();
-                }
-                Ok(Walked::Entry(path, self.ready.pop_front().expect("one result per path")))
-            }
-        }
-    }
-}
-
-/// What the read-ahead does for one entry: `lstat`, and read a small regular file
-/// whole or ask the kernel to start reading a large one.
-///
-/// An entry the directory listing calls a regular file is opened straight away
-/// (`O_NOFOLLOW | O_NONBLOCK`) and described by `fstat`: one path lookup instead of
-/// two. Whatever else it has become by then is looked at with `lstat`, like every
-/// other entry.
-fn look(path: &Path, listed_as_file: bool) -> Looked {
-    if listed_as_file {
-        match open_regular(path) {
-            Ok(file) => {
-                if let Ok(meta) = file.metadata()
-                    && meta.is_file()
-                {
-                    let small = read_opened(file, meta.clone());
-                    return Looked { lstat: Ok(meta), small };
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Looked { lstat: Err(e), small: None },
-            // A symlink now (ELOOP), or unreadable: lstat says what it is and the
-            // tar writer's own open reports why it cannot be read.
-            Err(_) => {}
-        }
-    }
-    Looked { lstat: std::fs::symlink_metadata(path), small: None }
-}
-
-/// The head of a large file the read-ahead asks the kernel to fetch early.
-const WILL_NEED: u64 = 2 << 20;
-
-/// Reads a small file whole: exactly its size as opened, less if it shrank. `None`
-/// leaves the file to the tar writer: a large one (whose head the kernel is asked
-/// to fetch meanwhile), or one with several links (read once, as its first name;
-/// later names become hard links and need no content).
-fn read_opened(mut file: File, meta: Metadata) -> Option<Opened<ReadAhead>> {
-    if meta.nlink() > 1 {
-        return None;
-    }
-    if meta.len() > SMALL {
-        let head = std::num::NonZeroU64::new(meta.len().min(WILL_NEED));
-        let _ = rustix::fs::fadvise(&file, 0, head, rustix::fs::Advice::WillNeed);
-        return None;
-    }
-    let size = meta.len() as usize;
-    let mut data = vec![0u8; size];
-    let mut read = 0;
-    let mut error = None;
-    while read < size {
-        match file.read(&mut data[read..]) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                error = Some(e);
-                break;
-            }
-        }
-    }
-    data.truncate(read);
-    let padded = error.is_none() && read < size;
-    let outcome = ReadOutcome { read: read as u64, error, padded, grew: grew(&file, size as u64) };
-    Some(Opened::File { meta, body: ReadAhead { data, outcome } })
-}
-fn grew(file: &File, size: u64) -> bool {
-    file.metadata().map(|m| m.len() > size).unwrap_or(false)
-}
-
-/// Opens a file for reading without following symlinks (a swap between listing and
-/// opening cannot redirect us) and without blocking (a path replaced by a fifo would
-/// otherwise hang the backup). Tries `O_NOATIME` first so backups do not touch atimes.
-fn open_regular(path: &Path) -> io::Result<File> {
-    let base = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
-    let open = |flags| std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path);
-    match open(base | libc::O_NOATIME) {
-        // O_NOATIME needs ownership or CAP_FOWNER.
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(base),
-        other => other,
-    }
 }
 
 /// Yields exactly `remaining` bytes of `file`: zeros after an early end or a read error.

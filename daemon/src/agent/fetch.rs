@@ -140,7 +140,7 @@ impl RestoreClient {
     }
 
     /// [`RestoreClient::fetch`] of bytes `range` only (clamped to the file); the
-    /// SHA-256 is then of those bytes.
+    /// size and SHA-256 are then those of the bytes fetched, with no manifest digest.
     pub async fn fetch_range(
         &self,
         which: &ArchiveRef,
@@ -174,6 +174,11 @@ impl RestoreClient {
             let error = match attempt {
                 Ok((size, expected)) => {
                     let sha256 = hex(&sha.finalize());
+                    // For a range, the bytes fetched (and the manifest's SHA-256 is not theirs).
+                    let (size, expected) = match end {
+                        Some(end) => (end.min(size) - range.start, None),
+                        None => (size, expected),
+                    };
                     return Ok(Fetched { size, sha256, expected, resumed: connections - 1 });
                 }
                 Err(Attempt::Stopped) => return Err(FetchError::Cancelled),

@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod fetch;
 pub mod producer;
 pub mod progress;
+mod readahead;
 pub mod restore;
 pub mod retry;
 pub mod stream;

@@ -137,7 +137,7 @@ const DECODED_BLOCK: usize = 1 << 20;
 
 /// Fetches `part` of `which` while `consume` reads it, in order, on a blocking
 /// thread. When both fail, the consumer's error is the cause (a consumer that stops
-/// reading stops the fetch) (the error says which part).
+/// reading stops the fetch); its message names the part that could not be read.
 async fn fetch_with<T: Send + 'static>(
     client: &RestoreClient,
     which: &ArchiveRef,
@@ -315,7 +315,7 @@ async fn restore_extents(
         let ((part, back), fetched) =
             fetch_with(client, &spec.which, Part::Archive, x.start..x.end, &received, cancel, consume).await?;
         on_entry = back;
-        progress.received.fetch_add(fetched.size, Ordering::Relaxed);
+        progress.received.fetch_add(x.end - x.start, Ordering::Relaxed);
         read.bytes += x.end - x.start;
         read.resumed += fetched.resumed;
         report.add(part);
