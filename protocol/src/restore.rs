@@ -190,10 +190,16 @@ pub enum CatalogLine {
     Blocks(BlockIndex),
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BlocksLine {
     blocks: BlockIndex,
+}
+
+/// The same line for writing, without copying the offsets.
+#[derive(Serialize)]
+struct BlocksLineRef<'a> {
+    blocks: &'a BlockIndex,
 }
 
 impl CatalogLine {
@@ -206,7 +212,7 @@ impl CatalogLine {
     }
 
     pub fn blocks_line(blocks: &BlockIndex) -> String {
-        serde_json::to_string(&BlocksLine { blocks: blocks.clone() }).expect("serializable")
+        serde_json::to_string(&BlocksLineRef { blocks }).expect("serializable")
     }
 }
 

@@ -50,23 +50,19 @@ fn parse_header(h: &[u8; HEADER]) -> Option<(usize, usize)> {
     })
 }
 
-struct Deflater {
-    compressor: libdeflater::Compressor,
-    out: Vec<u8>,
-}
-
-fn compress_member(d: &mut Deflater, input: Vec<u8>) -> io::Result<Vec<u8>> {
-    let bound = d.compressor.deflate_compress_bound(input.len());
-    d.out.resize(HEADER + bound + TRAILER, 0);
-    let n = d
-        .compressor
-        .deflate_compress(&input, &mut d.out[HEADER..HEADER + bound])
+/// Builds one member in a buffer of its own, which goes to the writer as is.
+fn compress_member(compressor: &mut libdeflater::Compressor, input: Vec<u8>) -> io::Result<Vec<u8>> {
+    let bound = compressor.deflate_compress_bound(input.len());
+    let mut out = vec![0u8; HEADER + bound + TRAILER];
+    let n = compressor
+        .deflate_compress(&input, &mut out[HEADER..HEADER + bound])
         .map_err(|e| io::Error::other(format!("deflate: {e}")))?;
     let total = HEADER + n + TRAILER;
-    d.out[..HEADER].copy_from_slice(&header(total as u32, input.len() as u32));
-    d.out[HEADER + n..HEADER + n + 4].copy_from_slice(&libdeflater::crc32(&input).to_le_bytes());
-    d.out[HEADER + n + 4..total].copy_from_slice(&(input.len() as u32).to_le_bytes());
-    Ok(d.out[..total].to_vec())
+    out[..HEADER].copy_from_slice(&header(total as u32, input.len() as u32));
+    out[HEADER + n..HEADER + n + 4].copy_from_slice(&libdeflater::crc32(&input).to_le_bytes());
+    out[HEADER + n + 4..total].copy_from_slice(&(input.len() as u32).to_le_bytes());
+    out.truncate(total);
+    Ok(out)
 }
 
 /// A `Write` that gzips into `W` on `workers` threads, one member per [`BLOCK`].
@@ -85,12 +81,7 @@ impl<W: Write> ParallelGz<W> {
     pub fn new(inner: W, level: u32, workers: usize) -> io::Result<Self> {
         let level = libdeflater::CompressionLvl::new(level.clamp(1, 12) as i32)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("gzip level {level}: {e:?}")))?;
-        let pool = Ordered::new(
-            "nbackup-gzip",
-            workers,
-            move || Deflater { compressor: libdeflater::Compressor::new(level), out: Vec::new() },
-            compress_member,
-        )?;
+        let pool = Ordered::new("nbackup-gzip", workers, move || libdeflater::Compressor::new(level), compress_member)?;
         Ok(ParallelGz {
             inner,
             pool,
