@@ -322,6 +322,7 @@ async fn crash_during_commit(point: &str) {
     assert_eq!(manifests, 2, "{point}: no orphan manifests");
     assert!(leftovers(&storage).is_empty(), "{point}: left behind: {:?}", leftovers(&storage));
     server.terminate();
+    assert!(rotated_out(&storage).is_empty(), "{point}: not freed: {:?}", rotated_out(&storage));
 }
 
 fn archives_in(dir: &Path) -> Vec<PathBuf> {

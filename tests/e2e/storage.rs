@@ -33,7 +33,11 @@ async fn rotation_keeps_the_newest_archives_with_their_manifests() {
     for a in server.archives("main", "web-01", "etc") {
         check_manifest(&a);
     }
+    let storage = server.storage_dir("main");
     server.stop().await;
+    // Freed after each commit was answered, by a task shutdown waits for.
+    assert!(rotated_out(&storage).is_empty(), "not freed: {:?}", rotated_out(&storage));
+    assert!(leftovers(&storage).is_empty(), "{:?}", leftovers(&storage));
 }
 
 #[tokio::test]

@@ -509,9 +509,23 @@ impl Drop for ServerChild {
 }
 
 /// Uploads, journals or temp files in a storage's `.incoming`.
+/// What `.incoming` holds besides the commit log and archives rotated out, which the
+/// server frees after answering the commit (see [`rotated_out`]).
 pub fn leftovers(storage_dir: &Path) -> Vec<PathBuf> {
     fs::read_dir(storage_dir.join(".incoming"))
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| !p.ends_with("committed.log")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| !p.ends_with("committed.log") && !p.to_string_lossy().ends_with(".rotated"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Archives rotated out and not yet freed.
+pub fn rotated_out(storage_dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(storage_dir.join(".incoming"))
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with(".rotated")).collect())
         .unwrap_or_default()
 }
 

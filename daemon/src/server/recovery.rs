@@ -87,7 +87,10 @@ fn scan_one(server: &Server, area: &Arc<StorageArea>, pending: &mut Vec<Pending>
     // Uploads with no journal cannot be adopted; temp files are leftovers.
     for p in others {
         let upload = p.extension().is_some_and(|x| x == "part" || x == "catalog");
-        if !(upload && p.with_extension("journal").exists()) {
+        if p.to_string_lossy().ends_with(super::storage::ROTATED) {
+            info!(path = %p.display(), "removing an archive rotated out before the restart");
+            remove(&p);
+        } else if !(upload && p.with_extension("journal").exists()) {
             info!(path = %p.display(), "removing stale upload file");
             remove(&p);
         }
@@ -219,6 +222,7 @@ fn recover_one(area: &Arc<StorageArea>, path: &Path) -> std::io::Result<Recovere
         if let Err(e) = area.rotate(&agent, &backup, Some(&intent.archive)) {
             warn!(%agent, %backup, "rotation failed: {e}");
         }
+        area.purge_rotated();
         let c = Committed {
             archive: intent.archive.clone(),
             size: intent.manifest.size,
