@@ -83,20 +83,41 @@ impl ArchiveSummary {
 
 /// The catalog being written: its last line, the block index, is only known once
 /// the compressor has finished.
-pub struct CatalogWriter(zstd::stream::write::Encoder<'static, Vec<u8>>);
+pub struct CatalogWriter {
+    encoder: zstd::stream::write::Encoder<'static, Vec<u8>>,
+    /// Lines not yet compressed: serde writes a line in a dozen small pieces, and
+    /// each call into the streaming compressor costs more than the bytes it carries
+    /// (5 % of the agent's CPU on a tree of small files, before this buffer).
+    lines: Vec<u8>,
+}
+
+/// Bytes of catalog lines gathered before they are compressed.
+const CATALOG_BATCH: usize = 64 << 10;
 
 impl CatalogWriter {
     fn new() -> io::Result<Self> {
-        zstd::stream::write::Encoder::new(Vec::new(), CATALOG_LEVEL).map(CatalogWriter)
+        let encoder = zstd::stream::write::Encoder::new(Vec::new(), CATALOG_LEVEL)?;
+        Ok(CatalogWriter { encoder, lines: Vec::with_capacity(CATALOG_BATCH + 4096) })
+    }
+
+    fn add(&mut self, entry: &CatalogEntry) -> io::Result<()> {
+        serde_json::to_writer(&mut self.lines, entry).map_err(io::Error::other)?;
+        self.lines.push(b'\n');
+        if self.lines.len() >= CATALOG_BATCH {
+            self.encoder.write_all(&self.lines)?;
+            self.lines.clear();
+        }
+        Ok(())
     }
 
     /// Ends the catalog with the block index, if the compressor recorded one.
     pub fn finish(mut self, blocks: Option<&BlockIndex>) -> io::Result<bytes::Bytes> {
         if let Some(blocks) = blocks {
-            self.0.write_all(CatalogLine::blocks_line(blocks).as_bytes())?;
-            self.0.write_all(b"\n")?;
+            self.lines.extend_from_slice(CatalogLine::blocks_line(blocks).as_bytes());
+            self.lines.push(b'\n');
         }
-        Ok(self.0.finish()?.into())
+        self.encoder.write_all(&self.lines)?;
+        Ok(self.encoder.finish()?.into())
     }
 }
 
@@ -139,8 +160,9 @@ pub fn write_archive<W: Write>(
     Ok((out, a.summary, a.catalog))
 }
 
-/// zstd level of the catalog: JSON lines of paths compress ~8× at level 3, cheaply.
-const CATALOG_LEVEL: i32 = 3;
+/// zstd level of the catalog. Level 1 is both faster and smaller than 3 on JSON lines
+/// of paths (13×: 31 MB → 2.39 MB for 200 000 small files, 2.49 MB at level 3).
+const CATALOG_LEVEL: i32 = 1;
 
 /// Counts what the tar builder writes: the offset of the next member.
 struct Counting<W> {
@@ -177,8 +199,8 @@ struct Archiver<'a, W: Write> {
 const READ_BLOCK: usize = 256 * 1024;
 
 /// Archive member name for an absolute path: the path without its leading `/`.
-fn member_name(path: &Path) -> PathBuf {
-    path.strip_prefix("/").map(Path::to_path_buf).unwrap_or_else(|_| path.to_path_buf())
+fn member_name(path: &Path) -> &Path {
+    path.strip_prefix("/").unwrap_or(path)
 }
 
 impl<W: Write> Archiver<'_, W> {
@@ -257,7 +279,7 @@ impl<W: Write> Archiver<'_, W> {
             return Ok(());
         }
         if ft.is_file() {
-            return self.add_file(path, &name, meta, small);
+            return self.add_file(path, name, meta, small);
         }
         let mut header = Header::new_gnu();
         header.set_metadata_in_mode(meta, HeaderMode::Complete);
@@ -309,8 +331,7 @@ impl<W: Write> Archiver<'_, W> {
             link: link.map(|l| l.to_string_lossy().into_owned()),
             offset,
         };
-        serde_json::to_writer(&mut self.catalog.0, &entry).map_err(io::Error::other)?;
-        self.catalog.0.write_all(b"\n")?;
+        self.catalog.add(&entry)?;
         self.summary.entries += 1;
         self.progress.entries.fetch_add(1, Ordering::Relaxed);
         Ok(())

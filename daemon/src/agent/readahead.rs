@@ -90,17 +90,18 @@ pub(super) fn open_file(path: &Path) -> Opened<File> {
 
 /// The walk's items and what the read-ahead pool found of them, in walk order.
 pub(super) struct LookAhead {
-    pool: Ordered<Vec<(PathBuf, bool)>, Vec<Looked>>,
+    pool: Ordered<Vec<(PathBuf, bool)>, Vec<(PathBuf, Looked)>>,
     /// Walked and not yet settled, oldest first.
     items: VecDeque<Pending>,
     /// Paths not yet handed to the pool, and whether the listing says "regular file".
     batch: Vec<(PathBuf, bool)>,
-    /// What the pool found of the oldest batch taken from it, in order.
-    ready: VecDeque<Looked>,
+    /// What the pool found of the oldest batch taken from it, in order (each path
+    /// travels with its job and comes back with its result: no copy per entry).
+    ready: VecDeque<(PathBuf, Looked)>,
 }
 
 enum Pending {
-    Looking(PathBuf),
+    Looking,
     Failed(PathBuf, String),
 }
 
@@ -110,7 +111,15 @@ impl LookAhead {
             "nbackup-read",
             READERS,
             || (),
-            |_, paths: Vec<(PathBuf, bool)>| Ok(paths.iter().map(|(p, file)| look(p, *file)).collect()),
+            |_, paths: Vec<(PathBuf, bool)>| {
+                Ok(paths
+                    .into_iter()
+                    .map(|(p, file)| {
+                        let looked = look(&p, file);
+                        (p, looked)
+                    })
+                    .collect())
+            },
         )?;
         Ok(LookAhead { pool, items: VecDeque::new(), batch: Vec::with_capacity(BATCH), ready: VecDeque::new() })
     }
@@ -120,8 +129,8 @@ impl LookAhead {
             Ok(entry) => {
                 let file = entry.file_type().is_file();
                 let path = entry.into_path();
-                self.batch.push((path.clone(), file));
-                self.items.push_back(Pending::Looking(path));
+                self.batch.push((path, file));
+                self.items.push_back(Pending::Looking);
                 if self.batch.len() == BATCH {
                     self.flush()?;
                 }
@@ -156,7 +165,7 @@ impl LookAhead {
     pub fn next(&mut self) -> io::Result<Walked> {
         match self.items.pop_front().expect("caller checked len") {
             Pending::Failed(path, detail) => Ok(Walked::Failed(path, detail)),
-            Pending::Looking(path) => {
+            Pending::Looking => {
                 if self.ready.is_empty() {
                     // Its batch is the oldest in the pool, or not handed over yet.
                     if self.pool.len() == 0 {
@@ -164,7 +173,8 @@ impl LookAhead {
                     }
                     self.ready = self.pool.pop().expect("a batch in flight")?.into();
                 }
-                Ok(Walked::Entry(path, self.ready.pop_front().expect("one result per path")))
+                let (path, looked) = self.ready.pop_front().expect("one result per path");
+                Ok(Walked::Entry(path, looked))
             }
         }
     }
