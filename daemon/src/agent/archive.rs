@@ -294,7 +294,7 @@ impl<W: Write> Archiver<'_, W> {
                     return Ok(());
                 }
             };
-            self.tar.append_link(&mut header, &name, &target)?;
+            self.tar.append_link(&mut header, name, &target)?;
             link = Some(target);
         } else if ft.is_dir() || ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
             if ft.is_char_device() || ft.is_block_device() {
@@ -303,12 +303,12 @@ impl<W: Write> Archiver<'_, W> {
                 header.set_device_major(rustix::fs::major(rdev))?;
                 header.set_device_minor(rustix::fs::minor(rdev))?;
             }
-            self.tar.append_data(&mut header, &name, io::empty())?;
+            self.tar.append_data(&mut header, name, io::empty())?;
         } else {
             self.notice(path, NoticeKind::Skipped, "unsupported file type".into());
             return Ok(());
         }
-        self.entry_done(&name, &header, link.as_deref(), offset)
+        self.entry_done(name, &header, link.as_deref(), offset)
     }
 
     /// Where the next member starts in the tar stream.

@@ -88,13 +88,16 @@ pub(super) fn open_file(path: &Path) -> Opened<File> {
     }
 }
 
+/// Paths for the pool, and whether the listing says "regular file".
+type Batch = Vec<(PathBuf, bool)>;
+
 /// The walk's items and what the read-ahead pool found of them, in walk order.
 pub(super) struct LookAhead {
-    pool: Ordered<Vec<(PathBuf, bool)>, Vec<(PathBuf, Looked)>>,
+    pool: Ordered<Batch, Vec<(PathBuf, Looked)>>,
     /// Walked and not yet settled, oldest first.
     items: VecDeque<Pending>,
     /// Paths not yet handed to the pool, and whether the listing says "regular file".
-    batch: Vec<(PathBuf, bool)>,
+    batch: Batch,
     /// What the pool found of the oldest batch taken from it, in order (each path
     /// travels with its job and comes back with its result: no copy per entry).
     ready: VecDeque<(PathBuf, Looked)>,
@@ -111,7 +114,7 @@ impl LookAhead {
             "nbackup-read",
             READERS,
             || (),
-            |_, paths: Vec<(PathBuf, bool)>| {
+            |_, paths: Batch| {
                 Ok(paths
                     .into_iter()
                     .map(|(p, file)| {
