@@ -24,6 +24,10 @@ seconds (user+sys; agent and server separately for nbackup, tar+compressor for t
 pipelines), peak RSS, archive size. Results go to stdout as a table and to a JSON file.
 
 The tree is read once before measuring so every run sees the same (warm) page cache.
+
+`--before EXE` also runs an earlier build (its own server, port and storage) on the
+backup cases, each right after the current build's run of the same case, so that a
+change is measured before and after in one run on the same noise.
 """
 import argparse
 import json
@@ -119,6 +123,7 @@ def free_port():
 class Nbackup:
     def __init__(self, exe, work, gzip_level, zstd_level):
         self.exe, self.work = exe, work
+        os.makedirs(work, exist_ok=True)
         pki = os.path.join(work, "pki")
         for args in (
             ["cert", "init-ca", "--out", pki],
@@ -278,6 +283,7 @@ def main():
     ap.add_argument("--no-restore", action="store_true", help="skip the restore cases")
     ap.add_argument("--restore-to", help="parent of the restore directories (default: the scratch directory); "
                     "/dev/shm takes the destination disk out of the measurement")
+    ap.add_argument("--before", help="an earlier nbackup binary, measured on the backup cases in the same rounds")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
 
@@ -297,6 +303,9 @@ def main():
     cores = os.cpu_count()
     nb = Nbackup(os.path.abspath(args.nbackup), work, args.gzip_level, args.zstd_level)
     local = f"127.0.0.1:{nb.port}"
+    before = None
+    if args.before:
+        before = Nbackup(os.path.abspath(args.before), os.path.join(work, "before"), args.gzip_level, args.zstd_level)
     sweep = [int(x) for x in str(args.parallels).split(",") if int(x) > 1]
     n = max(sweep, default=1)
     entries = [("gzip", "gz", 1, "", data), ("zstd", "zs", 1, "", data)]
@@ -322,6 +331,9 @@ def main():
     temps = (["warm", "cold"] if can_drop else ["warm"]) if small else []
     for t in temps:
         names += [f"nbackup zstd, small files, {t}", f"{zstd_name}, small files, {t}"]
+    # The current build's backup case -> the same case run by the earlier build.
+    before_of = {name: f"before: {name}" for name in names if name.startswith("nbackup")} if before else {}
+    names += list(before_of.values())
     restore_names = [] if args.no_restore else [
         "nbackup restore gzip", "tar -xzf (gzip)", "nbackup restore zstd", "tar --zstd -xf (zstd)"]
     names += restore_names
@@ -332,30 +344,39 @@ def main():
         baseline_of |= {f"nbackup gzip, {k} streams": pigz_name, f"nbackup zstd, {k} streams": zstd_name}
     for t in temps:
         baseline_of[f"nbackup zstd, small files, {t}"] = f"{zstd_name}, small files, {t}"
+    baseline_of |= {b: baseline_of[n] for n, b in before_of.items()}
+    before_cfg = before.agent_config("loopback", f"127.0.0.1:{before.port}", entries, args.buffer) if before else None
+
+    def nbackup_case(name, entry):
+        cases[name].append(nb.backup(loop_cfg, entry))
+        if name in before_of:
+            cases[before_of[name]].append(before.backup(before_cfg, entry))
     dest = os.path.join(args.restore_to or work, f"nbackup-restored-{os.getpid()}")
     latency = {}
     try:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
-            cases["nbackup gzip"].append(nb.backup(loop_cfg, "gzip"))
+            nbackup_case("nbackup gzip", "gzip")
             w, c, rss, size = pipeline(tar, ["pigz", f"-p{cores}", f"-{args.gzip_level}"], out)
             cases[pigz_name].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
-            cases["nbackup zstd"].append(nb.backup(loop_cfg, "zstd"))
+            nbackup_case("nbackup zstd", "zstd")
             w, c, rss, size = pipeline(tar, ["zstd", "-T0", f"-{args.zstd_level}", "-q", "-c"], out)
             cases[zstd_name].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
             for k in sweep:
-                cases[f"nbackup gzip, {k} streams"].append(nb.backup(loop_cfg, f"gzip{k}"))
-                cases[f"nbackup zstd, {k} streams"].append(nb.backup(loop_cfg, f"zstd{k}"))
+                nbackup_case(f"nbackup gzip, {k} streams", f"gzip{k}")
+                nbackup_case(f"nbackup zstd, {k} streams", f"zstd{k}")
             for t in temps:
                 # Each run alone with the cache it is meant to see: dropped for "cold",
                 # filled by reading the tree for "warm".
-                for who in ("nbackup", "tar"):
+                for who in ("nbackup", "before", "tar") if before else ("nbackup", "tar"):
                     if t == "cold":
                         subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, check=True)
                     else:
                         subprocess.run(f"tar -cf - -C / {small.lstrip('/')} | cat > /dev/null", shell=True, check=True)
                     if who == "nbackup":
                         cases[f"nbackup zstd, small files, {t}"].append(nb.backup(loop_cfg, "small"))
+                    elif who == "before":
+                        cases[f"before: nbackup zstd, small files, {t}"].append(before.backup(before_cfg, "small"))
                     else:
                         w, c, rss, size = pipeline(small_tar, ["zstd", "-T0", f"-{args.zstd_level}", "-q", "-c"], out)
                         cases[f"{zstd_name}, small files, {t}"].append({"wall": w, "cpu": c, "rss": rss, "archive": size})
@@ -373,6 +394,8 @@ def main():
             latency = run_latency(args, nb, work)
     finally:
         nb.stop()
+        if before:
+            before.stop()
         if os.path.exists(out):
             os.remove(out)
 
@@ -399,7 +422,7 @@ def main():
         if is_small:
             entry["files"] = small_count
             entry["files_per_s"] = small_count / wall
-        if name.startswith("nbackup"):
+        if name.startswith(("nbackup", "before:")):
             ratio = med(cases[baseline_of[name]], "wall") / wall
             entry.update(agent_cpu_s=med(runs, "agent_cpu"), server_cpu_s=med(runs, "server_cpu"),
                          agent_rss=med(runs, "agent_rss"), server_rss=med(runs, "server_rss"),
@@ -418,6 +441,14 @@ def main():
         if "files_per_s" in results["cases"][name]:
             print(f"  {name}: {results['cases'][name]['files_per_s']:,.0f} files/s")
     print("\nratio = nbackup throughput / its baseline pipeline's (same compression, same level); higher is better")
+    if before_of:
+        results["before"] = os.path.abspath(args.before)
+        print(f"\nbefore ({args.before}) -> now, same rounds:")
+        for name, bname in before_of.items():
+            now, then = results["cases"][name], results["cases"][bname]
+            print(f"  {name:<34}{then['ratio_to_baseline']:>6.2f}x -> {now['ratio_to_baseline']:.2f}x"
+                  f"   CPU {then['agent_cpu_s']:.1f}/{then['server_cpu_s']:.1f} -> {now['agent_cpu_s']:.1f}/{now['server_cpu_s']:.1f}"
+                  f"   RSS {then['agent_rss'] / 2**20:.0f} -> {now['agent_rss'] / 2**20:.0f} MiB")
     for comp in ("gzip", "zstd") if restore_names else ():
         r = results["cases"][f"nbackup restore {comp}"]["mb_per_s"] / results["cases"][f"nbackup {comp}"]["mb_per_s"]
         results["cases"][f"nbackup restore {comp}"]["ratio_to_backup"] = r
