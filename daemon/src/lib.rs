@@ -18,6 +18,7 @@ mod pool;
 pub mod restore;
 pub mod server;
 pub mod state;
+pub mod throttle;
 pub mod tls;
 
 /// Locks a mutex, recovering from poisoning. Every critical section in this crate

@@ -154,17 +154,14 @@ impl Classifier {
             | EventKind::CommitIncomplete
             | EventKind::ReloadFailed
             | EventKind::RestoreTestFailed
+            | EventKind::OffsiteFailed
             | EventKind::Missed => {
                 self.failing.insert(key);
                 vec![NotifyOn::Failure]
             }
             // Usually its commit was the recovery already; this covers the rest.
-            EventKind::BackupRecovered | EventKind::RestoreTested => {
-                if self.failing.remove(&key) {
-                    vec![NotifyOn::Recovery]
-                } else {
-                    Vec::new()
-                }
+            EventKind::BackupRecovered | EventKind::RestoreTested | EventKind::OffsiteCopied => {
+                if self.failing.remove(&key) { vec![NotifyOn::Recovery] } else { Vec::new() }
             }
             EventKind::Committed => {
                 if self.failing.remove(&key) {

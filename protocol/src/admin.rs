@@ -174,7 +174,59 @@ words! {
         /// A restore test could not restore, or restored a file that differs from an
         /// unchanged source.
         RestoreTestFailed = "restore_test_failed",
+        /// An archive's copy to a bucket was uploaded and verified (`docs/offsite.md`).
+        OffsiteCopied = "offsite_copied",
+        /// An archive's copy to a bucket failed three times in a row (it is still
+        /// retried; the local archive is kept until it succeeds).
+        OffsiteFailed = "offsite_failed",
     }
+}
+
+words! {
+    /// Where one bucket's copy of an archive stands (`docs/offsite.md`).
+    pub enum OffsiteState {
+        Queued = "queued",
+        Uploading = "uploading",
+        Verified = "verified",
+        /// The last attempt failed; it is retried.
+        Failed = "failed",
+    }
+}
+
+/// One bucket's copy of an archive, in [`ArchiveInfo`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffsiteCopy {
+    pub bucket: String,
+    pub state: OffsiteState,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Parts the provider acknowledged of the upload in progress.
+    #[serde(default)]
+    pub parts_done: u64,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<u64>,
+}
+
+/// One bucket of a storage, in [`StorageStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketStatus {
+    pub name: String,
+    pub provider: String,
+    pub bucket: String,
+    pub mode: String,
+    /// Archives whose copy is owed (queued, uploading or failing).
+    pub owed: u64,
+    /// Of those, how many failed their last attempt.
+    pub failing: u64,
+    /// Seconds since the oldest owed copy was queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_owed_secs: Option<u64>,
+    /// Request bytes sent to the bucket since the server started.
+    pub sent_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// How much an event matters, for filters and colour.
@@ -202,7 +254,7 @@ impl EventKind {
         use EventKind::*;
         match self {
             Failed | CommitIncomplete | ReloadFailed | Missed | MissedBackup | AgentSilent | ArchiveCorrupt
-            | RestoreTestFailed => Level::Error,
+            | RestoreTestFailed | OffsiteFailed => Level::Error,
             StreamLost | Aborted | Expired | Refused | DiskLow | AgentDisconnected | ControlLost | Retry | Skipped
             | AbortRequested | VerifyFailed | Unknown => Level::Warn,
             _ => Level::Info,
@@ -361,6 +413,9 @@ pub struct StorageStatus {
     pub total_bytes: u64,
     pub archives: u64,
     pub archive_bytes: u64,
+    /// Off-site copies, per bucket (empty without buckets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<BucketStatus>,
 }
 
 /// A session in progress on the server.
@@ -479,6 +534,9 @@ pub struct ArchiveInfo {
     pub files: Option<u64>,
     /// Whether a manifest sits next to it.
     pub manifest: bool,
+    /// Its copies to the storage's buckets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offsite: Vec<OffsiteCopy>,
 }
 
 /// A short time series at one-second resolution, for charts.

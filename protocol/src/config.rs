@@ -10,6 +10,7 @@
 //! Key names follow the system nbackup replaces, so its users can move over.
 
 mod agent;
+mod bucket;
 mod error;
 mod notify;
 mod server;
@@ -21,6 +22,7 @@ pub use agent::{
     AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, ControlChannel, Excludes, RawAgentConfig, RawAutoScaler,
     RawBackup, RawRestoreTest, RawResume, RawRetry, RawSource, RestoreTest, Resume, Retry, ScaleMode, ServerEndpoint,
 };
+pub use bucket::{Bucket, BucketMode, Provider, RawBucket};
 pub use error::{ConfigError, ConfigErrorDetails};
 pub use notify::{
     Email, Notify, NotifyOn, NotifyTarget, RawEmail, RawNotify, RawWebhook, SmtpTls, WebhookFormat, WebhookUrl, redact,

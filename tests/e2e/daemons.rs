@@ -1136,7 +1136,7 @@ async fn verify_quarantines_a_flipped_byte_and_rotation_keeps_the_good_archives(
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&tmp.path().join("pki"));
     let src = dataset(&tmp.path().join("data"), "2M", 181);
-    let storage = StorageSpec { name: "main", compression: "gzip", max_backups: 2 };
+    let storage = StorageSpec { max_backups: 2, ..gzip("main") };
     let server = ServerDaemon::start(tmp.path(), &pki, &[storage]).await;
     let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
     let first = backup(&cfg, 0).await.expect("first");

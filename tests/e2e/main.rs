@@ -10,6 +10,7 @@ mod console;
 mod daemons;
 mod fidelity;
 mod live_fs;
+mod offsite;
 mod refusals;
 mod resilience;
 mod restore;

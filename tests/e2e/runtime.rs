@@ -37,7 +37,7 @@ async fn rotation_follows_commit_order_when_the_clock_stepped_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&tmp.path().join("pki"));
     let src = dataset(&tmp.path().join("data"), "1M", 1);
-    let spec = StorageSpec { name: "main", compression: "zstd", max_backups: 2 };
+    let spec = StorageSpec { max_backups: 2, ..zstd("main") };
     let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
     let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
     // Two archives committed while the clock ran an hour ahead.

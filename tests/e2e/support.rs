@@ -64,14 +64,16 @@ pub struct StorageSpec {
     pub name: &'static str,
     pub compression: &'static str,
     pub max_backups: u32,
+    /// YAML lines appended to the storage's section (indented four spaces).
+    pub extra: String,
 }
 
 pub fn gzip(name: &'static str) -> StorageSpec {
-    StorageSpec { name, compression: "gzip", max_backups: 5 }
+    StorageSpec { name, compression: "gzip", max_backups: 5, extra: String::new() }
 }
 
 pub fn zstd(name: &'static str) -> StorageSpec {
-    StorageSpec { name, compression: "zstd", max_backups: 5 }
+    StorageSpec { name, compression: "zstd", max_backups: 5, extra: String::new() }
 }
 
 /// Server YAML listening on `addr` with `storages` under `root/storage/`; `extra` is
@@ -85,11 +87,12 @@ pub fn server_yaml(root: &Path, pki: &Pki, addr: SocketAddr, storages: &[Storage
     );
     for s in storages {
         yaml.push_str(&format!(
-            "  {}:\n    base_dir: {}\n    max_backups: {}\n    compression: {}\n",
+            "  {}:\n    base_dir: {}\n    max_backups: {}\n    compression: {}\n{}",
             s.name,
             root.join("storage").join(s.name).display(),
             s.max_backups,
-            s.compression
+            s.compression,
+            s.extra
         ));
     }
     yaml

@@ -23,7 +23,6 @@ mod readahead;
 pub mod restore;
 pub mod retry;
 pub mod stream;
-pub mod throttle;
 pub mod window;
 
 use std::sync::Arc;
@@ -360,7 +359,7 @@ async fn run_session(
     )
     .map_err(BackupError::Spawn)?;
     let throttle =
-        (!entry.bandwidth.is_unlimited()).then(|| Arc::new(throttle::Throttle::new(entry.bandwidth.clone())));
+        (!entry.bandwidth.is_unlimited()).then(|| Arc::new(crate::throttle::Throttle::new(entry.bandwidth.clone())));
     let ctx = Arc::new(stream::StreamCtx {
         connector: connector.clone(),
         session: welcome.session,

@@ -35,9 +35,9 @@ use nbackup_protocol::wire::{CatalogPart, Frame, Reason, Refusal, SessionState};
 use super::connect::{ConnectError, Connection, Connector, Reader, Writer};
 use super::progress::Progress;
 use super::retry::RetryBudget;
-use super::throttle::{self, Throttle};
 use super::window::{Failure, Finished, Item, Window};
 use crate::conn::ConnError;
+use crate::throttle::{self, Throttle};
 
 /// How often the reader re-checks that deadline while waiting for frames.
 const ACK_CHECK: Duration = Duration::from_millis(500);

@@ -99,6 +99,7 @@ impl ServerHandle {
                     total_bytes,
                     archives,
                     archive_bytes,
+                    buckets: s.offsite.status(&a.cfg.name),
                 }
             })
             .collect();
@@ -267,6 +268,7 @@ impl ServerHandle {
         let mut out = Vec::new();
         for e in q.select(&self.0) {
             for f in e.files {
+                let offsite = offsite_copies(&e.area.entry_dir(&e.agent, &e.backup).join(&f.name));
                 out.push(ArchiveInfo {
                     storage: e.area.cfg.name.to_string(),
                     agent: e.agent.to_string(),
@@ -277,6 +279,7 @@ impl ServerHandle {
                     sha256: f.manifest.as_ref().map(|m| m.sha256.clone()),
                     files: f.manifest.as_ref().map(|m| m.entries),
                     manifest: f.manifest.is_some(),
+                    offsite,
                 });
             }
         }
@@ -380,6 +383,25 @@ impl ServerHandle {
         }
         metric("nbackup_storage_free_bytes", "gauge", "Bytes available on each storage's filesystem.", &free);
         metric("nbackup_storage_size_bytes", "gauge", "Size of each storage's filesystem.", &total);
+        let (mut owed, mut failing, mut oldest, mut sent) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for n in live.storages.keys() {
+            for b in s.offsite.status(n) {
+                let l = format!("{{storage=\"{}\",bucket=\"{}\"}}", label(n.as_str()), label(&b.name));
+                owed.push((l.clone(), b.owed as f64));
+                failing.push((l.clone(), b.failing as f64));
+                oldest.push((l.clone(), b.oldest_owed_secs.unwrap_or(0) as f64));
+                sent.push((l, b.sent_bytes as f64));
+            }
+        }
+        metric("nbackup_offsite_owed", "gauge", "Archives whose copy to a bucket is owed (docs/offsite.md).", &owed);
+        metric("nbackup_offsite_failing", "gauge", "Owed copies whose last attempt failed.", &failing);
+        metric(
+            "nbackup_offsite_oldest_owed_seconds",
+            "gauge",
+            "Age of the oldest owed copy per bucket (0: none owed).",
+            &oldest,
+        );
+        metric("nbackup_offsite_sent_bytes_total", "counter", "Request bytes sent to each bucket.", &sent);
         let agents = self.agents();
         let (mut late, mut runs, mut silent) = (Vec::new(), Vec::new(), Vec::new());
         for a in &agents {
@@ -447,4 +469,21 @@ fn label(v: &str) -> String {
 
 fn storage_label(n: &Name) -> String {
     format!("{{storage=\"{}\"}}", label(n.as_str()))
+}
+
+/// What an archive's sidecar says of its copies (nothing if it has none or it is
+/// unreadable: listing never fails on it).
+fn offsite_copies(archive: &std::path::Path) -> Vec<nbackup_protocol::admin::OffsiteCopy> {
+    let Ok(Some(c)) = super::offsite::state::Copies::load(archive) else { return Vec::new() };
+    c.buckets
+        .into_iter()
+        .map(|(bucket, c)| nbackup_protocol::admin::OffsiteCopy {
+            bucket,
+            state: c.state,
+            attempts: c.attempts,
+            error: c.error,
+            parts_done: c.upload.map_or(0, |u| u.parts.len() as u64),
+            verified_at: c.verified_at,
+        })
+        .collect()
 }

@@ -22,6 +22,7 @@ pub mod handle;
 mod handler;
 mod journal;
 mod listener;
+pub mod offsite;
 mod recovery;
 pub mod registry;
 mod restore;
@@ -122,6 +123,10 @@ pub(crate) struct Server {
     pub verifying: std::sync::atomic::AtomicBool,
     /// Who is told about failures; replaced on reload.
     pub notifier: Arc<crate::notify::Notifier>,
+    /// The off-site copy runners; reconciled with the configuration on reload.
+    pub offsite: offsite::Offsite,
+    /// Cancelled at shutdown; the parent of every runner's token.
+    pub shutdown: CancellationToken,
 }
 
 impl Server {
@@ -200,6 +205,8 @@ pub async fn run_with(
         handshakes,
         verifying: std::sync::atomic::AtomicBool::new(false),
         notifier: crate::notify::Notifier::new(notify_targets, nbackup_protocol::admin::DaemonKind::Server),
+        offsite: offsite::Offsite::default(),
+        shutdown: shutdown.clone(),
     });
     crate::notify::spawn(
         server.notifier.clone(),
@@ -239,6 +246,7 @@ pub async fn run_with(
         let _ = ready.send(());
     }
     server.tracker.spawn(recovery::run(server.clone(), pending));
+    server.offsite.start(&server);
     server.tracker.spawn(telemetry::reaper(server.clone(), shutdown.clone()));
     server.tracker.spawn(telemetry::sampler(server.clone(), shutdown.clone()));
     server.tracker.spawn(vigil::run(server.clone(), known, shutdown.clone()));
@@ -286,6 +294,7 @@ impl Reloadable for Server {
             let message = format!("configuration reloaded: storages {}{note}", names.join(", "));
             *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
                 Arc::new(Live { config, storages, acceptor });
+            self.offsite.reconcile(self);
             Ok(message)
         })();
         let events = &self.telemetry.events;

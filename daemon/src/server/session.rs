@@ -766,6 +766,7 @@ pub(crate) fn test_session(dir: &std::path::Path, chunk_size: u32) -> Session {
         quota_per_agent: None,
         verify_rate: None,
         verify_schedule: None,
+        buckets: Vec::new(),
     });
     area.prepare().expect("prepare");
     let params = SessionParams {

@@ -40,6 +40,7 @@ use nbackup_protocol::manifest::Manifest;
 use nbackup_protocol::wire::Compression;
 use nbackup_protocol::{Name, SessionId};
 
+use super::offsite::state::{self as offsite_state, Copies, Copy};
 use crate::fsutil;
 
 /// Name of the directory holding uploads in flight, inside `base_dir`.
@@ -72,6 +73,8 @@ pub struct StorageArea {
     /// Serialises appends to the committed log and its compaction: a compaction
     /// rewriting the file must not lose a line appended meanwhile.
     commit_log: Mutex<()>,
+    /// Serialises read-modify-writes of the off-site sidecars.
+    copies: Mutex<()>,
 }
 
 /// A committed archive found on disk.
@@ -103,7 +106,12 @@ impl ArchiveFile {
 
 impl StorageArea {
     pub fn new(cfg: Storage) -> Self {
-        StorageArea { cfg, rename: Mutex::new(fsutil::NoReplace::Rename), commit_log: Mutex::new(()) }
+        StorageArea {
+            cfg,
+            rename: Mutex::new(fsutil::NoReplace::Rename),
+            commit_log: Mutex::new(()),
+            copies: Mutex::new(()),
+        }
     }
 
     /// How this storage renames without replacing (after [`StorageArea::prepare`]).
@@ -298,6 +306,12 @@ impl StorageArea {
         fsutil::fsync_dir(dir)?;
         fsutil::fsync_dir(&self.incoming_dir())?;
         self.fault("commit:manifest")?;
+        // Owed to every bucket from the commit on; kept as it is when a recovery
+        // settles again (a runner may already have started the upload).
+        let owed = super::offsite::owed_by(self);
+        if !owed.is_empty() && Copies::load(archive)?.is_none() {
+            Copies::queued(owed, crate::state::unix_now()).store(archive)?;
+        }
         self.write_manifest(archive, manifest)?;
         self.fault("commit:after-manifest")?;
         Ok(())
@@ -379,6 +393,10 @@ impl StorageArea {
         let excess = archives.len().saturating_sub(keep_others);
         let mut removed = Vec::new();
         for old in archives.into_iter().take(excess) {
+            if let Err(why) = super::offsite::may_remove(self, &old.path) {
+                tracing::info!(archive = %old.name, "kept past max_backups: {why}");
+                continue;
+            }
             // Out of the entry at once (a rename), freed by `purge_rotated` once the
             // commit has been answered: unlinking a large archive takes a third of a
             // second per 350 MB on ext4, which the agent would otherwise wait for.
@@ -389,6 +407,7 @@ impl StorageArea {
             self.fault("rotate:after-delete")?;
             fsutil::remove_if_exists(&catalog_path(&old.path))?;
             fsutil::remove_if_exists(&sidecar_path(&old.path))?;
+            fsutil::remove_if_exists(&offsite_state::path_for(&old.path))?;
             removed.push(old.name);
         }
         // Manifests whose archive is gone: what an interrupted rotation leaves.
@@ -397,7 +416,10 @@ impl StorageArea {
         if let Ok(entries) = fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(archive) = name.strip_suffix(".json").or_else(|| name.strip_suffix(".catalog"))
+                if let Some(archive) = name
+                    .strip_suffix(offsite_state::SUFFIX)
+                    .or_else(|| name.strip_suffix(".json"))
+                    .or_else(|| name.strip_suffix(".catalog"))
                     && parse_archive_name(archive, &prefix).is_some()
                     && !dir.join(archive).exists()
                 {
@@ -409,6 +431,15 @@ impl StorageArea {
             fsutil::fsync_dir(&dir)?;
         }
         Ok(removed)
+    }
+
+    /// Records one bucket's copy of `archive` (the runners of several buckets share
+    /// one file).
+    pub fn update_copies(&self, archive: &Path, bucket: &str, copy: Copy) -> io::Result<()> {
+        let _one = crate::lock(&self.copies);
+        let mut all = Copies::load(archive)?.unwrap_or_default();
+        all.buckets.insert(bucket.to_string(), copy);
+        all.store(archive)
     }
 
     fn rotated_path(&self, archive: &str) -> PathBuf {
@@ -482,6 +513,7 @@ mod tests {
             quota_per_agent: None,
             verify_rate: None,
             verify_schedule: None,
+            buckets: Vec::new(),
         })
     }
 
@@ -652,6 +684,46 @@ mod tests {
         assert_eq!(incoming(), ["a-b-20261122T020000Z.tar.gz.rotated", "a-b-20261122T030000Z.tar.gz.rotated"]);
         s.purge_rotated();
         assert!(incoming().is_empty(), "{:?}", incoming());
+    }
+
+    #[test]
+    fn rotation_keeps_what_a_bucket_is_owed_and_the_commit_queues_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = area(dir.path(), 1);
+        s.cfg.buckets.push(nbackup_protocol::config::Bucket {
+            name: Name::new("offsite").expect("name"),
+            provider: nbackup_protocol::config::Provider::S3,
+            bucket: "b".into(),
+            prefix: String::new(),
+            endpoint: None,
+            region: None,
+            credentials_file: None,
+            mode: nbackup_protocol::config::BucketMode::Sync,
+            bandwidth: None,
+            stall_timeout: std::time::Duration::from_secs(60),
+            part_size: 5 << 20,
+            concurrency: 1,
+            allow_http: false,
+        });
+        s.prepare().expect("prepare");
+        let base = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        let first = commit_one(&s, base, "a");
+        let second = commit_one(&s, base + chrono::Duration::hours(1), "b");
+        let owed = Copies::load(&first).expect("load").expect("the commit queued it");
+        assert_eq!(owed.pending(), ["offsite"]);
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        assert!(s.rotate(&a, &b, None).expect("rotate").is_empty(), "the first is not copied yet");
+        assert!(first.exists());
+        let mut copy = owed.buckets["offsite"].clone();
+        copy.state = offsite_state::CopyState::Verified;
+        s.update_copies(&first, "offsite", copy).expect("update");
+        assert_eq!(s.rotate(&a, &b, None).expect("rotate"), [first.file_name().expect("n").to_string_lossy()]);
+        assert!(!offsite_state::path_for(&first).exists(), "its sidecar went with it");
+        assert!(second.exists() && offsite_state::path_for(&second).exists());
+        // A bucket removed from the configuration is owed nothing.
+        s.cfg.buckets.clear();
+        commit_one(&s, base + chrono::Duration::hours(2), "c");
+        assert_eq!(s.rotate(&a, &b, None).expect("rotate").len(), 1, "the second goes although never copied");
     }
 
     #[test]

@@ -415,6 +415,7 @@ mod tests {
             quota_per_agent: None,
             verify_rate: None,
             verify_schedule: Some(nbackup_protocol::config::Schedule::parse("0 4 * * *").expect("cron")),
+            buckets: Vec::new(),
         };
         let mut storages = BTreeMap::new();
         storages.insert(cfg.name.clone(), Arc::new(super::super::storage::StorageArea::new(cfg)));

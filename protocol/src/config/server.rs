@@ -61,6 +61,8 @@ pub struct RawStorage {
     pub quota_per_agent: Option<ByteSize>,
     pub verify_rate: Option<ByteSize>,
     pub verify_schedule: Option<String>,
+    #[serde(default)]
+    pub buckets: Vec<super::RawBucket>,
 }
 
 /// Validated server configuration.
@@ -129,6 +131,8 @@ pub struct Storage {
     pub verify_rate: Option<u64>,
     /// When to re-read every kept archive of this storage (server's local time).
     pub verify_schedule: Option<Schedule>,
+    /// Off-site copies of every archive committed here.
+    pub buckets: Vec<super::Bucket>,
 }
 
 impl ServerConfig {
@@ -264,6 +268,7 @@ impl ServerConfig {
                     )
                 })?),
             };
+            let buckets = super::bucket::from_raw(s.buckets, &at, src, &base)?;
             let base_dir = resolve(&base, s.base_dir);
             if let Some(other) = dirs.insert(base_dir.clone(), name.clone()) {
                 return Err(src.error(
@@ -284,6 +289,7 @@ impl ServerConfig {
                     quota_per_agent: s.quota_per_agent.map(|q| q.0),
                     verify_rate: s.verify_rate.map(|q| q.0).filter(|r| *r > 0),
                     verify_schedule,
+                    buckets,
                 },
             );
         }

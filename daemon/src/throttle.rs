@@ -1,4 +1,5 @@
-//! Upload bandwidth limit: one token bucket for all streams of a backup.
+//! Bandwidth limits: one token bucket shared by every connection it governs (all
+//! streams of a backup on the agent; all uploads to one bucket on the server).
 //!
 //! Streams take tokens for every slice of a chunk they send (64 KiB at a time, see
 //! [`SLICE`]), so the limit holds for the aggregate of all connections and bursts

@@ -1,0 +1,395 @@
+//! Off-site copies of committed archives, to the buckets of their storage.
+//!
+//! One runner per (storage, bucket) uploads the archives that bucket is owed, oldest
+//! first, one at a time (its parts in parallel). What is owed is on disk: each
+//! archive's `<archive>.offsite.json` ([`state::Copies`]), written by the commit, so a
+//! restart, crash or outage only delays a copy. A runner finds its work by scanning
+//! the storage when it starts and is told of each new commit; a failed upload is
+//! retried with a growing pause (1 s doubling to 5 min), resuming from the last part
+//! the provider acknowledged. Rotation never removes an archive a configured bucket
+//! is still owed; once the copy is verified the runner lets rotation catch up.
+//!
+//! Runners are reconciled with the configuration at start and at every reload: an
+//! unchanged bucket keeps its runner (and its upload in flight), a changed one is
+//! restarted, a removed one stopped.
+
+pub mod client;
+pub mod state;
+pub mod upload;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use nbackup_protocol::Name;
+use nbackup_protocol::config::Bucket;
+use nbackup_protocol::manifest::Manifest;
+
+use super::Server;
+use super::storage::{StorageArea, sidecar_path};
+use state::{Copies, Copy, CopyState};
+
+/// Longest pause between two attempts of one upload.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Failed attempts of one copy after which it is raised (`offsite_failed`).
+const FAILED_AFTER: u32 = 3;
+/// An idle runner looks for owed copies it was not told of this often (commits
+/// finished by a recovery, sidecars restored by hand).
+const RESCAN: Duration = Duration::from_secs(300);
+
+/// The runners, by storage and bucket.
+#[derive(Default)]
+pub struct Offsite {
+    runners: Mutex<BTreeMap<(Name, Name), Runner>>,
+    /// The server the runners work for (set by [`Offsite::start`]).
+    server: std::sync::OnceLock<Weak<Server>>,
+}
+
+struct Runner {
+    bucket: Bucket,
+    tx: mpsc::UnboundedSender<PathBuf>,
+    stop: CancellationToken,
+    stats: Arc<Mutex<Stats>>,
+    meter: Arc<client::Meter>,
+}
+
+/// What a runner owes, for status and metrics.
+#[derive(Default)]
+struct Stats {
+    /// Archive → (unix seconds queued, failed its last attempt).
+    owed: BTreeMap<PathBuf, (u64, bool)>,
+    last_error: Option<String>,
+}
+
+impl Offsite {
+    /// Starts a runner for every configured bucket.
+    pub(crate) fn start(&self, server: &Arc<Server>) {
+        let _ = self.server.set(Arc::downgrade(server));
+        self.reconcile(server);
+    }
+
+    /// Starts, keeps or stops runners so that there is one per configured bucket
+    /// (at start and after each reload).
+    pub(crate) fn reconcile(&self, server: &Server) {
+        let Some(weak) = self.server.get() else { return };
+        let live = server.live();
+        let mut wanted: BTreeMap<(Name, Name), Bucket> = BTreeMap::new();
+        for (storage, area) in &live.storages {
+            for b in &area.cfg.buckets {
+                wanted.insert((storage.clone(), b.name.clone()), b.clone());
+            }
+        }
+        let mut runners = crate::lock(&self.runners);
+        runners.retain(|key, r| {
+            let keep = wanted.get(key) == Some(&r.bucket);
+            if !keep {
+                r.stop.cancel();
+            }
+            keep
+        });
+        for (key, bucket) in wanted {
+            if runners.contains_key(&key) {
+                continue;
+            }
+            let remote = match client::connect(&bucket) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(storage = %key.0, bucket = %key.1, "off-site copies disabled for this bucket: {e}");
+                    continue;
+                }
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            let stop = server.shutdown.child_token();
+            let stats = Arc::new(Mutex::new(Stats::default()));
+            let meter = remote.meter.clone();
+            let work = Work {
+                server: weak.clone(),
+                storage: key.0.clone(),
+                bucket: bucket.clone(),
+                remote,
+                stats: stats.clone(),
+            };
+            server.tracker.spawn(work.run(rx, stop.clone()));
+            runners.insert(key, Runner { bucket, tx, stop, stats, meter });
+        }
+    }
+
+    /// Each bucket of `storage`, as the admin API shows it.
+    pub fn status(&self, storage: &Name) -> Vec<nbackup_protocol::admin::BucketStatus> {
+        let now = crate::state::unix_now();
+        crate::lock(&self.runners)
+            .iter()
+            .filter(|((s, _), _)| s == storage)
+            .map(|((_, name), r)| {
+                let st = crate::lock(&r.stats);
+                nbackup_protocol::admin::BucketStatus {
+                    name: name.to_string(),
+                    provider: r.bucket.provider.to_string(),
+                    bucket: r.bucket.bucket.clone(),
+                    mode: r.bucket.mode.name().to_string(),
+                    owed: st.owed.len() as u64,
+                    failing: st.owed.values().filter(|(_, failed)| *failed).count() as u64,
+                    oldest_owed_secs: st.owed.values().map(|(at, _)| now.saturating_sub(*at)).max(),
+                    sent_bytes: r.meter.sent(),
+                    last_error: st.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Tells the storage's runners of an archive just committed.
+    pub fn committed(&self, storage: &Name, archive: &Path) {
+        for ((s, _), r) in crate::lock(&self.runners).iter() {
+            if s == storage {
+                let _ = r.tx.send(archive.to_path_buf());
+            }
+        }
+    }
+}
+
+/// Names of the buckets an archive of `area` is owed by, for the commit.
+pub fn owed_by(area: &StorageArea) -> Vec<&str> {
+    area.cfg.buckets.iter().map(|b| b.name.as_str()).collect()
+}
+
+/// Whether `archive` may leave local disk: every bucket configured now has verified
+/// its copy (an archive committed before its storage had buckets owes nothing; a
+/// bucket removed from the configuration is owed nothing).
+pub fn may_remove(area: &StorageArea, archive: &Path) -> Result<(), String> {
+    if area.cfg.buckets.is_empty() {
+        return Ok(());
+    }
+    let copies = match Copies::load(archive) {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(format!("its off-site state is unreadable ({e})")),
+    };
+    let pending: Vec<&str> = area
+        .cfg
+        .buckets
+        .iter()
+        .map(|b| b.name.as_str())
+        .filter(|n| copies.buckets.get(*n).is_some_and(|c| !c.is_verified()))
+        .collect();
+    if pending.is_empty() { Ok(()) } else { Err(format!("not yet copied to {}", pending.join(", "))) }
+}
+
+struct Work {
+    server: Weak<Server>,
+    storage: Name,
+    bucket: Bucket,
+    remote: client::Remote,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl Work {
+    fn area(&self) -> Option<Arc<StorageArea>> {
+        self.server.upgrade()?.live().storages.get(&self.storage).cloned()
+    }
+
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<PathBuf>, stop: CancellationToken) {
+        let Some(found) = self.scan().await else { return };
+        let mut queue: VecDeque<PathBuf> = VecDeque::new();
+        self.enqueue(&mut queue, found);
+        info!(storage = %self.storage, bucket = %self.bucket.name, owed = queue.len(), "off-site copies started");
+        let mut failures = 0u32;
+        loop {
+            while let Ok(p) = rx.try_recv() {
+                self.enqueue(&mut queue, vec![(crate::state::unix_now(), p)]);
+            }
+            let Some(archive) = queue.front().cloned() else {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    p = rx.recv() => match p {
+                        Some(p) => self.enqueue(&mut queue, vec![(crate::state::unix_now(), p)]),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep(RESCAN) => {
+                        let Some(found) = self.scan().await else { return };
+                        self.enqueue(&mut queue, found);
+                    }
+                }
+                continue;
+            };
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.copy(&archive) => r,
+            };
+            match outcome {
+                Ok(()) => {
+                    failures = 0;
+                    queue.pop_front();
+                    crate::lock(&self.stats).owed.remove(&archive);
+                }
+                Err(Retry::Never(why)) => {
+                    warn!(storage = %self.storage, bucket = %self.bucket.name, archive = %archive.display(), "not copied: {why}");
+                    queue.pop_front();
+                    crate::lock(&self.stats).owed.remove(&archive);
+                }
+                Err(Retry::Later(why)) => {
+                    failures += 1;
+                    {
+                        let mut st = crate::lock(&self.stats);
+                        if let Some(e) = st.owed.get_mut(&archive) {
+                            e.1 = true;
+                        }
+                        st.last_error = Some(why.clone());
+                    }
+                    let pause = Duration::from_secs(1u64 << failures.min(9)).min(MAX_BACKOFF);
+                    warn!(
+                        storage = %self.storage, bucket = %self.bucket.name, archive = %archive.display(),
+                        attempt = failures, "off-site copy failed, retrying in {pause:?}: {why}"
+                    );
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn enqueue(&self, queue: &mut VecDeque<PathBuf>, found: Vec<(u64, PathBuf)>) {
+        let mut st = crate::lock(&self.stats);
+        for (at, p) in found {
+            if !queue.contains(&p) {
+                st.owed.entry(p.clone()).or_insert((at, false));
+                queue.push_back(p);
+            }
+        }
+    }
+
+    fn event(&self, kind: nbackup_protocol::admin::EventKind, m: &Manifest, message: String) {
+        if let Some(server) = self.server.upgrade() {
+            let who = crate::state::EventSpec { agent: Some(&m.agent), backup: Some(&m.backup), ..Default::default() };
+            server.telemetry.events.record(kind, who, message);
+        }
+    }
+
+    /// What this bucket is owed, oldest first; `None` once the storage is gone.
+    async fn scan(&self) -> Option<Vec<(u64, PathBuf)>> {
+        let area = self.area()?;
+        let bucket = self.bucket.name.to_string();
+        Some(tokio::task::spawn_blocking(move || owed(&area, &bucket)).await.unwrap_or_default())
+    }
+
+    /// Copies one archive, if it is still owed.
+    async fn copy(&self, archive: &Path) -> Result<(), Retry> {
+        let Some(area) = self.area() else { return Err(Retry::Never("its storage is gone".into())) };
+        let name = self.bucket.name.to_string();
+        let (manifest, copies) = match read(archive) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Err(Retry::Never("the archive or its manifest is gone".into())),
+            Err(e) => return Err(Retry::Later(e)),
+        };
+        let mut copy = match copies.buckets.get(&name) {
+            Some(c) if c.is_verified() => return Ok(()),
+            Some(c) => c.clone(),
+            None => return Ok(()),
+        };
+        let key = self.bucket.key(&manifest.agent, &manifest.backup, &manifest.archive);
+        let path = archive.to_path_buf();
+        let lock = area.clone();
+        let mut save = |c: &Copy| lock.update_copies(&path, &name, c.clone());
+        let result = upload::upload(&self.remote, &self.bucket, archive, &manifest, &key, &mut copy, &mut save).await;
+        match result {
+            Ok(e_tag) => {
+                copy.state = CopyState::Verified;
+                copy.verified_at = Some(crate::state::unix_now());
+                copy.upload = None;
+                copy.error = None;
+                copy.e_tag = e_tag;
+                area.update_copies(archive, &name, copy).map_err(|e| Retry::Later(e.to_string()))?;
+                info!(
+                    storage = %self.storage, bucket = %self.bucket.name, key, bytes = manifest.size,
+                    "archive copied off-site and verified"
+                );
+                self.event(
+                    nbackup_protocol::admin::EventKind::OffsiteCopied,
+                    &manifest,
+                    format!("{} copied to bucket {} ({key}) and verified", manifest.archive, self.bucket.name),
+                );
+                // Rotation may have kept it (and older ones) waiting for this copy.
+                let (agent, backup) = (Name::new(manifest.agent.as_str()), Name::new(manifest.backup.as_str()));
+                if let (Ok(agent), Ok(backup)) = (agent, backup) {
+                    let area = area.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Err(e) = area.rotate(&agent, &backup, None) {
+                            warn!(%agent, %backup, "rotation after an off-site copy failed: {e}");
+                        }
+                        area.purge_rotated();
+                    })
+                    .await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let restart = e.restarts();
+                if restart && let Some(m) = copy.upload.take() {
+                    let _ = self.remote.multipart.abort_multipart(&object_store::path::Path::from(m.key), &m.id).await;
+                }
+                copy.state = CopyState::Failed;
+                copy.attempts += 1;
+                copy.error = Some(e.to_string());
+                if copy.attempts == FAILED_AFTER {
+                    self.event(
+                        nbackup_protocol::admin::EventKind::OffsiteFailed,
+                        &manifest,
+                        format!(
+                            "{} not copied to bucket {} after {FAILED_AFTER} attempts (still retrying; kept locally): {e}",
+                            manifest.archive, self.bucket.name
+                        ),
+                    );
+                }
+                let _ = area.update_copies(archive, &name, copy);
+                Err(Retry::Later(e.to_string()))
+            }
+        }
+    }
+}
+
+enum Retry {
+    Later(String),
+    Never(String),
+}
+
+/// The manifest and off-site state of `archive`; `None` if either is gone.
+fn read(archive: &Path) -> Result<Option<(Manifest, Copies)>, String> {
+    if !archive.exists() {
+        return Ok(None);
+    }
+    let manifest = match std::fs::read_to_string(sidecar_path(archive)) {
+        Ok(t) => Manifest::from_json(&t).map_err(|e| format!("manifest: {e}"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("manifest: {e}")),
+    };
+    match Copies::load(archive) {
+        Ok(Some(c)) => Ok(Some((manifest, c))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Archives of `area` whose copy to `bucket` is owed, oldest queued first.
+fn owed(area: &StorageArea, bucket: &str) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    let Ok(entries) = area.entries() else { return Vec::new() };
+    for (agent, backup) in entries {
+        let Ok(archives) = area.list(&agent, &backup) else { continue };
+        for a in archives {
+            if let Ok(Some(c)) = Copies::load(&a.path)
+                && let Some(copy) = c.buckets.get(bucket)
+                && !copy.is_verified()
+            {
+                found.push((copy.queued_at, a.path));
+            }
+        }
+    }
+    found.sort();
+    found
+}

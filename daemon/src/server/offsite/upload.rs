@@ -1,0 +1,240 @@
+//! One archive to one bucket: a multipart upload streamed from the file, resumed from
+//! the last acknowledged part, then verified against the manifest.
+//!
+//! Memory is bounded by `part_size × concurrency`, whatever the archive's size; the
+//! part size doubles for archives that would need more than 10 000 parts. Each part's
+//! MD5 is compared with the entity tag the provider returns for it, and the finished
+//! object's size, composite entity tag and our SHA-256 (object metadata) with the
+//! manifest. Nothing is counted as copied before all of that holds.
+
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use md5::Digest;
+use object_store::multipart::PartId;
+use object_store::path::Path as Key;
+use object_store::{
+    Attribute, AttributeValue, Attributes, GetOptions, ObjectStoreExt, PutMultipartOptions, PutPayload,
+};
+
+use nbackup_protocol::config::Bucket;
+use nbackup_protocol::manifest::Manifest;
+
+use super::client::Remote;
+use super::state::{Copy, CopyState, Multipart, composite_e_tag, hex_of};
+
+/// Object metadata holding the archive's SHA-256 (hex), as the manifest has it.
+pub const SHA256_META: &str = "nbackup-sha256";
+/// Object metadata holding the archive's commit sequence.
+pub const SEQ_META: &str = "nbackup-commit-seq";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("no byte moved for {0:?} (stall_timeout)")]
+    Stalled(Duration),
+    #[error("{0}")]
+    Store(#[from] object_store::Error),
+    #[error("reading the archive: {0}")]
+    Io(#[from] io::Error),
+    /// What arrived is not what was sent: the upload starts over.
+    #[error("verification failed: {0}")]
+    Mismatch(String),
+}
+
+impl UploadError {
+    /// Whether the upload in progress must be abandoned (aborted and started over)
+    /// rather than resumed.
+    pub fn restarts(&self) -> bool {
+        matches!(self, UploadError::Mismatch(_) | UploadError::Store(object_store::Error::NotFound { .. }))
+    }
+}
+
+/// Uploads `archive` (described by `manifest`) to `key` and verifies it. `copy` is
+/// updated as parts are acknowledged and handed to `save` each time, so that a crash
+/// resumes from there.
+pub async fn upload(
+    remote: &Remote,
+    bucket: &Bucket,
+    archive: &Path,
+    manifest: &Manifest,
+    key: &str,
+    copy: &mut Copy,
+    save: &mut (dyn FnMut(&Copy) -> io::Result<()> + Send),
+) -> Result<Option<String>, UploadError> {
+    remote.meter.touch();
+    let run = transfer(remote, bucket, archive, manifest, key, copy, save);
+    watched(remote, bucket.stall_timeout, run).await?
+}
+
+/// Runs `fut` until it ends or nothing has moved for `timeout`.
+async fn watched<T>(remote: &Remote, timeout: Duration, fut: impl Future<Output = T>) -> Result<T, UploadError> {
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval((timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            out = &mut fut => return Ok(out),
+            _ = tick.tick() => {
+                let idle = remote.meter.idle();
+                if idle >= timeout {
+                    return Err(UploadError::Stalled(idle));
+                }
+            }
+        }
+    }
+}
+
+async fn transfer(
+    remote: &Remote,
+    bucket: &Bucket,
+    archive: &Path,
+    manifest: &Manifest,
+    key: &str,
+    copy: &mut Copy,
+    save: &mut (dyn FnMut(&Copy) -> io::Result<()> + Send),
+) -> Result<Option<String>, UploadError> {
+    let file = Arc::new(File::open(archive)?);
+    let size = file.metadata()?.len();
+    if size != manifest.size {
+        return Err(UploadError::Mismatch(format!(
+            "the local archive has {size} bytes, its manifest {}",
+            manifest.size
+        )));
+    }
+    let location = Key::from(key);
+    let fresh = match &copy.upload {
+        Some(m) => m.key != key,
+        None => true,
+    };
+    if fresh {
+        let part_size = bucket.part_size_for(size);
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::Metadata(SHA256_META.into()), AttributeValue::from(manifest.sha256.clone()));
+        if let Some(seq) = manifest.commit_seq {
+            attributes.insert(Attribute::Metadata(SEQ_META.into()), AttributeValue::from(seq.to_string()));
+        }
+        let content_type = match manifest.compression {
+            nbackup_protocol::wire::Compression::Gzip => "application/gzip",
+            nbackup_protocol::wire::Compression::Zstd => "application/zstd",
+        };
+        attributes.insert(Attribute::ContentType, AttributeValue::from(content_type));
+        let opts = PutMultipartOptions { attributes, ..Default::default() };
+        let id = remote.multipart.create_multipart_opts(&location, opts).await?;
+        copy.upload = Some(Multipart { key: key.to_string(), id, part_size, parts: Vec::new(), md5: Vec::new() });
+    }
+    copy.state = CopyState::Uploading;
+    save(copy)?;
+    let m = copy.upload.clone().expect("set above");
+    let total = size.div_ceil(m.part_size).max(1);
+    let mut next = m.parts.len() as u64;
+    let mut in_flight = FuturesOrdered::new();
+    loop {
+        while next < total && in_flight.len() < bucket.concurrency as usize {
+            in_flight.push_back(send_part(remote, &location, &m, file.clone(), next, size));
+            next += 1;
+        }
+        let Some(done) = in_flight.next().await else { break };
+        let (etag, md5) = done?;
+        let up = copy.upload.as_mut().expect("set above");
+        up.parts.push(etag);
+        up.md5.push(md5);
+        save(copy)?;
+    }
+    let up = copy.upload.clone().expect("set above");
+    let parts = up.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
+    remote.multipart.complete_multipart(&location, &up.id, parts).await?;
+    let sidecar = Key::from(format!("{key}.json"));
+    let json = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
+    remote.store.put(&sidecar, PutPayload::from(json)).await?;
+    let e_tag = verify(remote, &location, manifest, &up).await?;
+    Ok(e_tag)
+}
+
+/// Reads part `index` from the file and sends it; returns the provider's id of the
+/// part and its MD5 (hex), refusing a part whose entity tag is another MD5.
+async fn send_part(
+    remote: &Remote,
+    location: &Key,
+    m: &Multipart,
+    file: Arc<File>,
+    index: u64,
+    size: u64,
+) -> Result<(String, String), UploadError> {
+    let offset = index * m.part_size;
+    let len = m.part_size.min(size - offset) as usize;
+    let (data, md5) = tokio::task::spawn_blocking(move || -> io::Result<(Bytes, String)> {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset)?;
+        let md5 = hex_of(&md5::Md5::digest(&buf));
+        Ok((Bytes::from(buf), md5))
+    })
+    .await
+    .map_err(io::Error::other)??;
+    let part = remote.multipart.put_part(location, &m.id, index as usize, PutPayload::from(data)).await?;
+    if let Some(theirs) = md5_of_tag(&part.content_id)
+        && theirs != md5
+    {
+        return Err(UploadError::Mismatch(format!("part {index} arrived with MD5 {theirs}, sent {md5}")));
+    }
+    Ok((part.content_id, md5))
+}
+
+/// The MD5 an entity tag is, when it is one (S3 and GCS parts; not Azure blocks, not
+/// S3 with SSE-KMS).
+fn md5_of_tag(tag: &str) -> Option<String> {
+    let t = tag.trim_matches('"').to_ascii_lowercase();
+    (t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit())).then_some(t)
+}
+
+async fn verify(
+    remote: &Remote,
+    location: &Key,
+    manifest: &Manifest,
+    up: &Multipart,
+) -> Result<Option<String>, UploadError> {
+    let head = remote.store.get_opts(location, GetOptions { head: true, ..Default::default() }).await?;
+    if head.meta.size != manifest.size {
+        return Err(UploadError::Mismatch(format!(
+            "the object has {} bytes, the archive {}",
+            head.meta.size, manifest.size
+        )));
+    }
+    let sha = head.attributes.get(&Attribute::Metadata(SHA256_META.into())).map(|v| v.as_ref().to_string());
+    if sha.as_deref() != Some(manifest.sha256.as_str()) {
+        return Err(UploadError::Mismatch(format!(
+            "the object's sha256 metadata is {sha:?}, the manifest's {}",
+            manifest.sha256
+        )));
+    }
+    let e_tag = head.meta.e_tag.clone();
+    let comparable = up.parts.iter().all(|p| md5_of_tag(p).is_some());
+    if comparable
+        && let (Some(theirs), Some(ours)) = (e_tag.as_deref(), composite_e_tag(&up.md5))
+        && theirs.trim_matches('"') != ours
+    {
+        return Err(UploadError::Mismatch(format!("the object's entity tag is {theirs}, its parts make {ours}")));
+    }
+    Ok(e_tag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_md5_shaped_tags_are_compared() {
+        assert_eq!(
+            md5_of_tag("\"9E107D9D372BB6826BD81D3542A419D6\"").as_deref(),
+            Some("9e107d9d372bb6826bd81d3542a419d6")
+        );
+        assert_eq!(md5_of_tag("MDAwMDAwMDA="), None, "an Azure block id");
+        assert_eq!(md5_of_tag("\"abc-3\""), None);
+    }
+}

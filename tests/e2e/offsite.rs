@@ -1,0 +1,282 @@
+//! Off-site copies against a real S3 API server (moto, started per test on loopback),
+//! checked from the outside with boto3.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::proxy::{Fault, Proxy};
+use crate::support::*;
+
+/// moto's S3 server on a free loopback port.
+pub struct Moto {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let ok = Command::new("python3").args(["-c", "import moto.server, boto3"]).status().is_ok_and(|s| s.success());
+        assert!(ok, "these tests need moto's S3 server: pip install 'moto[server]' (.ci/run installs it)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto starts");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "moto did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Moto { child, addr }
+    }
+
+    /// Runs `code` with `s3`, a boto3 client of this server; returns its stdout.
+    pub fn py(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3, hashlib, json, sys\n\
+             s3 = boto3.client('s3', endpoint_url='http://{}', region_name='us-east-1',\n\
+             \x20   aws_access_key_id='test', aws_secret_access_key='test')\n{code}\n",
+            self.addr
+        );
+        let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
+        assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        self.py(&format!("s3.create_bucket(Bucket='{bucket}')"));
+    }
+
+    /// Size, SHA-256 of the content and user metadata of an object; `None` if absent.
+    pub fn object(&self, bucket: &str, key: &str) -> Option<(u64, String, serde_json::Value)> {
+        let out = self.py(&format!(
+            "try:\n    o = s3.get_object(Bucket='{bucket}', Key='{key}')\nexcept s3.exceptions.NoSuchKey:\n    print('null'); sys.exit(0)\n\
+             body = o['Body'].read()\nprint(json.dumps([len(body), hashlib.sha256(body).hexdigest(), o['Metadata']]))"
+        ));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        if v.is_null() {
+            return None;
+        }
+        Some((v[0].as_u64().expect("size"), v[1].as_str().expect("sha").to_string(), v[2].clone()))
+    }
+
+    pub fn keys(&self, bucket: &str) -> Vec<String> {
+        let out = self.py(&format!(
+            "r = s3.list_objects_v2(Bucket='{bucket}')\nprint(json.dumps([o['Key'] for o in r.get('Contents', [])]))"
+        ));
+        serde_json::from_str(out.trim()).expect("json")
+    }
+
+    /// Multipart uploads begun and neither completed nor aborted.
+    pub fn open_uploads(&self, bucket: &str) -> usize {
+        let out = self.py(&format!("print(len(s3.list_multipart_uploads(Bucket='{bucket}').get('Uploads', [])))"));
+        out.trim().parse().expect("count")
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A credentials file as `aws configure export-credentials` writes it, mode 0600.
+fn credentials(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("s3.env");
+    fs::write(&path, "export AWS_ACCESS_KEY_ID=test\nexport AWS_SECRET_ACCESS_KEY=test\n").expect("write");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// A storage copying to `bucket` at `endpoint` (5 MiB parts, the smallest S3 takes).
+fn with_bucket(spec: StorageSpec, endpoint: SocketAddr, bucket: &str, creds: &Path, more: &str) -> StorageSpec {
+    let extra = format!(
+        "    buckets:\n      - name: offsite\n        provider: s3\n        bucket: {bucket}\n        prefix: fleet/\n\
+         \x20       region: us-east-1\n        endpoint: http://{endpoint}\n        credentials_file: {}\n\
+         \x20       part_size: 5mib\n{more}",
+        creds.display()
+    );
+    StorageSpec { extra, ..spec }
+}
+
+fn copies(archive: &Path) -> serde_json::Value {
+    let mut p = archive.as_os_str().to_owned();
+    p.push(".offsite.json");
+    fs::read(PathBuf::from(p)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until the archive's copy to the `offsite` bucket is verified.
+async fn copied(archive: &Path, within: Duration) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let c = copies(archive);
+        if c["buckets"]["offsite"]["state"] == "verified" {
+            return c;
+        }
+        assert!(started.elapsed() < within, "not copied within {within:?}: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn manifest(archive: &Path) -> serde_json::Value {
+    let mut p = archive.as_os_str().to_owned();
+    p.push(".json");
+    serde_json::from_slice(&fs::read(PathBuf::from(p)).expect("manifest")).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_archive_is_copied_in_parts_and_verified() {
+    let moto = Moto::start();
+    moto.create_bucket("fleet-backups");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    // Incompressible: the archive is ~13 MiB, three parts of 5 MiB.
+    fs::write(src.join("noise.bin"), noise(13 << 20, 5)).expect("noise");
+    let creds = credentials(tmp.path());
+    let spec = with_bucket(zstd("main"), moto.addr, "fleet-backups", &creds, "");
+    let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("data", "main", &[&src])]);
+    let report = backup(&cfg, 0).await.expect("backup");
+    let archive = server.archives("main", "web-01", "data").pop().expect("archive");
+    let state = copied(&archive, Duration::from_secs(60)).await;
+    let m = manifest(&archive);
+    let key = format!("fleet/web-01/data/{}", report.archive);
+    let (size, sha, meta) = moto.object("fleet-backups", &key).expect("the object is there");
+    assert_eq!(size, m["size"].as_u64().expect("size"));
+    assert_eq!(sha, m["sha256"].as_str().expect("sha"), "the object is the archive, byte for byte");
+    assert_eq!(meta["nbackup-sha256"], m["sha256"]);
+    assert_eq!(meta["nbackup-commit-seq"], m["commit_seq"].to_string());
+    let e_tag = state["buckets"]["offsite"]["e_tag"].as_str().expect("e_tag");
+    assert!(e_tag.trim_matches('"').ends_with("-3"), "three parts, composite tag checked: {e_tag}");
+    let (_, _, _) = moto.object("fleet-backups", &format!("{key}.json")).expect("its manifest beside it");
+    assert_eq!(moto.open_uploads("fleet-backups"), 0, "no multipart upload left open");
+    assert_eq!(moto.keys("fleet-backups"), [key.clone(), format!("{key}.json")], "nothing else in the bucket");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_an_archive_until_its_copy_is_verified() {
+    let moto = Moto::start();
+    moto.create_bucket("late");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 3);
+    let creds = credentials(tmp.path());
+    // The bucket's endpoint is a proxy that refuses everything until it is told.
+    let proxy = Proxy::start(moto.addr).await;
+    proxy.refuse_from(0);
+    let spec = StorageSpec { max_backups: 1, ..with_bucket(gzip("main"), proxy.addr, "late", &creds, "") };
+    let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    let first = backup(&cfg, 0).await.expect("backup").archive;
+    let second = backup(&cfg, 0).await.expect("backup").archive;
+    let names = |s: &TestServer| -> Vec<String> {
+        s.archives("main", "web-01", "etc")
+            .iter()
+            .map(|p| p.file_name().expect("n").to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(&server), [first.clone(), second.clone()], "max_backups 1, but the first is not copied yet");
+    let archive = server.archives("main", "web-01", "etc")[0].clone();
+    let failed = copies(&archive);
+    assert_ne!(failed["buckets"]["offsite"]["state"], "verified", "{failed}");
+    // The bucket is reachable again (the server restarted with the endpoint fixed):
+    // both are copied, then rotation removes the first.
+    server.stop().await;
+    proxy.stop();
+    let moto_direct = with_bucket(StorageSpec { max_backups: 1, ..gzip("main") }, moto.addr, "late", &creds, "");
+    let server = TestServer::start(tmp.path(), &pki, &[moto_direct]).await;
+    let last = server.archives("main", "web-01", "etc").pop().expect("archive");
+    copied(&last, Duration::from_secs(60)).await;
+    let started = Instant::now();
+    while names(&server) != [second.clone()] {
+        assert!(started.elapsed() < Duration::from_secs(60), "not rotated after the copies: {:?}", names(&server));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for name in [&first, &second] {
+        assert!(moto.object("late", &format!("fleet/web-01/etc/{name}")).is_some(), "{name} is in the bucket");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_abandoned_and_resumed_from_the_last_part() {
+    let moto = Moto::start();
+    moto.create_bucket("slow");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(18 << 20, 9)).expect("noise");
+    let creds = credentials(tmp.path());
+    // The connection carrying the first part freezes 1 MiB into it: no FIN, no RST.
+    // (moto closes every connection after its response, so that is connection 1;
+    // a server keeping connections alive would carry it on 0: both freeze.)
+    let proxy = Proxy::start(moto.addr).await;
+    proxy.fault(0, Fault::FreezeAfter(1 << 20));
+    proxy.fault(1, Fault::FreezeAfter(1 << 20));
+    let spec =
+        with_bucket(zstd("main"), proxy.addr, "slow", &creds, "        stall_timeout: 2s\n        concurrency: 1\n");
+    let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("data", "main", &[&src])]);
+    let report = backup(&cfg, 0).await.expect("backup");
+    let archive = server.archives("main", "web-01", "data").pop().expect("archive");
+    let state = copied(&archive, Duration::from_secs(90)).await;
+    assert!(state["buckets"]["offsite"]["attempts"].as_u64().expect("attempts") >= 1, "the stall was seen: {state}");
+    assert!(proxy.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2, "and a new connection made");
+    let m = manifest(&archive);
+    let (size, sha, _) = moto.object("slow", &format!("fleet/web-01/data/{}", report.archive)).expect("object");
+    assert_eq!((size, sha.as_str()), (m["size"].as_u64().expect("size"), m["sha256"].as_str().expect("sha")));
+    assert_eq!(moto.open_uploads("slow"), 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_upload_resumes_the_same_multipart_upload() {
+    let moto = Moto::start();
+    moto.create_bucket("resume");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("noise.bin"), noise(26 << 20, 3)).expect("noise");
+    let creds = credentials(tmp.path());
+    // 4 MiB/s: the 26 MiB upload takes ~6 s, long enough to be killed in the middle.
+    let spec =
+        with_bucket(zstd("main"), moto.addr, "resume", &creds, "        bandwidth: 4mb\n        concurrency: 1\n");
+    let (config, addr) = ServerChild::configure(tmp.path(), &pki, &[spec], "");
+    let mut server = ServerChild::start(&config, addr, "");
+    let cfg = agent_config(&pki, addr, &[entry("data", "main", &[&src])]);
+    let report = backup(&cfg, 0).await.expect("backup");
+    let archive = tmp.path().join("storage/main/web-01/data").join(&report.archive);
+    let started = Instant::now();
+    let upload_id = loop {
+        let c = copies(&archive);
+        let parts = c["buckets"]["offsite"]["upload"]["parts"].as_array().map_or(0, Vec::len);
+        if parts >= 2 {
+            break c["buckets"]["offsite"]["upload"]["id"].as_str().expect("id").to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no parts acknowledged: {c}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    server.kill9();
+    assert_eq!(moto.open_uploads("resume"), 1, "the upload is open on the provider");
+    let server = ServerChild::start(&config, addr, "");
+    let state = copied(&archive, Duration::from_secs(60)).await;
+    assert_eq!(state["buckets"]["offsite"]["attempts"], 0, "resumed, not failed: {state}");
+    let m = manifest(&archive);
+    let (size, sha, _) = moto.object("resume", &format!("fleet/web-01/data/{}", report.archive)).expect("object");
+    assert_eq!((size, sha.as_str()), (m["size"].as_u64().expect("size"), m["sha256"].as_str().expect("sha")));
+    assert_eq!(moto.open_uploads("resume"), 0, "upload {upload_id} was completed, not left open");
+    server.terminate();
+}
