@@ -308,6 +308,28 @@ fn print_server_status(s: &ServerStatus) {
             })
             .collect(),
     );
+    let buckets: Vec<Vec<String>> = s
+        .storages
+        .iter()
+        .flat_map(|st| {
+            st.buckets.iter().map(move |b| {
+                vec![
+                    st.name.clone(),
+                    b.name.clone(),
+                    format!("{}://{}", b.provider, b.bucket),
+                    b.owed.to_string(),
+                    b.failing.to_string(),
+                    b.oldest_owed_secs.map_or_else(|| "-".to_string(), |s| format!("{s}s")),
+                    human_bytes(b.sent_bytes),
+                    b.last_error.clone().unwrap_or_default(),
+                ]
+            })
+        })
+        .collect();
+    if !buckets.is_empty() {
+        println!();
+        table(&["STORAGE", "BUCKET", "WHERE", "OWED", "FAILING", "OLDEST", "SENT", "LAST ERROR"], buckets);
+    }
 }
 
 fn print_sessions(v: &[SessionInfo]) {

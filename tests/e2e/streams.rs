@@ -13,7 +13,9 @@ use crate::support::*;
 async fn a_dead_streams_chunks_are_carried_by_the_other_streams() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&tmp.path().join("pki"));
-    let src = noisy_source(tmp.path(), 12);
+    // 32 MiB: enough that every stream carries well over 512 KiB even when the joins
+    // are slow (a loaded CI box once finished 12 MiB before stream 1 reached the cut).
+    let src = noisy_source(tmp.path(), 32);
     let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
     let proxy = Proxy::start(server.addr).await;
     // Connection 1 is one of the joined streams: it dies after 512 KiB, and from the
@@ -27,6 +29,7 @@ async fn a_dead_streams_chunks_are_carried_by_the_other_streams() {
     let cfg = config_with(&pki, proxy.addr, spec, "", &tuning);
     let report = backup(&cfg, 0).await.expect("the remaining streams finish the backup");
     assert_eq!(report.streams, 3);
+    assert!(proxy.broken.load(Ordering::SeqCst) >= 1, "the cut happened");
     assert!(report.resent_chunks > 0, "the dead stream's chunks were resent");
     // The cut happened; whether the dead stream's re-join was refused before the
     // others finished depends on its backoff, so it is not asserted.
