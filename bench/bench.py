@@ -121,7 +121,9 @@ def free_port():
 
 
 class Nbackup:
-    def __init__(self, exe, work, gzip_level, zstd_level):
+    def __init__(self, exe, work, gzip_level, zstd_level, storage_extra=None):
+        """storage_extra: YAML lines appended to a storage's section, by storage (gz, zs)."""
+        extra = storage_extra or {}
         self.exe, self.work = exe, work
         os.makedirs(work, exist_ok=True)
         pki = os.path.join(work, "pki")
@@ -139,7 +141,9 @@ class Nbackup:
                 "state_dir: state\nadmin:\n  socket: server.sock\n"
                 "storages:\n"
                 f"  gz:\n    base_dir: storage/gz\n    max_backups: 1\n    compression: gzip\n    compression_level: {gzip_level}\n"
-                f"  zs:\n    base_dir: storage/zs\n    max_backups: 1\n    compression: zstd\n    compression_level: {zstd_level}\n"
+                + extra.get("gz", "")
+                + f"  zs:\n    base_dir: storage/zs\n    max_backups: 1\n    compression: zstd\n    compression_level: {zstd_level}\n"
+                + extra.get("zs", "")
             )
         self.server = subprocess.Popen(
             [exe, "server", "--config", os.path.join(work, "server.yaml")],

@@ -280,3 +280,40 @@ async fn a_server_killed_mid_upload_resumes_the_same_multipart_upload() {
     assert_eq!(moto.open_uploads("resume"), 0, "upload {upload_id} was completed, not left open");
     server.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_sharing_a_bucket_and_prefix_keep_to_their_own_keys() {
+    let moto = Moto::start();
+    moto.create_bucket("shared");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 2);
+    let creds = credentials(tmp.path());
+    let spec = StorageSpec { max_backups: 1, ..with_bucket(gzip("main"), moto.addr, "shared", &creds, "") };
+    let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
+    let mut names = Vec::new();
+    for agent in ["web-01", "db-01"] {
+        let yaml = agent_yaml(&pki, agent, &pki.agent(agent), server.addr, &[entry("etc", "main", &[&src])], "");
+        let cfg = nbackup_protocol::config::AgentConfig::parse(&yaml, Path::new("agent.yaml")).expect("config");
+        names.push((agent, backup(&cfg, 0).await.expect("backup").archive));
+    }
+    let mut want = Vec::new();
+    for (agent, name) in &names {
+        let archive = server.archives("main", agent, "etc").pop().expect("archive");
+        copied(&archive, Duration::from_secs(60)).await;
+        want.push(format!("fleet/{agent}/etc/{name}"));
+        want.push(format!("fleet/{agent}/etc/{name}.json"));
+    }
+    // A second run of web-01 rotates its first archive locally (max_backups 1); the
+    // bucket keeps every copy and db-01's objects are untouched.
+    let yaml = agent_yaml(&pki, "web-01", &pki.agent("web-01"), server.addr, &[entry("etc", "main", &[&src])], "");
+    let cfg = nbackup_protocol::config::AgentConfig::parse(&yaml, Path::new("agent.yaml")).expect("config");
+    let again = backup(&cfg, 0).await.expect("backup").archive;
+    let archive = server.archives("main", "web-01", "etc").pop().expect("archive");
+    copied(&archive, Duration::from_secs(60)).await;
+    want.push(format!("fleet/web-01/etc/{again}"));
+    want.push(format!("fleet/web-01/etc/{again}.json"));
+    want.sort();
+    assert_eq!(moto.keys("shared"), want);
+    server.stop().await;
+}
