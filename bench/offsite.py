@@ -47,7 +47,7 @@ def main():
     ap.add_argument("--nbackup", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--part-size", default="32mib")
+    ap.add_argument("--part-size", default="16mib")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--out")
     args = ap.parse_args()

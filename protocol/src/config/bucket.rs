@@ -81,7 +81,7 @@ pub struct Bucket {
 
 impl Bucket {
     pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(120);
-    pub const DEFAULT_PART_SIZE: u64 = 32 * ByteSize::MIB;
+    pub const DEFAULT_PART_SIZE: u64 = 16 * ByteSize::MIB;
     pub const DEFAULT_CONCURRENCY: u32 = 4;
     /// S3's limits, which GCS and Azure exceed: 5 MiB to 5 GiB per part, 10 000 parts.
     pub const MIN_PART_SIZE: u64 = 5 * ByteSize::MIB;
@@ -266,7 +266,7 @@ mod tests {
         .expect("parses");
         assert_eq!(b[0].mode, BucketMode::Sync);
         assert_eq!(b[0].credentials_file.as_deref(), Some(Path::new("/etc/nbackup/s3.env")));
-        assert_eq!((b[0].bandwidth, b[0].part_size, b[0].concurrency), (Some(20 << 20), 32 << 20, 4));
+        assert_eq!((b[0].bandwidth, b[0].part_size, b[0].concurrency), (Some(20 << 20), 16 << 20, 4));
         assert_eq!(b[0].key("a", "b", "c.tar.gz"), "nb/a/b/c.tar.gz");
         let gcs = buckets("      - {name: cold, provider: gcs, bucket: x, credentials_file: /etc/nbackup/sa.json}\n")
             .expect("parses");
@@ -317,8 +317,8 @@ mod tests {
             concurrency: 4,
             allow_http: false,
         };
-        assert_eq!(b.part_size_for(1 << 30), 32 << 20);
-        // 456 GB, the reference system's failure: 32 MiB parts would need 13 590.
+        assert_eq!(b.part_size_for(1 << 30), 16 << 20);
+        // 456 GB, the reference system's failure: 16 MiB parts would need 27 180.
         let big = 456_000_000_000;
         let part = b.part_size_for(big);
         assert_eq!(part, 64 << 20);

@@ -134,10 +134,11 @@ async fn transfer(
     let m = copy.upload.clone().expect("set above");
     let total = size.div_ceil(m.part_size).max(1);
     let mut next = m.parts.len() as u64;
+    let buffers = Buffers::default();
     let mut in_flight = FuturesOrdered::new();
     loop {
         while next < total && in_flight.len() < bucket.concurrency as usize {
-            in_flight.push_back(send_part(remote, &location, &m, file.clone(), next, size));
+            in_flight.push_back(send_part(remote, &location, &m, &buffers, file.clone(), next, size));
             next += 1;
         }
         let Some(done) = in_flight.next().await else { break };
@@ -163,27 +164,55 @@ async fn send_part(
     remote: &Remote,
     location: &Key,
     m: &Multipart,
+    buffers: &Buffers,
     file: Arc<File>,
     index: u64,
     size: u64,
 ) -> Result<(String, String), UploadError> {
     let offset = index * m.part_size;
     let len = m.part_size.min(size - offset) as usize;
+    let mut buf = buffers.take();
     let (data, md5) = tokio::task::spawn_blocking(move || -> io::Result<(Bytes, String)> {
-        let mut buf = vec![0u8; len];
+        buf.resize(len, 0);
         file.read_exact_at(&mut buf, offset)?;
         let md5 = hex_of(&md5::Md5::digest(&buf));
-        Ok((Bytes::from(buf), md5))
+        Ok((buf.freeze(), md5))
     })
     .await
     .map_err(io::Error::other)??;
-    let part = remote.multipart.put_part(location, &m.id, index as usize, PutPayload::from(data)).await?;
+    let kept = data.clone();
+    let part = remote.multipart.put_part(location, &m.id, index as usize, PutPayload::from(data)).await;
+    buffers.give(kept);
+    let part = part?;
     if let Some(theirs) = md5_of_tag(&part.content_id)
         && theirs != md5
     {
         return Err(UploadError::Mismatch(format!("part {index} arrived with MD5 {theirs}, sent {md5}")));
     }
     Ok((part.content_id, md5))
+}
+
+/// Part buffers, reused once the HTTP client has let go of them: `part_size ×
+/// concurrency` is then what an upload holds. Fresh buffers per part left it to the
+/// allocator, whose per-thread arenas kept freed ones: 166–179 MiB of server RSS for
+/// 64–128 MiB of parts in flight.
+#[derive(Default)]
+struct Buffers(std::sync::Mutex<Vec<bytes::BytesMut>>);
+
+impl Buffers {
+    fn take(&self) -> bytes::BytesMut {
+        crate::lock(&self.0).pop().map_or_else(bytes::BytesMut::new, |mut b| {
+            b.clear();
+            b
+        })
+    }
+
+    /// Takes the buffer back if nothing else holds it any more.
+    fn give(&self, data: Bytes) {
+        if let Ok(b) = data.try_into_mut() {
+            crate::lock(&self.0).push(b);
+        }
+    }
 }
 
 /// The MD5 an entity tag is, when it is one (S3 and GCS parts; not Azure blocks, not
