@@ -87,6 +87,16 @@ impl Drop for Moto {
     }
 }
 
+/// moto with `bucket` created, a scratch directory, a PKI and a credentials file.
+fn setup(bucket: &str) -> (Moto, tempfile::TempDir, Pki, PathBuf) {
+    let moto = Moto::start();
+    moto.create_bucket(bucket);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let creds = credentials(tmp.path());
+    (moto, tmp, pki, creds)
+}
+
 /// A credentials file as `aws configure export-credentials` writes it, mode 0600.
 fn credentials(dir: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
@@ -134,15 +144,9 @@ fn manifest(archive: &Path) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_archive_is_copied_in_parts_and_verified() {
-    let moto = Moto::start();
-    moto.create_bucket("fleet-backups");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
-    let src = tmp.path().join("src");
-    fs::create_dir_all(&src).expect("mkdir");
+    let (moto, tmp, pki, creds) = setup("fleet-backups");
     // Incompressible: the archive is ~13 MiB, three parts of 5 MiB.
-    fs::write(src.join("noise.bin"), noise(13 << 20, 5)).expect("noise");
-    let creds = credentials(tmp.path());
+    let src = noisy_source(tmp.path(), 13);
     let spec = with_bucket(zstd("main"), moto.addr, "fleet-backups", &creds, "");
     let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
     let cfg = agent_config(&pki, server.addr, &[entry("data", "main", &[&src])]);
@@ -166,12 +170,8 @@ async fn a_committed_archive_is_copied_in_parts_and_verified() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_an_archive_until_its_copy_is_verified() {
-    let moto = Moto::start();
-    moto.create_bucket("late");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
+    let (moto, tmp, pki, creds) = setup("late");
     let src = dataset(&tmp.path().join("data"), "1M", 3);
-    let creds = credentials(tmp.path());
     // The bucket's endpoint is a proxy that refuses everything until it is told.
     let proxy = Proxy::start(moto.addr).await;
     proxy.refuse_from(0);
@@ -211,14 +211,8 @@ async fn rotation_keeps_an_archive_until_its_copy_is_verified() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upload_is_abandoned_and_resumed_from_the_last_part() {
-    let moto = Moto::start();
-    moto.create_bucket("slow");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
-    let src = tmp.path().join("src");
-    fs::create_dir_all(&src).expect("mkdir");
-    fs::write(src.join("noise.bin"), noise(18 << 20, 9)).expect("noise");
-    let creds = credentials(tmp.path());
+    let (moto, tmp, pki, creds) = setup("slow");
+    let src = noisy_source(tmp.path(), 18);
     // The connection carrying the first part freezes 1 MiB into it: no FIN, no RST.
     // (moto closes every connection after its response, so that is connection 1;
     // a server keeping connections alive would carry it on 0: both freeze.)
@@ -243,14 +237,8 @@ async fn a_stalled_upload_is_abandoned_and_resumed_from_the_last_part() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_upload_resumes_the_same_multipart_upload() {
-    let moto = Moto::start();
-    moto.create_bucket("resume");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
-    let src = tmp.path().join("src");
-    fs::create_dir_all(&src).expect("mkdir");
-    fs::write(src.join("noise.bin"), noise(26 << 20, 3)).expect("noise");
-    let creds = credentials(tmp.path());
+    let (moto, tmp, pki, creds) = setup("resume");
+    let src = noisy_source(tmp.path(), 26);
     // 4 MiB/s: the 26 MiB upload takes ~6 s, long enough to be killed in the middle.
     let spec =
         with_bucket(zstd("main"), moto.addr, "resume", &creds, "        bandwidth: 4mb\n        concurrency: 1\n");
@@ -283,12 +271,8 @@ async fn a_server_killed_mid_upload_resumes_the_same_multipart_upload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_sharing_a_bucket_and_prefix_keep_to_their_own_keys() {
-    let moto = Moto::start();
-    moto.create_bucket("shared");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
+    let (moto, tmp, pki, creds) = setup("shared");
     let src = dataset(&tmp.path().join("data"), "1M", 2);
-    let creds = credentials(tmp.path());
     let spec = StorageSpec { max_backups: 1, ..with_bucket(gzip("main"), moto.addr, "shared", &creds, "") };
     let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
     let mut names = Vec::new();

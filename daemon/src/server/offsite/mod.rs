@@ -296,7 +296,8 @@ impl Work {
         let path = archive.to_path_buf();
         let lock = area.clone();
         let mut save = |c: &Copy| lock.update_copies(&path, &name, c.clone());
-        let result = upload::upload(&self.remote, &self.bucket, archive, &manifest, &key, &mut copy, &mut save).await;
+        let job = upload::Job { remote: &self.remote, bucket: &self.bucket, archive, manifest: &manifest, key: &key };
+        let result = upload::upload(&job, &mut copy, &mut save).await;
         match result {
             Ok(e_tag) => {
                 copy.state = CopyState::Verified;

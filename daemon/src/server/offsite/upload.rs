@@ -57,21 +57,24 @@ impl UploadError {
     }
 }
 
-/// Uploads `archive` (described by `manifest`) to `key` and verifies it. `copy` is
-/// updated as parts are acknowledged and handed to `save` each time, so that a crash
-/// resumes from there.
-pub async fn upload(
-    remote: &Remote,
-    bucket: &Bucket,
-    archive: &Path,
-    manifest: &Manifest,
-    key: &str,
-    copy: &mut Copy,
-    save: &mut (dyn FnMut(&Copy) -> io::Result<()> + Send),
-) -> Result<Option<String>, UploadError> {
-    remote.meter.touch();
-    let run = transfer(remote, bucket, archive, manifest, key, copy, save);
-    watched(remote, bucket.stall_timeout, run).await?
+/// One archive for one bucket.
+pub struct Job<'a> {
+    pub remote: &'a Remote,
+    pub bucket: &'a Bucket,
+    pub archive: &'a Path,
+    pub manifest: &'a Manifest,
+    /// The object's key.
+    pub key: &'a str,
+}
+
+/// Where an upload records its progress: `copy` is updated as parts are acknowledged
+/// and handed to `save` each time, so that a crash resumes from there.
+pub type Save<'a> = &'a mut (dyn FnMut(&Copy) -> io::Result<()> + Send);
+
+/// Uploads the job's archive and verifies it; the object's entity tag.
+pub async fn upload(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Option<String>, UploadError> {
+    job.remote.meter.touch();
+    watched(job.remote, job.bucket.stall_timeout, transfer(job, copy, save)).await?
 }
 
 /// Runs `fut` until it ends or nothing has moved for `timeout`.
@@ -91,15 +94,8 @@ async fn watched<T>(remote: &Remote, timeout: Duration, fut: impl Future<Output 
     }
 }
 
-async fn transfer(
-    remote: &Remote,
-    bucket: &Bucket,
-    archive: &Path,
-    manifest: &Manifest,
-    key: &str,
-    copy: &mut Copy,
-    save: &mut (dyn FnMut(&Copy) -> io::Result<()> + Send),
-) -> Result<Option<String>, UploadError> {
+async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Option<String>, UploadError> {
+    let Job { remote, bucket, archive, manifest, key } = *job;
     let file = Arc::new(File::open(archive)?);
     let size = file.metadata()?.len();
     if size != manifest.size {
