@@ -213,14 +213,13 @@ async fn commit_on_stream(
             let (srv, c) = (server.clone(), commit.clone());
             // On the tracker: shutdown waits for a commit, and this stream dying does not stop it.
             server.tracker.spawn(async move {
-                let (area, area_params) = (s.storage.clone(), s.params.clone());
+                let (area, key) = (s.storage.clone(), s.params.key.clone());
                 let result = tokio::task::spawn_blocking(move || s.commit(&c)).await.unwrap_or_else(|e| {
                     Err(CommitFailure::Reject(Refusal::new(Reason::Internal, format!("commit task failed: {e}"))))
                 });
                 if let Ok(done) = &result {
-                    let p = &area_params;
-                    let path = area.entry_dir(&p.key.agent, &p.key.backup).join(&done.committed.archive);
-                    srv.offsite.committed(&p.key.storage, &path);
+                    let path = area.entry_dir(&key.agent, &key.backup).join(&done.committed.archive);
+                    srv.offsite.committed(&key.storage, &path);
                 }
                 srv.registry.commit_finished(id, result);
                 // After the answer: the agent does not wait for the space to be freed.

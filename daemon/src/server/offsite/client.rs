@@ -104,9 +104,6 @@ pub enum ClientError {
 pub fn connect(bucket: &Bucket) -> Result<Remote, ClientError> {
     let meter = Arc::new(Meter::new(bucket.bandwidth));
     let connector = Metered { meter: meter.clone() };
-    // Our stall detector bounds a silent request; the client's own deadline would
-    // kill a slow but progressing part (the reference system's failure).
-    let options = ClientOptions::new().with_timeout_disabled().with_connect_timeout(Duration::from_secs(30));
     let secrets = match &bucket.credentials_file {
         Some(path) if bucket.provider != Provider::Gcs => read_env_file(path)?,
         Some(path) => {
@@ -119,7 +116,6 @@ pub fn connect(bucket: &Bucket) -> Result<Remote, ClientError> {
         Provider::S3 => {
             let mut b = object_store::aws::AmazonS3Builder::from_env()
                 .with_bucket_name(&bucket.bucket)
-                .with_client_options(options)
                 .with_http_connector(connector)
                 .with_retry(retry());
             if let Some(region) = &bucket.region {
@@ -142,7 +138,6 @@ pub fn connect(bucket: &Bucket) -> Result<Remote, ClientError> {
         Provider::Gcs => {
             let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(&bucket.bucket)
-                .with_client_options(options)
                 .with_http_connector(connector)
                 .with_retry(retry());
             if let Some(path) = &bucket.credentials_file {
@@ -157,7 +152,6 @@ pub fn connect(bucket: &Bucket) -> Result<Remote, ClientError> {
         Provider::Azure => {
             let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_container_name(&bucket.bucket)
-                .with_client_options(options)
                 .with_http_connector(connector)
                 .with_retry(retry());
             if let Some(endpoint) = &bucket.endpoint {
@@ -245,6 +239,9 @@ impl std::fmt::Debug for Meter {
 
 impl HttpConnector for Metered {
     fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        // No overall deadline: our stall detector bounds a silent request, and a
+        // deadline would kill a slow but progressing part (the reference system's
+        // failure). `ClientOptions` configure only object_store's own client.
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(30))
             .pool_idle_timeout(Duration::from_secs(60))

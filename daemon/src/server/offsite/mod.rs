@@ -5,7 +5,7 @@
 //! archive's `<archive>.offsite.json` ([`state::Copies`]), written by the commit, so a
 //! restart, crash or outage only delays a copy. A runner finds its work by scanning
 //! the storage when it starts and is told of each new commit; a failed upload is
-//! retried with a growing pause (1 s doubling to 5 min), resuming from the last part
+//! retried with a growing pause (2 s doubling to 5 min), resuming from the last part
 //! the provider acknowledged. Rotation never removes an archive a configured bucket
 //! is still owed; once the copy is verified the runner lets rotation catch up.
 //!
@@ -17,7 +17,7 @@ pub mod client;
 pub mod state;
 pub mod upload;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -58,12 +58,20 @@ struct Runner {
     meter: Arc<client::Meter>,
 }
 
-/// What a runner owes, for status and metrics.
+/// What a runner owes: its queue (oldest queued first) and, read by status and
+/// metrics, how it is going.
 #[derive(Default)]
 struct Stats {
     /// Archive → (unix seconds queued, failed its last attempt).
     owed: BTreeMap<PathBuf, (u64, bool)>,
     last_error: Option<String>,
+}
+
+impl Stats {
+    /// The copy to make next: the oldest queued.
+    fn next(&self) -> Option<PathBuf> {
+        self.owed.iter().min_by_key(|(p, (at, _))| (*at, *p)).map(|(p, _)| p.clone())
+    }
 }
 
 impl Offsite {
@@ -169,13 +177,8 @@ pub fn may_remove(area: &StorageArea, archive: &Path) -> Result<(), String> {
         Ok(None) => return Ok(()),
         Err(e) => return Err(format!("its off-site state is unreadable ({e})")),
     };
-    let pending: Vec<&str> = area
-        .cfg
-        .buckets
-        .iter()
-        .map(|b| b.name.as_str())
-        .filter(|n| copies.buckets.get(*n).is_some_and(|c| !c.is_verified()))
-        .collect();
+    let pending: Vec<&str> =
+        copies.pending().into_iter().filter(|n| area.cfg.buckets.iter().any(|b| b.name.as_str() == *n)).collect();
     if pending.is_empty() { Ok(()) } else { Err(format!("not yet copied to {}", pending.join(", "))) }
 }
 
@@ -194,24 +197,25 @@ impl Work {
 
     async fn run(self, mut rx: mpsc::UnboundedReceiver<PathBuf>, stop: CancellationToken) {
         let Some(found) = self.scan().await else { return };
-        let mut queue: VecDeque<PathBuf> = VecDeque::new();
-        self.enqueue(&mut queue, found);
-        info!(storage = %self.storage, bucket = %self.bucket.name, owed = queue.len(), "off-site copies started");
+        self.enqueue(found);
+        let owed = crate::lock(&self.stats).owed.len();
+        info!(storage = %self.storage, bucket = %self.bucket.name, owed, "off-site copies started");
         let mut failures = 0u32;
         loop {
             while let Ok(p) = rx.try_recv() {
-                self.enqueue(&mut queue, vec![(crate::state::unix_now(), p)]);
+                self.enqueue(vec![(crate::state::unix_now(), p)]);
             }
-            let Some(archive) = queue.front().cloned() else {
+            let next = crate::lock(&self.stats).next();
+            let Some(archive) = next else {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     p = rx.recv() => match p {
-                        Some(p) => self.enqueue(&mut queue, vec![(crate::state::unix_now(), p)]),
+                        Some(p) => self.enqueue(vec![(crate::state::unix_now(), p)]),
                         None => return,
                     },
                     _ = tokio::time::sleep(RESCAN) => {
                         let Some(found) = self.scan().await else { return };
-                        self.enqueue(&mut queue, found);
+                        self.enqueue(found);
                     }
                 }
                 continue;
@@ -223,12 +227,10 @@ impl Work {
             match outcome {
                 Ok(()) => {
                     failures = 0;
-                    queue.pop_front();
                     crate::lock(&self.stats).owed.remove(&archive);
                 }
                 Err(Retry::Never(why)) => {
                     warn!(storage = %self.storage, bucket = %self.bucket.name, archive = %archive.display(), "not copied: {why}");
-                    queue.pop_front();
                     crate::lock(&self.stats).owed.remove(&archive);
                 }
                 Err(Retry::Later(why)) => {
@@ -254,13 +256,10 @@ impl Work {
         }
     }
 
-    fn enqueue(&self, queue: &mut VecDeque<PathBuf>, found: Vec<(u64, PathBuf)>) {
+    fn enqueue(&self, found: Vec<(u64, PathBuf)>) {
         let mut st = crate::lock(&self.stats);
         for (at, p) in found {
-            if !queue.contains(&p) {
-                st.owed.entry(p.clone()).or_insert((at, false));
-                queue.push_back(p);
-            }
+            st.owed.entry(p).or_insert((at, false));
         }
     }
 
@@ -282,10 +281,12 @@ impl Work {
     async fn copy(&self, archive: &Path) -> Result<(), Retry> {
         let Some(area) = self.area() else { return Err(Retry::Never("its storage is gone".into())) };
         let name = self.bucket.name.to_string();
-        let (manifest, copies) = match read(archive) {
-            Ok(Some(v)) => v,
-            Ok(None) => return Err(Retry::Never("the archive or its manifest is gone".into())),
-            Err(e) => return Err(Retry::Later(e)),
+        let path = archive.to_path_buf();
+        let (manifest, copies) = match tokio::task::spawn_blocking(move || read(&path)).await {
+            Ok(Ok(Some(v))) => v,
+            Ok(Ok(None)) => return Err(Retry::Never("the archive or its manifest is gone".into())),
+            Ok(Err(e)) => return Err(Retry::Later(e)),
+            Err(e) => return Err(Retry::Later(e.to_string())),
         };
         let mut copy = match copies.buckets.get(&name) {
             Some(c) if c.is_verified() => return Ok(()),
@@ -293,11 +294,17 @@ impl Work {
             None => return Ok(()),
         };
         let key = self.bucket.key(&manifest.agent, &manifest.backup, &manifest.archive);
-        let path = archive.to_path_buf();
-        let lock = area.clone();
-        let mut save = |c: &Copy| lock.update_copies(&path, &name, c.clone());
+        let (lock, path, bucket) = (area.clone(), archive.to_path_buf(), name.clone());
+        let save = move |c: Copy| -> futures_util::future::BoxFuture<'static, std::io::Result<()>> {
+            let (area, path, bucket) = (lock.clone(), path.clone(), bucket.clone());
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || area.update_copies(&path, &bucket, c))
+                    .await
+                    .map_err(std::io::Error::other)?
+            })
+        };
         let job = upload::Job { remote: &self.remote, bucket: &self.bucket, archive, manifest: &manifest, key: &key };
-        let result = upload::upload(&job, &mut copy, &mut save).await;
+        let result = upload::upload(&job, &mut copy, &save).await;
         match result {
             Ok(e_tag) => {
                 copy.state = CopyState::Verified;
@@ -305,7 +312,7 @@ impl Work {
                 copy.upload = None;
                 copy.error = None;
                 copy.e_tag = e_tag;
-                area.update_copies(archive, &name, copy).map_err(|e| Retry::Later(e.to_string()))?;
+                save(copy).await.map_err(|e| Retry::Later(e.to_string()))?;
                 info!(
                     storage = %self.storage, bucket = %self.bucket.name, key, bytes = manifest.size,
                     "archive copied off-site and verified"
@@ -320,8 +327,13 @@ impl Work {
                 if let (Ok(agent), Ok(backup)) = (agent, backup) {
                     let area = area.clone();
                     let _ = tokio::task::spawn_blocking(move || {
-                        if let Err(e) = area.rotate(&agent, &backup, None) {
-                            warn!(%agent, %backup, "rotation after an off-site copy failed: {e}");
+                        match area.rotate(&agent, &backup, None) {
+                            Ok(rotated) => {
+                                for archive in rotated {
+                                    info!(%agent, %backup, %archive, "rotated out");
+                                }
+                            }
+                            Err(e) => warn!(%agent, %backup, "rotation after an off-site copy failed: {e}"),
                         }
                         area.purge_rotated();
                     })
@@ -347,7 +359,7 @@ impl Work {
                         ),
                     );
                 }
-                let _ = area.update_copies(archive, &name, copy);
+                let _ = save(copy).await;
                 Err(Retry::Later(e.to_string()))
             }
         }

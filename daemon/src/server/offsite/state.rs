@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use nbackup_protocol::manifest::hex;
+
 use crate::fsutil;
 
 /// Suffix of the sidecar, after the archive's name.
@@ -113,13 +115,7 @@ impl Copies {
         fsutil::write_atomic(&path_for(archive), &json)
     }
 
-    /// Whether every bucket that owes a copy has verified it: the condition for
-    /// removing the local archive (rotation or offload).
-    pub fn all_verified(&self) -> bool {
-        self.buckets.values().all(Copy::is_verified)
-    }
-
-    /// Buckets whose copy is still owed, for messages.
+    /// Buckets whose copy is still owed.
     pub fn pending(&self) -> Vec<&str> {
         self.buckets.iter().filter(|(_, c)| !c.is_verified()).map(|(n, _)| n.as_str()).collect()
     }
@@ -134,12 +130,7 @@ pub fn composite_e_tag(part_md5s: &[String]) -> Option<String> {
     for hex in part_md5s {
         all.update(decode_hex(hex)?);
     }
-    Some(format!("{}-{}", hex_of(&all.finalize()), part_md5s.len()))
-}
-
-/// Lowercase hex.
-pub fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Some(format!("{}-{}", hex(&all.finalize()), part_md5s.len()))
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -159,7 +150,7 @@ mod tests {
         let archive = dir.path().join("a-b-20261201T000000Z.tar.zst");
         assert_eq!(Copies::load(&archive).expect("load"), None);
         let mut c = Copies::queued(["s3", "cold"], 100);
-        assert!(!c.all_verified());
+        assert!(!c.pending().is_empty());
         c.buckets.get_mut("s3").expect("s3").state = CopyState::Verified;
         assert_eq!(c.pending(), ["cold"]);
         c.buckets.get_mut("cold").expect("cold").upload = Some(Multipart {
@@ -172,7 +163,7 @@ mod tests {
         c.store(&archive).expect("store");
         assert_eq!(Copies::load(&archive).expect("load"), Some(c.clone()));
         c.buckets.get_mut("cold").expect("cold").state = CopyState::Verified;
-        assert!(c.all_verified());
+        assert!(c.pending().is_empty());
         std::fs::write(path_for(&archive), b"{\"buckets\":{},\"x\":1}").expect("write");
         assert!(Copies::load(&archive).is_err(), "unknown fields are refused, not dropped");
     }
@@ -182,11 +173,11 @@ mod tests {
         // Two parts whose MD5s are known; S3 reports md5(md5(p1) ‖ md5(p2)) "-2".
         use md5::Digest;
         let (p1, p2) = (vec![1u8; 5 << 20], vec![2u8; 1000]);
-        let m1 = hex_of(&md5::Md5::digest(&p1));
-        let m2 = hex_of(&md5::Md5::digest(&p2));
+        let m1 = hex(&md5::Md5::digest(&p1));
+        let m2 = hex(&md5::Md5::digest(&p2));
         let mut both = md5::Md5::digest(&p1).to_vec();
         both.extend_from_slice(&md5::Md5::digest(&p2));
-        let want = format!("{}-2", hex_of(&md5::Md5::digest(&both)));
+        let want = format!("{}-2", hex(&md5::Md5::digest(&both)));
         assert_eq!(composite_e_tag(&[m1, m2]), Some(want));
         assert_eq!(composite_e_tag(&["zz".into()]), None);
     }

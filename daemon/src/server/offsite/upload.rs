@@ -29,7 +29,7 @@ use nbackup_protocol::config::Bucket;
 use nbackup_protocol::manifest::Manifest;
 
 use super::client::Remote;
-use super::state::{Copy, CopyState, Multipart, composite_e_tag, hex_of};
+use super::state::{Copy, CopyState, Multipart, composite_e_tag};
 
 /// Object metadata holding the archive's SHA-256 (hex), as the manifest has it.
 pub const SHA256_META: &str = "nbackup-sha256";
@@ -68,8 +68,9 @@ pub struct Job<'a> {
 }
 
 /// Where an upload records its progress: `copy` is updated as parts are acknowledged
-/// and handed to `save` each time, so that a crash resumes from there.
-pub type Save<'a> = &'a mut (dyn FnMut(&Copy) -> io::Result<()> + Send);
+/// and handed to `save` each time, so that a crash resumes from there. It writes a
+/// file durably, so it runs off the async threads.
+pub type Save<'a> = &'a (dyn Fn(Copy) -> futures_util::future::BoxFuture<'static, io::Result<()>> + Send + Sync);
 
 /// Uploads the job's archive and verifies it; the object's entity tag.
 pub async fn upload(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Option<String>, UploadError> {
@@ -126,7 +127,7 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Opti
         copy.upload = Some(Multipart { key: key.to_string(), id, part_size, parts: Vec::new(), md5: Vec::new() });
     }
     copy.state = CopyState::Uploading;
-    save(copy)?;
+    save(copy.clone()).await?;
     let m = copy.upload.clone().expect("set above");
     let total = size.div_ceil(m.part_size).max(1);
     let mut next = m.parts.len() as u64;
@@ -142,7 +143,7 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Opti
         let up = copy.upload.as_mut().expect("set above");
         up.parts.push(etag);
         up.md5.push(md5);
-        save(copy)?;
+        save(copy.clone()).await?;
     }
     let up = copy.upload.clone().expect("set above");
     let parts = up.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
@@ -171,7 +172,7 @@ async fn send_part(
     let (data, md5) = tokio::task::spawn_blocking(move || -> io::Result<(Bytes, String)> {
         buf.resize(len, 0);
         file.read_exact_at(&mut buf, offset)?;
-        let md5 = hex_of(&md5::Md5::digest(&buf));
+        let md5 = nbackup_protocol::manifest::hex(&md5::Md5::digest(&buf));
         Ok((buf.freeze(), md5))
     })
     .await
