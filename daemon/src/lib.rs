@@ -6,6 +6,7 @@
 //! CLI, the demo and the tests start them the same way, in-process.
 
 pub mod admin;
+pub mod certwatch;
 pub mod agent;
 pub mod codec;
 pub mod conn;

@@ -155,12 +155,13 @@ impl Classifier {
             | EventKind::ReloadFailed
             | EventKind::RestoreTestFailed
             | EventKind::OffsiteFailed
+            | EventKind::CertExpiring
             | EventKind::Missed => {
                 self.failing.insert(key);
                 vec![NotifyOn::Failure]
             }
             // Usually its commit was the recovery already; this covers the rest.
-            EventKind::BackupRecovered | EventKind::RestoreTested | EventKind::OffsiteCopied => {
+            EventKind::BackupRecovered | EventKind::RestoreTested | EventKind::OffsiteCopied | EventKind::CertRenewed => {
                 if self.failing.remove(&key) { vec![NotifyOn::Recovery] } else { Vec::new() }
             }
             EventKind::Committed => {

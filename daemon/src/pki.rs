@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use nbackup_protocol::manifest::unhex;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SerialNumber,
@@ -88,9 +89,169 @@ pub fn new_ca(common_name: &str, days: u32) -> Result<CertPair, PkiError> {
 
 /// Issues a leaf certificate signed by `ca`, valid for `days`.
 pub fn issue(ca: &CertPair, leaf: &Leaf, days: u32) -> Result<CertPair, PkiError> {
-    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
+    let issuer = issuer(ca)?;
     let key = KeyPair::generate()?;
+    let cert = leaf_params(leaf, days)?.signed_by(&key, &issuer)?;
+    Ok(CertPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+fn issuer(ca: &CertPair) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    Ok(Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?)
+}
+
+/// A fresh key for `agent` and a certificate signing request for it, both PEM. The
+/// request only carries the public key to the CA: the CA decides the certificate's
+/// names and uses ([`sign_request`]).
+pub fn request(agent: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, agent);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// A certificate signed by `ca`.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    pub cert_pem: String,
+    pub info: CertInfo,
+}
+
+/// Signs the public key of `csr_pem` (whose own signature must verify) into an
+/// agent certificate for `agent`, valid for `days`. Nothing else of the request is
+/// used: names, key usages and validity are the CA's, so a crafted request cannot
+/// obtain a server or CA certificate or another name.
+pub fn sign_request(ca: &CertPair, csr_pem: &str, agent: &str, days: u32) -> Result<Signed, PkiError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::Invalid(format!("the certificate request is not acceptable: {e}")))?;
+    let cert = leaf_params(&Leaf::Agent(agent.to_string()), days)?.signed_by(&csr.public_key, &issuer(ca)?)?;
+    let info = describe(cert.der())?;
+    Ok(Signed { cert_pem: cert.pem(), info })
+}
+
+/// The pin of a CA certificate (PEM, the first certificate in it): the SHA-256 of
+/// its DER.
+pub fn ca_pin(ca_pem: &str) -> Result<nbackup_protocol::enroll::CaPin, PkiError> {
+    use sha2::Digest;
+    let certs = crate::tls::pem_certs(ca_pem.as_bytes()).map_err(|e| PkiError::Invalid(e.to_string()))?;
+    let first = certs.first().ok_or_else(|| PkiError::Invalid("no certificate in the CA file".into()))?;
+    Ok(nbackup_protocol::enroll::CaPin(sha2::Sha256::digest(first.as_ref()).into()))
+}
+
+/// What `nbackup cert list` shows of a certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject's common name (empty if it has none).
+    pub subject: String,
+    /// Every identity it vouches for (CN, DNS and IP SANs).
+    pub names: Vec<String>,
+    /// Lowercase hex, no separators.
+    pub serial: String,
+    pub issuer: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+    pub is_ca: bool,
+}
+
+/// Parses one DER certificate.
+pub fn describe(der: &[u8]) -> Result<CertInfo, PkiError> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| PkiError::Invalid(format!("not a certificate: {e}")))?;
+    let cn = |name: &X509Name<'_>| {
+        name.iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or_default().to_string()
+    };
+    let mut names = crate::tls::cert_identities(&rustls::pki_types::CertificateDer::from(der.to_vec()));
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::IPAddress(bytes) = name {
+                let ip = match bytes.len() {
+                    4 => <[u8; 4]>::try_from(*bytes).map(|b| IpAddr::from(b).to_string()).ok(),
+                    16 => <[u8; 16]>::try_from(*bytes).map(|b| IpAddr::from(b).to_string()).ok(),
+                    _ => None,
+                };
+                names.extend(ip);
+            }
+        }
+    }
+    Ok(CertInfo {
+        subject: cn(cert.subject()),
+        names,
+        serial: nbackup_protocol::manifest::hex(cert.raw_serial()),
+        issuer: cn(cert.issuer()),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        is_ca: cert.is_ca(),
+    })
+}
+
+/// Whether the first certificate in `cert_pem` is for the public key of `key_pem`.
+pub fn key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, PkiError> {
+    use rcgen::PublicKeyData;
+    use x509_parser::prelude::*;
+    let key = KeyPair::from_pem(key_pem)?;
+    let certs = crate::tls::pem_certs(cert_pem.as_bytes()).map_err(|e| PkiError::Invalid(e.to_string()))?;
+    let first = certs.first().ok_or_else(|| PkiError::Invalid("no certificate".into()))?;
+    let (_, cert) =
+        X509Certificate::from_der(first.as_ref()).map_err(|e| PkiError::Invalid(format!("not a certificate: {e}")))?;
+    Ok(cert.public_key().raw == key.subject_public_key_info().as_slice())
+}
+
+/// Every certificate in a PEM file, described.
+pub fn describe_pem(pem: &str) -> Result<Vec<CertInfo>, PkiError> {
+    let certs = crate::tls::pem_certs(pem.as_bytes()).map_err(|e| PkiError::Invalid(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(PkiError::Invalid("no PEM certificate in it".into()));
+    }
+    certs.iter().map(|c| describe(c.as_ref())).collect()
+}
+
+/// A certificate to list as revoked: its serial (hex, as [`CertInfo::serial`]) and
+/// when it was revoked (unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revoked {
+    pub serial: String,
+    pub at: i64,
+}
+
+/// A revocation list signed by `ca` (PEM), numbered `number` (each new list a
+/// higher number), valid for a year: the server honours it whatever its age, and
+/// the next revocation replaces it.
+pub fn revocation_list(ca: &CertPair, revoked: &[Revoked], number: u64) -> Result<String, PkiError> {
+    let now = time::OffsetDateTime::now_utc();
+    let mut certs = Vec::with_capacity(revoked.len());
+    for r in revoked {
+        let bytes = unhex(&r.serial).ok_or_else(|| PkiError::Invalid(format!("{:?} is not a serial", r.serial)))?;
+        certs.push(rcgen::RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&bytes),
+            revocation_time: time::OffsetDateTime::from_unix_timestamp(r.at).unwrap_or(now),
+            reason_code: Some(rcgen::RevocationReason::CessationOfOperation),
+            invalidity_date: None,
+        });
+    }
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(1),
+        next_update: now + time::Duration::days(365),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&issuer(ca)?)?.pem()?)
+}
+
+/// Parses a serial as [`CertInfo::serial`] prints it; colons (as `openssl` prints
+/// them) are accepted.
+pub fn parse_serial(text: &str) -> Option<String> {
+    let plain: String = text.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    unhex(&plain).filter(|b| !b.is_empty() && b.len() <= 20).map(|_| plain)
+}
+
+fn leaf_params(leaf: &Leaf, days: u32) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     match leaf {
@@ -126,8 +287,7 @@ pub fn issue(ca: &CertPair, leaf: &Leaf, days: u32) -> Result<CertPair, PkiError
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(serial()?);
     validity(&mut params, days);
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok(CertPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    Ok(params)
 }
 
 /// Where a pair is stored: `<prefix>.crt` and `<prefix>.key`.

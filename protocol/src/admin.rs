@@ -17,6 +17,7 @@ pub fn default_socket(daemon: &str, is_root: bool, runtime_dir: Option<&Path>, f
     base.join(format!("{daemon}.sock"))
 }
 
+use crate::Name;
 use crate::wire::Compression;
 
 /// A closed set of words on the wire: serialised as its snake_case name, and read
@@ -179,6 +180,15 @@ words! {
         /// An archive's copy to a bucket failed three times in a row (it is still
         /// retried; the local archive is kept until it succeeds).
         OffsiteFailed = "offsite_failed",
+        /// The server signed a first certificate for an agent (enrollment token).
+        Enrolled = "enrolled",
+        /// A certificate was renewed (server: signed; agent: installed and in use).
+        CertRenewed = "cert_renewed",
+        /// An operator revoked certificates (`nbackup cert revoke`).
+        CertRevoked = "cert_revoked",
+        /// The daemon's own certificate, or its CA, ends within `tls.warn_before`
+        /// (or a renewal failed); raised at most once a day.
+        CertExpiring = "cert_expiring",
     }
 }
 
@@ -254,7 +264,7 @@ impl EventKind {
         use EventKind::*;
         match self {
             Failed | CommitIncomplete | ReloadFailed | Missed | MissedBackup | AgentSilent | ArchiveCorrupt
-            | RestoreTestFailed | OffsiteFailed => Level::Error,
+            | RestoreTestFailed | OffsiteFailed | CertExpiring => Level::Error,
             StreamLost | Aborted | Expired | Refused | DiskLow | AgentDisconnected | ControlLost | Retry | Skipped
             | AbortRequested | VerifyFailed | Unknown => Level::Warn,
             _ => Level::Info,
@@ -400,6 +410,22 @@ pub struct ServerStatus {
     pub active_sessions: usize,
     pub connected_agents: usize,
     pub storages: Vec<StorageStatus>,
+    /// The server's own certificate and its CA.
+    #[serde(default)]
+    pub certificates: Vec<CertExpiry>,
+}
+
+/// When one of a daemon's own certificates ends (`tls.warn_before` warns).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertExpiry {
+    /// `server`, `agent` or `ca`.
+    pub cert: String,
+    pub subject: String,
+    /// Unix seconds; `None` when the file could not be read (see `error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -595,6 +621,9 @@ pub struct AgentStatus {
     pub control_channel: ControlStatus,
     pub entries: Vec<EntryStatus>,
     pub running: Vec<RunningBackup>,
+    /// The agent's own certificate and its CA.
+    #[serde(default)]
+    pub certificates: Vec<CertExpiry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -732,6 +761,76 @@ pub enum ControlCommand {
     RunNow { entry: String },
     /// Postpone an entry's next scheduled run by this many seconds.
     Defer { entry: String, seconds: u64 },
+}
+
+/// Body of `POST /v1/enrollment/tokens`: a one-time token for `agent`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub agent: Name,
+    /// Seconds the token lives; `None`: the server's `enrollment.token_ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// What agents dial, when the operator names it (else `enrollment.address` or
+    /// the server certificate's first name and the listening port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+/// The answer to a [`TokenRequest`]: everything the agent's host needs. The token is
+/// shown once; the server keeps only its hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenIssued {
+    pub agent: String,
+    pub token: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    pub address: String,
+    pub ca_pin: String,
+    /// The command to run on the agent's host.
+    pub command: String,
+}
+
+words! {
+    /// How a certificate in the server's ledger came to be.
+    pub enum CertOrigin {
+        /// First enrollment with a token.
+        Enrolled = "enrolled",
+        /// Renewal over mutual TLS.
+        Renewed = "renewed",
+        /// Not issued by this server (named by `nbackup cert revoke --serial/--cert`).
+        External = "external",
+    }
+}
+
+/// One certificate the server issued or revoked (`GET /v1/certificates`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    /// Lowercase hex.
+    pub serial: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    pub origin: CertOrigin,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+}
+
+/// Body of `POST /v1/certificates/revoke`: every unexpired certificate of `agent` in
+/// the ledger, or one `serial` (with what is known of it, for one the ledger lacks).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<i64>,
 }
 
 /// Body of `POST /v1/verify`: which stored archives to re-read (all filters

@@ -19,7 +19,7 @@ mod units;
 use std::path::{Path, PathBuf};
 
 pub use agent::{
-    AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, ControlChannel, Excludes, RawAgentConfig, RawAutoScaler,
+    AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, ControlChannel, EndpointError, Excludes, RawAgentConfig, RawAutoScaler,
     RawBackup, RawRestoreTest, RawResume, RawRetry, RawSource, RestoreTest, Resume, Retry, ScaleMode, ServerEndpoint,
 };
 pub use bucket::{Bucket, BucketMode, Provider, RawBucket};
@@ -27,7 +27,7 @@ pub use error::{ConfigError, ConfigErrorDetails};
 pub use notify::{
     Email, Notify, NotifyOn, NotifyTarget, RawEmail, RawNotify, RawWebhook, SmtpTls, WebhookFormat, WebhookUrl, redact,
 };
-pub use server::{DEFAULT_STATE_DIR, RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};
+pub use server::{DEFAULT_STATE_DIR, Enrollment, RawEnrollment, RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};
 pub use units::{ByteSize, HumanDuration};
 
 /// Log verbosity.

@@ -6,6 +6,7 @@
 //! * [`admin`] — the request and response types of the daemons' local admin API;
 //! * [`freshness`] — whether an entry's backups keep up with its schedule;
 //! * [`restore`] — the requests of a restore connection and the archive catalog;
+//! * [`enroll`] — how an agent obtains and renews its certificate;
 //! * [`config`] — the YAML configuration schema of both daemons, validated in two
 //!   stages, so the runtime and the setup wizard share one definition.
 //!
@@ -13,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod enroll;
 pub mod freshness;
 #[doc(hidden)]
 pub mod fuzzing;

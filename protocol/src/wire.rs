@@ -48,6 +48,9 @@ pub enum ConnKind {
     Control,
     /// List, fetch or verify this agent's own archives (restore).
     Restore,
+    /// Obtain a certificate: a first enrollment with a one-time token (the only kind
+    /// a client without a certificate may open), or a renewal over mutual TLS.
+    Enroll,
 }
 
 impl ConnKind {
@@ -58,6 +61,7 @@ impl ConnKind {
             ConnKind::Ping => *b"PING",
             ConnKind::Control => *b"CTRL",
             ConnKind::Restore => *b"RSTR",
+            ConnKind::Enroll => *b"ENRL",
         }
     }
 
@@ -68,6 +72,7 @@ impl ConnKind {
             b"PING" => Some(ConnKind::Ping),
             b"CTRL" => Some(ConnKind::Control),
             b"RSTR" => Some(ConnKind::Restore),
+            b"ENRL" => Some(ConnKind::Enroll),
             _ => None,
         }
     }
@@ -598,6 +603,10 @@ pub enum Frame {
     /// An answer on a `RSTR` connection: a [`crate::restore::RestoreReply`] as JSON.
     RestoreReply(String),
     CatalogPart(CatalogPart),
+    /// The request of an `ENRL` connection: a [`crate::enroll::EnrollRequest`] as JSON.
+    EnrollRequest(String),
+    /// An answer on an `ENRL` connection: a [`crate::enroll::EnrollReply`] as JSON.
+    EnrollReply(String),
 }
 
 /// The type byte of a frame.
@@ -628,6 +637,8 @@ impl FrameType {
     pub const CATALOG_PART: FrameType = FrameType(0x25);
     pub const RESTORE_REQUEST: FrameType = FrameType(0x60);
     pub const RESTORE_REPLY: FrameType = FrameType(0x61);
+    pub const ENROLL_REQUEST: FrameType = FrameType(0x70);
+    pub const ENROLL_REPLY: FrameType = FrameType(0x71);
 
     /// Largest payload a frame of this type may declare, or `None` for unknown types.
     pub fn max_payload(self) -> Option<u32> {
@@ -653,7 +664,9 @@ impl FrameType {
             | FrameType::CTL_COMMAND
             | FrameType::CTL_RESULT
             | FrameType::RESTORE_REQUEST
-            | FrameType::RESTORE_REPLY => Some(MAX_CONTROL_PAYLOAD),
+            | FrameType::RESTORE_REPLY
+            | FrameType::ENROLL_REQUEST
+            | FrameType::ENROLL_REPLY => Some(MAX_CONTROL_PAYLOAD),
             _ => None,
         }
     }
@@ -683,6 +696,8 @@ impl FrameType {
             FrameType::CATALOG_PART => "CatalogPart",
             FrameType::RESTORE_REQUEST => "RestoreRequest",
             FrameType::RESTORE_REPLY => "RestoreReply",
+            FrameType::ENROLL_REQUEST => "EnrollRequest",
+            FrameType::ENROLL_REPLY => "EnrollReply",
             _ => "unknown",
         }
     }
@@ -714,6 +729,8 @@ impl Frame {
             Frame::CatalogPart(_) => FrameType::CATALOG_PART,
             Frame::RestoreRequest(_) => FrameType::RESTORE_REQUEST,
             Frame::RestoreReply(_) => FrameType::RESTORE_REPLY,
+            Frame::EnrollRequest(_) => FrameType::ENROLL_REQUEST,
+            Frame::EnrollReply(_) => FrameType::ENROLL_REPLY,
         }
     }
 
@@ -811,7 +828,10 @@ impl Frame {
                     put_text(dst, frame, "message", &r.message)?;
                 }
             },
-            Frame::RestoreRequest(json) | Frame::RestoreReply(json) => put_json(dst, frame, json)?,
+            Frame::RestoreRequest(json)
+            | Frame::RestoreReply(json)
+            | Frame::EnrollRequest(json)
+            | Frame::EnrollReply(json) => put_json(dst, frame, json)?,
             Frame::Ack(m) => dst.put_u64(m.seq),
             Frame::Keepalive => {}
             Frame::Committing(m) => {
@@ -1008,6 +1028,8 @@ fn decode_payload(ty: FrameType, payload: Bytes) -> Result<Frame, DecodeError> {
         }),
         FrameType::RESTORE_REQUEST => Frame::RestoreRequest(r.json()?),
         FrameType::RESTORE_REPLY => Frame::RestoreReply(r.json()?),
+        FrameType::ENROLL_REQUEST => Frame::EnrollRequest(r.json()?),
+        FrameType::ENROLL_REPLY => Frame::EnrollReply(r.json()?),
         FrameType::ACK => Frame::Ack(Ack { seq: r.u64()? }),
         FrameType::KEEPALIVE => Frame::Keepalive,
         FrameType::COMMITTING => Frame::Committing(CommitProgress { verified: r.u64()?, total: r.u64()? }),

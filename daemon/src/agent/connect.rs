@@ -4,7 +4,7 @@
 use std::io;
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -35,6 +35,9 @@ pub struct Connection {
     pub writer: Writer,
     /// Round trip of the connection's first request and answer: a sample of the RTT.
     pub rtt: Duration,
+    /// The certificates the server presented; kept for `ENRL` connections only,
+    /// whose trust is decided after the handshake.
+    pub peer_chain: Vec<CertificateDer<'static>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,13 +107,33 @@ pub struct Connector {
 }
 
 impl Connector {
+    /// Reads the agent's key, certificate and CA — after completing a certificate
+    /// renewal a crash interrupted, so key and certificate always agree.
     pub fn new(cfg: &AgentConfig) -> Result<Self, TlsError> {
+        if let Err(e) = super::enroll::finish_install(&cfg.tls) {
+            tracing::warn!("cannot complete the interrupted certificate renewal: {e}");
+        }
         Ok(Connector {
             tls: TlsConnector::from(tls::client_config(&cfg.tls)?),
             address: cfg.server.address.clone(),
             server_name: tls::server_name(&cfg.server.server_name)?,
             caps: AGENT_CAPS,
         })
+    }
+
+    /// A connector for a first enrollment, before this host has a certificate or
+    /// knows the CA: see [`tls::enrollment_client_config`] and [`Connector::enroll`].
+    pub fn for_enrollment(endpoint: &nbackup_protocol::config::ServerEndpoint) -> Result<Self, TlsError> {
+        Ok(Connector {
+            tls: TlsConnector::from(tls::enrollment_client_config()),
+            address: endpoint.address.clone(),
+            server_name: tls::server_name(&endpoint.server_name)?,
+            caps: AGENT_CAPS,
+        })
+    }
+
+    pub fn server_name(&self) -> &ServerName<'static> {
+        &self.server_name
     }
 
     /// A connector that announces other capabilities (tests of the server's checks).
@@ -144,8 +167,13 @@ impl Connector {
                 detail: "the server did not negotiate ALPN nbkp/1; is this an nbackup server?".into(),
             });
         }
+        let peer_chain = match kind {
+            ConnKind::Enroll => tls.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default(),
+            _ => Vec::new(),
+        };
         let (r, w) = tokio::io::split(tls);
-        let mut conn = Connection { reader: FrameReader::new(r), writer: FrameWriter::new(w), rtt: Duration::ZERO };
+        let mut conn =
+            Connection { reader: FrameReader::new(r), writer: FrameWriter::new(w), rtt: Duration::ZERO, peer_chain };
         conn.writer.send_preamble(&Preamble::new(kind, self.caps)).await.map_err(|e| classify(addr, e))?;
         Ok(conn)
     }
@@ -238,6 +266,42 @@ impl Connector {
             }),
             Frame::Refused(r) => Err(ConnectError::Refused(r.clone())),
             other => Err(self.unexpected("RestoreReply", other)),
+        }
+    }
+
+    /// An `ENRL` exchange: reads the CA the server sends, lets `trust` accept it (and
+    /// the chain the server presented) before anything is sent, then sends
+    /// `request`. Returns the CA (PEM) and the issued certificate (PEM) with its end.
+    pub async fn enroll(
+        &self,
+        request: &nbackup_protocol::enroll::EnrollRequest,
+        trust: impl FnOnce(&str, &[CertificateDer<'static>]) -> Result<(), String>,
+    ) -> Result<(String, String, String), ConnectError> {
+        use nbackup_protocol::enroll::EnrollReply;
+        let mut conn = self.connect(ConnKind::Enroll).await?;
+        let reply = |frame: Frame| match frame {
+            Frame::EnrollReply(json) => serde_json::from_str::<EnrollReply>(&json).map_err(|e| {
+                ConnectError::Protocol { address: self.address.clone(), detail: format!("bad enrollment reply: {e}") }
+            }),
+            other => Err(self.unexpected("EnrollReply", &other)),
+        };
+        let ca = match reply(self.request(&mut conn, None).await?)? {
+            EnrollReply::Authority { ca } => ca,
+            EnrollReply::Issued { .. } => {
+                return Err(ConnectError::Protocol {
+                    address: self.address.clone(),
+                    detail: "the server sent a certificate before its CA".into(),
+                });
+            }
+        };
+        trust(&ca, &conn.peer_chain).map_err(|detail| ConnectError::Tls { address: self.address.clone(), detail })?;
+        let json = serde_json::to_string(request).map_err(|e| ConnectError::Protocol {
+            address: self.address.clone(),
+            detail: format!("cannot encode the request: {e}"),
+        })?;
+        match reply(self.request(&mut conn, Some(&Frame::EnrollRequest(json))).await?)? {
+            EnrollReply::Issued { cert, not_after } => Ok((ca, cert, not_after)),
+            EnrollReply::Authority { .. } => Err(self.unexpected("Issued", &Frame::EnrollReply(String::new()))),
         }
     }
 

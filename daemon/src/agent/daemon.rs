@@ -177,6 +177,8 @@ pub(super) struct Agentd {
     pub(super) report_now: Notify,
     /// Who is told about failures; replaced on reload.
     pub(super) notifier: Arc<crate::notify::Notifier>,
+    /// When this agent's certificate and CA end.
+    certs: crate::certwatch::CertWatch,
 }
 
 use crate::lock;
@@ -275,6 +277,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, options: Opti
         schedule_changed: Notify::new(),
         report_now: Notify::new(),
         notifier: crate::notify::Notifier::new(targets, DaemonKind::Agent),
+        certs: crate::certwatch::CertWatch::default(),
     });
     let background = TaskTracker::new();
     crate::notify::spawn(d.notifier.clone(), d.events.subscribe(), &background, shutdown.clone());
@@ -299,6 +302,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken, options: Opti
     }
     background.spawn(d.clone().scheduler());
     background.spawn(d.clone().sampler());
+    background.spawn(d.clone().certificates());
     background.spawn(d.clone().restore_tester());
     background.spawn(super::control::run(d.clone()));
     background.spawn(crate::daemon::reload_loop(d.clone(), options.reload.take(), shutdown.clone()));
@@ -684,6 +688,84 @@ impl Agentd {
     }
 
     /// Once a second: time series for charts.
+    /// Watches the agent's certificate: renews it over mutual TLS once less than
+    /// `tls.renew_before` is left (retrying with backoff), installs the new pair and
+    /// switches connections to it without a restart, and records `cert_expiring`
+    /// (once a day) within `tls.warn_before` of the end.
+    async fn certificates(self: Arc<Self>) {
+        let mut retry = Duration::from_secs(300);
+        loop {
+            let config = self.config();
+            let mut due = self.check_certificates(&config).await;
+            let left = self
+                .certs
+                .snapshot()
+                .iter()
+                .find(|c| c.cert == "agent")
+                .and_then(|c| c.not_after)
+                .map(|end| end - unix_now() as i64);
+            let renew = config.tls.renew_before > Duration::ZERO
+                && left.is_some_and(|l| l < config.tls.renew_before.as_secs() as i64);
+            let mut wait = crate::certwatch::CHECK_EVERY;
+            if renew {
+                match self.renew(&config).await {
+                    // At most one renewal per check, even if `renew_before` is longer
+                    // than the certificates the server issues.
+                    Ok(()) => {
+                        retry = Duration::from_secs(300);
+                        due = self.check_certificates(&config).await;
+                    }
+                    Err(e) => {
+                        warn!("certificate renewal failed (retrying in {retry:?}): {e}");
+                        due = due.into_iter().map(|m| format!("{m}; renewal failed: {e}")).collect();
+                        wait = retry;
+                        retry = (retry * 2).min(crate::certwatch::CHECK_EVERY);
+                    }
+                }
+            }
+            for message in due {
+                warn!("{message}");
+                self.events.record(EventKind::CertExpiring, self.who(None), message);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Re-reads the certificate files; returns the warnings due.
+    async fn check_certificates(self: &Arc<Self>, config: &AgentConfig) -> Vec<String> {
+        let d = self.clone();
+        let tls = config.tls.clone();
+        tokio::task::spawn_blocking(move || {
+            let certs = [("agent", tls.cert.as_path()), ("ca", tls.ca_cert.as_path())];
+            d.certs.check(&certs, tls.warn_before, unix_now() as i64)
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// One renewal: a new key and certificate from the server, installed, and the
+    /// connector rebuilt on them (connections already open keep the old pair).
+    async fn renew(&self, config: &AgentConfig) -> Result<(), String> {
+        let connector = self.connector();
+        let creds =
+            super::enroll::renew(&connector, &config.tls, &config.name).await.map_err(|e| e.to_string())?;
+        let tls = config.tls.clone();
+        let installed = creds.clone();
+        tokio::task::spawn_blocking(move || super::enroll::install(&tls, &installed))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot install the new certificate: {e}"))?;
+        let fresh = Connector::new(config).map_err(|e| format!("the new certificate does not load: {e}"))?;
+        *self.connector.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
+        let message = format!("certificate renewed; valid until {}", creds.not_after);
+        info!("{message}");
+        self.events.record(EventKind::CertRenewed, self.who(None), message);
+        Ok(())
+    }
+
     async fn sampler(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let (mut read, mut acked, mut last) = (0u64, 0u64, Instant::now());
@@ -801,6 +883,7 @@ impl Agentd {
             control_channel,
             entries: self.entry_statuses(),
             running: self.running(),
+            certificates: self.certs.snapshot(),
         }
     }
 

@@ -16,6 +16,7 @@ pub mod autoscale;
 pub mod connect;
 mod control;
 pub mod daemon;
+pub mod enroll;
 pub mod fetch;
 pub mod producer;
 pub mod progress;

@@ -10,8 +10,8 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 
 use nbackup_protocol::admin::{
-    AbortRequest, ActionResult, AgentInfo, ArchiveInfo, ControlCommand, Event, HistoryRecord, Series, ServerStatus,
-    SessionInfo, VerifyRequest,
+    AbortRequest, ActionResult, AgentInfo, ArchiveInfo, CertRecord, ControlCommand, Event, HistoryRecord, RevokeRequest,
+    Series, ServerStatus, SessionInfo, TokenIssued, TokenRequest, VerifyRequest,
 };
 
 use super::handle::{ArchiveFilter, HandleError, ServerHandle};
@@ -38,6 +38,9 @@ pub(super) fn router(handle: ServerHandle) -> Router {
         .route("/v1/reload", post(reload))
         .route("/v1/verify", post(verify))
         .route("/v1/notify/{name}/test", post(notify_test))
+        .route("/v1/enrollment/tokens", post(mint_token))
+        .route("/v1/certificates", get(certificates))
+        .route("/v1/certificates/revoke", post(revoke))
         .route("/metrics", get(metrics))
         .with_state(handle)
 }
@@ -172,6 +175,19 @@ async fn verify(State(h): S, body: Option<Json<VerifyRequest>>) -> Result<(Statu
     let request = body.map(|Json(b)| b).unwrap_or_default();
     let message = blocking(move || h.verify(request)).await?.map_err(|e| Refused(e).into_response())?;
     Ok((StatusCode::ACCEPTED, Json(ActionResult { ok: true, message })))
+}
+
+async fn mint_token(State(h): S, Json(request): Json<TokenRequest>) -> Result<Json<TokenIssued>, Response> {
+    blocking(move || h.mint_token(request)).await?.map(Json).map_err(|e| Refused(e).into_response())
+}
+
+async fn certificates(State(h): S) -> Json<Vec<CertRecord>> {
+    Json(h.certificates())
+}
+
+async fn revoke(State(h): S, Json(request): Json<RevokeRequest>) -> Result<Json<ActionResult>, Response> {
+    let message = blocking(move || h.revoke(&request)).await?.map_err(|e| Refused(e).into_response())?;
+    Ok(Json(ActionResult { ok: true, message }))
 }
 
 async fn notify_test(State(h): S, Path(name): Path<String>) -> Response {

@@ -112,6 +112,7 @@ impl ServerHandle {
             active_sessions: s.registry.count(),
             connected_agents: s.agents.connected(),
             storages,
+            certificates: s.certs.snapshot(),
         }
     }
 
@@ -312,6 +313,24 @@ impl ServerHandle {
         }
     }
 
+    /// A one-time enrollment token (`nbackup cert token`). Blocking.
+    pub fn mint_token(
+        &self,
+        request: nbackup_protocol::admin::TokenRequest,
+    ) -> Result<nbackup_protocol::admin::TokenIssued, HandleError> {
+        super::enroll::mint(&self.0, request)
+    }
+
+    /// The certificates this server issued or revoked, oldest first.
+    pub fn certificates(&self) -> Vec<nbackup_protocol::admin::CertRecord> {
+        self.0.enroller.certificates()
+    }
+
+    /// Revokes and reloads the TLS configuration (`nbackup cert revoke`). Blocking.
+    pub fn revoke(&self, request: &nbackup_protocol::admin::RevokeRequest) -> Result<String, HandleError> {
+        super::enroll::revoke(&self.0, request)
+    }
+
     pub fn notifier(&self) -> Arc<crate::notify::Notifier> {
         self.0.notifier.clone()
     }
@@ -402,6 +421,18 @@ impl ServerHandle {
             &oldest,
         );
         metric("nbackup_offsite_sent_bytes_total", "counter", "Request bytes sent to each bucket.", &sent);
+        let certs: Vec<(String, f64)> = s
+            .certs
+            .snapshot()
+            .iter()
+            .filter_map(|c| Some((format!("{{cert=\"{}\"}}", label(&c.cert)), c.not_after? as f64)))
+            .collect();
+        metric(
+            "nbackup_cert_expiry_timestamp_seconds",
+            "gauge",
+            "Unix time the server's own certificate and its CA end (tls.warn_before warns).",
+            &certs,
+        );
         let agents = self.agents();
         let (mut late, mut runs, mut silent) = (Vec::new(), Vec::new(), Vec::new());
         for a in &agents {

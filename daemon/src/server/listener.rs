@@ -100,9 +100,13 @@ impl Server {
                 return;
             }
         };
-        let (identities, alpn_ok) = {
+        let (identities, authenticated, alpn_ok) = {
             let conn = tls.get_ref().1;
-            (tls::peer_identities(conn), conn.alpn_protocol() == Some(nbackup_protocol::wire::ALPN))
+            (
+                tls::peer_identities(conn),
+                conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+                conn.alpn_protocol() == Some(nbackup_protocol::wire::ALPN),
+            )
         };
         let (r, w) = tokio::io::split(tls);
         let mut reader = FrameReader::new(r);
@@ -131,6 +135,14 @@ impl Server {
             let _ = writer.send(&Frame::Refused(r)).await;
             return;
         }
+        // With enrollment on, the TLS layer lets a client without a certificate
+        // through; it may ask for one and nothing else.
+        if !authenticated && preamble.kind != ConnKind::Enroll {
+            let r = Refusal::new(Reason::NotAllowed, "a client certificate is required");
+            warn!(%peer, kind = ?preamble.kind, "refused: no client certificate");
+            let _ = writer.send(&Frame::Refused(r)).await;
+            return;
+        }
         let conn = Conn { peer, identities, caps: preamble.caps };
         match preamble.kind {
             ConnKind::Ping => {
@@ -140,6 +152,7 @@ impl Server {
             ConnKind::Backup => handler::backup(self, conn, reader, writer, permit).await,
             ConnKind::Join => handler::join(self, conn, reader, writer, permit).await,
             ConnKind::Restore => super::restore::handle(self, conn, reader, writer, permit).await,
+            ConnKind::Enroll => super::enroll::handle(self, conn, authenticated, reader, writer, permit).await,
             ConnKind::Control => {
                 drop(permit);
                 control::handle(super::handle::ControlHandle::new(self), conn, reader, writer).await;

@@ -18,6 +18,7 @@
 
 mod admin;
 mod control;
+mod enroll;
 pub mod handle;
 mod handler;
 mod journal;
@@ -127,6 +128,10 @@ pub(crate) struct Server {
     pub offsite: offsite::Offsite,
     /// Cancelled at shutdown; the parent of every runner's token.
     pub shutdown: CancellationToken,
+    /// Enrollment tokens and the ledger of issued certificates.
+    pub enroller: enroll::Enroller,
+    /// When the server's own certificate and CA end.
+    pub certs: crate::certwatch::CertWatch,
 }
 
 impl Server {
@@ -136,6 +141,19 @@ impl Server {
 
     pub fn draining(&self) -> bool {
         self.drain.is_cancelled()
+    }
+
+    /// Rebuilds the TLS configuration from the running one (after a revocation, so
+    /// the next handshake checks the new list). Blocking (reads files).
+    pub fn refresh_tls(&self) -> Result<(), String> {
+        let current = self.live();
+        let acceptor = TlsAcceptor::from(tls::server_config(&current.config).map_err(|e| e.to_string())?);
+        let mut live = self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A reload in between read the new list itself; keep what it built.
+        if Arc::ptr_eq(&live, &current) {
+            *live = Arc::new(Live { config: current.config.clone(), storages: current.storages.clone(), acceptor });
+        }
+        Ok(())
     }
 }
 
@@ -179,7 +197,7 @@ pub async fn run_with(
         Ok(n) => tracing::debug!(limit = n, "open files limit"),
         Err(e) => warn!("cannot raise the open files limit: {e}"),
     }
-    let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
+    let acceptor = TlsAcceptor::from(tls::server_config(&config)?);
     let storages = prepare_storages(&config, None)?;
     let notify_targets = crate::notify::resolve(&config.notify).map_err(ServerError::Notify)?;
     let state_dir = options.persist_state.then(|| config.state_dir.clone());
@@ -187,6 +205,7 @@ pub async fn run_with(
     let events = Events::open(state_dir.as_deref(), "server-events.jsonl").map_err(state_err)?;
     let history = History::open(state_dir.as_deref(), "server-history.jsonl").map_err(state_err)?;
     let telemetry = Arc::new(Telemetry::new(events, history));
+    let enroller = enroll::Enroller::open(state_dir.as_deref()).map_err(state_err)?;
     let listen = listener.local_addr().map_err(ServerError::Listen)?;
     let handshakes = Arc::new(Semaphore::new(config.max_handshakes as usize));
     let admin = options.admin.then(|| (config.admin.socket.clone(), config.admin.group.clone()));
@@ -207,6 +226,8 @@ pub async fn run_with(
         notifier: crate::notify::Notifier::new(notify_targets, nbackup_protocol::admin::DaemonKind::Server),
         offsite: offsite::Offsite::default(),
         shutdown: shutdown.clone(),
+        enroller,
+        certs: crate::certwatch::CertWatch::default(),
     });
     crate::notify::spawn(
         server.notifier.clone(),
@@ -251,6 +272,7 @@ pub async fn run_with(
     server.tracker.spawn(telemetry::sampler(server.clone(), shutdown.clone()));
     server.tracker.spawn(vigil::run(server.clone(), known, shutdown.clone()));
     server.tracker.spawn(verify::scheduled(server.clone(), shutdown.clone()));
+    server.tracker.spawn(watch_certificates(server.clone(), shutdown.clone()));
     let reload = crate::daemon::reload_loop(server.clone(), options.reload.take(), shutdown.clone());
     server.tracker.spawn(reload);
     listener::accept_loop(server.clone(), listener, shutdown.clone()).await;
@@ -268,6 +290,29 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Re-reads the server's certificate and CA every hour (and after a reload swaps
+/// them); records `cert_expiring` once a day within `tls.warn_before` of an end.
+async fn watch_certificates(server: Arc<Server>, shutdown: CancellationToken) {
+    loop {
+        let s = server.clone();
+        let due = tokio::task::spawn_blocking(move || {
+            let tls = s.live().config.tls.clone();
+            let certs = [("server", tls.cert.as_path()), ("ca", tls.ca_cert.as_path())];
+            s.certs.check(&certs, tls.warn_before, crate::state::unix_now() as i64)
+        })
+        .await
+        .unwrap_or_default();
+        for message in due {
+            warn!("{message}");
+            server.telemetry.events.record(EventKind::CertExpiring, EventSpec::default(), message);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(crate::certwatch::CHECK_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 impl Reloadable for Server {
     /// Re-reads the config file and swaps storages, limits and certificates; open
     /// sessions keep the storage they started with. Blocking (reads files).
@@ -278,7 +323,7 @@ impl Reloadable for Server {
         let result = (|| -> Result<String, String> {
             let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let config = ServerConfig::parse(&text, path).map_err(|e| e.to_string())?;
-            let acceptor = TlsAcceptor::from(tls::server_config(&config.tls).map_err(|e| e.to_string())?);
+            let acceptor = TlsAcceptor::from(tls::server_config(&config).map_err(|e| e.to_string())?);
             let current = self.live();
             let storages = prepare_storages(&config, Some(&current.storages)).map_err(|e| e.to_string())?;
             let targets = crate::notify::resolve(&config.notify)?;

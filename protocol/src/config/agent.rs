@@ -90,6 +90,8 @@ pub struct RawAgentTls {
     pub ca_cert: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    pub renew_before: Option<HumanDuration>,
+    pub warn_before: Option<HumanDuration>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -275,6 +277,16 @@ pub struct AgentTls {
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Ask the server for a new certificate once the current one has less than this
+    /// left; zero: never renew automatically.
+    pub renew_before: Duration,
+    /// Record a `cert_expiring` event (and notify) once less than this is left.
+    pub warn_before: Duration,
+}
+
+impl AgentTls {
+    pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+    pub const DEFAULT_WARN_BEFORE: Duration = Duration::from_secs(14 * 86_400);
 }
 
 /// One backup entry: what to archive, where to, and when.
@@ -588,6 +600,8 @@ impl AgentConfig {
                 ca_cert: resolve(&base, raw.tls.ca_cert),
                 cert: resolve(&base, raw.tls.client_cert),
                 key: resolve(&base, raw.tls.client_key),
+                renew_before: raw.tls.renew_before.map_or(AgentTls::DEFAULT_RENEW_BEFORE, |d| d.0),
+                warn_before: raw.tls.warn_before.map_or(AgentTls::DEFAULT_WARN_BEFORE, |d| d.0),
             },
             backups,
             resume,
@@ -618,29 +632,50 @@ impl AgentConfig {
     }
 }
 
+/// Why a server address is not usable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointError {
+    /// `host:port` is malformed.
+    Address(String),
+    /// The name to verify is neither a DNS name nor an IP address.
+    Name(String),
+}
+
+impl ServerEndpoint {
+    /// `address` as `host:port` (IPv6 in brackets), verified as `server_name` or,
+    /// when that is `None`, as the host.
+    pub fn parse(address: &str, server_name: Option<&str>) -> Result<Self, EndpointError> {
+        let (host, port) =
+            address.rsplit_once(':').ok_or_else(|| EndpointError::Address(format!("{address:?} has no port")))?;
+        port.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| EndpointError::Address(format!("{port:?} is not a port number")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(EndpointError::Address(format!("{address:?} has no host")));
+        }
+        let server_name = server_name.map_or_else(|| host.to_string(), str::to_string);
+        if rustls_name_ok(&server_name).is_err() {
+            return Err(EndpointError::Name(format!("{server_name:?} is neither a DNS name nor an IP address")));
+        }
+        Ok(ServerEndpoint { address: address.to_string(), server_name })
+    }
+}
+
 fn endpoint(raw: &RawServerAddress, src: &Source<'_>) -> Result<ServerEndpoint, ConfigError> {
-    let bad = |msg: String| {
-        src.error(
+    ServerEndpoint::parse(&raw.address, raw.server_name.as_deref()).map_err(|e| match e {
+        EndpointError::Address(msg) => src.error(
             Some("server.address"),
             msg,
             Some("write host:port, e.g. backup.example.com:9847 or [2001:db8::1]:9847".into()),
-        )
-    };
-    let (host, port) = raw.address.rsplit_once(':').ok_or_else(|| bad(format!("{:?} has no port", raw.address)))?;
-    port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad(format!("{port:?} is not a port number")))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(bad(format!("{:?} has no host", raw.address)));
-    }
-    let server_name = raw.server_name.clone().unwrap_or_else(|| host.to_string());
-    if rustls_name_ok(&server_name).is_err() {
-        return Err(src.error(
+        ),
+        EndpointError::Name(msg) => src.error(
             Some(if raw.server_name.is_some() { "server.server_name" } else { "server.address" }),
-            format!("{server_name:?} is neither a DNS name nor an IP address"),
+            msg,
             Some("set server.server_name to the name in the server certificate".into()),
-        ));
-    }
-    Ok(ServerEndpoint { address: raw.address.clone(), server_name })
+        ),
+    })
 }
 
 /// The server name must be something a certificate can carry: an IP or a DNS name.

@@ -25,6 +25,18 @@ pub struct RawServerConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub notify: Vec<super::RawNotify>,
+    pub enrollment: Option<RawEnrollment>,
+}
+
+/// `enrollment:` — this server signs agents' certificates (`nbackup cert token`,
+/// `nbackup setup agent`, automatic renewal).
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnrollment {
+    pub ca_key: PathBuf,
+    pub address: Option<String>,
+    pub cert_lifetime: Option<HumanDuration>,
+    pub token_ttl: Option<HumanDuration>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -48,6 +60,8 @@ pub struct RawServerTls {
     pub ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    pub crl: Option<PathBuf>,
+    pub warn_before: Option<HumanDuration>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -100,6 +114,7 @@ pub struct ServerConfig {
     pub admin: Admin,
     /// Who is told about failures.
     pub notify: Vec<super::Notify>,
+    pub enrollment: Option<Enrollment>,
 }
 
 /// Default directory for daemon state.
@@ -110,6 +125,36 @@ pub struct ServerTls {
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Revocation lists to honour besides the server's own (`<state_dir>/crl.pem`,
+    /// written by `nbackup cert revoke`).
+    pub crl: Option<PathBuf>,
+    /// Record a `cert_expiring` event (and notify) once the server's own
+    /// certificate, or its CA, has less than this left.
+    pub warn_before: Duration,
+    /// Accept handshakes without a client certificate, for `ENRL` connections only
+    /// (set when `enrollment` is configured).
+    pub allow_enrollment: bool,
+}
+
+/// How this server signs agents' certificates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enrollment {
+    /// The CA's private key (PEM); readable by the server only.
+    pub ca_key: PathBuf,
+    /// `host:port` agents dial, as printed by `nbackup cert token`; `None`: the
+    /// server certificate's first name and the listening port.
+    pub address: Option<String>,
+    /// How long an issued certificate is valid, in whole days.
+    pub cert_days: u32,
+    /// How long a token lives when `nbackup cert token` names no `--ttl`.
+    pub token_ttl: Duration,
+}
+
+impl Enrollment {
+    pub const DEFAULT_CERT_DAYS: u32 = 365;
+    pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(30 * 60);
+    /// The longest a token may live: enrollment is a moment, not a standing secret.
+    pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
 }
 
 /// One named storage: where archives go, how many to keep, how they are compressed.
@@ -145,6 +190,20 @@ impl ServerConfig {
     pub const DEFAULT_MAX_SESSIONS_PER_AGENT: u32 = 16;
     pub const DEFAULT_MAX_STREAMS_PER_AGENT: u32 = 256;
     pub const DEFAULT_AGENT_SILENT_AFTER: Duration = Duration::from_secs(15 * 60);
+    pub const DEFAULT_WARN_BEFORE: Duration = Duration::from_secs(14 * 86_400);
+
+    /// The revocation list `nbackup cert revoke` maintains (always honoured when it
+    /// exists).
+    pub fn own_crl(&self) -> PathBuf {
+        self.state_dir.join("crl.pem")
+    }
+
+    /// Every revocation list the TLS verifier loads: the configured one, then ours
+    /// if it exists.
+    pub fn revocation_lists(&self) -> Vec<PathBuf> {
+        let own = self.own_crl();
+        self.tls.crl.iter().cloned().chain(own.exists().then_some(own)).collect()
+    }
 
     /// Parses and validates `text`, read from `file` (used in messages and to resolve
     /// relative paths).
@@ -233,6 +292,7 @@ impl ServerConfig {
         if raw.storages.len() > MAX_STORAGES {
             return Err(src.error(Some("storages"), format!("more than {MAX_STORAGES} storages"), None));
         }
+        let enrollment = raw.enrollment.map(|e| enrollment_from_raw(e, src, &base)).transpose()?;
         let mut storages = BTreeMap::new();
         let mut dirs: BTreeMap<PathBuf, Name> = BTreeMap::new();
         for (key, s) in raw.storages {
@@ -308,12 +368,47 @@ impl ServerConfig {
                 ca_cert: resolve(&base, raw.tls.ca_cert),
                 cert: resolve(&base, raw.tls.server_cert),
                 key: resolve(&base, raw.tls.server_key),
+                crl: raw.tls.crl.map(|p| resolve(&base, p)),
+                warn_before: raw.tls.warn_before.map_or(Self::DEFAULT_WARN_BEFORE, |d| d.0),
+                allow_enrollment: enrollment.is_some(),
             },
             storages,
             logging: Logging::from_raw(raw.logging, &base),
             state_dir: raw.state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| resolve(&base, p)),
             admin: Admin::from_raw(raw.admin, &base).map_err(|e| src.error(Some("admin.group"), e, None))?,
             notify: super::Notify::from_raw(raw.notify, src, &base)?,
+            enrollment,
         })
     }
+}
+
+fn enrollment_from_raw(raw: RawEnrollment, src: &Source<'_>, base: &Path) -> Result<Enrollment, ConfigError> {
+    if let Some(address) = &raw.address {
+        let port = address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+        if port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
+            return Err(src.error(
+                Some("enrollment.address"),
+                format!("{address:?} is not host:port"),
+                Some("write the name agents dial, e.g. \"backup.example.com:9847\"".into()),
+            ));
+        }
+    }
+    let lifetime = raw.cert_lifetime.map_or(Duration::from_secs(u64::from(Enrollment::DEFAULT_CERT_DAYS) * 86_400), |d| d.0);
+    let days = lifetime.as_secs() / 86_400;
+    if lifetime.as_secs() % 86_400 != 0 || !(1..=3650).contains(&days) {
+        return Err(src.error(
+            Some("enrollment.cert_lifetime"),
+            format!("{} is not a whole number of days from 1d to 3650d", HumanDuration(lifetime)),
+            Some("e.g. 365d; agents renew on their own before it ends (tls.renew_before)".into()),
+        ));
+    }
+    let token_ttl = raw.token_ttl.map_or(Enrollment::DEFAULT_TOKEN_TTL, |d| d.0);
+    if token_ttl < Duration::from_secs(60) || token_ttl > Enrollment::MAX_TOKEN_TTL {
+        return Err(src.error(
+            Some("enrollment.token_ttl"),
+            format!("{} is out of range", HumanDuration(token_ttl)),
+            Some("use 1m to 7d".into()),
+        ));
+    }
+    Ok(Enrollment { ca_key: resolve(base, raw.ca_key), address: raw.address, cert_days: days as u32, token_ttl })
 }

@@ -248,6 +248,14 @@ fn golden_restore() {
 }
 
 #[test]
+fn golden_enroll() {
+    assert_eq!(&Preamble::new(ConnKind::Enroll, Caps::default()).encode()[..4], b"ENRL");
+    assert_eq!(ConnKind::from_magic(*b"ENRL"), Some(ConnKind::Enroll));
+    assert_eq!(hex(&Frame::EnrollRequest("{}".into()).to_bytes().expect("encodes")), "7000000006000000027b7d");
+    assert_eq!(hex(&Frame::EnrollReply("{}".into()).to_bytes().expect("encodes")), "7100000006000000027b7d");
+}
+
+#[test]
 fn rejects_oversized_json() {
     let mut bytes = vec![0x52, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
     bytes.truncate(17);
@@ -452,6 +460,8 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             .prop_map(|(offset, data)| Frame::CatalogPart(CatalogPart { offset, data: Bytes::from(data) })),
         ".{0,200}".prop_map(Frame::RestoreRequest),
         ".{0,200}".prop_map(Frame::RestoreReply),
+        ".{0,200}".prop_map(Frame::EnrollRequest),
+        ".{0,200}".prop_map(Frame::EnrollReply),
         (".{0,60}", any::<u64>(), any::<[u8; 32]>()).prop_map(|(archive, size, sha256)| Frame::Committed(Committed {
             archive,
             size,

@@ -128,16 +128,9 @@ pub fn composite_e_tag(part_md5s: &[String]) -> Option<String> {
     use md5::Digest;
     let mut all = md5::Md5::new();
     for hex in part_md5s {
-        all.update(decode_hex(hex)?);
+        all.update(nbackup_protocol::manifest::unhex(hex)?);
     }
     Some(format!("{}-{}", hex(&all.finalize()), part_md5s.len()))
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 #[cfg(test)]
