@@ -86,9 +86,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create a certificate authority and issue server and agent certificates
+    /// Certificates: create a CA, issue, mint enrollment tokens, list, renew, revoke
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Set up this host; `setup agent` enrolls it with a token from `nbackup cert token`
+    #[command(subcommand)]
+    Setup(SetupCommand),
     /// Run the server in the foreground until Ctrl-C / SIGTERM
     #[command(after_help = DAEMON_EXIT_CODES)]
     Server(ServerArgs),
@@ -168,6 +171,105 @@ pub enum CertCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Mint a one-time enrollment token for an agent and print the command that
+    /// enrolls it (server, with `enrollment` configured; the server must be running)
+    Token {
+        /// Server configuration file (its admin socket is used)
+        #[arg(short, long, value_name = "FILE", env = "NBACKUP_SERVER_CONFIG")]
+        config: PathBuf,
+        /// The agent's name, as its certificate will carry it
+        #[arg(long, value_name = "NAME")]
+        agent: String,
+        /// How long the token lives (default: enrollment.token_ttl; at most 7d)
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        /// HOST:PORT the agent dials (default: enrollment.address, else the server
+        /// certificate's first name and the listening port)
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List certificates and when they end: a config's own (and, for a server, every
+    /// certificate it issued or revoked), or PEM files
+    List {
+        /// Agent or server configuration file
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// PEM certificate files
+        #[arg(value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke certificates; the server refuses them from the next handshake on
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["agent", "serial", "cert"]))]
+    Revoke {
+        /// Server configuration file (its admin socket is used)
+        #[arg(short, long, value_name = "FILE", env = "NBACKUP_SERVER_CONFIG")]
+        config: PathBuf,
+        /// Every unexpired certificate the server issued to this agent
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// The certificate with this serial (hex, colons allowed)
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
+        /// The certificate in this PEM file
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
+    },
+    /// Renew this agent's certificate now over mutual TLS (the agent daemon renews on
+    /// its own within tls.renew_before of the end)
+    Renew {
+        /// Agent configuration file
+        #[arg(short, long, value_name = "FILE", env = "NBACKUP_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SetupCommand {
+    /// Enroll this host as an agent: make its key here, check the server's CA against
+    /// the pin, obtain a certificate with the token, and write ca.crt, agent.crt,
+    /// agent.key and a working agent.yaml into --dir
+    Agent(SetupAgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SetupAgentArgs {
+    /// HOST:PORT of the server, as `nbackup cert token` printed it
+    #[arg(long, value_name = "HOST:PORT")]
+    pub server: String,
+    /// The one-time token
+    #[arg(long, value_name = "TOKEN", env = "NBACKUP_ENROLL_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// The server CA's pin: sha256:HEX
+    #[arg(long, value_name = "PIN")]
+    pub ca_pin: String,
+    /// This agent's name (default: the host name up to its first dot)
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Name in the server certificate, when it is not the host of --server
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Directory to write into
+    #[arg(long, value_name = "DIR", default_value = "/etc/nbackup")]
+    pub dir: PathBuf,
+    /// Source of the first backup entry in a new agent.yaml (repeatable)
+    #[arg(long = "path", value_name = "PATH", default_values_os_t = vec![PathBuf::from("/etc")])]
+    pub paths: Vec<PathBuf>,
+    /// Storage of that entry (default: the server's first)
+    #[arg(long, value_name = "NAME")]
+    pub storage: Option<String>,
+    /// Schedule of that entry (cron, server-local time of this host)
+    #[arg(long, value_name = "CRON", default_value = "0 2 * * *")]
+    pub schedule: String,
+    /// Replace an existing key and certificate (re-enrollment); agent.yaml is never
+    /// overwritten
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Cert(c) => cmd::cert::run(c),
+        Command::Setup(c) => cmd::setup::run(c),
         Command::Server(a) => cmd::server::run(a),
         Command::Agent(a) => cmd::agent::run(a),
         Command::Backup(a) => cmd::backup::run(a),

@@ -37,7 +37,9 @@ impl CertWatch {
                     not_after: Some(infos[0].not_after),
                     error: None,
                 },
-                Err(error) => CertExpiry { cert: label.to_string(), subject: String::new(), not_after: None, error: Some(error) },
+                Err(error) => {
+                    CertExpiry { cert: label.to_string(), subject: String::new(), not_after: None, error: Some(error) }
+                }
             };
             let warned = seen.get(*label).and_then(|(_, w)| *w);
             let mut warned_now = warned;
@@ -85,7 +87,7 @@ mod tests {
         let now = crate::state::unix_now() as i64;
         let week = Duration::from_secs(7 * 86_400);
         assert!(w.check(&[("ca", &path)], week, now).is_empty(), "ten days left, a week's window");
-        let later = now + 4 * 86_400;
+        let later = now + 4 * 86_400 + 43_200;
         let due = w.check(&[("ca", &path)], week, later);
         assert_eq!(due.len(), 1);
         assert!(due[0].contains("expires in 5 days"), "{due:?}");
@@ -95,6 +97,8 @@ mod tests {
         let missing = dir.path().join("gone.crt");
         assert!(w.check(&[("agent", &missing)], week, now).is_empty());
         let snap = w.snapshot();
-        assert!(snap.iter().any(|e| e.cert == "agent" && e.error.as_deref().is_some_and(|m| m.contains("cannot read"))));
+        assert!(
+            snap.iter().any(|e| e.cert == "agent" && e.error.as_deref().is_some_and(|m| m.contains("cannot read")))
+        );
     }
 }

@@ -6,8 +6,8 @@
 //! CLI, the demo and the tests start them the same way, in-process.
 
 pub mod admin;
-pub mod certwatch;
 pub mod agent;
+pub mod certwatch;
 pub mod codec;
 pub mod conn;
 pub mod daemon;

@@ -161,8 +161,15 @@ impl Classifier {
                 vec![NotifyOn::Failure]
             }
             // Usually its commit was the recovery already; this covers the rest.
-            EventKind::BackupRecovered | EventKind::RestoreTested | EventKind::OffsiteCopied | EventKind::CertRenewed => {
-                if self.failing.remove(&key) { vec![NotifyOn::Recovery] } else { Vec::new() }
+            EventKind::BackupRecovered
+            | EventKind::RestoreTested
+            | EventKind::OffsiteCopied
+            | EventKind::CertRenewed => {
+                if self.failing.remove(&key) {
+                    vec![NotifyOn::Recovery]
+                } else {
+                    Vec::new()
+                }
             }
             EventKind::Committed => {
                 if self.failing.remove(&key) {

@@ -160,8 +160,7 @@ pub struct CertInfo {
 /// Parses one DER certificate.
 pub fn describe(der: &[u8]) -> Result<CertInfo, PkiError> {
     use x509_parser::prelude::*;
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| PkiError::Invalid(format!("not a certificate: {e}")))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Invalid(format!("not a certificate: {e}")))?;
     let cn = |name: &X509Name<'_>| {
         name.iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or_default().to_string()
     };

@@ -19,15 +19,18 @@ mod units;
 use std::path::{Path, PathBuf};
 
 pub use agent::{
-    AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, ControlChannel, EndpointError, Excludes, RawAgentConfig, RawAutoScaler,
-    RawBackup, RawRestoreTest, RawResume, RawRetry, RawSource, RestoreTest, Resume, Retry, ScaleMode, ServerEndpoint,
+    AgentConfig, AgentTls, AutoScaler, BackupEntry, Bandwidth, ControlChannel, EndpointError, Excludes, RawAgentConfig,
+    RawAutoScaler, RawBackup, RawRestoreTest, RawResume, RawRetry, RawSource, RestoreTest, Resume, Retry, ScaleMode,
+    ServerEndpoint,
 };
 pub use bucket::{Bucket, BucketMode, Provider, RawBucket};
 pub use error::{ConfigError, ConfigErrorDetails};
 pub use notify::{
     Email, Notify, NotifyOn, NotifyTarget, RawEmail, RawNotify, RawWebhook, SmtpTls, WebhookFormat, WebhookUrl, redact,
 };
-pub use server::{DEFAULT_STATE_DIR, Enrollment, RawEnrollment, RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage};
+pub use server::{
+    DEFAULT_STATE_DIR, Enrollment, RawEnrollment, RawServerConfig, RawStorage, ServerConfig, ServerTls, Storage,
+};
 pub use units::{ByteSize, HumanDuration};
 
 /// Log verbosity.

@@ -60,9 +60,9 @@ impl CaPin {
         let hex = text
             .strip_prefix("sha256:")
             .ok_or_else(|| format!("{text:?} is not a CA pin; it starts with \"sha256:\""))?;
-        let bytes = crate::manifest::unhex(hex).filter(|b| b.len() == 32).ok_or_else(|| {
-            format!("{text:?} is not a CA pin; \"sha256:\" is followed by 64 hexadecimal digits")
-        })?;
+        let bytes = crate::manifest::unhex(hex)
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| format!("{text:?} is not a CA pin; \"sha256:\" is followed by 64 hexadecimal digits"))?;
         let mut out = [0u8; 32];
         out.copy_from_slice(&bytes);
         Ok(CaPin(out))
@@ -79,10 +79,7 @@ impl std::fmt::Display for CaPin {
 /// Whether `token` has the shape of an enrollment token (prefix and 64 hex digits),
 /// so a truncated paste is reported as such rather than as a refusal.
 pub fn token_is_well_formed(token: &str) -> bool {
-    token
-        .strip_prefix(TOKEN_PREFIX)
-        .and_then(crate::manifest::unhex)
-        .is_some_and(|b| b.len() == TOKEN_BYTES)
+    token.strip_prefix(TOKEN_PREFIX).and_then(crate::manifest::unhex).is_some_and(|b| b.len() == TOKEN_BYTES)
 }
 
 #[cfg(test)]
@@ -118,6 +115,8 @@ mod tests {
         let e: EnrollRequest =
             serde_json::from_str(r#"{"op":"enroll","agent":"web-02","token":"t","csr":"c"}"#).expect("parses");
         assert!(matches!(e, EnrollRequest::Enroll { agent, .. } if agent.as_str() == "web-02"));
-        assert!(serde_json::from_str::<EnrollRequest>(r#"{"op":"enroll","agent":"../x","token":"t","csr":"c"}"#).is_err());
+        assert!(
+            serde_json::from_str::<EnrollRequest>(r#"{"op":"enroll","agent":"../x","token":"t","csr":"c"}"#).is_err()
+        );
     }
 }

@@ -48,7 +48,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn print_json<T: Serialize>(v: &T) {
+pub(crate) fn print_json<T: Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -267,7 +267,7 @@ fn yes(b: bool) -> String {
 }
 
 /// Prints left-aligned columns.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {

@@ -10,6 +10,7 @@ pub mod docs;
 pub mod health;
 pub mod restore;
 pub mod server;
+pub mod setup;
 
 use std::path::Path;
 

@@ -48,6 +48,9 @@ pub mod paths {
     pub const RELOAD: &str = "/v1/reload";
     pub const METRICS: &str = "/metrics";
     pub const VERIFY: &str = "/v1/verify";
+    pub const TOKENS: &str = "/v1/enrollment/tokens";
+    pub const CERTIFICATES: &str = "/v1/certificates";
+    pub const REVOKE: &str = "/v1/certificates/revoke";
 
     /// Percent-encodes a path segment or query value.
     pub fn q(v: &str) -> String {
@@ -311,6 +314,23 @@ impl AdminClient {
     /// Sends a test message to one `notify:` target.
     pub async fn notify_test(&self, target: &str) -> Result<ActionResult, ClientError> {
         self.post::<_, ()>(&format!("/v1/notify/{}/test", paths::q(target)), None).await
+    }
+
+    /// A one-time enrollment token (server).
+    pub async fn mint_token(
+        &self,
+        request: &nbackup_protocol::admin::TokenRequest,
+    ) -> Result<nbackup_protocol::admin::TokenIssued, ClientError> {
+        self.post(paths::TOKENS, Some(request)).await
+    }
+
+    /// The certificates the server issued or revoked.
+    pub async fn certificates(&self) -> Result<Vec<nbackup_protocol::admin::CertRecord>, ClientError> {
+        self.get(paths::CERTIFICATES).await
+    }
+
+    pub async fn revoke(&self, request: &nbackup_protocol::admin::RevokeRequest) -> Result<ActionResult, ClientError> {
+        self.post(paths::REVOKE, Some(request)).await
     }
 
     pub async fn reload(&self) -> Result<ActionResult, ClientError> {

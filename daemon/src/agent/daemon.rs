@@ -750,8 +750,7 @@ impl Agentd {
     /// connector rebuilt on them (connections already open keep the old pair).
     async fn renew(&self, config: &AgentConfig) -> Result<(), String> {
         let connector = self.connector();
-        let creds =
-            super::enroll::renew(&connector, &config.tls, &config.name).await.map_err(|e| e.to_string())?;
+        let creds = super::enroll::renew(&connector, &config.tls, &config.name).await.map_err(|e| e.to_string())?;
         let tls = config.tls.clone();
         let installed = creds.clone();
         tokio::task::spawn_blocking(move || super::enroll::install(&tls, &installed))

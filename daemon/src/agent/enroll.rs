@@ -38,7 +38,13 @@ pub enum EnrollError {
 }
 
 /// Checks that what the server issued is for our key and our name.
-fn accept(agent: &Name, key_pem: String, ca_pem: String, cert_pem: String, not_after: String) -> Result<Credentials, EnrollError> {
+fn accept(
+    agent: &Name,
+    key_pem: String,
+    ca_pem: String,
+    cert_pem: String,
+    not_after: String,
+) -> Result<Credentials, EnrollError> {
     let info = pki::describe_pem(&cert_pem).map_err(|e| EnrollError::Invalid(format!("the server's answer: {e}")))?;
     if !info[0].names.iter().any(|n| n == agent.as_str()) {
         return Err(EnrollError::Invalid(format!(
@@ -55,7 +61,12 @@ fn accept(agent: &Name, key_pem: String, ca_pem: String, cert_pem: String, not_a
 /// A first enrollment: a fresh key made here, the server's CA checked against `pin`
 /// (and its certificate against that CA, for the name in `endpoint`) before the
 /// token is sent.
-pub async fn enroll(endpoint: &ServerEndpoint, pin: &CaPin, agent: &Name, token: &str) -> Result<Credentials, EnrollError> {
+pub async fn enroll(
+    endpoint: &ServerEndpoint,
+    pin: &CaPin,
+    agent: &Name,
+    token: &str,
+) -> Result<Credentials, EnrollError> {
     let connector = Connector::for_enrollment(endpoint).map_err(|e| EnrollError::Invalid(e.to_string()))?;
     let (key_pem, csr) = pki::request(agent.as_str()).map_err(|e| EnrollError::Invalid(e.to_string()))?;
     let request = EnrollRequest::Enroll { agent: agent.clone(), token: token.to_string(), csr };

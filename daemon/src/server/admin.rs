@@ -10,8 +10,8 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 
 use nbackup_protocol::admin::{
-    AbortRequest, ActionResult, AgentInfo, ArchiveInfo, CertRecord, ControlCommand, Event, HistoryRecord, RevokeRequest,
-    Series, ServerStatus, SessionInfo, TokenIssued, TokenRequest, VerifyRequest,
+    AbortRequest, ActionResult, AgentInfo, ArchiveInfo, CertRecord, ControlCommand, Event, HistoryRecord,
+    RevokeRequest, Series, ServerStatus, SessionInfo, TokenIssued, TokenRequest, VerifyRequest,
 };
 
 use super::handle::{ArchiveFilter, HandleError, ServerHandle};

@@ -71,9 +71,7 @@ fn now() -> i64 {
 }
 
 fn rfc3339(unix: i64) -> String {
-    chrono::DateTime::from_timestamp(unix, 0)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    chrono::DateTime::from_timestamp(unix, 0).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 fn token_hash(token: &str) -> String {
@@ -164,7 +162,12 @@ impl Enroller {
     /// Marks what `request` names revoked and writes a new revocation list of every
     /// revoked certificate still within its validity. Returns the serials newly
     /// revoked. Blocking.
-    fn revoke(&self, ca: &CertPair, crl: &std::path::Path, request: &RevokeRequest) -> Result<Vec<String>, HandleError> {
+    fn revoke(
+        &self,
+        ca: &CertPair,
+        crl: &std::path::Path,
+        request: &RevokeRequest,
+    ) -> Result<Vec<String>, HandleError> {
         let now = now();
         let mut book = self.lock();
         let mut newly = Vec::new();
@@ -222,13 +225,18 @@ impl Enroller {
 /// The CA certificate and key as the configuration names them. Blocking.
 fn read_ca(server: &Server) -> Result<CertPair, String> {
     let live = server.live();
-    let e = live.config.enrollment.as_ref().ok_or("this server does not sign certificates (no `enrollment` section)")?;
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|err| format!("cannot read {}: {err}", p.display()));
+    let e =
+        live.config.enrollment.as_ref().ok_or("this server does not sign certificates (no `enrollment` section)")?;
+    let read =
+        |p: &std::path::Path| std::fs::read_to_string(p).map_err(|err| format!("cannot read {}: {err}", p.display()));
     Ok(CertPair { cert_pem: read(&live.config.tls.ca_cert)?, key_pem: read(&e.ca_key)? })
 }
 
 /// `POST /v1/enrollment/tokens`. Blocking.
-pub(super) fn mint(server: &Server, request: nbackup_protocol::admin::TokenRequest) -> Result<TokenIssued, HandleError> {
+pub(super) fn mint(
+    server: &Server,
+    request: nbackup_protocol::admin::TokenRequest,
+) -> Result<TokenIssued, HandleError> {
     let live = server.live();
     let Some(e) = &live.config.enrollment else {
         return Err(HandleError::Unavailable(
@@ -361,10 +369,12 @@ pub async fn handle<R, W>(
         CertOrigin::Renewed => (EventKind::CertRenewed, "renewed"),
         _ => (EventKind::Enrolled, "enrolled"),
     };
-    let message = format!("{agent} {verb} from {}: certificate {} valid until {until}", conn.peer.ip(), signed.info.serial);
+    let message =
+        format!("{agent} {verb} from {}: certificate {} valid until {until}", conn.peer.ip(), signed.info.serial);
     info!(%agent, peer = %conn.peer, serial = %signed.info.serial, "certificate {verb}");
     server.telemetry.events.record(kind, EventSpec { agent: Some(agent.as_str()), ..Default::default() }, message);
-    let reply = serde_json::to_string(&EnrollReply::Issued { cert: signed.cert_pem, not_after: until }).unwrap_or_default();
+    let reply =
+        serde_json::to_string(&EnrollReply::Issued { cert: signed.cert_pem, not_after: until }).unwrap_or_default();
     let _ = writer.send(&Frame::EnrollReply(reply)).await;
     let _ = writer.shutdown().await;
 }

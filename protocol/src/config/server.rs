@@ -393,9 +393,10 @@ fn enrollment_from_raw(raw: RawEnrollment, src: &Source<'_>, base: &Path) -> Res
             ));
         }
     }
-    let lifetime = raw.cert_lifetime.map_or(Duration::from_secs(u64::from(Enrollment::DEFAULT_CERT_DAYS) * 86_400), |d| d.0);
+    let lifetime =
+        raw.cert_lifetime.map_or(Duration::from_secs(u64::from(Enrollment::DEFAULT_CERT_DAYS) * 86_400), |d| d.0);
     let days = lifetime.as_secs() / 86_400;
-    if lifetime.as_secs() % 86_400 != 0 || !(1..=3650).contains(&days) {
+    if !lifetime.as_secs().is_multiple_of(86_400) || !(1..=3650).contains(&days) {
         return Err(src.error(
             Some("enrollment.cert_lifetime"),
             format!("{} is not a whole number of days from 1d to 3650d", HumanDuration(lifetime)),
