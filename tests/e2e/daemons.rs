@@ -1420,3 +1420,54 @@ async fn a_scheduled_restore_test_restores_files_of_the_newest_archive_and_recor
     agent.stop().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_agent_daemon_renews_its_certificate_before_it_ends_and_backs_up_with_the_new_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let src = dataset(&tmp.path().join("data"), "1M", 173);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut yaml = server_yaml(tmp.path(), &pki, addr, &[gzip("main")], "");
+    yaml.push_str(&format!("enrollment:\n  ca_key: {}\n", pki.dir.join("ca.key").display()));
+    let server = ServerDaemon::start_yaml(tmp.path(), listener, addr, &yaml).await;
+    let cert = pki.dir.join("web-01.crt");
+    let serial = |p: &Path| {
+        nbackup_daemon::pki::describe_pem(&fs::read_to_string(p).expect("cert")).expect("pem")[0].serial.clone()
+    };
+    let before = serial(&cert);
+    // The test certificates last 60 days: a 90-day window renews at once.
+    let key_line = format!("  client_key: {}/web-01.key\n", pki.dir.display());
+    let yaml = agent_daemon_yaml(&pki, server.addr, tmp.path(), &entry_yaml("data", &src, ""), "")
+        .replace(&key_line, &format!("{key_line}  renew_before: 90d\n"));
+    let agent = AgentDaemon::start(tmp.path(), &yaml, Arc::new(SystemClock)).await;
+
+    let start = Instant::now();
+    let renewed = loop {
+        if let Some(e) = events(&agent.client).await.into_iter().find(|e| e.kind == EventKind::CertRenewed) {
+            break e;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the agent never renewed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(renewed.message.contains("valid until"), "{renewed:?}");
+    assert_ne!(serial(&cert), before, "the certificate file was replaced");
+    let signed = wait_event(&server.client, EventKind::CertRenewed, "web-01").await;
+    assert!(signed.message.contains(&serial(&cert)), "{signed:?}");
+    // Once: the new certificate (365 days) is outside the window.
+    let renewals = events(&agent.client).await.into_iter().filter(|e| e.kind == EventKind::CertRenewed).count();
+    assert_eq!(renewals, 1);
+
+    // The running daemon uses the new pair: a backup commits, and the server saw
+    // the new certificate (the old one is revoked, so only the new one can pass).
+    let revoke = nbackup_protocol::admin::RevokeRequest { serial: Some(before), ..Default::default() };
+    server.client.revoke(&revoke).await.expect("revoke the old certificate");
+    agent.client.run_entry(&nbackup_tui::client::EntryTarget::Own("data".into())).await.expect("run");
+    let result = agent.wait_result("data", Duration::from_secs(60)).await;
+    assert!(result.ok, "{result:?}");
+    let status: nbackup_protocol::admin::AgentStatus = agent.client.get("/v1/status").await.expect("status");
+    let mine = status.certificates.iter().find(|c| c.cert == "agent").expect("agent certificate listed");
+    assert!(mine.not_after.is_some_and(|t| t > chrono::Utc::now().timestamp() + 59 * 86_400), "{mine:?}");
+    agent.stop().await;
+    server.stop().await;
+}

@@ -8,6 +8,7 @@ mod support;
 mod cli;
 mod console;
 mod daemons;
+mod enroll;
 mod fidelity;
 mod live_fs;
 mod offsite;

@@ -30,9 +30,9 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
-        let ca = pki::new_ca(&format!("test CA {}", dir.display()), 2).expect("CA");
+        let ca = pki::new_ca(&format!("test CA {}", dir.display()), 60).expect("CA");
         pki::write_pair(&dir.join("ca"), &ca, false).expect("write CA");
-        let server = pki::issue(&ca, &Leaf::Server(vec!["127.0.0.1".into(), "localhost".into()]), 2).expect("server");
+        let server = pki::issue(&ca, &Leaf::Server(vec!["127.0.0.1".into(), "localhost".into()]), 60).expect("server");
         pki::write_pair(&dir.join("server"), &server, false).expect("write server");
         let pki = Pki { dir: dir.to_path_buf(), ca };
         pki.agent("web-01");
@@ -43,7 +43,7 @@ impl Pki {
     pub fn agent(&self, name: &str) -> PathBuf {
         let prefix = self.dir.join(name);
         if !prefix.with_extension("crt").exists() {
-            let pair = pki::issue(&self.ca, &Leaf::Agent(name.into()), 2).expect("agent cert");
+            let pair = pki::issue(&self.ca, &Leaf::Agent(name.into()), 60).expect("agent cert");
             pki::write_pair(&prefix, &pair, false).expect("write agent");
         }
         prefix
