@@ -58,6 +58,9 @@ _nbackup() {
             nbackup,server)
                 cmd="nbackup__subcmd__server"
                 ;;
+            nbackup,setup)
+                cmd="nbackup__subcmd__setup"
+                ;;
             nbackup,verify)
                 cmd="nbackup__subcmd__verify"
                 ;;
@@ -70,6 +73,18 @@ _nbackup() {
             nbackup__subcmd__cert,issue)
                 cmd="nbackup__subcmd__cert__subcmd__issue"
                 ;;
+            nbackup__subcmd__cert,list)
+                cmd="nbackup__subcmd__cert__subcmd__list"
+                ;;
+            nbackup__subcmd__cert,renew)
+                cmd="nbackup__subcmd__cert__subcmd__renew"
+                ;;
+            nbackup__subcmd__cert,revoke)
+                cmd="nbackup__subcmd__cert__subcmd__revoke"
+                ;;
+            nbackup__subcmd__cert,token)
+                cmd="nbackup__subcmd__cert__subcmd__token"
+                ;;
             nbackup__subcmd__cert__subcmd__help,help)
                 cmd="nbackup__subcmd__cert__subcmd__help__subcmd__help"
                 ;;
@@ -78,6 +93,18 @@ _nbackup() {
                 ;;
             nbackup__subcmd__cert__subcmd__help,issue)
                 cmd="nbackup__subcmd__cert__subcmd__help__subcmd__issue"
+                ;;
+            nbackup__subcmd__cert__subcmd__help,list)
+                cmd="nbackup__subcmd__cert__subcmd__help__subcmd__list"
+                ;;
+            nbackup__subcmd__cert__subcmd__help,renew)
+                cmd="nbackup__subcmd__cert__subcmd__help__subcmd__renew"
+                ;;
+            nbackup__subcmd__cert__subcmd__help,revoke)
+                cmd="nbackup__subcmd__cert__subcmd__help__subcmd__revoke"
+                ;;
+            nbackup__subcmd__cert__subcmd__help,token)
+                cmd="nbackup__subcmd__cert__subcmd__help__subcmd__token"
                 ;;
             nbackup__subcmd__ctl,abort)
                 cmd="nbackup__subcmd__ctl__subcmd__abort"
@@ -217,6 +244,9 @@ _nbackup() {
             nbackup__subcmd__help,server)
                 cmd="nbackup__subcmd__help__subcmd__server"
                 ;;
+            nbackup__subcmd__help,setup)
+                cmd="nbackup__subcmd__help__subcmd__setup"
+                ;;
             nbackup__subcmd__help,verify)
                 cmd="nbackup__subcmd__help__subcmd__verify"
                 ;;
@@ -225,6 +255,18 @@ _nbackup() {
                 ;;
             nbackup__subcmd__help__subcmd__cert,issue)
                 cmd="nbackup__subcmd__help__subcmd__cert__subcmd__issue"
+                ;;
+            nbackup__subcmd__help__subcmd__cert,list)
+                cmd="nbackup__subcmd__help__subcmd__cert__subcmd__list"
+                ;;
+            nbackup__subcmd__help__subcmd__cert,renew)
+                cmd="nbackup__subcmd__help__subcmd__cert__subcmd__renew"
+                ;;
+            nbackup__subcmd__help__subcmd__cert,revoke)
+                cmd="nbackup__subcmd__help__subcmd__cert__subcmd__revoke"
+                ;;
+            nbackup__subcmd__help__subcmd__cert,token)
+                cmd="nbackup__subcmd__help__subcmd__cert__subcmd__token"
                 ;;
             nbackup__subcmd__help__subcmd__ctl,abort)
                 cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__abort"
@@ -271,6 +313,21 @@ _nbackup() {
             nbackup__subcmd__help__subcmd__ctl,verify)
                 cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__verify"
                 ;;
+            nbackup__subcmd__help__subcmd__setup,agent)
+                cmd="nbackup__subcmd__help__subcmd__setup__subcmd__agent"
+                ;;
+            nbackup__subcmd__setup,agent)
+                cmd="nbackup__subcmd__setup__subcmd__agent"
+                ;;
+            nbackup__subcmd__setup,help)
+                cmd="nbackup__subcmd__setup__subcmd__help"
+                ;;
+            nbackup__subcmd__setup__subcmd__help,agent)
+                cmd="nbackup__subcmd__setup__subcmd__help__subcmd__agent"
+                ;;
+            nbackup__subcmd__setup__subcmd__help,help)
+                cmd="nbackup__subcmd__setup__subcmd__help__subcmd__help"
+                ;;
             *)
                 ;;
         esac
@@ -278,7 +335,7 @@ _nbackup() {
 
     case "${cmd}" in
         nbackup)
-            opts="-h -V --help --version cert server agent backup health list ls restore verify ctl console demo completions man help"
+            opts="-h -V --help --version cert setup server agent backup health list ls restore verify ctl console demo completions man help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -344,7 +401,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__cert)
-            opts="-h --help init-ca issue help"
+            opts="-h --help init-ca issue token list revoke renew help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -358,7 +415,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__cert__subcmd__help)
-            opts="init-ca issue help"
+            opts="init-ca issue token list revoke renew help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -400,6 +457,62 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__cert__subcmd__help__subcmd__issue)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__cert__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__cert__subcmd__help__subcmd__renew)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__cert__subcmd__help__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__cert__subcmd__help__subcmd__token)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -463,6 +576,118 @@ _nbackup() {
                     return 0
                     ;;
                 --days)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__cert__subcmd__list)
+            opts="-c -h --config --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__cert__subcmd__renew)
+            opts="-c -h --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__cert__subcmd__revoke)
+            opts="-c -h --config --agent --serial --cert --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --agent)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --serial)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__cert__subcmd__token)
+            opts="-c -h --config --agent --ttl --address --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --agent)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ttl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --address)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1128,7 +1353,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help)
-            opts="cert server agent backup health list ls restore verify ctl console demo completions man help"
+            opts="cert setup server agent backup health list ls restore verify ctl console demo completions man help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1170,7 +1395,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help__subcmd__cert)
-            opts="init-ca issue"
+            opts="init-ca issue token list revoke renew"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1198,6 +1423,62 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help__subcmd__cert__subcmd__issue)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__help__subcmd__cert__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__help__subcmd__cert__subcmd__renew)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__help__subcmd__cert__subcmd__revoke)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__help__subcmd__cert__subcmd__token)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1575,6 +1856,34 @@ _nbackup() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        nbackup__subcmd__help__subcmd__setup)
+            opts="agent"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__help__subcmd__setup__subcmd__agent)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         nbackup__subcmd__help__subcmd__verify)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -1724,6 +2033,112 @@ _nbackup() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__setup)
+            opts="-h --help agent help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__setup__subcmd__agent)
+            opts="-h --server --token --ca-pin --name --server-name --dir --path --storage --schedule --force --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --server)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --token)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-pin)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --server-name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --path)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --storage)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --schedule)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__setup__subcmd__help)
+            opts="agent help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__setup__subcmd__help__subcmd__agent)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__setup__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 *)
                     COMPREPLY=()
                     ;;

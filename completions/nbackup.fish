@@ -26,7 +26,8 @@ end
 
 complete -c nbackup -n "__fish_nbackup_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c nbackup -n "__fish_nbackup_needs_command" -s V -l version -d 'Print version'
-complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "cert" -d 'Create a certificate authority and issue server and agent certificates'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "cert" -d 'Certificates: create a CA, issue, mint enrollment tokens, list, renew, revoke'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "setup" -d 'Set up this host; `setup agent` enrolls it with a token from `nbackup cert token`'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "backup" -d 'Run backup entries once and exit'
@@ -41,10 +42,14 @@ complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "demo" -d 'Back up, 
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "completions" -d 'Print a shell completion script'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "man" -d 'Write man pages into a directory'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -s h -l help -d 'Print help'
-complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "init-ca" -d 'Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)'
-complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'
-complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue token list revoke renew help" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue token list revoke renew help" -f -a "init-ca" -d 'Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue token list revoke renew help" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue token list revoke renew help" -f -a "token" -d 'Mint a one-time enrollment token for an agent and print the command that enrolls it (server, with `enrollment` configured; the server must be running)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue token list revoke renew help" -f -a "list" -d 'List certificates and when they end: a config\'s own (and, for a server, every certificate it issued or revoked), or PEM files'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue token list revoke renew help" -f -a "revoke" -d 'Revoke certificates; the server refuses them from the next handshake on'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue token list revoke renew help" -f -a "renew" -d 'Renew this agent\'s certificate now over mutual TLS (the agent daemon renews on its own within tls.renew_before of the end)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and not __fish_seen_subcommand_from init-ca issue token list revoke renew help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -l out -d 'Directory to write ca.crt and ca.key into' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -l name -d 'Common name of the CA' -r
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from init-ca" -l days -d 'Validity in days' -r
@@ -57,9 +62,45 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_su
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l days -d 'Validity in days' -r
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -l force -d 'Overwrite existing files'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from issue" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from token" -s c -l config -d 'Server configuration file (its admin socket is used)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from token" -l agent -d 'The agent\'s name, as its certificate will carry it' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from token" -l ttl -d 'How long the token lives (default: enrollment.token_ttl; at most 7d)' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from token" -l address -d 'HOST:PORT the agent dials (default: enrollment.address, else the server certificate\'s first name and the listening port)' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from token" -l json -d 'Print JSON'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from token" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from list" -s c -l config -d 'Agent or server configuration file' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from list" -l json -d 'Print JSON'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from revoke" -s c -l config -d 'Server configuration file (its admin socket is used)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from revoke" -l agent -d 'Every unexpired certificate the server issued to this agent' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from revoke" -l serial -d 'The certificate with this serial (hex, colons allowed)' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from revoke" -l cert -d 'The certificate in this PEM file' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from revoke" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from renew" -s c -l config -d 'Agent configuration file' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from renew" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "init-ca" -d 'Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "token" -d 'Mint a one-time enrollment token for an agent and print the command that enrolls it (server, with `enrollment` configured; the server must be running)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "list" -d 'List certificates and when they end: a config\'s own (and, for a server, every certificate it issued or revoked), or PEM files'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "revoke" -d 'Revoke certificates; the server refuses them from the next handshake on'
+complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "renew" -d 'Renew this agent\'s certificate now over mutual TLS (the agent daemon renews on its own within tls.renew_before of the end)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -f -a "agent" -d 'Enroll this host as an agent: make its key here, check the server\'s CA against the pin, obtain a certificate with the token, and write ca.crt, agent.crt, agent.key and a working agent.yaml into --dir'
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l server -d 'HOST:PORT of the server, as `nbackup cert token` printed it' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l token -d 'The one-time token' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l ca-pin -d 'The server CA\'s pin: sha256:HEX' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l name -d 'This agent\'s name (default: the host name up to its first dot)' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l server-name -d 'Name in the server certificate, when it is not the host of --server' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l dir -d 'Directory to write into' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l path -d 'Source of the first backup entry in a new agent.yaml (repeatable)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l storage -d 'Storage of that entry (default: the server\'s first)' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l schedule -d 'Schedule of that entry (cron, server-local time of this host)' -r
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -l force -d 'Replace an existing key and certificate (re-enrollment); agent.yaml is never overwritten'
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from agent" -s h -l help -d 'Print help'
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from help" -f -a "agent" -d 'Enroll this host as an agent: make its key here, check the server\'s CA against the pin, obtain a certificate with the token, and write ca.crt, agent.crt, agent.key and a working agent.yaml into --dir'
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand server" -s c -l config -d 'Server configuration file' -r -F
 complete -c nbackup -n "__fish_nbackup_using_subcommand server" -l no-admin -d 'Do not serve the local admin API'
 complete -c nbackup -n "__fish_nbackup_using_subcommand server" -s h -l help -d 'Print help'
@@ -208,23 +249,29 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -l parallels -d 'P
 complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand man" -s h -l help -d 'Print help'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "cert" -d 'Create a certificate authority and issue server and agent certificates'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "backup" -d 'Run backup entries once and exit'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "list" -d 'List this agent\'s archives on the server'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "ls" -d 'List the files in one archive (from its catalog, without reading the archive)'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "restore" -d 'Restore files from an archive, verified against its manifest'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "verify" -d 'Ask the server to verify one of this agent\'s archives now'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "ctl" -d 'Query and command the daemons running here through their admin API'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "console" -d 'The operator console: live sessions, agents, freshness, history and actions'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "completions" -d 'Print a shell completion script'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "man" -d 'Write man pages into a directory'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert server agent backup health list ls restore verify ctl console demo completions man help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "cert" -d 'Certificates: create a CA, issue, mint enrollment tokens, list, renew, revoke'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "setup" -d 'Set up this host; `setup agent` enrolls it with a token from `nbackup cert token`'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "backup" -d 'Run backup entries once and exit'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "health" -d 'Ask the server for its status, version and free space per storage'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "list" -d 'List this agent\'s archives on the server'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "ls" -d 'List the files in one archive (from its catalog, without reading the archive)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "restore" -d 'Restore files from an archive, verified against its manifest'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "verify" -d 'Ask the server to verify one of this agent\'s archives now'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "ctl" -d 'Query and command the daemons running here through their admin API'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "console" -d 'The operator console: live sessions, agents, freshness, history and actions'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "demo" -d 'Back up, verify and restore a tree over loopback with a throwaway PKI and server'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "completions" -d 'Print a shell completion script'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "man" -d 'Write man pages into a directory'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "init-ca" -d 'Create a new CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "issue" -d 'Issue a certificate signed by the CA: PREFIX.crt and PREFIX.key'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "token" -d 'Mint a one-time enrollment token for an agent and print the command that enrolls it (server, with `enrollment` configured; the server must be running)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "list" -d 'List certificates and when they end: a config\'s own (and, for a server, every certificate it issued or revoked), or PEM files'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "revoke" -d 'Revoke certificates; the server refuses them from the next handshake on'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from cert" -f -a "renew" -d 'Renew this agent\'s certificate now over mutual TLS (the agent daemon renews on its own within tls.renew_before of the end)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from setup" -f -a "agent" -d 'Enroll this host as an agent: make its key here, check the server\'s CA against the pin, obtain a certificate with the token, and write ca.crt, agent.crt, agent.key and a working agent.yaml into --dir'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "status" -d 'Status of the daemon'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "sessions" -d 'Sessions in progress, with their streams (server)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and __fish_seen_subcommand_from ctl" -f -a "agents" -d 'Agents known from their control channels (server)'
