@@ -352,6 +352,37 @@ mod tests {
     }
 
     #[test]
+    fn a_signed_request_gets_the_cas_terms_not_its_own() {
+        use x509_parser::prelude::*;
+        let ca = new_ca("test CA", 30).expect("ca");
+        // A request asking to be a CA, a server, and someone else.
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["backup.example.com".to_string()]).expect("params");
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let csr = params.serialize_request(&key).expect("csr").pem().expect("pem");
+        let signed = sign_request(&ca, &csr, "web-02", 30).expect("signed");
+        assert_eq!(signed.info.names, vec!["web-02".to_string()]);
+        assert!(!signed.info.is_ca);
+        let der = crate::tls::pem_certs(signed.cert_pem.as_bytes()).expect("pem")[0].clone();
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).expect("der");
+        let eku = cert.extended_key_usage().expect("eku").expect("present").value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert!(key_matches(&signed.cert_pem, &key.serialize_pem()).expect("compare"));
+
+        // A request whose signature does not verify is refused.
+        let (_, good) = request("web-02").expect("csr");
+        // Change one base64 digit of the last body line: the signature's bytes.
+        let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
+        let i = lines.len() - 2;
+        let c = lines[i].remove(0);
+        lines[i].insert(0, if c == 'A' { 'B' } else { 'A' });
+        let tampered = lines.join("\n");
+        assert!(matches!(sign_request(&ca, &tampered, "web-02", 30), Err(PkiError::Invalid(_))));
+        assert!(matches!(sign_request(&ca, "not a request", "web-02", 30), Err(PkiError::Invalid(_))));
+    }
+
+    #[test]
     fn rejects_hostile_agent_names() {
         let ca = new_ca("test CA", 30).expect("ca");
         assert!(matches!(issue(&ca, &Leaf::Agent("../x".into()), 30), Err(PkiError::Invalid(_))));

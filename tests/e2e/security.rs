@@ -46,6 +46,68 @@ async fn a_client_without_a_certificate_is_refused_and_logged() {
 }
 
 #[tokio::test]
+async fn with_enrollment_on_a_client_without_a_certificate_may_only_ask_for_one() {
+    use nbackup_daemon::conn::{FrameReader, FrameWriter};
+    use nbackup_protocol::enroll::{EnrollReply, EnrollRequest};
+    use nbackup_protocol::wire::{Frame, Reason};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let server = TestServer::start_enrolling(tmp.path(), &pki, &[gzip("main")]).await;
+    let open = |kind: ConnKind| {
+        let pki = &pki;
+        async move {
+            let tls = raw_tls(server.addr, pki, None, false).await.expect("the handshake admits no certificate");
+            let (r, w) = tokio::io::split(tls);
+            let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+            writer.send_preamble(&Preamble::new(kind, Caps(3))).await.expect("preamble");
+            let first = reader.read_frame().await.expect("an answer");
+            (reader, writer, first)
+        }
+    };
+    for kind in [ConnKind::Backup, ConnKind::Join, ConnKind::Ping, ConnKind::Control, ConnKind::Restore] {
+        match open(kind).await.2 {
+            Frame::Refused(r) => {
+                assert_eq!(r.reason, Reason::NotAllowed, "{kind:?}");
+                assert!(r.message.contains("client certificate is required"), "{r}");
+            }
+            other => panic!("{kind:?} without a certificate got {other:?}"),
+        }
+    }
+    // ENRL: the server shows its CA first.
+    let (mut reader, mut writer, first) = open(ConnKind::Enroll).await;
+    let Frame::EnrollReply(json) = first else { panic!("expected the CA, got {first:?}") };
+    let EnrollReply::Authority { ca } = serde_json::from_str(&json).expect("reply") else { panic!("{json}") };
+    assert_eq!(ca, pki.ca.cert_pem);
+    // A renewal needs the certificate being renewed.
+    let (_, csr) = pki::request("web-01").expect("csr");
+    let renew = serde_json::to_string(&EnrollRequest::Renew { csr: csr.clone() }).expect("json");
+    writer.send(&Frame::EnrollRequest(renew)).await.expect("send");
+    match reader.read_frame().await.expect("answer") {
+        Frame::Refused(r) => assert!(r.message.contains("enroll with a token"), "{r}"),
+        other => panic!("{other:?}"),
+    }
+    // A made-up token and a request that is not JSON are refused too.
+    let (mut reader, mut writer, _) = open(ConnKind::Enroll).await;
+    let token = format!("nbk1-{}", "ab".repeat(32));
+    let enroll = EnrollRequest::Enroll { agent: nbackup_protocol::Name::new("web-09").expect("name"), token, csr };
+    writer.send(&Frame::EnrollRequest(serde_json::to_string(&enroll).expect("json"))).await.expect("send");
+    match reader.read_frame().await.expect("answer") {
+        Frame::Refused(r) => assert!(r.reason == Reason::NotAllowed && r.message.contains("unknown"), "{r}"),
+        other => panic!("{other:?}"),
+    }
+    let (mut reader, mut writer, _) = open(ConnKind::Enroll).await;
+    writer.send(&Frame::EnrollRequest("{\"op\":\"steal\"}".into())).await.expect("send");
+    match reader.read_frame().await.expect("answer") {
+        Frame::Refused(r) => assert_eq!(r.reason, Reason::Protocol, "{r}"),
+        other => panic!("{other:?}"),
+    }
+    // Agents with certificates are unaffected.
+    let cfg = agent_config(&pki, server.addr, &[entry("data", "main", &[&tmp.path().join("pki")])]);
+    backup(&cfg, 0).await.expect("a certified agent backs up as before");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_certificate_from_another_ca_is_refused_with_a_clear_agent_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&tmp.path().join("pki"));

@@ -113,19 +113,33 @@ impl TestServer {
 
     /// `extra` is appended to the `server:` section (e.g. `  session_ttl: 2s\n`).
     pub async fn start_with(root: &Path, pki: &Pki, storages: &[StorageSpec], extra: &str) -> TestServer {
-        Self::start_opts(root, pki, storages, extra, false).await
+        Self::start_opts(root, pki, storages, extra, "", false).await
+    }
+
+    /// Signing enrollments with the test CA (`enrollment:` section).
+    pub async fn start_enrolling(root: &Path, pki: &Pki, storages: &[StorageSpec]) -> TestServer {
+        let tail = format!("enrollment:\n  ca_key: {}\n", pki.dir.join("ca.key").display());
+        Self::start_opts(root, pki, storages, "", &tail, false).await
     }
 
     /// Keeping its event log in `<root>/state/server-events.jsonl`, for tests that
     /// read what the server recorded.
     pub async fn start_logged(root: &Path, pki: &Pki, storages: &[StorageSpec]) -> TestServer {
-        Self::start_opts(root, pki, storages, "", true).await
+        Self::start_opts(root, pki, storages, "", "", true).await
     }
 
-    async fn start_opts(root: &Path, pki: &Pki, storages: &[StorageSpec], extra: &str, persist: bool) -> TestServer {
+    /// `extra` goes into the `server:` section, `tail` after everything.
+    async fn start_opts(
+        root: &Path,
+        pki: &Pki,
+        storages: &[StorageSpec],
+        extra: &str,
+        tail: &str,
+        persist: bool,
+    ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let yaml = server_yaml(root, pki, addr, storages, extra);
+        let yaml = server_yaml(root, pki, addr, storages, extra) + tail;
         let path = root.join("server.yaml");
         fs::write(&path, &yaml).expect("write server.yaml");
         let config = ServerConfig::parse(&yaml, &path).expect("server config");
