@@ -136,7 +136,7 @@ fn an_agent_enrolls_with_a_token_once_and_backs_up_with_its_own_key() {
     assert_eq!(archives.len(), 1, "{archives:?}");
     let restored = f.root.join("restored");
     gnu_extract(&archives[0], &restored);
-    assert_restored(&[src.clone()], &nbackup_protocol::config::Excludes::none(), &restored);
+    assert_restored(std::slice::from_ref(&src), &nbackup_protocol::config::Excludes::none(), &restored);
 
     // The same token again: spent.
     let again = f.setup(&t, "web-02", &t.ca_pin, &f.root.join("again"), &src);
