@@ -33,8 +33,15 @@ pub async fn client_for(socket: Option<&std::path::Path>) -> anyhow::Result<Admi
     match socket {
         Some(s) => Ok(AdminClient::new(s)),
         None => {
-            let candidates =
-                [nbackup_daemon::admin::default_socket("server"), nbackup_daemon::admin::default_socket("agent")];
+            // An operator's own defaults, then the packaged daemons' (which run as
+            // root or as the nbackup user, and listen in /run/nbackup).
+            let mut candidates =
+                vec![nbackup_daemon::admin::default_socket("server"), nbackup_daemon::admin::default_socket("agent")];
+            for system in ["/run/nbackup/server.sock", "/run/nbackup/agent.sock"] {
+                if !candidates.iter().any(|c| c.as_os_str() == system) {
+                    candidates.push(system.into());
+                }
+            }
             discover(&candidates).await.map_err(|e| fail(Exit::Unreachable, anyhow::anyhow!(e)))
         }
     }

@@ -12,6 +12,7 @@ mod enroll;
 mod fidelity;
 mod live_fs;
 mod offsite;
+mod package;
 mod refusals;
 mod resilience;
 mod restore;
