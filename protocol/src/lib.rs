@@ -7,6 +7,7 @@
 //! * [`freshness`] — whether an entry's backups keep up with its schedule;
 //! * [`restore`] — the requests of a restore connection and the archive catalog;
 //! * [`enroll`] — how an agent obtains and renews its certificate;
+//! * [`setup`] — the setup wizard's answers and the plan they make;
 //! * [`config`] — the YAML configuration schema of both daemons, validated in two
 //!   stages, so the runtime and the setup wizard share one definition.
 //!
@@ -22,6 +23,7 @@ pub mod limits;
 pub mod manifest;
 pub mod name;
 pub mod restore;
+pub mod setup;
 pub mod wire;
 
 pub use name::{Name, NameError, SessionId};
