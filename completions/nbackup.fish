@@ -27,7 +27,7 @@ end
 complete -c nbackup -n "__fish_nbackup_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c nbackup -n "__fish_nbackup_needs_command" -s V -l version -d 'Print version'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "cert" -d 'Certificates: create a CA, issue, mint enrollment tokens, list, renew, revoke'
-complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "setup" -d 'Set up this host; `setup agent` enrolls it with a token from `nbackup cert token`'
+complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "setup" -d 'Set up this host: a wizard for a server, an agent or both (or --answers FILE); `setup agent` enrolls an agent with a token from `nbackup cert token`'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
 complete -c nbackup -n "__fish_nbackup_needs_command" -f -a "backup" -d 'Run backup entries once and exit'
@@ -85,6 +85,10 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_su
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "revoke" -d 'Revoke certificates; the server refuses them from the next handshake on'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "renew" -d 'Renew this agent\'s certificate now over mutual TLS (the agent daemon renews on its own within tls.renew_before of the end)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand cert; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -l answers -d 'Take every answer from this file instead of asking (see --print-answers)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -l dir -d 'Where the wizard writes configs and certificates (an answers file names its own)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -l dry-run -d 'Show what would be done (certificates, files, diffs) and change nothing'
+complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -l print-answers -d 'Print a commented answers file with every question and its default'
 complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -f -a "agent" -d 'Enroll this host as an agent: make its key here, check the server\'s CA against the pin, obtain a certificate with the token, and write ca.crt, agent.crt, agent.key and a working agent.yaml into --dir'
 complete -c nbackup -n "__fish_nbackup_using_subcommand setup; and not __fish_seen_subcommand_from agent help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -250,7 +254,7 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand demo" -s h -l help -d 'P
 complete -c nbackup -n "__fish_nbackup_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand man" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "cert" -d 'Certificates: create a CA, issue, mint enrollment tokens, list, renew, revoke'
-complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "setup" -d 'Set up this host; `setup agent` enrolls it with a token from `nbackup cert token`'
+complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "setup" -d 'Set up this host: a wizard for a server, an agent or both (or --answers FILE); `setup agent` enrolls an agent with a token from `nbackup cert token`'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "server" -d 'Run the server in the foreground until Ctrl-C / SIGTERM'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "agent" -d 'Run the agent daemon in the foreground: schedules, control channel, admin API'
 complete -c nbackup -n "__fish_nbackup_using_subcommand help; and not __fish_seen_subcommand_from cert setup server agent backup health list ls restore verify ctl console demo completions man help" -f -a "backup" -d 'Run backup entries once and exit'

@@ -89,9 +89,10 @@ pub enum Command {
     /// Certificates: create a CA, issue, mint enrollment tokens, list, renew, revoke
     #[command(subcommand)]
     Cert(CertCommand),
-    /// Set up this host; `setup agent` enrolls it with a token from `nbackup cert token`
-    #[command(subcommand)]
-    Setup(SetupCommand),
+    /// Set up this host: a wizard for a server, an agent or both (or --answers FILE);
+    /// `setup agent` enrolls an agent with a token from `nbackup cert token`
+    #[command(after_help = SETUP_HELP)]
+    Setup(SetupArgs),
     /// Run the server in the foreground until Ctrl-C / SIGTERM
     #[command(after_help = DAEMON_EXIT_CODES)]
     Server(ServerArgs),
@@ -227,6 +228,38 @@ pub enum CertCommand {
         #[arg(short, long, value_name = "FILE", env = "NBACKUP_AGENT_CONFIG")]
         config: PathBuf,
     },
+}
+
+const SETUP_HELP: &str = "\
+Without a subcommand, asks what this host is (server, agent or both), creates or
+reuses the CA and certificates, and writes server.yaml / agent.yaml through the same
+validation as loading them. An existing config is edited, not replaced: only the keys
+asked about change, and the diff is shown before anything is written.
+
+Exit status:
+  0    written (or, with --dry-run, planned)
+  1    a step failed (certificate, enrollment, file)
+  2    usage error, invalid answers, or the plan was declined
+  3    the server could not be reached (enrollment)
+  4    the server refused (enrollment token)";
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SetupArgs {
+    #[command(subcommand)]
+    pub command: Option<SetupCommand>,
+    /// Take every answer from this file instead of asking (see --print-answers)
+    #[arg(long, value_name = "FILE")]
+    pub answers: Option<PathBuf>,
+    /// Show what would be done (certificates, files, diffs) and change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print a commented answers file with every question and its default
+    #[arg(long, conflicts_with_all = ["answers", "dry_run"])]
+    pub print_answers: bool,
+    /// Where the wizard writes configs and certificates (an answers file names its own)
+    #[arg(long, value_name = "DIR", default_value = "/etc/nbackup", conflicts_with = "answers")]
+    pub dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -150,6 +150,60 @@ pub struct Existing {
     pub agent_cert: bool,
 }
 
+impl Existing {
+    /// What an earlier run (or a hand-written config) answered, as defaults for the
+    /// prompts: best effort, `None` where a config is absent or unreadable.
+    pub fn server_answers(&self) -> Option<ServerAnswers> {
+        let raw: crate::config::RawServerConfig = serde_yaml::from_str(self.server_yaml.as_deref()?).ok()?;
+        let names = raw
+            .enrollment
+            .as_ref()
+            .and_then(|e| e.address.as_ref())
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(h, _)| vec![h.trim_start_matches('[').trim_end_matches(']').to_string()])
+            .unwrap_or_default();
+        Some(ServerAnswers {
+            listen: raw.server.listen,
+            names,
+            ca: if self.ca { CaChoice::Reuse } else { CaChoice::Create },
+            enrollment: raw.enrollment.is_some(),
+            storages: raw
+                .storages
+                .into_iter()
+                .map(|(name, st)| StorageAnswers {
+                    name,
+                    base_dir: st.base_dir,
+                    max_backups: st.max_backups,
+                    compression: st.compression,
+                    level: st.compression_level,
+                })
+                .collect(),
+        })
+    }
+
+    pub fn agent_answers(&self) -> Option<AgentAnswers> {
+        let raw: crate::config::RawAgentConfig = serde_yaml::from_str(self.agent_yaml.as_deref()?).ok()?;
+        Some(AgentAnswers {
+            name: raw.agent.name.to_string(),
+            server: Some(raw.server.address),
+            enroll: None,
+            backups: raw
+                .backups
+                .into_iter()
+                .map(|b| BackupAnswers {
+                    name: b.name.to_string(),
+                    storage: b.storage.to_string(),
+                    paths: b.sources.into_iter().map(|s| s.path).collect(),
+                    exclude: b.exclude,
+                    schedule: b.schedule,
+                    parallels: b.parallels,
+                    bandwidth_limit: b.bandwidth_limit.map(|l| l.to_string()),
+                })
+                .collect(),
+        })
+    }
+}
+
 /// One thing to do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -338,6 +392,15 @@ const AGENT_HEADER: &str = "\
 # Apply changes to a running agent: `systemctl reload nbackup-agent`.
 ";
 
+/// The comment block a file starts with (kept on an edit), or `fresh`'s. Comments
+/// further down do not survive an edit: the file is rewritten from its YAML.
+fn header(existing: Option<&str>, fresh: &str) -> String {
+    match existing {
+        None => fresh.to_string(),
+        Some(text) => text.lines().take_while(|l| l.starts_with('#')).map(|l| format!("{l}\n")).collect(),
+    }
+}
+
 fn server_yaml(a: &ServerAnswers, existing: Option<&str>, port: u16) -> Result<String, String> {
     let fresh = existing.is_none();
     let mut root = parse_existing(existing, "server.yaml")?.unwrap_or_default();
@@ -373,7 +436,7 @@ fn server_yaml(a: &ServerAnswers, existing: Option<&str>, port: u16) -> Result<S
         section(&mut root, "admin").insert(s("socket"), s("/run/nbackup/server.sock"));
     }
     let body = serde_yaml::to_string(&Value::Mapping(root)).map_err(|e| e.to_string())?;
-    Ok(if fresh { format!("{SERVER_HEADER}{body}") } else { body })
+    Ok(format!("{}{body}", header(existing, SERVER_HEADER)))
 }
 
 fn agent_yaml(
@@ -444,7 +507,7 @@ fn agent_yaml(
         section(&mut root, "admin").insert(s("socket"), s("/run/nbackup/agent.sock"));
     }
     let body = serde_yaml::to_string(&Value::Mapping(root)).map_err(|e| e.to_string())?;
-    Ok(if fresh { format!("{AGENT_HEADER}{body}") } else { body })
+    Ok(format!("{}{body}", header(existing, AGENT_HEADER)))
 }
 
 /// `nbackup setup --print-answers`: every question, commented, with the defaults.
@@ -566,6 +629,13 @@ mod tests {
             parallels: Some(2),
             bandwidth_limit: Some("20MiB".into()),
         });
+        let back = existing.server_answers().expect("read back");
+        assert_eq!(
+            (back.names.clone(), back.ca, back.storages.len()),
+            (vec!["backup.example.com".to_string()], CaChoice::Reuse, 1)
+        );
+        let back = existing.agent_answers().expect("read back");
+        assert_eq!(back.backups[0].paths, vec![PathBuf::from("/etc")]);
         let again = plan(&a, &existing).expect("plans");
         assert!(again.steps.iter().all(|s| matches!(s, Step::Write { .. })), "no certificate made twice");
         let writes: Vec<_> = again.writes().collect();

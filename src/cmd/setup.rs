@@ -1,6 +1,9 @@
-//! `nbackup setup agent`: enrollment from a token, so a host gets its certificate
-//! without its key ever leaving it and without an openssl recipe.
+//! `nbackup setup`: the wizard (prompts in `nbackup_tui::wizard`, or an answers
+//! file; the plan from `nbackup_protocol::setup`, carried out here), and `setup
+//! agent`: enrollment from a token, so a host gets its certificate without its key
+//! ever leaving it and without an openssl recipe.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use nbackup_daemon::agent::Connector;
@@ -10,12 +13,13 @@ use nbackup_protocol::config::{AgentConfig, ServerEndpoint};
 use nbackup_protocol::enroll::{CaPin, token_is_well_formed};
 
 use super::runtime;
-use crate::cli::{SetupAgentArgs, SetupCommand};
+use crate::cli::{SetupAgentArgs, SetupArgs, SetupCommand};
 use crate::exit::{Exit, fail};
 
-pub fn run(cmd: SetupCommand) -> anyhow::Result<ExitCode> {
-    match cmd {
-        SetupCommand::Agent(args) => agent(args),
+pub fn run(args: SetupArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(SetupCommand::Agent(a)) => agent(a),
+        None => wizard(args),
     }
 }
 
@@ -58,19 +62,7 @@ fn agent(args: SetupAgentArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(dir).map_err(|e| usage(format!("cannot create {}: {e}", dir.display())))?;
     runtime()?.block_on(async {
-        let creds = enroll::enroll(&endpoint, &pin, &name, &args.token).await.map_err(|e| {
-            let code = match &e {
-                EnrollError::Connect(nbackup_daemon::agent::ConnectError::Refused(_)) => Exit::Refused,
-                EnrollError::Connect(c) if c.is_transient() => Exit::Unreachable,
-                _ => Exit::Failed,
-            };
-            fail(code, e)
-        })?;
-        nbackup_daemon::fsutil::write_atomic(&ca, creds.ca_pem.as_bytes())?;
-        enroll::write_private(&key, creds.key_pem.as_bytes())?;
-        nbackup_daemon::fsutil::write_atomic(&crt, creds.cert_pem.as_bytes())?;
-        println!("enrolled {name} with {}: certificate valid until {}", endpoint.address, creds.not_after);
-        println!("  {}\n  {}\n  {} (mode 0600; made here, never sent)", ca.display(), crt.display(), key.display());
+        enroll_into(&endpoint, &pin, &name, &args.token, dir).await?;
 
         if yaml.exists() {
             println!("kept the existing {}", yaml.display());
@@ -110,6 +102,207 @@ fn agent(args: SetupAgentArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Enrolls and writes `ca.crt`, `agent.crt` and `agent.key` (0600) into `dir`.
+async fn enroll_into(
+    endpoint: &ServerEndpoint,
+    pin: &CaPin,
+    name: &Name,
+    token: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let creds = enroll::enroll(endpoint, pin, name, token).await.map_err(|e| {
+        let code = match &e {
+            EnrollError::Connect(nbackup_daemon::agent::ConnectError::Refused(_)) => Exit::Refused,
+            EnrollError::Connect(c) if c.is_transient() => Exit::Unreachable,
+            _ => Exit::Failed,
+        };
+        fail(code, e)
+    })?;
+    let (ca, crt, key) = (dir.join("ca.crt"), dir.join("agent.crt"), dir.join("agent.key"));
+    nbackup_daemon::fsutil::write_atomic(&ca, creds.ca_pem.as_bytes())?;
+    enroll::write_private(&key, creds.key_pem.as_bytes())?;
+    nbackup_daemon::fsutil::write_atomic(&crt, creds.cert_pem.as_bytes())?;
+    println!("enrolled {name} with {}: certificate valid until {}", endpoint.address, creds.not_after);
+    println!("  {}\n  {}\n  {} (mode 0600; made here, never sent)", ca.display(), crt.display(), key.display());
+    Ok(())
+}
+
+/// The wizard: answers (asked, or from a file), the plan, the diff, then the steps.
+fn wizard(args: SetupArgs) -> anyhow::Result<ExitCode> {
+    use nbackup_protocol::setup::{self, Answers, Existing, Layout, Role};
+    if args.print_answers {
+        print!("{}", setup::ANSWERS_TEMPLATE);
+        return Ok(Exit::Ok.into());
+    }
+    let existing_in = |dir: &Path, role: Option<Role>, agent: Option<&str>| {
+        let layout = Layout::new(dir);
+        let read = |p: &Path| std::fs::read_to_string(p).ok();
+        let pair = |prefix: &Path| prefix.with_extension("crt").exists() && prefix.with_extension("key").exists();
+        let agent_cert = match (role, agent) {
+            (Some(r), Some(name)) => pair(&Layout::agent_cert(dir, r, name)),
+            _ => false,
+        };
+        Existing {
+            server_yaml: read(&layout.server_yaml),
+            agent_yaml: read(&layout.agent_yaml),
+            ca: pair(&layout.ca),
+            server_cert: pair(&layout.server_cert),
+            agent_cert,
+        }
+    };
+    let interactive = args.answers.is_none();
+    let answers: Answers = match &args.answers {
+        Some(file) => {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+            serde_yaml::from_str(&text).map_err(|e| usage(format!("{}: {e}", file.display())))?
+        }
+        None => {
+            use std::io::IsTerminal;
+            if !std::io::stdin().is_terminal() {
+                return Err(usage("standard input is not a terminal: use --answers FILE (see --print-answers)"));
+            }
+            let dir = std::path::absolute(&args.dir).unwrap_or_else(|_| args.dir.clone());
+            let probe = existing_in(&dir, None, None);
+            nbackup_tui::wizard::ask(dir, &probe).map_err(|e| match e {
+                nbackup_tui::wizard::WizardError::Cancelled => usage("cancelled; nothing was written"),
+                other => fail(Exit::Failed, other),
+            })?
+        }
+    };
+    let existing = existing_in(&answers.dir, Some(answers.role), answers.agent.as_ref().map(|a| a.name.as_str()));
+    let plan = setup::plan(&answers, &existing).map_err(usage)?;
+    show(&plan);
+    if args.dry_run {
+        println!("\n--dry-run: nothing was changed");
+        return Ok(Exit::Ok.into());
+    }
+    if interactive
+        && !inquire::Confirm::new("Do this?").with_default(true).prompt().map_err(|e| fail(Exit::Failed, e))?
+    {
+        return Err(usage("declined; nothing was written"));
+    }
+    std::fs::create_dir_all(&answers.dir)
+        .map_err(|e| fail(Exit::Failed, anyhow::anyhow!("cannot create {}: {e}", answers.dir.display())))?;
+    for step in &plan.steps {
+        carry_out(step)?;
+    }
+    next_steps(&answers);
+    Ok(Exit::Ok.into())
+}
+
+/// What the plan will do, with a diff for each file it changes.
+fn show(plan: &nbackup_protocol::setup::Plan) {
+    use nbackup_protocol::setup::Step;
+    println!("The plan:");
+    for step in &plan.steps {
+        match step {
+            Step::CreateCa { prefix } => println!("  create a CA: {}.crt, {}.key", prefix.display(), prefix.display()),
+            Step::IssueServer { names, prefix, .. } => {
+                println!("  issue the server certificate for {}: {}.crt", names.join(", "), prefix.display());
+            }
+            Step::IssueAgent { name, prefix, .. } => {
+                println!("  issue the agent certificate for {name}: {}.crt", prefix.display());
+            }
+            Step::Enroll { server, agent, .. } => println!("  enroll {agent} with {server} (token and pinned CA)"),
+            Step::Write { path, text, previous: None } => {
+                println!("  write {} ({} lines)", path.display(), text.lines().count());
+            }
+            Step::Write { path, text, previous: Some(old) } if old == text => {
+                println!("  {} is unchanged", path.display())
+            }
+            Step::Write { path, text, previous: Some(old) } => {
+                println!("  change {}:", path.display());
+                let diff = similar::TextDiff::from_lines(old.as_str(), text.as_str());
+                for line in diff.unified_diff().context_radius(2).to_string().lines() {
+                    println!("    {line}");
+                }
+            }
+        }
+    }
+}
+
+fn carry_out(step: &nbackup_protocol::setup::Step) -> anyhow::Result<()> {
+    use nbackup_daemon::pki::{self, Leaf};
+    use nbackup_protocol::setup::Step;
+    let failed = |e: pki::PkiError| fail(Exit::Failed, e);
+    match step {
+        Step::CreateCa { prefix } => {
+            let ca = pki::new_ca("nbackup CA", 3650).map_err(failed)?;
+            pki::write_pair(prefix, &ca, false).map_err(failed)?;
+            share_key_with_server(prefix)?;
+            println!("created the CA {}.crt (pin {})", prefix.display(), pki::ca_pin(&ca.cert_pem).map_err(failed)?);
+        }
+        Step::IssueServer { ca, names, prefix } => {
+            let ca = pki::read_pair(ca).map_err(failed)?;
+            let pair = pki::issue(&ca, &Leaf::Server(names.clone()), 825).map_err(failed)?;
+            pki::write_pair(prefix, &pair, false).map_err(failed)?;
+            share_key_with_server(prefix)?;
+            println!("issued {}.crt for {}", prefix.display(), names.join(", "));
+        }
+        Step::IssueAgent { ca, name, prefix } => {
+            let ca = pki::read_pair(ca).map_err(failed)?;
+            let pair = pki::issue(&ca, &Leaf::Agent(name.clone()), 825).map_err(failed)?;
+            pki::write_pair(prefix, &pair, false).map_err(failed)?;
+            println!("issued {}.crt for agent {name}", prefix.display());
+        }
+        Step::Enroll { server, token, ca_pin, agent, dir } => {
+            let endpoint = ServerEndpoint::parse(server, None).map_err(|e| usage(format!("agent.server: {e:?}")))?;
+            let pin = CaPin::parse(ca_pin).map_err(|e| usage(format!("agent.enroll.ca_pin: {e}")))?;
+            let name = Name::new(agent.as_str()).map_err(|e| usage(format!("agent.name: {e}")))?;
+            runtime()?.block_on(enroll_into(&endpoint, &pin, &name, token, dir))?;
+        }
+        Step::Write { path, text, previous } => {
+            if previous.as_deref() == Some(text.as_str()) {
+                return Ok(());
+            }
+            nbackup_daemon::fsutil::write_atomic(path, text.as_bytes())
+                .map_err(|e| fail(Exit::Failed, anyhow::anyhow!("cannot write {}: {e}", path.display())))?;
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// The packaged server runs as the `nbackup` user: when run as root on a host with
+/// that group, the keys the server reads (its own, and the CA's for enrollment)
+/// become root:nbackup 0640 instead of root-only.
+fn share_key_with_server(prefix: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let key = prefix.with_extension("key");
+    let root = std::fs::metadata(&key).map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    let Some(gid) = nbackup_daemon::admin::group_id("nbackup").filter(|_| root) else { return Ok(()) };
+    std::os::unix::fs::chown(&key, None, Some(gid))
+        .and_then(|()| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)))
+        .map_err(|e| fail(Exit::Failed, anyhow::anyhow!("cannot give the nbackup group {}: {e}", key.display())))?;
+    println!("  {} is readable by the nbackup group (the server's user)", key.display());
+    Ok(())
+}
+
+fn next_steps(a: &nbackup_protocol::setup::Answers) {
+    use nbackup_protocol::setup::Role;
+    let layout = nbackup_protocol::setup::Layout::new(&a.dir);
+    println!();
+    if a.role != Role::Agent {
+        println!(
+            "next: systemctl enable --now nbackup-server   (or: nbackup server --config {})",
+            layout.server_yaml.display()
+        );
+        if a.server.as_ref().is_some_and(|s| s.enrollment) {
+            println!(
+                "      nbackup cert token --config {} --agent NAME   for each agent",
+                layout.server_yaml.display()
+            );
+        }
+    }
+    if a.role != Role::Server {
+        println!(
+            "next: systemctl enable --now nbackup-agent    (or: nbackup backup --config {})",
+            layout.agent_yaml.display()
+        );
+    }
+}
+
 /// A JSON string is a YAML double-quoted scalar: any path or name survives.
 fn q(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
@@ -126,7 +319,7 @@ fn agent_yaml(
     let sources: String = paths.iter().map(|p| format!("      - path: {}\n", q(&p.to_string_lossy()))).collect();
     let server_name = server_name.map(|n| format!("  server_name: {}\n", q(n))).unwrap_or_default();
     format!(
-        "# Written by `nbackup setup agent`. Reference: docs/configuration.md.\n\
+        "# Written by `nbackup setup agent`. Every key: /etc/nbackup/agent.example.yaml.\n\
          # After editing: `nbackup ctl reload` (or SIGHUP) on a running agent daemon.\n\
          agent:\n  name: {name}\n\
          server:\n  address: {address}\n{server_name}\

@@ -18,5 +18,6 @@ mod resilience;
 mod restore;
 mod runtime;
 mod security;
+mod setup;
 mod storage;
 mod streams;

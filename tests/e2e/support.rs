@@ -603,3 +603,73 @@ pub fn hello(agent: &str, storage: &str, backup: &str) -> nbackup_protocol::wire
         streams: 2,
     }
 }
+
+/// A tmux server of its own (`-L`), so tests never touch the user's sessions.
+pub struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    pub fn start(name: &str, command: &str) -> Tmux {
+        let socket = format!("nbackup-test-{}-{name}", std::process::id());
+        let t = Tmux { socket };
+        let ok = t
+            .cmd()
+            .args(["-f", "/dev/null", "new-session", "-d", "-s", "console", "-x", "80", "-y", "24"])
+            .arg(command)
+            .status()
+            .expect("tmux runs (install it: .ci/run does)");
+        assert!(ok.success(), "tmux new-session");
+        t.run(&["set-option", "-t", "console", "remain-on-exit", "on"]);
+        t.run(&["resize-window", "-t", "console", "-x", "80", "-y", "24"]);
+        t
+    }
+
+    pub fn cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new("tmux");
+        c.args(["-L", &self.socket]).env_remove("TMUX");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().expect("tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            self.run(&["send-keys", "-t", "console", k]);
+        }
+    }
+
+    pub fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "console"])
+    }
+
+    /// Waits until the screen shows `needle`, and returns it.
+    pub fn wait_for(&self, needle: &str) -> String {
+        self.wait_until(needle, |s| s.contains(needle))
+    }
+
+    pub fn wait_until(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let s = self.screen();
+            if ok(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(45), "no {what:?} on the console:\n{s}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    pub fn pane(&self, format: &str) -> String {
+        self.run(&["display-message", "-p", "-t", "console", format]).trim().to_string()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").status();
+    }
+}
