@@ -100,3 +100,86 @@ fn print_messages() {
         println!("{}\n", parse(&path).expect_err("fixture is invalid"));
     }
 }
+
+/// Every key the config types have, as paths (`storages.<name>.base_dir`,
+/// `backups[].sources[].path`): the example parsed into the raw types and written
+/// back, so a field the example leaves out still appears (as null).
+fn keys_of(value: &serde_yaml::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    // Maps keyed by the operator's own names.
+    const NAMED: [&str; 2] = ["storages", "backups[].bandwidth_schedule"];
+    match value {
+        serde_yaml::Value::Mapping(m) => {
+            for (k, v) in m {
+                let k = k.as_str().unwrap_or_default();
+                let path = if NAMED.contains(&prefix) {
+                    format!("{prefix}.<name>")
+                } else if prefix.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                if NAMED.contains(&prefix) && !matches!(v, serde_yaml::Value::Mapping(_)) {
+                    out.insert(path);
+                    continue;
+                }
+                out.insert(path.clone());
+                keys_of(v, &path, out);
+            }
+        }
+        serde_yaml::Value::Sequence(items) => {
+            for item in items {
+                keys_of(item, &format!("{prefix}[]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn type_keys(file: &str) -> std::collections::BTreeSet<String> {
+    let path = repo().join(file);
+    let text = std::fs::read_to_string(&path).expect("example exists");
+    let value = if file.contains("agent") {
+        serde_yaml::to_value(serde_yaml::from_str::<nbackup_protocol::config::RawAgentConfig>(&text).expect("parses"))
+    } else {
+        serde_yaml::to_value(serde_yaml::from_str::<nbackup_protocol::config::RawServerConfig>(&text).expect("parses"))
+    }
+    .expect("serializes");
+    let mut out = std::collections::BTreeSet::new();
+    keys_of(&value, "", &mut out);
+    out
+}
+
+/// The keys `docs/configuration.md` documents under `## <heading>`: the first
+/// backticked word of each table row.
+fn documented_keys(heading: &str) -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(repo().join("docs/configuration.md")).expect("docs/configuration.md exists");
+    let mut out = std::collections::BTreeSet::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if let Some(h) = line.strip_prefix("## ") {
+            inside = h.trim() == heading;
+            continue;
+        }
+        if inside && line.starts_with("| `") {
+            let key = line.trim_start_matches("| `").split('`').next().unwrap_or_default();
+            out.insert(key.to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn the_configuration_reference_documents_every_key_and_no_other() {
+    for (file, heading) in
+        [("configs/server.example.yaml", "server.yaml"), ("configs/agent.example.yaml", "agent.yaml")]
+    {
+        let types = type_keys(file);
+        let docs = documented_keys(heading);
+        let undocumented: Vec<_> = types.difference(&docs).collect();
+        let unknown: Vec<_> = docs.difference(&types).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "docs/configuration.md, {heading}:\n  keys without a row: {undocumented:#?}\n  rows for no key: {unknown:#?}"
+        );
+    }
+}
