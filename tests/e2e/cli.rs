@@ -273,3 +273,32 @@ fn man_pages_and_completions_are_up_to_date() {
         );
     }
 }
+
+/// docs/troubleshooting.md is keyed by messages: each heading's backticked text
+/// must still be printed by the program.
+#[test]
+fn every_troubleshooting_heading_is_a_message_the_program_prints() {
+    fn sources(dir: &Path, out: &mut String) {
+        for e in fs::read_dir(dir).expect("dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push_str(&fs::read_to_string(&p).expect("source"));
+            }
+        }
+    }
+    let mut code = String::new();
+    for dir in ["src", "daemon/src", "protocol/src", "tui/src"] {
+        sources(&repo().join(dir), &mut code);
+    }
+    let page = fs::read_to_string(repo().join("docs/troubleshooting.md")).expect("page");
+    let mut checked = 0;
+    for heading in page.lines().filter_map(|l| l.strip_prefix("### ")) {
+        for message in heading.split('`').skip(1).step_by(2) {
+            assert!(code.contains(message), "docs/troubleshooting.md: {message:?} is not printed anywhere");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} messages");
+}
