@@ -119,6 +119,16 @@ pub fn user_name(uid: u32) -> Option<String> {
     })
 }
 
+/// A user id from `/etc/passwd`.
+pub fn user_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
 /// Who runs this process: the user name, or `uid N` without one.
 pub fn current_user() -> String {
     let uid = rustix::process::geteuid().as_raw();

@@ -41,7 +41,14 @@ pub struct Answers {
     pub server: Option<ServerAnswers>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentAnswers>,
+    /// End by proving the chain: a tiny backup as the entry `setup-check`, verified by
+    /// the server and restored.
+    #[serde(default = "yes")]
+    pub check: bool,
 }
+
+/// The entry name the closing proof backs up as.
+pub const CHECK_ENTRY: &str = "setup-check";
 
 fn default_dir() -> PathBuf {
     PathBuf::from(DEFAULT_DIR)
@@ -521,6 +528,9 @@ pub const ANSWERS_TEMPLATE: &str = "\
 role: both
 # Where configs and certificates are written (server.yaml, agent.yaml, pki/).
 dir: /etc/nbackup
+# End by proving it works: a tiny backup (entry setup-check, kept as the proof),
+# verified by the server and restored. A server not yet running is started for it.
+check: true
 
 server:
   # Address and port to listen on.

@@ -187,8 +187,197 @@ fn wizard(args: SetupArgs) -> anyhow::Result<ExitCode> {
     for step in &plan.steps {
         carry_out(step)?;
     }
+    if interactive {
+        offer_units(&answers)?;
+    }
+    if answers.check {
+        runtime()?.block_on(check(&answers))?;
+    }
     next_steps(&answers);
     Ok(Exit::Ok.into())
+}
+
+/// On a host run by systemd with the packaged units, offers to enable and start
+/// (or, when running, reload) the daemons just configured.
+fn offer_units(a: &nbackup_protocol::setup::Answers) -> anyhow::Result<()> {
+    use nbackup_protocol::setup::Role;
+    if !Path::new("/run/systemd/system").is_dir() || a.dir != Path::new(nbackup_protocol::setup::DEFAULT_DIR) {
+        return Ok(());
+    }
+    let units: &[&str] = match a.role {
+        Role::Server => &["nbackup-server"],
+        Role::Agent => &["nbackup-agent"],
+        Role::Both => &["nbackup-server", "nbackup-agent"],
+    };
+    for unit in units {
+        if !Path::new("/lib/systemd/system").join(format!("{unit}.service")).exists() {
+            continue;
+        }
+        let active = std::process::Command::new("systemctl")
+            .args(["is-active", "--quiet", unit])
+            .status()
+            .is_ok_and(|s| s.success());
+        let (question, args): (String, &[&str]) = if active {
+            (format!("{unit} is running: reload it with the new configuration?"), &["reload"])
+        } else {
+            (format!("Enable {unit} at boot and start it now?"), &["enable", "--now"])
+        };
+        if inquire::Confirm::new(&question).with_default(true).prompt().map_err(|e| fail(Exit::Failed, e))? {
+            let ok = std::process::Command::new("systemctl").args(args).arg(unit).status()?;
+            if !ok.success() {
+                return Err(fail(
+                    Exit::Failed,
+                    anyhow::anyhow!("systemctl {} {unit} failed; see journalctl -u {unit}", args.join(" ")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The closing proof: a tiny tree backed up as the entry `setup-check` with the
+/// configs just written, verified by the server and restored over `RSTR`, and the
+/// restore compared with the tree. A server this host was set up as but that does
+/// not answer yet is started in this process for it (and its storages are then
+/// handed to the `nbackup` user when run as root). A server-only host proves with a
+/// throwaway agent certificate from its CA, never written to disk.
+async fn check(a: &nbackup_protocol::setup::Answers) -> anyhow::Result<()> {
+    use nbackup_daemon::agent::fetch::{ArchiveRef, RestoreClient};
+    use nbackup_daemon::agent::restore::{self as restore_job, RestoreProgress, RestoreSpec};
+    use nbackup_daemon::restore::{self, Overwrite, Selection};
+    use nbackup_protocol::setup::{CHECK_ENTRY, Layout, Role};
+    let layout = Layout::new(&a.dir);
+    let work = tempfile::tempdir()?;
+    let agent_cfg = match a.role {
+        Role::Server => {
+            let server = super::load_server_config(&layout.server_yaml)?;
+            let ca = nbackup_daemon::pki::read_pair(&layout.ca)?;
+            let pair = nbackup_daemon::pki::issue(&ca, &nbackup_daemon::pki::Leaf::Agent(CHECK_ENTRY.into()), 1)?;
+            nbackup_daemon::pki::write_pair(&work.path().join("agent"), &pair, false)?;
+            let storage = server.storages.keys().next().map(|n| n.to_string()).unwrap_or_default();
+            // Dial this host, verifying the name agents use.
+            let name = a.server.as_ref().map(|s| s.names[0].clone()).unwrap_or_default();
+            let ip = match server.listen.ip() {
+                std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+                ip => ip,
+            };
+            let yaml = format!(
+                "agent:\n  name: {CHECK_ENTRY}\nserver:\n  address: {}\n  server_name: {}\n\
+                 tls:\n  ca_cert: {}\n  client_cert: agent.crt\n  client_key: agent.key\n\
+                 backups:\n  - name: {CHECK_ENTRY}\n    storage: {storage}\n    sources:\n      - path: /\n",
+                q(&std::net::SocketAddr::new(ip, server.listen.port()).to_string()),
+                q(&name),
+                q(&layout.ca.with_extension("crt").to_string_lossy()),
+            );
+            AgentConfig::parse(&yaml, &work.path().join("agent.yaml")).map_err(|e| fail(Exit::Failed, e))?
+        }
+        _ => super::load_agent_config(&layout.agent_yaml)?,
+    };
+    let src = work.path().join("setup-check");
+    std::fs::create_dir_all(src.join("dir"))?;
+    std::fs::write(src.join("dir/proof.txt"), format!("nbackup setup check, {}\n", chrono::Utc::now().to_rfc3339()))?;
+    let mut entry = agent_cfg.backups[0].clone();
+    entry.name = Name::new(CHECK_ENTRY).map_err(|e| anyhow::anyhow!("{e}"))?;
+    entry.sources = vec![src.clone()];
+    entry.exclude = nbackup_protocol::config::Excludes::none();
+    entry.parallels = 1;
+    entry.restore_test = None;
+    let connector = Connector::new(&agent_cfg)?;
+    // A server set up here but not running yet: run it for the proof.
+    let mut local = None;
+    if a.role != Role::Agent && connector.health().await.is_err() {
+        let cfg = super::load_server_config(&layout.server_yaml)?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| fail(Exit::Failed, anyhow::anyhow!("cannot listen on {} for the check: {e}", cfg.listen)))?;
+        let dirs: Vec<std::path::PathBuf> = cfg.storages.values().map(|s| s.base_dir.clone()).collect();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(nbackup_daemon::server::run(cfg, listener, stop.clone()));
+        local = Some((stop, task, dirs));
+        println!("check: started the server here for the check");
+    }
+    let outcome = async {
+        let progress = std::sync::Arc::new(nbackup_daemon::agent::Progress::default());
+        let report = nbackup_daemon::agent::run_backup(&connector, &agent_cfg, &entry, progress, Default::default())
+            .await
+            .map_err(|e| fail(crate::exit::for_backup_error(&e), anyhow::anyhow!("check: the backup failed: {e}")))?;
+        let client = RestoreClient::new(connector.clone(), agent_cfg.name.clone(), agent_cfg.retry);
+        let which =
+            ArchiveRef { storage: entry.storage.clone(), backup: entry.name.clone(), archive: report.archive.clone() };
+        let verdict = client.verify(&which).await?;
+        if verdict.verdict != nbackup_protocol::restore::Verdict::Good {
+            return Err(fail(
+                Exit::Mismatch,
+                anyhow::anyhow!("check: the server could not verify it: {}", verdict.detail),
+            ));
+        }
+        let listed = client.list(&entry.storage, Some(&entry.name)).await?;
+        let remote = listed
+            .iter()
+            .find(|r| r.archive == report.archive)
+            .ok_or_else(|| anyhow::anyhow!("check: the server does not list {}", report.archive))?;
+        let dest = work.path().join("restored");
+        let spec = RestoreSpec {
+            which,
+            compression: remote.compression,
+            size: remote.size,
+            dest: dest.clone(),
+            selection: Selection::all(),
+            overwrite: Overwrite::Never,
+            dry_run: false,
+        };
+        let done = restore_job::restore(
+            &client,
+            spec,
+            None,
+            std::sync::Arc::new(RestoreProgress::default()),
+            Box::new(|_| {}),
+            &Default::default(),
+        )
+        .await?;
+        let diffs =
+            restore::compare_trees(std::slice::from_ref(&src), &entry.exclude, &dest, restore::running_as_root(), 5)?;
+        if done.verified() != Some(true) || !diffs.is_empty() {
+            return Err(fail(Exit::Failed, anyhow::anyhow!("check: the restore differs: {}", diffs.join("; "))));
+        }
+        println!(
+            "check: backed up {} as {CHECK_ENTRY}, verified by the server, restored and compared: the chain works",
+            report.archive
+        );
+        Ok(())
+    }
+    .await;
+    if let Some((stop, task, dirs)) = local {
+        stop.cancel();
+        let _ = task.await;
+        hand_to_server_user(&dirs);
+    }
+    outcome
+}
+
+/// After a check run as root, storages the in-process server created belong to the
+/// packaged server's user, so `nbackup-server` can write them.
+fn hand_to_server_user(dirs: &[std::path::PathBuf]) {
+    fn chown_tree(p: &Path, uid: u32, gid: u32) {
+        let _ = std::os::unix::fs::lchown(p, Some(uid), Some(gid));
+        if p.is_dir() && !p.is_symlink() {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                chown_tree(&e.path(), uid, gid);
+            }
+        }
+    }
+    if !nbackup_daemon::restore::running_as_root() {
+        return;
+    }
+    let (Some(uid), Some(gid)) =
+        (nbackup_daemon::admin::user_id("nbackup"), nbackup_daemon::admin::group_id("nbackup"))
+    else {
+        return;
+    };
+    for d in dirs {
+        chown_tree(d, uid, gid);
+    }
 }
 
 /// What the plan will do, with a diff for each file it changes.

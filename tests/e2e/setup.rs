@@ -61,6 +61,8 @@ fn answers_from_the_template_make_a_server_and_agent_that_back_up_and_restore() 
 
     let out = run(&["setup", "--answers", s(&file)]);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("started the server here for the check"), "{}", text(&out));
+    assert!(text(&out).contains("restored and compared: the chain works"), "{}", text(&out));
     for f in ["server.yaml", "agent.yaml", "pki/ca.crt", "pki/ca.key", "pki/server.crt", "pki/web-01.crt"] {
         assert!(etc.join(f).is_file(), "{f}");
     }
@@ -89,6 +91,7 @@ fn answers_from_the_template_make_a_server_and_agent_that_back_up_and_restore() 
     let again = run(&["setup", "--answers", s(&file)]);
     assert!(again.status.success(), "{}", text(&again));
     let said = text(&again);
+    assert!(said.contains("the chain works") && !said.contains("started the server here"), "{said}");
     assert!(said.contains("-    max_backups: 7") && said.contains("+    max_backups: 9"), "{said}");
     assert!(said.contains("agent.yaml is unchanged"), "{said}");
     assert!(!said.contains("create a CA") && !said.contains("issue the"), "{said}");
@@ -144,6 +147,8 @@ fn the_prompts_in_a_terminal_write_a_server_config_that_loads() {
     tmux.keys(&["Down", "Enter"]); // gzip
     tmux.wait_for("Add another storage");
     tmux.keys(&["Enter"]); // no
+    tmux.wait_for("Prove it at the end");
+    tmux.keys(&["n", "Enter"]);
     tmux.wait_for("Do this?");
     tmux.keys(&["Enter"]);
     tmux.wait_for("next: systemctl enable --now nbackup-server");

@@ -120,7 +120,10 @@ pub fn ask(dir: PathBuf, existing: &Existing) -> Result<Answers, WizardError> {
         Role::Server => None,
         _ => Some(ask_agent(role, existing, server.as_ref())?),
     };
-    Ok(Answers { role, dir, server, agent })
+    let check = Confirm::new("Prove it at the end: a tiny backup, verified by the server and restored?")
+        .with_default(true)
+        .prompt()?;
+    Ok(Answers { role, dir, server, agent, check })
 }
 
 fn ask_server(existing: &Existing) -> Result<ServerAnswers, WizardError> {
