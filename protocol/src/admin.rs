@@ -413,6 +413,10 @@ pub struct ServerStatus {
     /// The server's own certificate and its CA.
     #[serde(default)]
     pub certificates: Vec<CertExpiry>,
+    /// The config file it runs with (what a reload re-reads; the console's wizards
+    /// edit it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 /// When one of a daemon's own certificates ends (`tls.warn_before` warns).
@@ -624,6 +628,9 @@ pub struct AgentStatus {
     /// The agent's own certificate and its CA.
     #[serde(default)]
     pub certificates: Vec<CertExpiry>,
+    /// The config file it runs with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -426,16 +426,8 @@ fn server_yaml(a: &ServerAnswers, existing: Option<&str>, port: u16) -> Result<S
     if a.storages.is_empty() {
         return Err("server.storages: define at least one".into());
     }
-    let storages = section(&mut root, "storages");
     for st in &a.storages {
-        let m = section(storages, &st.name);
-        m.insert(s("base_dir"), path(&st.base_dir));
-        m.insert(s("max_backups"), Value::from(st.max_backups));
-        m.insert(s("compression"), s(&st.compression.to_string()));
-        match st.level {
-            Some(l) => m.insert(s("compression_level"), Value::from(l)),
-            None => m.remove(s("compression_level")),
-        };
+        set_storage(&mut root, st);
     }
     if fresh {
         // The packaged server runs without a login session: its socket must be
@@ -444,6 +436,39 @@ fn server_yaml(a: &ServerAnswers, existing: Option<&str>, port: u16) -> Result<S
     }
     let body = serde_yaml::to_string(&Value::Mapping(root)).map_err(|e| e.to_string())?;
     Ok(format!("{}{body}", header(existing, SERVER_HEADER)))
+}
+
+fn set_storage(root: &mut Mapping, st: &StorageAnswers) {
+    let m = section(section(root, "storages"), &st.name);
+    m.insert(s("base_dir"), path(&st.base_dir));
+    m.insert(s("max_backups"), Value::from(st.max_backups));
+    m.insert(s("compression"), s(&st.compression.to_string()));
+    match st.level {
+        Some(l) => m.insert(s("compression_level"), Value::from(l)),
+        None => m.remove(s("compression_level")),
+    };
+}
+
+/// `server.yaml` at `file` (its text `existing`) with `storage` added or changed,
+/// validated as loading would (the console's "add a storage").
+pub fn with_storage(existing: &str, file: &Path, storage: &StorageAnswers) -> Result<String, String> {
+    let mut root = parse_existing(Some(existing), "server.yaml")?.unwrap_or_default();
+    set_storage(&mut root, storage);
+    let body = serde_yaml::to_string(&Value::Mapping(root)).map_err(|e| e.to_string())?;
+    let text = format!("{}{body}", header(Some(existing), SERVER_HEADER));
+    ServerConfig::parse(&text, file).map_err(|e| format!("the server.yaml it makes: {e}"))?;
+    Ok(text)
+}
+
+/// `agent.yaml` at `file` with `backup` added or changed, validated (the console's
+/// "add a backup entry").
+pub fn with_backup(existing: &str, file: &Path, backup: &BackupAnswers) -> Result<String, String> {
+    let mut root = parse_existing(Some(existing), "agent.yaml")?.unwrap_or_default();
+    set_backup(&mut root, backup)?;
+    let body = serde_yaml::to_string(&Value::Mapping(root)).map_err(|e| e.to_string())?;
+    let text = format!("{}{body}", header(Some(existing), AGENT_HEADER));
+    AgentConfig::parse(&text, file).map_err(|e| format!("the agent.yaml it makes: {e}"))?;
+    Ok(text)
 }
 
 fn agent_yaml(
@@ -464,57 +489,62 @@ fn agent_yaml(
     if a.backups.is_empty() {
         return Err("agent.backups: define at least one".into());
     }
-    let slot = root.entry(s("backups")).or_insert_with(|| Value::Sequence(Vec::new()));
-    if !slot.is_sequence() {
-        *slot = Value::Sequence(Vec::new());
-    }
-    let list = slot.as_sequence_mut().expect("just made a sequence");
     for b in &a.backups {
-        let i = match list.iter().position(|e| e.get("name").and_then(Value::as_str) == Some(b.name.as_str())) {
-            Some(i) => i,
-            None => {
-                list.push(Value::Mapping(Mapping::new()));
-                list.len() - 1
-            }
-        };
-        let Some(m) = list[i].as_mapping_mut() else {
-            return Err(format!("the existing agent.yaml's backup entry {} is not a mapping", b.name));
-        };
-        m.insert(s("name"), s(&b.name));
-        m.insert(s("storage"), s(&b.storage));
-        match &b.schedule {
-            Some(c) => m.insert(s("schedule"), s(c)),
-            None => m.remove(s("schedule")),
-        };
-        let sources: Vec<Value> = b
-            .paths
-            .iter()
-            .map(|p| {
-                let mut src = Mapping::new();
-                src.insert(s("path"), path(p));
-                Value::Mapping(src)
-            })
-            .collect();
-        m.insert(s("sources"), Value::Sequence(sources));
-        if b.exclude.is_empty() {
-            m.remove(s("exclude"));
-        } else {
-            m.insert(s("exclude"), Value::Sequence(b.exclude.iter().map(|e| s(e)).collect()));
-        }
-        match b.parallels {
-            Some(n) => m.insert(s("parallels"), Value::from(n)),
-            None => m.remove(s("parallels")),
-        };
-        match &b.bandwidth_limit {
-            Some(l) => m.insert(s("bandwidth_limit"), s(l)),
-            None => m.remove(s("bandwidth_limit")),
-        };
+        set_backup(&mut root, b)?;
     }
     if fresh {
         section(&mut root, "admin").insert(s("socket"), s("/run/nbackup/agent.sock"));
     }
     let body = serde_yaml::to_string(&Value::Mapping(root)).map_err(|e| e.to_string())?;
     Ok(format!("{}{body}", header(existing, AGENT_HEADER)))
+}
+
+fn set_backup(root: &mut Mapping, b: &BackupAnswers) -> Result<(), String> {
+    let slot = root.entry(s("backups")).or_insert_with(|| Value::Sequence(Vec::new()));
+    if !slot.is_sequence() {
+        *slot = Value::Sequence(Vec::new());
+    }
+    let list = slot.as_sequence_mut().expect("just made a sequence");
+    let i = match list.iter().position(|e| e.get("name").and_then(Value::as_str) == Some(b.name.as_str())) {
+        Some(i) => i,
+        None => {
+            list.push(Value::Mapping(Mapping::new()));
+            list.len() - 1
+        }
+    };
+    let Some(m) = list[i].as_mapping_mut() else {
+        return Err(format!("the existing agent.yaml's backup entry {} is not a mapping", b.name));
+    };
+    m.insert(s("name"), s(&b.name));
+    m.insert(s("storage"), s(&b.storage));
+    match &b.schedule {
+        Some(c) => m.insert(s("schedule"), s(c)),
+        None => m.remove(s("schedule")),
+    };
+    let sources: Vec<Value> = b
+        .paths
+        .iter()
+        .map(|p| {
+            let mut src = Mapping::new();
+            src.insert(s("path"), path(p));
+            Value::Mapping(src)
+        })
+        .collect();
+    m.insert(s("sources"), Value::Sequence(sources));
+    if b.exclude.is_empty() {
+        m.remove(s("exclude"));
+    } else {
+        m.insert(s("exclude"), Value::Sequence(b.exclude.iter().map(|e| s(e)).collect()));
+    }
+    match b.parallels {
+        Some(n) => m.insert(s("parallels"), Value::from(n)),
+        None => m.remove(s("parallels")),
+    };
+    match &b.bandwidth_limit {
+        Some(l) => m.insert(s("bandwidth_limit"), s(l)),
+        None => m.remove(s("bandwidth_limit")),
+    };
+    Ok(())
 }
 
 /// `nbackup setup --print-answers`: every question, commented, with the defaults.
@@ -653,6 +683,41 @@ mod tests {
         assert!(writes[0].1.contains("verify_rate: 50MiB") && writes[0].1.contains("hooks.example.com"));
         assert!(writes[0].1.contains("max_backups: 14"));
         assert!(writes[1].1.contains("catch_up: true") && writes[1].1.contains("name: home"));
+    }
+
+    #[test]
+    fn one_storage_or_entry_is_added_to_a_config_as_it_stands() {
+        let mut a = template();
+        a.dir = PathBuf::from("/tmp/nb-setup");
+        let first = plan(&a, &Existing::default()).expect("plans");
+        let mut texts = first.writes().map(|(_, t, _)| t.to_string());
+        let (server, agent) = (texts.next().expect("server"), texts.next().expect("agent"));
+        let file = Path::new("/tmp/nb-setup/server.yaml");
+        let st = StorageAnswers {
+            name: "offsite-disk".into(),
+            base_dir: "/mnt/usb/nbackup".into(),
+            max_backups: 30,
+            compression: Compression::Gzip,
+            level: Some(9),
+        };
+        let text = with_storage(&server, file, &st).expect("adds");
+        let cfg = ServerConfig::parse(&text, file).expect("loads");
+        assert_eq!(cfg.storages.len(), 2);
+        assert!(text.starts_with("# Written by"), "the header stays");
+        let bad = StorageAnswers { base_dir: "/var/backups/nbackup/main".into(), ..st };
+        assert!(with_storage(&server, file, &bad).unwrap_err().contains("already uses"), "validated as loading");
+        let file = Path::new("/tmp/nb-setup/agent.yaml");
+        let b = BackupAnswers {
+            name: "www".into(),
+            storage: "main".into(),
+            paths: vec!["/var/www".into()],
+            exclude: vec![],
+            schedule: Some("30 3 * * *".into()),
+            parallels: None,
+            bandwidth_limit: None,
+        };
+        let cfg = AgentConfig::parse(&with_backup(&agent, file, &b).expect("adds"), file).expect("loads");
+        assert_eq!(cfg.backups.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["etc", "www"]);
     }
 
     #[test]

@@ -171,3 +171,42 @@ async fn a_dropped_ssh_session_ends_the_console_and_a_pipe_gets_pointed_to_ctl()
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("1 Overview") && text.contains("Storages") && text.lines().count() == 30, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_hands_the_terminal_to_a_wizard_and_the_server_reloads_with_its_storage() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pki, server_cfg, addr, _agent_cfg, server_sock) = setup(tmp.path());
+    let _server = ServerChild::start(&server_cfg, addr, "");
+    let tmux = Tmux::start("wizard", &console_command(&server_sock));
+    tmux.wait_until("live with storages", |s| s.contains("● live") && s.contains("Storages"));
+    tmux.keys(&["+"]);
+    tmux.wait_for("Add a storage to");
+    assert_eq!(tmux.pane("#{alternate_on}"), "0", "the console left its screen to the wizard");
+    tmux.wait_for("Storage name");
+    tmux.keys(&["usb", "Enter"]);
+    tmux.wait_for("where its archives go");
+    let dir = tmp.path().join("storage/usb");
+    tmux.keys(&[dir.to_str().expect("utf-8"), "Enter"]);
+    tmux.wait_for("archives to keep");
+    tmux.keys(&["3", "Enter"]);
+    tmux.wait_for("compression");
+    tmux.keys(&["Enter"]);
+    let s = tmux.wait_for("Write it and reload");
+    assert!(s.contains("+  usb:") && s.contains("max_backups: 3"), "the diff is shown:\n{s}");
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("Press Enter to return");
+    tmux.keys(&["Enter"]);
+    // Back in the console, with the answer and the new storage.
+    let s = tmux.wait_until("back with the answer", |s| s.contains("add a storage") && s.contains("reloaded"));
+    assert_eq!(tmux.pane("#{alternate_on}"), "1", "the console has its screen again:\n{s}");
+    let client = AdminClient::new(&server_sock);
+    let status = client.status().await.expect("status");
+    let nbackup_tui::client::Status::Server(status) = status else { panic!("a server") };
+    assert!(status.storages.iter().any(|st| st.name == "usb"), "{:?}", status.storages);
+    let text = std::fs::read_to_string(&server_cfg).expect("config");
+    nbackup_protocol::config::ServerConfig::parse(&text, &server_cfg).expect("the edited config loads");
+    // Keys reach the console again.
+    tmux.keys(&["5"]);
+    tmux.wait_for("History");
+    tmux.keys(&["q"]);
+}

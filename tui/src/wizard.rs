@@ -160,51 +160,56 @@ fn ask_server(existing: &Existing) -> Result<ServerAnswers, WizardError> {
     let earlier = before.map(|b| b.storages).unwrap_or_default();
     loop {
         let prior = earlier.get(storages.len());
-        let name_default =
-            prior.map_or_else(|| if storages.is_empty() { "main".into() } else { String::new() }, |p| p.name.clone());
-        let name = Text::new("Storage name:").with_default(&name_default).with_validator(valid_name).prompt()?;
-        let dir_default =
-            prior.map_or_else(|| format!("/var/backups/nbackup/{name}"), |p| p.base_dir.to_string_lossy().into_owned());
-        let base_dir = Text::new("  where its archives go:")
-            .with_default(&dir_default)
-            .with_validator(|s: &str| {
-                Ok(match check_dir(Path::new(s)) {
-                    Ok(_) => Validation::Valid,
-                    Err(e) => Validation::Invalid(e.into()),
-                })
-            })
-            .prompt()?;
-        if let Ok(words) = check_dir(Path::new(&base_dir)) {
-            println!("  {base_dir}: {words}");
-        }
-        let max_backups = CustomType::<u32>::new("  archives to keep per agent and entry:")
-            .with_default(prior.map_or(7, |p| p.max_backups))
-            .with_validator(|n: &u32| {
-                Ok(if *n == 0 { Validation::Invalid("at least 1".into()) } else { Validation::Valid })
-            })
-            .prompt()?;
-        let zstd_first = prior.is_none_or(|p| p.compression == Compression::Zstd);
-        let choices = if zstd_first { vec!["zstd", "gzip"] } else { vec!["gzip", "zstd"] };
-        let compression = match Select::new("  compression:", choices)
-            .with_help_message("zstd: faster and smaller · gzip: readable everywhere (tar xzf)")
-            .prompt()?
-        {
-            "gzip" => Compression::Gzip,
-            _ => Compression::Zstd,
-        };
-        storages.push(StorageAnswers {
-            name,
-            base_dir: PathBuf::from(base_dir),
-            max_backups,
-            compression,
-            level: prior.and_then(|p| p.level),
-        });
+        storages.push(ask_storage(prior, storages.is_empty())?);
         let more = earlier.len() > storages.len();
         if !Confirm::new("Add another storage?").with_default(more).prompt()? {
             break;
         }
     }
     Ok(ServerAnswers { listen, names, ca, enrollment, storages })
+}
+
+/// One storage: name, directory (checked), retention, compression. `prior`: the
+/// answers to change; `first`: offer `main` as the name.
+pub fn ask_storage(prior: Option<&StorageAnswers>, first: bool) -> Result<StorageAnswers, WizardError> {
+    let name_default = prior.map_or_else(|| if first { "main".into() } else { String::new() }, |p| p.name.clone());
+    let name = Text::new("Storage name:").with_default(&name_default).with_validator(valid_name).prompt()?;
+    let dir_default =
+        prior.map_or_else(|| format!("/var/backups/nbackup/{name}"), |p| p.base_dir.to_string_lossy().into_owned());
+    let base_dir = Text::new("  where its archives go:")
+        .with_default(&dir_default)
+        .with_validator(|s: &str| {
+            Ok(match check_dir(Path::new(s)) {
+                Ok(_) => Validation::Valid,
+                Err(e) => Validation::Invalid(e.into()),
+            })
+        })
+        .prompt()?;
+    if let Ok(words) = check_dir(Path::new(&base_dir)) {
+        println!("  {base_dir}: {words}");
+    }
+    let max_backups = CustomType::<u32>::new("  archives to keep per agent and entry:")
+        .with_default(prior.map_or(7, |p| p.max_backups))
+        .with_validator(|n: &u32| {
+            Ok(if *n == 0 { Validation::Invalid("at least 1".into()) } else { Validation::Valid })
+        })
+        .prompt()?;
+    let zstd_first = prior.is_none_or(|p| p.compression == Compression::Zstd);
+    let choices = if zstd_first { vec!["zstd", "gzip"] } else { vec!["gzip", "zstd"] };
+    let compression = match Select::new("  compression:", choices)
+        .with_help_message("zstd: faster and smaller · gzip: readable everywhere (tar xzf)")
+        .prompt()?
+    {
+        "gzip" => Compression::Gzip,
+        _ => Compression::Zstd,
+    };
+    Ok(StorageAnswers {
+        name,
+        base_dir: PathBuf::from(base_dir),
+        max_backups,
+        compression,
+        level: prior.and_then(|p| p.level),
+    })
 }
 
 fn ask_agent(role: Role, existing: &Existing, server: Option<&ServerAnswers>) -> Result<AgentAnswers, WizardError> {
@@ -257,90 +262,97 @@ fn ask_agent(role: Role, existing: &Existing, server: Option<&ServerAnswers>) ->
     let mut backups = Vec::new();
     loop {
         let prior = earlier.get(backups.len());
-        let name_default =
-            prior.map_or_else(|| if backups.is_empty() { "etc".into() } else { String::new() }, |p| p.name.clone());
-        let entry = Text::new("Backup entry name:").with_default(&name_default).with_validator(valid_name).prompt()?;
-        let storage = if storages.is_empty() {
-            let default = prior.map_or_else(|| "main".to_string(), |p| p.storage.clone());
-            Text::new("  storage on the server:").with_default(&default).with_validator(valid_name).prompt()?
-        } else {
-            Select::new("  storage:", storages.clone()).prompt()?
-        };
-        let paths_default = prior.map_or_else(
-            || "/etc".to_string(),
-            |p| p.paths.iter().map(|x| x.to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "),
-        );
-        let paths = list(
-            &Text::new("  paths (comma-separated):")
-                .with_default(&paths_default)
-                .with_validator(|s: &str| {
-                    let missing: Vec<String> =
-                        list(s).into_iter().filter(|p| !Path::new(p).is_absolute() || !Path::new(p).exists()).collect();
-                    Ok(match (list(s).is_empty(), missing.is_empty()) {
-                        (true, _) => Validation::Invalid("name at least one path".into()),
-                        (_, false) => {
-                            Validation::Invalid(format!("not an existing absolute path: {}", missing.join(", ")).into())
-                        }
-                        _ => Validation::Valid,
-                    })
-                })
-                .prompt()?,
-        );
-        let exclude_default = prior.map(|p| p.exclude.join(", ")).unwrap_or_default();
-        let exclude = list(
-            &Text::new("  exclude (globs, comma-separated, may be empty):").with_default(&exclude_default).prompt()?,
-        );
-        let schedule_default =
-            prior.map_or_else(|| "0 2 * * *".to_string(), |p| p.schedule.clone().unwrap_or_default());
-        let schedule = Text::new("  schedule (cron in this host's time, @daily, or empty for on demand):")
-            .with_default(&schedule_default)
-            .with_validator(|s: &str| {
-                Ok(match s.trim() {
-                    "" => Validation::Valid,
-                    expr => match next_runs(expr, Local::now(), 3) {
-                        Ok(_) => Validation::Valid,
-                        Err(e) => Validation::Invalid(e.into()),
-                    },
-                })
-            })
-            .prompt()?;
-        let schedule = Some(schedule.trim().to_string()).filter(|s| !s.is_empty());
-        match &schedule {
-            Some(expr) => println!("  {}", next_runs(expr, Local::now(), 3).unwrap_or_default()),
-            None => println!("  runs only when asked (nbackup backup, ctl run, the console)"),
-        }
-        let parallels = CustomType::<u16>::new("  parallel streams:")
-            .with_default(prior.and_then(|p| p.parallels).unwrap_or(1))
-            .with_help_message("more streams help on links with high latency; the autoscaler adjusts within this")
-            .prompt()?;
-        let bandwidth_default = prior.and_then(|p| p.bandwidth_limit.clone()).unwrap_or_default();
-        let bandwidth = Text::new("  bandwidth limit per second (e.g. 50MiB; empty: none):")
-            .with_default(&bandwidth_default)
-            .with_validator(|s: &str| {
-                Ok(match s.trim() {
-                    "" => Validation::Valid,
-                    v => match nbackup_protocol::config::ByteSize::parse(v) {
-                        Ok(_) => Validation::Valid,
-                        Err(e) => Validation::Invalid(e.into()),
-                    },
-                })
-            })
-            .prompt()?;
-        backups.push(BackupAnswers {
-            name: entry,
-            storage,
-            paths: paths.into_iter().map(PathBuf::from).collect(),
-            exclude,
-            schedule,
-            parallels: Some(parallels).filter(|n| *n > 1),
-            bandwidth_limit: Some(bandwidth.trim().to_string()).filter(|b| !b.is_empty()),
-        });
+        backups.push(ask_backup(prior, &storages, backups.is_empty())?);
         let more = earlier.len() > backups.len();
         if !Confirm::new("Add another backup entry?").with_default(more).prompt()? {
             break;
         }
     }
     Ok(AgentAnswers { name, server: address, enroll, backups })
+}
+
+/// One backup entry: name, storage (chosen from `storages` when known), paths
+/// (checked), excludes, schedule (with its next runs), streams, bandwidth.
+pub fn ask_backup(
+    prior: Option<&BackupAnswers>,
+    storages: &[String],
+    first: bool,
+) -> Result<BackupAnswers, WizardError> {
+    let name_default = prior.map_or_else(|| if first { "etc".into() } else { String::new() }, |p| p.name.clone());
+    let entry = Text::new("Backup entry name:").with_default(&name_default).with_validator(valid_name).prompt()?;
+    let storage = if storages.is_empty() {
+        let default = prior.map_or_else(|| "main".to_string(), |p| p.storage.clone());
+        Text::new("  storage on the server:").with_default(&default).with_validator(valid_name).prompt()?
+    } else {
+        Select::new("  storage:", storages.to_vec()).prompt()?
+    };
+    let paths_default = prior.map_or_else(
+        || "/etc".to_string(),
+        |p| p.paths.iter().map(|x| x.to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "),
+    );
+    let paths = list(
+        &Text::new("  paths (comma-separated):")
+            .with_default(&paths_default)
+            .with_validator(|s: &str| {
+                let missing: Vec<String> =
+                    list(s).into_iter().filter(|p| !Path::new(p).is_absolute() || !Path::new(p).exists()).collect();
+                Ok(match (list(s).is_empty(), missing.is_empty()) {
+                    (true, _) => Validation::Invalid("name at least one path".into()),
+                    (_, false) => {
+                        Validation::Invalid(format!("not an existing absolute path: {}", missing.join(", ")).into())
+                    }
+                    _ => Validation::Valid,
+                })
+            })
+            .prompt()?,
+    );
+    let exclude_default = prior.map(|p| p.exclude.join(", ")).unwrap_or_default();
+    let exclude =
+        list(&Text::new("  exclude (globs, comma-separated, may be empty):").with_default(&exclude_default).prompt()?);
+    let schedule_default = prior.map_or_else(|| "0 2 * * *".to_string(), |p| p.schedule.clone().unwrap_or_default());
+    let schedule = Text::new("  schedule (cron in this host's time, @daily, or empty for on demand):")
+        .with_default(&schedule_default)
+        .with_validator(|s: &str| {
+            Ok(match s.trim() {
+                "" => Validation::Valid,
+                expr => match next_runs(expr, Local::now(), 3) {
+                    Ok(_) => Validation::Valid,
+                    Err(e) => Validation::Invalid(e.into()),
+                },
+            })
+        })
+        .prompt()?;
+    let schedule = Some(schedule.trim().to_string()).filter(|s| !s.is_empty());
+    match &schedule {
+        Some(expr) => println!("  {}", next_runs(expr, Local::now(), 3).unwrap_or_default()),
+        None => println!("  runs only when asked (nbackup backup, ctl run, the console)"),
+    }
+    let parallels = CustomType::<u16>::new("  parallel streams:")
+        .with_default(prior.and_then(|p| p.parallels).unwrap_or(1))
+        .with_help_message("more streams help on links with high latency; the autoscaler adjusts within this")
+        .prompt()?;
+    let bandwidth_default = prior.and_then(|p| p.bandwidth_limit.clone()).unwrap_or_default();
+    let bandwidth = Text::new("  bandwidth limit per second (e.g. 50MiB; empty: none):")
+        .with_default(&bandwidth_default)
+        .with_validator(|s: &str| {
+            Ok(match s.trim() {
+                "" => Validation::Valid,
+                v => match nbackup_protocol::config::ByteSize::parse(v) {
+                    Ok(_) => Validation::Valid,
+                    Err(e) => Validation::Invalid(e.into()),
+                },
+            })
+        })
+        .prompt()?;
+    Ok(BackupAnswers {
+        name: entry,
+        storage,
+        paths: paths.into_iter().map(PathBuf::from).collect(),
+        exclude,
+        schedule,
+        parallels: Some(parallels).filter(|n| *n > 1),
+        bandwidth_limit: Some(bandwidth.trim().to_string()).filter(|b| !b.is_empty()),
+    })
 }
 
 #[cfg(test)]

@@ -883,6 +883,7 @@ impl Agentd {
             entries: self.entry_statuses(),
             running: self.running(),
             certificates: self.certs.snapshot(),
+            config: self.config_path.as_ref().map(|p| p.display().to_string()),
         }
     }
 

@@ -113,6 +113,7 @@ impl ServerHandle {
             connected_agents: s.agents.connected(),
             storages,
             certificates: s.certs.snapshot(),
+            config: s.config_path.as_ref().map(|p| p.display().to_string()),
         }
     }
 

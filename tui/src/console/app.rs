@@ -132,6 +132,8 @@ pub enum Cmd {
     Act(Action),
     /// Fetch history and archives again.
     Refresh,
+    /// Suspend the console and run a wizard on the terminal.
+    Wizard(super::keys::Wizard),
 }
 
 /// Settings from the command line.
@@ -387,7 +389,9 @@ fn move_selection(app: &mut App, to: impl FnOnce(usize, usize) -> usize) {
 }
 
 fn command(app: &mut App, cmd: Command, scope: Scope) -> Option<Cmd> {
-    if scope == Scope::Action && app.settings.readonly {
+    // Wizards change configs whichever way they are opened (key or palette).
+    let acts = scope == Scope::Action || matches!(cmd, Command::Wizard(_));
+    if acts && app.settings.readonly {
         app.notice = Some("read-only console: actions are off".into());
         return None;
     }
@@ -507,6 +511,26 @@ fn command(app: &mut App, cmd: Command, scope: Scope) -> Option<Cmd> {
         Command::Reload => {
             let word = app.daemon_word();
             app.overlay = Some(Overlay::Confirm(actions::reload(word)));
+        }
+        Command::Wizard(w) => {
+            use super::keys::Wizard;
+            let server = app.data.kind == Some(DaemonKind::Server);
+            let w = match w {
+                Wizard::Add if server => Wizard::AddStorage,
+                Wizard::Add => Wizard::AddEntry,
+                other => other,
+            };
+            return match (w, server) {
+                (Wizard::AddStorage | Wizard::Enroll, false) => {
+                    app.notice = Some("storages and enrollment are the server's: open its console".into());
+                    None
+                }
+                (Wizard::AddEntry, true) => {
+                    app.notice = Some("backup entries are the agent's: open its console".into());
+                    None
+                }
+                _ => Some(Cmd::Wizard(w)),
+            };
         }
     }
     None

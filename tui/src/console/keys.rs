@@ -35,6 +35,22 @@ pub enum Command {
     Defer,
     Reload,
     Verify,
+    /// Hand the terminal to a setup wizard.
+    Wizard(Wizard),
+}
+
+/// The wizards the console opens (`nbackup_tui::wizard`, the same prompts as
+/// `nbackup setup`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wizard {
+    /// A storage in the server's config, then a reload.
+    AddStorage,
+    /// A backup entry in the agent's config, then a reload.
+    AddEntry,
+    /// A one-time token and the command that enrolls an agent with it.
+    Enroll,
+    /// Whichever "add" the daemon has: a storage on a server, an entry on an agent.
+    Add,
 }
 
 /// Where a binding applies.
@@ -151,6 +167,7 @@ pub const BINDINGS: &[Binding] = &[
     Binding { keys: &[K::Char('d')], command: C::Defer, scope: S::Action, help: "defer the entry" },
     Binding { keys: &[K::Char('v')], command: C::Verify, scope: S::Action, help: "verify the archive" },
     Binding { keys: &[K::Char('R')], command: C::Reload, scope: S::Action, help: "reload the config" },
+    Binding { keys: &[K::Char('+')], command: C::Wizard(Wizard::Add), scope: S::Action, help: "add storage or entry" },
 ];
 
 /// Palette commands: a name, its aliases, what it does.
@@ -173,6 +190,9 @@ pub const PALETTE: &[(&str, &[&str], Command)] = &[
     ("defer", &["postpone", "snooze"], C::Defer),
     ("reload", &["hup"], C::Reload),
     ("verify", &["check"], C::Verify),
+    ("add-storage", &["storage+"], C::Wizard(Wizard::AddStorage)),
+    ("add-entry", &["entry+"], C::Wizard(Wizard::AddEntry)),
+    ("enroll", &["token"], C::Wizard(Wizard::Enroll)),
 ];
 
 /// The binding for a key, if any.

@@ -126,6 +126,8 @@ fn execute(client: &AdminClient, ui: &mpsc::Sender<Msg>, kind: Option<DaemonKind
                 let result = act(&client, action).await.map(|r| r.message).map_err(|e| e.to_string());
                 let _ = send(&ui, LinkEvent::Answer { title, result }).await;
             }
+            // The console loop runs wizards itself: they need the terminal.
+            Cmd::Wizard(_) => {}
         }
     });
 }

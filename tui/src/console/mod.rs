@@ -19,8 +19,11 @@ pub mod model;
 pub mod rows;
 pub mod theme;
 pub mod view;
+pub mod wizards;
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ratatui::crossterm::event::{self, Event, KeyEventKind};
@@ -63,9 +66,11 @@ pub async fn run(client: client::AdminClient, options: Options) -> io::Result<()
     let mut app = App::new(options.settings.clone(), chrono::Utc::now());
     let view = options.view.clone();
     let mut terminal = ratatui::try_init()?;
+    let gate = Arc::new(InputGate::default());
+    let wizard_client = client.clone();
     let result = async {
         tokio::spawn(link::run(client, ui_tx.clone(), cmd_rx));
-        spawn_input(ui_tx.clone())?;
+        spawn_input(ui_tx.clone(), gate.clone())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut term = signal(SignalKind::terminate())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -84,8 +89,29 @@ pub async fn run(client: client::AdminClient, options: Options) -> io::Result<()
             let mut next = Some(first);
             while let Some(msg) = next {
                 let connected = matches!(msg, Msg::Link(LinkEvent::Connected(_)));
-                if let Some(cmd) = app::update(&mut app, msg) {
-                    let _ = cmd_tx.try_send(cmd);
+                match app::update(&mut app, msg) {
+                    Some(app::Cmd::Wizard(w)) => {
+                        // The wizard gets the terminal: input reading stops, the
+                        // screen is restored, and both come back after.
+                        gate.pause().await;
+                        ratatui::restore();
+                        let result = wizards::run(&wizard_client, w).await;
+                        terminal = ratatui::try_init()?;
+                        terminal.clear()?;
+                        gate.resume();
+                        let title = match w {
+                            keys::Wizard::Enroll => "enroll an agent",
+                            keys::Wizard::AddEntry => "add a backup entry",
+                            _ => "add a storage",
+                        };
+                        let answer = LinkEvent::Answer { title: title.into(), result };
+                        app.overlay = Some(app::Overlay::Answer { title: title.into(), answer: None });
+                        app::update(&mut app, Msg::Link(answer));
+                    }
+                    Some(cmd) => {
+                        let _ = cmd_tx.try_send(cmd);
+                    }
+                    None => {}
                 }
                 if connected && let Some(v) = wanted_view.take() {
                     start_view(&mut app, Some(&v)).map_err(io::Error::other)?;
@@ -103,16 +129,58 @@ pub async fn run(client: client::AdminClient, options: Options) -> io::Result<()
     result
 }
 
-/// Terminal input on its own thread: crossterm's reads block.
-fn spawn_input(tx: mpsc::Sender<Msg>) -> io::Result<()> {
+/// Lets the loop take terminal input away from the input thread (for a wizard)
+/// and give it back. The thread polls and reads only while holding `turn` and
+/// after seeing `paused` clear under it, so once `pause` has held `turn` once, no
+/// read can start until `resume`.
+#[derive(Default)]
+struct InputGate {
+    paused: AtomicBool,
+    turn: std::sync::Mutex<()>,
+}
+
+impl InputGate {
+    async fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        loop {
+            if self.turn.try_lock().is_ok() {
+                return;
+            }
+            tokio::time::sleep(INPUT_POLL / 4).await;
+        }
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+}
+
+/// How long the input thread waits for a key before it looks at the gate again.
+const INPUT_POLL: Duration = Duration::from_millis(40);
+
+/// Terminal input on its own thread: crossterm's reads block, so it polls briefly
+/// and honours the gate between polls.
+fn spawn_input(tx: mpsc::Sender<Msg>, gate: Arc<InputGate>) -> io::Result<()> {
     std::thread::Builder::new().name("console-input".into()).spawn(move || {
         loop {
+            let turn = gate.turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if gate.paused.load(Ordering::SeqCst) {
+                drop(turn);
+                std::thread::sleep(INPUT_POLL);
+                continue;
+            }
+            match event::poll(INPUT_POLL) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(_) => return,
+            }
             let msg = match event::read() {
                 Ok(Event::Key(k)) if k.kind != KeyEventKind::Release => Msg::Key(k),
                 Ok(Event::Resize(..)) => Msg::Resize,
                 Ok(_) => continue,
                 Err(_) => return,
             };
+            drop(turn);
             if tx.blocking_send(msg).is_err() {
                 return;
             }
