@@ -29,7 +29,7 @@ use nbackup_protocol::wire::{Frame, FrameType, Reason, Refusal};
 
 use super::Server;
 use super::handle::HandleError;
-use super::handler::{blocking, first_frame, refuse};
+use super::handler::{blocking, json_request, refuse};
 use super::listener::Conn;
 use crate::conn::{FrameReader, FrameWriter};
 use crate::pki::{self, CertPair};
@@ -311,19 +311,19 @@ pub async fn handle<R, W>(
     if writer.send(&Frame::EnrollReply(authority)).await.is_err() {
         return;
     }
-    let Some(Frame::EnrollRequest(json)) =
-        first_frame(&server, &conn, &mut reader, &mut writer, &[FrameType::ENROLL_REQUEST]).await
+    let Some(request) = json_request::<EnrollRequest, _, _>(
+        &server,
+        &conn,
+        &mut reader,
+        &mut writer,
+        FrameType::ENROLL_REQUEST,
+        "enrollment",
+    )
+    .await
     else {
         return;
     };
     drop(permit);
-    let request: EnrollRequest = match serde_json::from_str(&json) {
-        Ok(r) => r,
-        Err(e) => {
-            let r = Refusal::new(Reason::Protocol, format!("bad enrollment request: {e}"));
-            return refuse(&server, &conn, &mut writer, r).await;
-        }
-    };
     let s = server.clone();
     let identity = conn.identities.first().cloned();
     let issued = blocking(move || {

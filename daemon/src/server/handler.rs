@@ -101,6 +101,35 @@ where
     }
 }
 
+/// The first request of a `RSTR` or `ENRL` connection: a frame of type `ty` holding
+/// JSON of a `T`; anything else is refused (and logged) and yields `None`.
+pub(super) async fn json_request<T, R, W>(
+    server: &Server,
+    conn: &Conn,
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    ty: FrameType,
+    what: &str,
+) -> Option<T>
+where
+    T: serde::de::DeserializeOwned,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let json = match first_frame(server, conn, reader, writer, &[ty]).await? {
+        Frame::RestoreRequest(json) | Frame::EnrollRequest(json) => json,
+        _ => return None,
+    };
+    match serde_json::from_str(&json) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let r = Refusal::new(Reason::Protocol, format!("bad {what} request: {e}"));
+            refuse(server, conn, writer, r).await;
+            None
+        }
+    }
+}
+
 pub async fn backup<R, W>(
     server: Arc<Server>,
     conn: Conn,

@@ -27,7 +27,7 @@ use nbackup_protocol::wire::{Chunk, Frame, FrameType, Reason, Refusal};
 
 use super::Server;
 use super::handle::EntryArchives;
-use super::handler::{blocking, first_frame, refuse};
+use super::handler::{blocking, json_request, refuse};
 use super::listener::Conn;
 use super::storage::{ArchiveFile, StorageArea, catalog_path};
 use super::verify::{self, Checked};
@@ -47,19 +47,19 @@ pub async fn handle<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let expected = [FrameType::RESTORE_REQUEST];
-    let Some(Frame::RestoreRequest(json)) = first_frame(&server, &conn, &mut reader, &mut writer, &expected).await
+    let Some(request) = json_request::<RestoreRequest, _, _>(
+        &server,
+        &conn,
+        &mut reader,
+        &mut writer,
+        FrameType::RESTORE_REQUEST,
+        "restore",
+    )
+    .await
     else {
         return;
     };
     drop(permit);
-    let request: RestoreRequest = match serde_json::from_str(&json) {
-        Ok(r) => r,
-        Err(e) => {
-            let r = Refusal::new(Reason::Protocol, format!("bad restore request: {e}"));
-            return refuse(&server, &conn, &mut writer, r).await;
-        }
-    };
     let area = match check(&server, &conn, &request) {
         Ok(area) => area,
         Err(r) => return refuse(&server, &conn, &mut writer, r).await,
