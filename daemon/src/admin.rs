@@ -308,3 +308,36 @@ mod tests {
         assert_eq!(bind(&file, None).expect_err("not a socket").kind(), io::ErrorKind::AlreadyExists);
     }
 }
+
+/// Prometheus text exposition, as both daemons' `/metrics` write it.
+#[derive(Default)]
+pub struct Exposition(String);
+
+impl Exposition {
+    /// One metric family: its help, type and samples (`labels` already braced).
+    pub fn metric(&mut self, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+        use std::fmt::Write;
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(self.0, "{name}{labels} {value}");
+        }
+    }
+
+    pub fn finish(self) -> String {
+        self.0
+    }
+}
+
+/// A label value escaped for the exposition format.
+pub fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The `nbackup_cert_expiry_timestamp_seconds` family of a daemon's own certificates.
+pub fn cert_expiry(out: &mut Exposition, certs: &[nbackup_protocol::admin::CertExpiry], whose: &str) {
+    let samples: Vec<(String, f64)> =
+        certs.iter().filter_map(|c| Some((format!("{{cert=\"{}\"}}", label(&c.cert)), c.not_after? as f64))).collect();
+    let help = format!("Unix time the {whose}'s own certificate and its CA end (tls.warn_before warns).");
+    out.metric("nbackup_cert_expiry_timestamp_seconds", "gauge", &help, &samples);
+}

@@ -1468,6 +1468,21 @@ async fn the_agent_daemon_renews_its_certificate_before_it_ends_and_backs_up_wit
     let status: nbackup_protocol::admin::AgentStatus = agent.client.get("/v1/status").await.expect("status");
     let mine = status.certificates.iter().find(|c| c.cert == "agent").expect("agent certificate listed");
     assert!(mine.not_after.is_some_and(|t| t > chrono::Utc::now().timestamp() + 59 * 86_400), "{mine:?}");
+    // The agent's /metrics says the same, with the entry's last success.
+    let text = agent.client.metrics().await.expect("metrics");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("exposition");
+    let gauge = |name: &str, label: (&str, &str)| {
+        scrape.samples.iter().find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1)).map(|s| {
+            match s.value {
+                prometheus_parse::Value::Gauge(v) => v,
+                _ => f64::NAN,
+            }
+        })
+    };
+    let end = gauge("nbackup_cert_expiry_timestamp_seconds", ("cert", "agent")).expect("cert expiry");
+    assert_eq!(end as i64, mine.not_after.expect("end"));
+    assert!(gauge("nbackup_last_success_timestamp_seconds", ("backup", "data")).is_some_and(|t| t > 0.0), "{text}");
+    assert_eq!(gauge("nbackup_entry_running", ("backup", "data")), Some(0.0));
     agent.stop().await;
     server.stop().await;
 }

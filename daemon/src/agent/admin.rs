@@ -31,7 +31,37 @@ pub(super) fn router(d: Arc<Agentd>) -> Router {
         .route("/v1/watch", get(watch))
         .route("/v1/reload", post(reload))
         .route("/v1/notify/{name}/test", post(notify_test))
+        .route("/metrics", get(metrics))
         .with_state(d)
+}
+
+/// Prometheus text: per entry, the last success, whether it is late and whether it
+/// runs; the agent's certificates.
+async fn metrics(State(d): S) -> Response {
+    use crate::admin::{Exposition, label};
+    use axum::response::IntoResponse;
+    let status = d.status();
+    let mut out = Exposition::default();
+    let (mut last, mut late, mut running) = (Vec::new(), Vec::new(), Vec::new());
+    for e in &status.entries {
+        let l = format!("{{backup=\"{}\"}}", label(&e.name));
+        let success = e.freshness.last_success.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        if let Some(t) = success {
+            last.push((l.clone(), t.timestamp() as f64));
+        }
+        late.push((l.clone(), f64::from(u8::from(e.freshness.state.is_late()))));
+        running.push((l, f64::from(u8::from(e.running))));
+    }
+    out.metric(
+        "nbackup_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of each entry's last committed backup.",
+        &last,
+    );
+    out.metric("nbackup_entry_late", "gauge", "1 while an entry is overdue or missed against its schedule.", &late);
+    out.metric("nbackup_entry_running", "gauge", "1 while an entry's backup runs.", &running);
+    crate::admin::cert_expiry(&mut out, &status.certificates, "agent");
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out.finish()).into_response()
 }
 
 async fn status(State(d): S) -> Json<AgentStatus> {

@@ -4,7 +4,6 @@
 //! caches, so they answer at once even while a storage is frozen.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -340,13 +339,9 @@ impl ServerHandle {
     pub fn metrics(&self) -> String {
         let s = &self.0;
         let m = &s.telemetry.metrics;
-        let mut out = String::new();
+        let mut out = crate::admin::Exposition::default();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
+            out.metric(name, kind, help, samples);
         };
         let one = |v: f64| [(String::new(), v)];
         metric("nbackup_sessions_active", "gauge", "Backup sessions in progress.", &one(s.registry.count() as f64));
@@ -422,18 +417,7 @@ impl ServerHandle {
             &oldest,
         );
         metric("nbackup_offsite_sent_bytes_total", "counter", "Request bytes sent to each bucket.", &sent);
-        let certs: Vec<(String, f64)> = s
-            .certs
-            .snapshot()
-            .iter()
-            .filter_map(|c| Some((format!("{{cert=\"{}\"}}", label(&c.cert)), c.not_after? as f64)))
-            .collect();
-        metric(
-            "nbackup_cert_expiry_timestamp_seconds",
-            "gauge",
-            "Unix time the server's own certificate and its CA end (tls.warn_before warns).",
-            &certs,
-        );
+
         let agents = self.agents();
         let (mut late, mut runs, mut silent) = (Vec::new(), Vec::new(), Vec::new());
         for a in &agents {
@@ -462,7 +446,8 @@ impl ServerHandle {
             "1 while an agent's control channel has been gone longer than server.agent_silent_after.",
             &silent,
         );
-        out
+        crate::admin::cert_expiry(&mut out, &s.certs.snapshot(), "server");
+        out.finish()
     }
 }
 
@@ -495,9 +480,7 @@ impl ControlHandle {
     }
 }
 
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
+use crate::admin::label;
 
 fn storage_label(n: &Name) -> String {
     format!("{{storage=\"{}\"}}", label(n.as_str()))
