@@ -18,6 +18,7 @@ pub mod pki;
 mod pool;
 pub mod restore;
 pub mod server;
+pub mod setup;
 pub mod state;
 pub mod throttle;
 pub mod tls;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use nbackup_daemon::agent::Connector;
-use nbackup_daemon::agent::enroll::{self, EnrollError};
+use nbackup_daemon::agent::enroll::EnrollError;
 use nbackup_protocol::Name;
 use nbackup_protocol::config::{AgentConfig, ServerEndpoint};
 use nbackup_protocol::enroll::{CaPin, token_is_well_formed};
@@ -21,6 +21,25 @@ pub fn run(args: SetupArgs) -> anyhow::Result<ExitCode> {
         Some(SetupCommand::Agent(a)) => agent(a),
         None => wizard(args),
     }
+}
+
+/// Prints what a setup step did, as it happens.
+fn say(line: String) {
+    println!("{line}");
+}
+
+/// A setup step's failure as an error carrying its exit code.
+fn setup_error(e: nbackup_daemon::setup::SetupError) -> anyhow::Error {
+    use nbackup_daemon::setup::SetupError;
+    let code = match &e {
+        SetupError::Invalid(_) => Exit::Usage,
+        SetupError::Enroll(EnrollError::Connect(nbackup_daemon::agent::ConnectError::Refused(_))) => Exit::Refused,
+        SetupError::Enroll(EnrollError::Connect(c)) if c.is_transient() => Exit::Unreachable,
+        SetupError::Backup(b) => crate::exit::for_backup_error(b),
+        SetupError::Mismatch(_) => Exit::Mismatch,
+        SetupError::Enroll(_) | SetupError::Failed(_) => Exit::Failed,
+    };
+    fail(code, e)
 }
 
 fn usage(msg: impl std::fmt::Display) -> anyhow::Error {
@@ -62,7 +81,9 @@ fn agent(args: SetupAgentArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(dir).map_err(|e| usage(format!("cannot create {}: {e}", dir.display())))?;
     runtime()?.block_on(async {
-        enroll_into(&endpoint, &pin, &name, &args.token, dir).await?;
+        nbackup_daemon::setup::enroll_into(&endpoint, &pin, &name, &args.token, dir, &mut say)
+            .await
+            .map_err(setup_error)?;
 
         if yaml.exists() {
             println!("kept the existing {}", yaml.display());
@@ -100,31 +121,6 @@ fn agent(args: SetupAgentArgs) -> anyhow::Result<ExitCode> {
         println!("next: nbackup backup --config {}   (or start the agent daemon)", yaml.display());
         Ok(Exit::Ok.into())
     })
-}
-
-/// Enrolls and writes `ca.crt`, `agent.crt` and `agent.key` (0600) into `dir`.
-async fn enroll_into(
-    endpoint: &ServerEndpoint,
-    pin: &CaPin,
-    name: &Name,
-    token: &str,
-    dir: &Path,
-) -> anyhow::Result<()> {
-    let creds = enroll::enroll(endpoint, pin, name, token).await.map_err(|e| {
-        let code = match &e {
-            EnrollError::Connect(nbackup_daemon::agent::ConnectError::Refused(_)) => Exit::Refused,
-            EnrollError::Connect(c) if c.is_transient() => Exit::Unreachable,
-            _ => Exit::Failed,
-        };
-        fail(code, e)
-    })?;
-    let (ca, crt, key) = (dir.join("ca.crt"), dir.join("agent.crt"), dir.join("agent.key"));
-    nbackup_daemon::fsutil::write_atomic(&ca, creds.ca_pem.as_bytes())?;
-    enroll::write_private(&key, creds.key_pem.as_bytes())?;
-    nbackup_daemon::fsutil::write_atomic(&crt, creds.cert_pem.as_bytes())?;
-    println!("enrolled {name} with {}: certificate valid until {}", endpoint.address, creds.not_after);
-    println!("  {}\n  {}\n  {} (mode 0600; made here, never sent)", ca.display(), crt.display(), key.display());
-    Ok(())
 }
 
 /// The wizard: answers (asked, or from a file), the plan, the diff, then the steps.
@@ -184,14 +180,19 @@ fn wizard(args: SetupArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&answers.dir)
         .map_err(|e| fail(Exit::Failed, anyhow::anyhow!("cannot create {}: {e}", answers.dir.display())))?;
-    for step in &plan.steps {
-        carry_out(step)?;
-    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        for step in &plan.steps {
+            nbackup_daemon::setup::carry_out(step, &mut say).await?;
+        }
+        Ok::<_, nbackup_daemon::setup::SetupError>(())
+    })
+    .map_err(setup_error)?;
     if interactive {
         offer_units(&answers)?;
     }
     if answers.check {
-        runtime()?.block_on(check(&answers))?;
+        rt.block_on(nbackup_daemon::setup::check(&answers, &mut say)).map_err(setup_error)?;
     }
     next_steps(&answers);
     Ok(Exit::Ok.into())
@@ -235,151 +236,6 @@ fn offer_units(a: &nbackup_protocol::setup::Answers) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The closing proof: a tiny tree backed up as the entry `setup-check` with the
-/// configs just written, verified by the server and restored over `RSTR`, and the
-/// restore compared with the tree. A server this host was set up as but that does
-/// not answer yet is started in this process for it (and its storages are then
-/// handed to the `nbackup` user when run as root). A server-only host proves with a
-/// throwaway agent certificate from its CA, never written to disk.
-async fn check(a: &nbackup_protocol::setup::Answers) -> anyhow::Result<()> {
-    use nbackup_daemon::agent::fetch::{ArchiveRef, RestoreClient};
-    use nbackup_daemon::agent::restore::{self as restore_job, RestoreProgress, RestoreSpec};
-    use nbackup_daemon::restore::{self, Overwrite, Selection};
-    use nbackup_protocol::setup::{CHECK_ENTRY, Layout, Role};
-    let layout = Layout::new(&a.dir);
-    let work = tempfile::tempdir()?;
-    let agent_cfg = match a.role {
-        Role::Server => {
-            let server = super::load_server_config(&layout.server_yaml)?;
-            let ca = nbackup_daemon::pki::read_pair(&layout.ca)?;
-            let pair = nbackup_daemon::pki::issue(&ca, &nbackup_daemon::pki::Leaf::Agent(CHECK_ENTRY.into()), 1)?;
-            nbackup_daemon::pki::write_pair(&work.path().join("agent"), &pair, false)?;
-            let storage = server.storages.keys().next().map(|n| n.to_string()).unwrap_or_default();
-            // Dial this host, verifying the name agents use.
-            let name = a.server.as_ref().map(|s| s.names[0].clone()).unwrap_or_default();
-            let ip = match server.listen.ip() {
-                std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
-                ip => ip,
-            };
-            let yaml = format!(
-                "agent:\n  name: {CHECK_ENTRY}\nserver:\n  address: {}\n  server_name: {}\n\
-                 tls:\n  ca_cert: {}\n  client_cert: agent.crt\n  client_key: agent.key\n\
-                 backups:\n  - name: {CHECK_ENTRY}\n    storage: {storage}\n    sources:\n      - path: /\n",
-                q(&std::net::SocketAddr::new(ip, server.listen.port()).to_string()),
-                q(&name),
-                q(&layout.ca.with_extension("crt").to_string_lossy()),
-            );
-            AgentConfig::parse(&yaml, &work.path().join("agent.yaml")).map_err(|e| fail(Exit::Failed, e))?
-        }
-        _ => super::load_agent_config(&layout.agent_yaml)?,
-    };
-    let src = work.path().join("setup-check");
-    std::fs::create_dir_all(src.join("dir"))?;
-    std::fs::write(src.join("dir/proof.txt"), format!("nbackup setup check, {}\n", chrono::Utc::now().to_rfc3339()))?;
-    let mut entry = agent_cfg.backups[0].clone();
-    entry.name = Name::new(CHECK_ENTRY).map_err(|e| anyhow::anyhow!("{e}"))?;
-    entry.sources = vec![src.clone()];
-    entry.exclude = nbackup_protocol::config::Excludes::none();
-    entry.parallels = 1;
-    entry.restore_test = None;
-    let connector = Connector::new(&agent_cfg)?;
-    // A server set up here but not running yet: run it for the proof.
-    let mut local = None;
-    if a.role != Role::Agent && connector.health().await.is_err() {
-        let cfg = super::load_server_config(&layout.server_yaml)?;
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|e| fail(Exit::Failed, anyhow::anyhow!("cannot listen on {} for the check: {e}", cfg.listen)))?;
-        let dirs: Vec<std::path::PathBuf> = cfg.storages.values().map(|s| s.base_dir.clone()).collect();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(nbackup_daemon::server::run(cfg, listener, stop.clone()));
-        local = Some((stop, task, dirs));
-        println!("check: started the server here for the check");
-    }
-    let outcome = async {
-        let progress = std::sync::Arc::new(nbackup_daemon::agent::Progress::default());
-        let report = nbackup_daemon::agent::run_backup(&connector, &agent_cfg, &entry, progress, Default::default())
-            .await
-            .map_err(|e| fail(crate::exit::for_backup_error(&e), anyhow::anyhow!("check: the backup failed: {e}")))?;
-        let client = RestoreClient::new(connector.clone(), agent_cfg.name.clone(), agent_cfg.retry);
-        let which =
-            ArchiveRef { storage: entry.storage.clone(), backup: entry.name.clone(), archive: report.archive.clone() };
-        let verdict = client.verify(&which).await?;
-        if verdict.verdict != nbackup_protocol::restore::Verdict::Good {
-            return Err(fail(
-                Exit::Mismatch,
-                anyhow::anyhow!("check: the server could not verify it: {}", verdict.detail),
-            ));
-        }
-        let listed = client.list(&entry.storage, Some(&entry.name)).await?;
-        let remote = listed
-            .iter()
-            .find(|r| r.archive == report.archive)
-            .ok_or_else(|| anyhow::anyhow!("check: the server does not list {}", report.archive))?;
-        let dest = work.path().join("restored");
-        let spec = RestoreSpec {
-            which,
-            compression: remote.compression,
-            size: remote.size,
-            dest: dest.clone(),
-            selection: Selection::all(),
-            overwrite: Overwrite::Never,
-            dry_run: false,
-        };
-        let done = restore_job::restore(
-            &client,
-            spec,
-            None,
-            std::sync::Arc::new(RestoreProgress::default()),
-            Box::new(|_| {}),
-            &Default::default(),
-        )
-        .await?;
-        let diffs =
-            restore::compare_trees(std::slice::from_ref(&src), &entry.exclude, &dest, restore::running_as_root(), 5)?;
-        if done.verified() != Some(true) || !diffs.is_empty() {
-            return Err(fail(Exit::Failed, anyhow::anyhow!("check: the restore differs: {}", diffs.join("; "))));
-        }
-        println!(
-            "check: backed up {} as {CHECK_ENTRY}, verified by the server, restored and compared: the chain works",
-            report.archive
-        );
-        Ok(())
-    }
-    .await;
-    if let Some((stop, task, dirs)) = local {
-        stop.cancel();
-        let _ = task.await;
-        hand_to_server_user(&dirs);
-    }
-    outcome
-}
-
-/// After a check run as root, storages the in-process server created belong to the
-/// packaged server's user, so `nbackup-server` can write them.
-fn hand_to_server_user(dirs: &[std::path::PathBuf]) {
-    fn chown_tree(p: &Path, uid: u32, gid: u32) {
-        let _ = std::os::unix::fs::lchown(p, Some(uid), Some(gid));
-        if p.is_dir() && !p.is_symlink() {
-            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-                chown_tree(&e.path(), uid, gid);
-            }
-        }
-    }
-    if !nbackup_daemon::restore::running_as_root() {
-        return;
-    }
-    let (Some(uid), Some(gid)) =
-        (nbackup_daemon::admin::user_id("nbackup"), nbackup_daemon::admin::group_id("nbackup"))
-    else {
-        return;
-    };
-    for d in dirs {
-        chown_tree(d, uid, gid);
-    }
-}
-
 /// What the plan will do, with a diff for each file it changes.
 fn show(plan: &nbackup_protocol::setup::Plan) {
     use nbackup_protocol::setup::Step;
@@ -409,63 +265,6 @@ fn show(plan: &nbackup_protocol::setup::Plan) {
             }
         }
     }
-}
-
-fn carry_out(step: &nbackup_protocol::setup::Step) -> anyhow::Result<()> {
-    use nbackup_daemon::pki::{self, Leaf};
-    use nbackup_protocol::setup::Step;
-    let failed = |e: pki::PkiError| fail(Exit::Failed, e);
-    match step {
-        Step::CreateCa { prefix } => {
-            let ca = pki::new_ca("nbackup CA", 3650).map_err(failed)?;
-            pki::write_pair(prefix, &ca, false).map_err(failed)?;
-            share_key_with_server(prefix)?;
-            println!("created the CA {}.crt (pin {})", prefix.display(), pki::ca_pin(&ca.cert_pem).map_err(failed)?);
-        }
-        Step::IssueServer { ca, names, prefix } => {
-            let ca = pki::read_pair(ca).map_err(failed)?;
-            let pair = pki::issue(&ca, &Leaf::Server(names.clone()), 825).map_err(failed)?;
-            pki::write_pair(prefix, &pair, false).map_err(failed)?;
-            share_key_with_server(prefix)?;
-            println!("issued {}.crt for {}", prefix.display(), names.join(", "));
-        }
-        Step::IssueAgent { ca, name, prefix } => {
-            let ca = pki::read_pair(ca).map_err(failed)?;
-            let pair = pki::issue(&ca, &Leaf::Agent(name.clone()), 825).map_err(failed)?;
-            pki::write_pair(prefix, &pair, false).map_err(failed)?;
-            println!("issued {}.crt for agent {name}", prefix.display());
-        }
-        Step::Enroll { server, token, ca_pin, agent, dir } => {
-            let endpoint = ServerEndpoint::parse(server, None).map_err(|e| usage(format!("agent.server: {e:?}")))?;
-            let pin = CaPin::parse(ca_pin).map_err(|e| usage(format!("agent.enroll.ca_pin: {e}")))?;
-            let name = Name::new(agent.as_str()).map_err(|e| usage(format!("agent.name: {e}")))?;
-            runtime()?.block_on(enroll_into(&endpoint, &pin, &name, token, dir))?;
-        }
-        Step::Write { path, text, previous } => {
-            if previous.as_deref() == Some(text.as_str()) {
-                return Ok(());
-            }
-            nbackup_daemon::fsutil::write_atomic(path, text.as_bytes())
-                .map_err(|e| fail(Exit::Failed, anyhow::anyhow!("cannot write {}: {e}", path.display())))?;
-            println!("wrote {}", path.display());
-        }
-    }
-    Ok(())
-}
-
-/// The packaged server runs as the `nbackup` user: when run as root on a host with
-/// that group, the keys the server reads (its own, and the CA's for enrollment)
-/// become root:nbackup 0640 instead of root-only.
-fn share_key_with_server(prefix: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let key = prefix.with_extension("key");
-    let root = std::fs::metadata(&key).map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
-    let Some(gid) = nbackup_daemon::admin::group_id("nbackup").filter(|_| root) else { return Ok(()) };
-    std::os::unix::fs::chown(&key, None, Some(gid))
-        .and_then(|()| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)))
-        .map_err(|e| fail(Exit::Failed, anyhow::anyhow!("cannot give the nbackup group {}: {e}", key.display())))?;
-    println!("  {} is readable by the nbackup group (the server's user)", key.display());
-    Ok(())
 }
 
 fn next_steps(a: &nbackup_protocol::setup::Answers) {
