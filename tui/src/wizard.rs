@@ -256,8 +256,15 @@ fn ask_agent(role: Role, existing: &Existing, server: Option<&ServerAnswers>) ->
             (Some(address), enroll)
         }
     };
-    let storages: Vec<String> =
-        server.map(|s| s.storages.iter().map(|st| st.name.clone()).collect()).unwrap_or_default();
+    // What each storage does with an entry's archives: the server decides.
+    let storages: Vec<(String, String)> = server
+        .map(|s| {
+            s.storages
+                .iter()
+                .map(|st| (st.name.clone(), format!("{}, keeps {} per entry", st.compression, st.max_backups)))
+                .collect()
+        })
+        .unwrap_or_default();
     let earlier = before.map(|b| b.backups).unwrap_or_default();
     let mut backups = Vec::new();
     loop {
@@ -271,11 +278,12 @@ fn ask_agent(role: Role, existing: &Existing, server: Option<&ServerAnswers>) ->
     Ok(AgentAnswers { name, server: address, enroll, backups })
 }
 
-/// One backup entry: name, storage (chosen from `storages` when known), paths
-/// (checked), excludes, schedule (with its next runs), streams, bandwidth.
+/// One backup entry: name, storage (chosen from `storages` — name and what the
+/// server does with it — when known), paths (checked), excludes, schedule (with its
+/// next runs), streams, bandwidth.
 pub fn ask_backup(
     prior: Option<&BackupAnswers>,
-    storages: &[String],
+    storages: &[(String, String)],
     first: bool,
 ) -> Result<BackupAnswers, WizardError> {
     let name_default = prior.map_or_else(|| if first { "etc".into() } else { String::new() }, |p| p.name.clone());
@@ -284,7 +292,9 @@ pub fn ask_backup(
         let default = prior.map_or_else(|| "main".to_string(), |p| p.storage.clone());
         Text::new("  storage on the server:").with_default(&default).with_validator(valid_name).prompt()?
     } else {
-        Select::new("  storage:", storages.to_vec()).prompt()?
+        let labels: Vec<String> = storages.iter().map(|(n, what)| format!("{n} ({what})")).collect();
+        let at = Select::new("  storage (its compression and retention are the server's):", labels).raw_prompt()?.index;
+        storages[at].0.clone()
     };
     let paths_default = prior.map_or_else(
         || "/etc".to_string(),

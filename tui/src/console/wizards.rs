@@ -73,7 +73,13 @@ async fn enroll(client: &AdminClient) -> Result<String, String> {
 async fn edit(client: &AdminClient, server: bool) -> Result<String, String> {
     let status = client.status().await.map_err(|e| e.to_string())?;
     let (config, storages) = match &status {
-        Status::Server(s) => (s.config.clone(), s.storages.iter().map(|st| st.name.clone()).collect::<Vec<_>>()),
+        Status::Server(s) => (
+            s.config.clone(),
+            s.storages
+                .iter()
+                .map(|st| (st.name.clone(), format!("{}, keeps {} per entry", st.compression, st.max_backups)))
+                .collect::<Vec<_>>(),
+        ),
         Status::Agent(a) => (a.config.clone(), Vec::new()),
     };
     let path = PathBuf::from(config.ok_or("the daemon runs without a config file; nothing to edit")?);
