@@ -151,6 +151,9 @@ _nbackup() {
             nbackup__subcmd__ctl,status)
                 cmd="nbackup__subcmd__ctl__subcmd__status"
                 ;;
+            nbackup__subcmd__ctl,sync)
+                cmd="nbackup__subcmd__ctl__subcmd__sync"
+                ;;
             nbackup__subcmd__ctl,verify)
                 cmd="nbackup__subcmd__ctl__subcmd__verify"
                 ;;
@@ -198,6 +201,9 @@ _nbackup() {
                 ;;
             nbackup__subcmd__ctl__subcmd__help,status)
                 cmd="nbackup__subcmd__ctl__subcmd__help__subcmd__status"
+                ;;
+            nbackup__subcmd__ctl__subcmd__help,sync)
+                cmd="nbackup__subcmd__ctl__subcmd__help__subcmd__sync"
                 ;;
             nbackup__subcmd__ctl__subcmd__help,verify)
                 cmd="nbackup__subcmd__ctl__subcmd__help__subcmd__verify"
@@ -309,6 +315,9 @@ _nbackup() {
                 ;;
             nbackup__subcmd__help__subcmd__ctl,status)
                 cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__status"
+                ;;
+            nbackup__subcmd__help__subcmd__ctl,sync)
+                cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__sync"
                 ;;
             nbackup__subcmd__help__subcmd__ctl,verify)
                 cmd="nbackup__subcmd__help__subcmd__ctl__subcmd__verify"
@@ -739,7 +748,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__ctl)
-            opts="-h --socket --json --help status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics help"
+            opts="-h --socket --json --help status sessions agents entries history events archives abort rotate run defer verify sync notify-test reload metrics help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -893,7 +902,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__ctl__subcmd__help)
-            opts="status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics help"
+            opts="status sessions agents entries history events archives abort rotate run defer verify sync notify-test reload metrics help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1116,6 +1125,20 @@ _nbackup() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        nbackup__subcmd__ctl__subcmd__help__subcmd__sync)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         nbackup__subcmd__ctl__subcmd__help__subcmd__verify)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
@@ -1271,6 +1294,28 @@ _nbackup() {
                 return 0
             fi
             case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__ctl__subcmd__sync)
+            opts="-h --bucket --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --bucket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1521,7 +1566,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help__subcmd__ctl)
-            opts="status sessions agents entries history events archives abort rotate run defer verify notify-test reload metrics"
+            opts="status sessions agents entries history events archives abort rotate run defer verify sync notify-test reload metrics"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1717,6 +1762,20 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__help__subcmd__ctl__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        nbackup__subcmd__help__subcmd__ctl__subcmd__sync)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

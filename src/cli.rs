@@ -549,6 +549,16 @@ pub enum CtlCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Copy to buckets what they lack: archives committed before a bucket was
+    /// configured, or whose off-site state was lost; ones already in the bucket are
+    /// verified, not uploaded again (server)
+    Sync {
+        /// Only this storage (default: every storage with buckets)
+        storage: Option<String>,
+        /// Only this bucket
+        #[arg(long)]
+        bucket: Option<String>,
+    },
     /// Send a test message to one of the daemon's `notify:` targets
     NotifyTest { target: String },
     /// Re-read the daemon's configuration

@@ -770,6 +770,17 @@ pub enum ControlCommand {
     Defer { entry: String, seconds: u64 },
 }
 
+/// Body of `POST /v1/sync`: which storage and bucket to bring up to date (both
+/// optional: every storage, every bucket).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+}
+
 /// Body of `POST /v1/enrollment/tokens`: a one-time token for `agent`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

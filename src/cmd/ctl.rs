@@ -143,6 +143,10 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
         }
         CtlCommand::Reload => act(c.reload().await, json)?,
         CtlCommand::NotifyTest { target } => act(c.notify_test(&target).await, json)?,
+        CtlCommand::Sync { storage, bucket } => {
+            need(kind, Server, "sync")?;
+            act(c.sync(&nbackup_protocol::admin::SyncRequest { storage, bucket }).await, json)?;
+        }
         CtlCommand::Verify { target, storage, all, wait } => {
             need(kind, Server, "verify")?;
             let (agent, backup) = match target.as_deref().map(|t| t.split_once('/')) {

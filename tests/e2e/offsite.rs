@@ -301,3 +301,72 @@ async fn two_agents_sharing_a_bucket_and_prefix_keep_to_their_own_keys() {
     assert_eq!(moto.keys("shared"), want);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retroactive_sync_uploads_only_what_the_bucket_lacks() {
+    let (moto, tmp, pki, creds) = setup("later");
+    let src = noisy_source(tmp.path(), 6);
+    // Two archives committed while the storage had no bucket.
+    let (config, addr) = ServerChild::configure(tmp.path(), &pki, &[gzip("main")], "");
+    let server = ServerChild::start(&config, addr, "");
+    let cfg = agent_config(&pki, addr, &[entry("data", "main", &[&src])]);
+    let first = backup(&cfg, 0).await.expect("first backup").archive;
+    let second = backup(&cfg, 0).await.expect("second backup").archive;
+    let dir = tmp.path().join("storage/main/web-01/data");
+    // The first is already in the bucket (copied by hand, one PUT, our metadata).
+    let m = manifest(&dir.join(&first));
+    let key = |a: &str| format!("fleet/web-01/data/{a}");
+    moto.py(&format!(
+        "s3.put_object(Bucket='later', Key='{}', Body=open('{}', 'rb').read(), Metadata={{'nbackup-sha256': '{}'}})",
+        key(&first),
+        dir.join(&first).display(),
+        m["sha256"].as_str().expect("sha")
+    ));
+    let etag = |a: &str| moto.py(&format!("print(s3.head_object(Bucket='later', Key='{}')['ETag'])", key(a)));
+    let hand_etag = etag(&first);
+
+    // The bucket is configured afterwards: a reload starts its runner, which owes
+    // nothing yet; `ctl sync` queues both.
+    let spec = with_bucket(gzip("main"), moto.addr, "later", &creds, "");
+    fs::write(&config, server_yaml(tmp.path(), &pki, addr, &[spec], "")).expect("config with a bucket");
+    let socket = tmp.path().join("server.sock");
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nbackup"))
+            .args(["ctl", "--socket"])
+            .arg(&socket)
+            .args(args)
+            .output()
+            .expect("ctl runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "ctl {args:?}: {text}");
+        text
+    };
+    ctl(&["reload"]);
+    let said = ctl(&["sync", "main"]);
+    assert!(said.contains("main/offsite: 2 archive(s) queued, 0 already owed"), "{said}");
+    copied(&dir.join(&first), Duration::from_secs(60)).await;
+    copied(&dir.join(&second), Duration::from_secs(60)).await;
+    assert_eq!(etag(&first), hand_etag, "the copy already there was verified, not uploaded again");
+    assert!(etag(&second).contains('-'), "the missing one was uploaded in parts");
+    let m2 = manifest(&dir.join(&second));
+    let (size, sha, _) = moto.object("later", &key(&second)).expect("object");
+    assert_eq!((size, sha.as_str()), (m2["size"].as_u64().expect("size"), m2["sha256"].as_str().expect("sha")));
+    let keys = moto.keys("later");
+    assert!(
+        keys.contains(&format!("{}.json", key(&first))) && keys.contains(&format!("{}.json", key(&second))),
+        "{keys:?}"
+    );
+    let events = ctl(&["events", "--json"]);
+    assert!(events.contains(&format!("{first} already in bucket offsite")), "{events}");
+    // Nothing is left to do; naming what does not exist is an error.
+    let again = ctl(&["sync"]);
+    assert!(again.contains("main/offsite: 0 archive(s) queued, 0 already owed"), "{again}");
+    let out = Command::new(env!("CARGO_BIN_EXE_nbackup"))
+        .args(["ctl", "--socket"])
+        .arg(&socket)
+        .args(["sync", "--bucket", "nowhere"])
+        .output()
+        .expect("ctl runs");
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    server.terminate();
+}

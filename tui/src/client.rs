@@ -49,6 +49,7 @@ pub mod paths {
     pub const METRICS: &str = "/metrics";
     pub const VERIFY: &str = "/v1/verify";
     pub const TOKENS: &str = "/v1/enrollment/tokens";
+    pub const SYNC: &str = "/v1/sync";
     pub const CERTIFICATES: &str = "/v1/certificates";
     pub const REVOKE: &str = "/v1/certificates/revoke";
 
@@ -314,6 +315,11 @@ impl AdminClient {
     /// Sends a test message to one `notify:` target.
     pub async fn notify_test(&self, target: &str) -> Result<ActionResult, ClientError> {
         self.post::<_, ()>(&format!("/v1/notify/{}/test", paths::q(target)), None).await
+    }
+
+    /// Queues what buckets lack (server; `nbackup ctl sync`).
+    pub async fn sync(&self, request: &nbackup_protocol::admin::SyncRequest) -> Result<ActionResult, ClientError> {
+        self.post(paths::SYNC, Some(request)).await
     }
 
     /// A one-time enrollment token (server).

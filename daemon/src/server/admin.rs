@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use nbackup_protocol::admin::{
     AbortRequest, ActionResult, AgentInfo, ArchiveInfo, CertRecord, ControlCommand, Event, HistoryRecord,
-    RevokeRequest, Series, ServerStatus, SessionInfo, TokenIssued, TokenRequest, VerifyRequest,
+    RevokeRequest, Series, ServerStatus, SessionInfo, SyncRequest, TokenIssued, TokenRequest, VerifyRequest,
 };
 
 use super::handle::{ArchiveFilter, HandleError, ServerHandle};
@@ -38,6 +38,7 @@ pub(super) fn router(handle: ServerHandle) -> Router {
         .route("/v1/reload", post(reload))
         .route("/v1/verify", post(verify))
         .route("/v1/notify/{name}/test", post(notify_test))
+        .route("/v1/sync", post(sync))
         .route("/v1/enrollment/tokens", post(mint_token))
         .route("/v1/certificates", get(certificates))
         .route("/v1/certificates/revoke", post(revoke))
@@ -175,6 +176,12 @@ async fn verify(State(h): S, body: Option<Json<VerifyRequest>>) -> Result<(Statu
     let request = body.map(|Json(b)| b).unwrap_or_default();
     let message = blocking(move || h.verify(request)).await?.map_err(|e| Refused(e).into_response())?;
     Ok((StatusCode::ACCEPTED, Json(ActionResult { ok: true, message })))
+}
+
+async fn sync(State(h): S, body: Option<Json<SyncRequest>>) -> Result<Json<ActionResult>, Response> {
+    let request = body.map(|Json(b)| b).unwrap_or_default();
+    let message = blocking(move || h.sync(&request)).await?.map_err(|e| Refused(e).into_response())?;
+    Ok(Json(ActionResult { ok: true, message }))
 }
 
 async fn mint_token(State(h): S, Json(request): Json<TokenRequest>) -> Result<Json<TokenIssued>, Response> {

@@ -313,6 +313,24 @@ impl ServerHandle {
         }
     }
 
+    /// Queues what buckets lack (`nbackup ctl sync`). Blocking.
+    pub fn sync(&self, request: &nbackup_protocol::admin::SyncRequest) -> Result<String, HandleError> {
+        let report = self.0.offsite.sync(&self.0, request.storage.as_deref(), request.bucket.as_deref())?;
+        if report.is_empty() {
+            return Err(HandleError::NotFound("no storage has buckets configured".into()));
+        }
+        let parts: Vec<String> = report
+            .iter()
+            .map(|(storage, bucket, queued, owed)| {
+                format!("{storage}/{bucket}: {queued} archive(s) queued, {owed} already owed")
+            })
+            .collect();
+        Ok(format!(
+            "{}; an archive already in its bucket (same size and SHA-256) is verified, not uploaded again",
+            parts.join("; ")
+        ))
+    }
+
     /// A one-time enrollment token (`nbackup cert token`). Blocking.
     pub fn mint_token(
         &self,

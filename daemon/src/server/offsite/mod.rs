@@ -150,6 +150,59 @@ impl Offsite {
             .collect()
     }
 
+    /// `nbackup ctl sync`: for each selected bucket, queues every archive on disk
+    /// whose off-site state does not name it (committed before the bucket was
+    /// configured, or its sidecar lost) and tells the bucket's runner, which copies
+    /// it — or finds it already in the bucket and only verifies it. Returns, per
+    /// bucket, how many were queued now and how many were owed already. Blocking
+    /// (reads every archive's sidecar).
+    pub(crate) fn sync(
+        &self,
+        server: &Server,
+        storage: Option<&str>,
+        bucket: Option<&str>,
+    ) -> Result<Vec<(String, String, u64, u64)>, super::handle::HandleError> {
+        use super::handle::HandleError;
+        let live = server.live();
+        let areas: Vec<&Arc<StorageArea>> =
+            live.storages.values().filter(|a| storage.is_none_or(|s| a.cfg.name.as_str() == s)).collect();
+        if let (Some(s), true) = (storage, areas.is_empty()) {
+            return Err(HandleError::NotFound(format!("no storage {s}")));
+        }
+        let now = crate::state::unix_now();
+        let mut report = Vec::new();
+        for area in areas {
+            for b in area.cfg.buckets.iter().filter(|b| bucket.is_none_or(|n| b.name.as_str() == n)) {
+                let (mut queued, mut owed) = (0u64, 0u64);
+                let tx = crate::lock(&self.runners).get(&(area.cfg.name.clone(), b.name.clone())).map(|r| r.tx.clone());
+                for (agent, backup) in area.entries().map_err(|e| HandleError::Unavailable(e.to_string()))? {
+                    let Ok(archives) = area.list(&agent, &backup) else { continue };
+                    for a in archives {
+                        let copy =
+                            Copies::load(&a.path).ok().flatten().and_then(|c| c.buckets.get(b.name.as_str()).cloned());
+                        match copy {
+                            Some(c) if c.is_verified() => continue,
+                            Some(_) => owed += 1,
+                            None => {
+                                area.update_copies(&a.path, b.name.as_str(), Copy::queued(now))
+                                    .map_err(|e| HandleError::Unavailable(format!("{}: {e}", a.path.display())))?;
+                                queued += 1;
+                            }
+                        }
+                        if let Some(tx) = &tx {
+                            let _ = tx.send(a.path.clone());
+                        }
+                    }
+                }
+                report.push((area.cfg.name.to_string(), b.name.to_string(), queued, owed));
+            }
+        }
+        if let (Some(n), true) = (bucket, report.is_empty()) {
+            return Err(HandleError::NotFound(format!("no bucket {n} in the storages named")));
+        }
+        Ok(report)
+    }
+
     /// Tells the storage's runners of an archive just committed.
     pub fn committed(&self, storage: &Name, archive: &Path) {
         for ((s, _), r) in crate::lock(&self.runners).iter() {
@@ -306,21 +359,22 @@ impl Work {
         let job = upload::Job { remote: &self.remote, bucket: &self.bucket, archive, manifest: &manifest, key: &key };
         let result = upload::upload(&job, &mut copy, &save).await;
         match result {
-            Ok(e_tag) => {
+            Ok(sent) => {
                 copy.state = CopyState::Verified;
                 copy.verified_at = Some(crate::state::unix_now());
                 copy.upload = None;
                 copy.error = None;
-                copy.e_tag = e_tag;
+                copy.e_tag = sent.e_tag;
                 save(copy).await.map_err(|e| Retry::Later(e.to_string()))?;
+                let how = if sent.already_there { "already in bucket" } else { "copied to bucket" };
                 info!(
                     storage = %self.storage, bucket = %self.bucket.name, key, bytes = manifest.size,
-                    "archive copied off-site and verified"
+                    already_there = sent.already_there, "archive off-site and verified"
                 );
                 self.event(
                     nbackup_protocol::admin::EventKind::OffsiteCopied,
                     &manifest,
-                    format!("{} copied to bucket {} ({key}) and verified", manifest.archive, self.bucket.name),
+                    format!("{} {how} {} ({key}) and verified", manifest.archive, self.bucket.name),
                 );
                 // Rotation may have kept it (and older ones) waiting for this copy.
                 let (agent, backup) = (Name::new(manifest.agent.as_str()), Name::new(manifest.backup.as_str()));

@@ -73,7 +73,14 @@ pub struct Job<'a> {
 pub type Save<'a> = &'a (dyn Fn(Copy) -> futures_util::future::BoxFuture<'static, io::Result<()>> + Send + Sync);
 
 /// Uploads the job's archive and verifies it; the object's entity tag.
-pub async fn upload(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Option<String>, UploadError> {
+/// A finished copy: the object's entity tag, and whether the object was already in
+/// the bucket (same size and SHA-256: found, not uploaded again).
+pub struct Sent {
+    pub e_tag: Option<String>,
+    pub already_there: bool,
+}
+
+pub async fn upload(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent, UploadError> {
     job.remote.meter.touch();
     watched(job.remote, job.bucket.stall_timeout, transfer(job, copy, save)).await?
 }
@@ -95,7 +102,7 @@ async fn watched<T>(remote: &Remote, timeout: Duration, fut: impl Future<Output 
     }
 }
 
-async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Option<String>, UploadError> {
+async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent, UploadError> {
     let Job { remote, bucket, archive, manifest, key } = *job;
     let file = Arc::new(File::open(archive)?);
     let size = file.metadata()?.len();
@@ -110,6 +117,10 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Opti
         Some(m) => m.key != key,
         None => true,
     };
+    if fresh && let Some(e_tag) = already_there(remote, &location, manifest).await? {
+        put_manifest(remote, key, manifest).await?;
+        return Ok(Sent { e_tag, already_there: true });
+    }
     if fresh {
         let part_size = bucket.part_size_for(size);
         let mut attributes = Attributes::new();
@@ -148,11 +159,35 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Opti
     let up = copy.upload.clone().expect("set above");
     let parts = up.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
     remote.multipart.complete_multipart(&location, &up.id, parts).await?;
+    put_manifest(remote, key, manifest).await?;
+    let e_tag = verify(remote, &location, manifest, &up).await?;
+    Ok(Sent { e_tag, already_there: false })
+}
+
+/// `<key>.json`: the manifest beside the object.
+async fn put_manifest(remote: &Remote, key: &str, manifest: &Manifest) -> Result<(), UploadError> {
     let sidecar = Key::from(format!("{key}.json"));
     let json = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
     remote.store.put(&sidecar, PutPayload::from(json)).await?;
-    let e_tag = verify(remote, &location, manifest, &up).await?;
-    Ok(e_tag)
+    Ok(())
+}
+
+/// Whether the bucket already holds this archive under `location` — its size and our
+/// SHA-256 metadata match the manifest (a copy made before the sidecar knew, or by
+/// an earlier server): the entity tag if so.
+async fn already_there(
+    remote: &Remote,
+    location: &Key,
+    manifest: &Manifest,
+) -> Result<Option<Option<String>>, UploadError> {
+    let head = match remote.store.get_opts(location, GetOptions { head: true, ..Default::default() }).await {
+        Ok(h) => h,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let sha = head.attributes.get(&Attribute::Metadata(SHA256_META.into())).map(|v| v.as_ref().to_string());
+    let same = head.meta.size == manifest.size && sha.as_deref() == Some(manifest.sha256.as_str());
+    Ok(same.then_some(head.meta.e_tag))
 }
 
 /// Reads part `index` from the file and sends it; returns the provider's id of the
