@@ -214,11 +214,13 @@ async fn a_stalled_upload_is_abandoned_and_resumed_from_the_last_part() {
     let (moto, tmp, pki, creds) = setup("slow");
     let src = noisy_source(tmp.path(), 18);
     // The connection carrying the first part freezes 1 MiB into it: no FIN, no RST.
-    // (moto closes every connection after its response, so that is connection 1;
-    // a server keeping connections alive would carry it on 0: both freeze.)
+    // moto closes every connection after its response, so the existence check is
+    // connection 0, the multipart creation 1 and the first part 2; a server keeping
+    // connections alive would carry them all on 0. Each freezes past 1 MiB.
     let proxy = Proxy::start(moto.addr).await;
-    proxy.fault(0, Fault::FreezeAfter(1 << 20));
-    proxy.fault(1, Fault::FreezeAfter(1 << 20));
+    for conn in 0..3 {
+        proxy.fault(conn, Fault::FreezeAfter(1 << 20));
+    }
     let spec =
         with_bucket(zstd("main"), proxy.addr, "slow", &creds, "        stall_timeout: 2s\n        concurrency: 1\n");
     let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
