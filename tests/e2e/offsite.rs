@@ -372,3 +372,42 @@ async fn a_retroactive_sync_uploads_only_what_the_bucket_lacks() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     server.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_bucket_aborts_its_upload_in_progress_on_the_provider() {
+    let (moto, tmp, pki, creds) = setup("gone");
+    let src = noisy_source(tmp.path(), 26);
+    let slow = "        bandwidth: 2mb\n        concurrency: 1\n";
+    let (config, addr) =
+        ServerChild::configure(tmp.path(), &pki, &[with_bucket(zstd("main"), moto.addr, "gone", &creds, slow)], "");
+    let server = ServerChild::start(&config, addr, "");
+    let cfg = agent_config(&pki, addr, &[entry("data", "main", &[&src])]);
+    let report = backup(&cfg, 0).await.expect("backup");
+    let archive = tmp.path().join("storage/main/web-01/data").join(&report.archive);
+    let started = Instant::now();
+    while copies(&archive)["buckets"]["offsite"]["upload"]["parts"].as_array().map_or(0, Vec::len) < 1 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no part acknowledged: {}", copies(&archive));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(moto.open_uploads("gone"), 1);
+    // The bucket leaves the configuration: its open upload is aborted, not left to
+    // accrue cost, and the archive's state forgets it.
+    fs::write(&config, server_yaml(tmp.path(), &pki, addr, &[zstd("main")], "")).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_nbackup"))
+        .args(["ctl", "--socket"])
+        .arg(tmp.path().join("server.sock"))
+        .arg("reload")
+        .output()
+        .expect("ctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let started = Instant::now();
+    while moto.open_uploads("gone") != 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the upload was left open on the provider");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = copies(&archive);
+    assert!(state["buckets"]["offsite"]["upload"].is_null(), "{state}");
+    assert_eq!(state["buckets"]["offsite"]["state"], "queued", "{state}");
+    assert!(moto.object("gone", &format!("fleet/web-01/data/{}", report.archive)).is_none(), "never completed");
+    server.terminate();
+}

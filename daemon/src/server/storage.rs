@@ -442,6 +442,18 @@ impl StorageArea {
         all.store(archive)
     }
 
+    /// Takes `bucket`'s multipart upload out of `archive`'s off-site state (the copy
+    /// is queued again) and returns it, in one step under the sidecar lock.
+    pub fn take_upload(&self, archive: &Path, bucket: &str) -> io::Result<Option<super::offsite::state::Multipart>> {
+        let _one = crate::lock(&self.copies);
+        let Some(mut all) = Copies::load(archive)? else { return Ok(None) };
+        let Some(copy) = all.buckets.get_mut(bucket) else { return Ok(None) };
+        let Some(upload) = copy.upload.take() else { return Ok(None) };
+        copy.state = super::offsite::state::CopyState::Queued;
+        all.store(archive)?;
+        Ok(Some(upload))
+    }
+
     fn rotated_path(&self, archive: &str) -> PathBuf {
         self.incoming_dir().join(format!("{archive}{ROTATED}"))
     }

@@ -52,6 +52,10 @@ pub struct Offsite {
 
 struct Runner {
     bucket: Bucket,
+    /// The storage it copies from (kept so a removed bucket's uploads can be aborted
+    /// even when its storage went with it).
+    area: Arc<StorageArea>,
+    task: tokio::task::JoinHandle<()>,
     tx: mpsc::UnboundedSender<PathBuf>,
     stop: CancellationToken,
     stats: Arc<Mutex<Stats>>,
@@ -93,17 +97,22 @@ impl Offsite {
             }
         }
         let mut runners = crate::lock(&self.runners);
-        runners.retain(|key, r| {
-            let keep = wanted.get(key) == Some(&r.bucket);
-            if !keep {
-                r.stop.cancel();
+        let gone: Vec<(Name, Name)> =
+            runners.iter().filter(|(k, r)| wanted.get(*k) != Some(&r.bucket)).map(|(k, _)| k.clone()).collect();
+        for key in gone {
+            let Some(r) = runners.remove(&key) else { continue };
+            r.stop.cancel();
+            // A changed bucket's new runner resumes its uploads; a removed one's
+            // would be left open on the provider, accruing cost.
+            if !wanted.contains_key(&key) {
+                server.tracker.spawn(abandon(r.area, r.bucket, r.task));
             }
-            keep
-        });
+        }
         for (key, bucket) in wanted {
             if runners.contains_key(&key) {
                 continue;
             }
+            let Some(area) = live.storages.get(&key.0).cloned() else { continue };
             let remote = match client::connect(&bucket) {
                 Ok(r) => r,
                 Err(e) => {
@@ -122,8 +131,8 @@ impl Offsite {
                 remote,
                 stats: stats.clone(),
             };
-            server.tracker.spawn(work.run(rx, stop.clone()));
-            runners.insert(key, Runner { bucket, tx, stop, stats, meter });
+            let task = server.tracker.spawn(work.run(rx, stop.clone()));
+            runners.insert(key, Runner { bucket, area, task, tx, stop, stats, meter });
         }
     }
 
@@ -211,6 +220,66 @@ impl Offsite {
             }
         }
     }
+}
+
+/// Aborts, on the provider, every multipart upload to a bucket that was removed from
+/// the configuration, and forgets it in the archives' off-site state (so the bucket,
+/// if added again, starts those copies afresh).
+async fn abandon(area: Arc<StorageArea>, bucket: Bucket, runner: tokio::task::JoinHandle<()>) {
+    // The runner stops first, so it records nothing after the uploads are taken.
+    let _ = runner.await;
+    let name = bucket.name.to_string();
+    let scan = {
+        let (area, name) = (area.clone(), name.clone());
+        tokio::task::spawn_blocking(move || open_uploads(&area, &name)).await.unwrap_or_default()
+    };
+    if scan.is_empty() {
+        return;
+    }
+    let remote = match client::connect(&bucket) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(bucket = %name, "cannot abort the uploads of a removed bucket: {e}");
+            return;
+        }
+    };
+    for archive in scan {
+        let (a, n) = (area.clone(), name.clone());
+        let taken = tokio::task::spawn_blocking(move || a.take_upload(&archive, &n)).await;
+        let m = match taken {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
+                warn!(bucket = %name, "cannot read an archive's off-site state: {e}");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        match remote.multipart.abort_multipart(&object_store::path::Path::from(m.key.as_str()), &m.id).await {
+            Ok(()) => info!(bucket = %name, key = %m.key, "aborted the upload to a bucket no longer configured"),
+            Err(e) => {
+                warn!(bucket = %name, key = %m.key, "cannot abort an upload to a removed bucket (set a lifecycle rule): {e}")
+            }
+        }
+    }
+}
+
+/// Archives of `area` with a multipart upload to `bucket` in progress.
+fn open_uploads(area: &StorageArea, bucket: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = area.entries() else { return found };
+    for (agent, backup) in entries {
+        let Ok(archives) = area.list(&agent, &backup) else { continue };
+        for a in archives {
+            if let Ok(Some(c)) = Copies::load(&a.path)
+                && let Some(copy) = c.buckets.get(bucket)
+                && copy.upload.is_some()
+            {
+                found.push(a.path);
+            }
+        }
+    }
+    found
 }
 
 /// Names of the buckets an archive of `area` is owed by, for the commit.
