@@ -425,3 +425,34 @@ fn docs_list_every_key_and_palette_command() {
         assert!(doc.contains(&format!("`{name}`")), "docs/console.md lacks the palette command {name}");
     }
 }
+
+#[test]
+fn the_overview_shows_each_storages_buckets_and_whether_they_keep_up() {
+    use nbackup_protocol::admin::BucketStatus;
+    let mut app = server_app(false);
+    let mut f: ServerFixture = serde_json::from_str(include_str!("fixtures/server.json")).expect("fixture");
+    let bucket = |name: &str, owed: u64, failing: u64| BucketStatus {
+        name: name.into(),
+        provider: "s3".into(),
+        bucket: "fleet-backups".into(),
+        mode: "sync".into(),
+        owed,
+        failing,
+        oldest_owed_secs: (owed > 0).then_some(5400),
+        sent_bytes: 3 << 30,
+        last_error: (failing > 0).then(|| "connection reset".into()),
+    };
+    f.status.storages[0].buckets = vec![bucket("offsite", 0, 0), bucket("dr", 3, 1)];
+    let first = f.status.storages[0].name.clone();
+    let snapshot = WatchItem::ServerSnapshot { status: f.status, sessions: f.sessions, agents: f.agents };
+    feed(&mut app, LinkEvent::Item(Box::new(snapshot)));
+    let t = text(&app, 160, 48);
+    let line = |needle: &str| t.lines().find(|l| l.contains(needle)).unwrap_or_default().to_string();
+    assert!(line("↳ offsite").contains("in step") && line("↳ offsite").contains("↑ 3.0 GiB"), "{t}");
+    let dr = line("↳ dr");
+    assert!(dr.contains("1/3 failing") && dr.contains("behind 1h") && dr.contains("s3:fleet-backups"), "{t}");
+    assert!(text(&app, 80, 24).contains("↳ dr"), "the buckets fit the small screen too");
+    // The storage rows are all still there, above their buckets.
+    let storage = t.lines().position(|l| l.contains(&first)).unwrap_or(usize::MAX);
+    assert!(storage < t.lines().position(|l| l.contains("↳ offsite")).expect("bucket row"), "{t}");
+}

@@ -62,13 +62,43 @@ const LIVE_COLS: &[Col] = &[
     col("STREAMS", 7, 2),
 ];
 
+/// A storage's bucket under it, in the storage table's columns: whether its copies
+/// keep up (in step, owed, failing), what it has sent, its mode, how far behind the
+/// oldest owed copy is, and where it goes.
+fn bucket_row(b: &nbackup_protocol::admin::BucketStatus, theme: Theme) -> (Vec<Span<'static>>, Style) {
+    let (state, style) = match (b.owed, b.failing) {
+        (0, _) => ("in step".to_string(), theme.good()),
+        (owed, 0) => (format!("{owed} owed"), theme.warn()),
+        (owed, failing) => (format!("{failing}/{owed} failing"), theme.bad()),
+    };
+    let behind = b.oldest_owed_secs.map_or_else(String::new, |s| match s {
+        s if s < 3600 => format!("behind {}m", s / 60),
+        s if s < 86_400 => format!("behind {}h", s / 3600),
+        s => format!("behind {}d", s / 86_400),
+    });
+    (
+        vec![
+            span(format!(" ↳ {}", b.name)),
+            styled(state, style),
+            span(format!("↑ {}", fmt::bytes(b.sent_bytes))),
+            span(b.mode.clone()),
+            span(behind),
+            span(format!("{}:{}", b.provider, b.bucket)),
+            span(String::new()),
+            span(String::new()),
+        ],
+        Style::new(),
+    )
+}
+
 fn server(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let Some(status) = app.data.server_status() else {
         Paragraph::new(Span::styled(" waiting for the server's first snapshot…", theme.dim())).render(area, buf);
         return;
     };
     let sessions = app.data.sessions();
-    let storages_h = status.storages.len() as u16 + 2;
+    let buckets: usize = status.storages.iter().map(|s| s.buckets.len()).sum();
+    let storages_h = (status.storages.len() + buckets) as u16 + 2;
     let live_h = (sessions.len().max(1) as u16 + 2).min(8);
     let entry_rows = app.data.agents().iter().map(|a| a.entries.len()).sum::<usize>().max(app.data.agents().len());
     // Late entries come first and must be visible: the freshness panel grows first.
@@ -92,9 +122,9 @@ fn server(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
     let body = status
         .storages
         .iter()
-        .map(|s| {
+        .flat_map(|s| {
             let used = 1.0 - s.free_bytes as f64 / s.total_bytes.max(1) as f64;
-            (
+            let row = (
                 vec![
                     span(s.name.clone()),
                     super::bar(used, 10, theme.usage(used)),
@@ -106,7 +136,8 @@ fn server(app: &App, theme: Theme, area: Rect, buf: &mut Buffer) {
                     span(format!("{} {}", s.compression, s.level)),
                 ],
                 Style::new(),
-            )
+            );
+            std::iter::once(row).chain(s.buckets.iter().map(move |b| bucket_row(b, theme)))
         })
         .collect();
     draw(STORAGE_COLS, body, None, theme, inner, buf);
