@@ -411,3 +411,105 @@ async fn removing_a_bucket_aborts_its_upload_in_progress_on_the_provider() {
     assert!(moto.object("gone", &format!("fleet/web-01/data/{}", report.archive)).is_none(), "never completed");
     server.terminate();
 }
+
+/// Azurite's blob service (npm `azurite`, installed by `.ci/run`) on a free port,
+/// with the well-known development account.
+struct Azurite {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+impl Azurite {
+    fn start() -> Azurite {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let child = Command::new("azurite-blob")
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--silent", "--skipApiVersionCheck"])
+            .arg("--location")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("these tests need azurite: npm install -g azurite (.ci/run installs it)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "azurite did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Azurite { child, port, _dir: dir }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/devstoreaccount1", self.port)
+    }
+
+    /// Runs `code` with `svc`, an azure-storage-blob client of this server.
+    fn py(&self, code: &str) -> String {
+        let script = format!(
+            "import hashlib, json, sys\nfrom azure.storage.blob import BlobServiceClient\n\
+             svc = BlobServiceClient.from_connection_string('DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;\
+             AccountKey={AZURITE_KEY};BlobEndpoint={};')\n{code}\n",
+            self.endpoint()
+        );
+        let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
+        assert!(out.status.success(), "azure-storage-blob: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_is_copied_to_azure_blob_storage_in_blocks_and_verified() {
+    use std::os::unix::fs::PermissionsExt;
+    let azurite = Azurite::start();
+    azurite.py("svc.create_container('fleet')");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let creds = tmp.path().join("azure.env");
+    fs::write(
+        &creds,
+        format!("AZURE_STORAGE_ACCOUNT_NAME=devstoreaccount1\nAZURE_STORAGE_ACCOUNT_KEY={AZURITE_KEY}\n"),
+    )
+    .expect("credentials");
+    fs::set_permissions(&creds, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let extra = format!(
+        "    buckets:\n      - name: offsite\n        provider: azure\n        bucket: fleet\n        prefix: nb/\n\
+         \x20       endpoint: {}\n        credentials_file: {}\n        part_size: 5mib\n",
+        azurite.endpoint(),
+        creds.display()
+    );
+    let server = TestServer::start(tmp.path(), &pki, &[StorageSpec { extra, ..zstd("main") }]).await;
+    let src = noisy_source(tmp.path(), 12);
+    let cfg = agent_config(&pki, server.addr, &[entry("data", "main", &[&src])]);
+    let report = backup(&cfg, 0).await.expect("backup");
+    let archive = server.archives("main", "web-01", "data").pop().expect("archive");
+    let state = copied(&archive, Duration::from_secs(60)).await;
+    let parts = state["buckets"]["offsite"]["upload"].clone();
+    assert!(parts.is_null(), "the upload is finished: {state}");
+    let m = manifest(&archive);
+    let key = format!("nb/web-01/data/{}", report.archive);
+    let out = azurite.py(&format!(
+        "b = svc.get_blob_client('fleet', '{key}')\nbody = b.download_blob().readall()\np = b.get_blob_properties()\n\
+         print(json.dumps([len(body), hashlib.sha256(body).hexdigest(), p.metadata, p.blob_type.value]))"
+    ));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v[0].as_u64(), m["size"].as_u64(), "{v}");
+    assert_eq!(v[1].as_str(), m["sha256"].as_str(), "the blob is the archive, byte for byte");
+    assert_eq!(v[3], "BlockBlob");
+    // A block blob's list cannot carry our metadata through object_store: the
+    // SHA-256 travels in the manifest beside it.
+    let sidecar =
+        azurite.py(&format!("print(svc.get_blob_client('fleet', '{key}.json').download_blob().readall().decode())"));
+    let beside: serde_json::Value = serde_json::from_str(sidecar.trim()).expect("manifest json");
+    assert_eq!(beside["sha256"], m["sha256"], "the manifest beside it");
+    server.stop().await;
+}

@@ -133,8 +133,12 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent
             nbackup_protocol::wire::Compression::Zstd => "application/zstd",
         };
         attributes.insert(Attribute::ContentType, AttributeValue::from(content_type));
-        let opts = PutMultipartOptions { attributes, ..Default::default() };
-        let id = remote.multipart.create_multipart_opts(&location, opts).await?;
+        let id = if carries_metadata(bucket) {
+            let opts = PutMultipartOptions { attributes, ..Default::default() };
+            remote.multipart.create_multipart_opts(&location, opts).await?
+        } else {
+            remote.multipart.create_multipart(&location).await?
+        };
         copy.upload = Some(Multipart { key: key.to_string(), id, part_size, parts: Vec::new(), md5: Vec::new() });
     }
     copy.state = CopyState::Uploading;
@@ -143,10 +147,11 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent
     let total = size.div_ceil(m.part_size).max(1);
     let mut next = m.parts.len() as u64;
     let buffers = Buffers::default();
+    let parts = Parts { remote, location: &location, m: &m, buffers: &buffers, check_md5: carries_metadata(bucket) };
     let mut in_flight = FuturesOrdered::new();
     loop {
         while next < total && in_flight.len() < bucket.concurrency as usize {
-            in_flight.push_back(send_part(remote, &location, &m, &buffers, file.clone(), next, size));
+            in_flight.push_back(send_part(&parts, file.clone(), next, size));
             next += 1;
         }
         let Some(done) = in_flight.next().await else { break };
@@ -160,8 +165,16 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent
     let parts = up.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
     remote.multipart.complete_multipart(&location, &up.id, parts).await?;
     put_manifest(remote, key, manifest).await?;
-    let e_tag = verify(remote, &location, manifest, &up).await?;
+    let e_tag = verify(remote, &location, manifest, &up, carries_metadata(bucket)).await?;
     Ok(Sent { e_tag, already_there: false })
+}
+
+/// Whether this provider's multipart uploads are S3-like: they carry our metadata and
+/// answer each part with its MD5. Azure is not: `object_store` cannot set metadata on
+/// a block blob's block list, and a block's id is ours, not a checksum — there the
+/// SHA-256 travels only in `<key>.json` and the object is checked by its size.
+fn carries_metadata(bucket: &Bucket) -> bool {
+    bucket.provider != nbackup_protocol::config::Provider::Azure
 }
 
 /// `<key>.json`: the manifest beside the object.
@@ -192,15 +205,17 @@ async fn already_there(
 
 /// Reads part `index` from the file and sends it; returns the provider's id of the
 /// part and its MD5 (hex), refusing a part whose entity tag is another MD5.
-async fn send_part(
-    remote: &Remote,
-    location: &Key,
-    m: &Multipart,
-    buffers: &Buffers,
-    file: Arc<File>,
-    index: u64,
-    size: u64,
-) -> Result<(String, String), UploadError> {
+/// Where the parts of one upload go, and whether their ids are MD5s to check.
+struct Parts<'a> {
+    remote: &'a Remote,
+    location: &'a Key,
+    m: &'a Multipart,
+    buffers: &'a Buffers,
+    check_md5: bool,
+}
+
+async fn send_part(to: &Parts<'_>, file: Arc<File>, index: u64, size: u64) -> Result<(String, String), UploadError> {
+    let Parts { remote, location, m, buffers, check_md5 } = *to;
     let offset = index * m.part_size;
     let len = m.part_size.min(size - offset) as usize;
     let mut buf = buffers.take();
@@ -216,7 +231,8 @@ async fn send_part(
     let part = remote.multipart.put_part(location, &m.id, index as usize, PutPayload::from(data)).await;
     buffers.give(kept);
     let part = part?;
-    if let Some(theirs) = md5_of_tag(&part.content_id)
+    if check_md5
+        && let Some(theirs) = md5_of_tag(&part.content_id)
         && theirs != md5
     {
         return Err(UploadError::Mismatch(format!("part {index} arrived with MD5 {theirs}, sent {md5}")));
@@ -259,6 +275,7 @@ async fn verify(
     location: &Key,
     manifest: &Manifest,
     up: &Multipart,
+    with_metadata: bool,
 ) -> Result<Option<String>, UploadError> {
     let head = remote.store.get_opts(location, GetOptions { head: true, ..Default::default() }).await?;
     if head.meta.size != manifest.size {
@@ -268,14 +285,14 @@ async fn verify(
         )));
     }
     let sha = head.attributes.get(&Attribute::Metadata(SHA256_META.into())).map(|v| v.as_ref().to_string());
-    if sha.as_deref() != Some(manifest.sha256.as_str()) {
+    if with_metadata && sha.as_deref() != Some(manifest.sha256.as_str()) {
         return Err(UploadError::Mismatch(format!(
             "the object's sha256 metadata is {sha:?}, the manifest's {}",
             manifest.sha256
         )));
     }
     let e_tag = head.meta.e_tag.clone();
-    let comparable = up.parts.iter().all(|p| md5_of_tag(p).is_some());
+    let comparable = with_metadata && up.parts.iter().all(|p| md5_of_tag(p).is_some());
     if comparable
         && let (Some(theirs), Some(ours)) = (e_tag.as_deref(), composite_e_tag(&up.md5))
         && theirs.trim_matches('"') != ours
