@@ -60,6 +60,11 @@ impl CertWatch {
         due
     }
 
+    /// When the certificate under `label` ends, as last read.
+    pub fn not_after(&self, label: &str) -> Option<i64> {
+        crate::lock(&self.seen).get(label).and_then(|(e, _)| e.not_after)
+    }
+
     pub fn snapshot(&self) -> Vec<CertExpiry> {
         crate::lock(&self.seen).values().map(|(e, _)| e.clone()).collect()
     }

@@ -119,7 +119,7 @@ fn load<T>(
 }
 
 /// A JSON string is a YAML double-quoted scalar: any path or name survives.
-fn q(s: &str) -> String {
+pub fn yaml_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
@@ -150,9 +150,9 @@ pub async fn check(a: &Answers, say: &mut (dyn FnMut(String) + Send)) -> Result<
                 "agent:\n  name: {CHECK_ENTRY}\nserver:\n  address: {}\n  server_name: {}\n\
                  tls:\n  ca_cert: {}\n  client_cert: agent.crt\n  client_key: agent.key\n\
                  backups:\n  - name: {CHECK_ENTRY}\n    storage: {storage}\n    sources:\n      - path: /\n",
-                q(&std::net::SocketAddr::new(ip, server.listen.port()).to_string()),
-                q(&name),
-                q(&layout.ca.with_extension("crt").to_string_lossy()),
+                yaml_string(&std::net::SocketAddr::new(ip, server.listen.port()).to_string()),
+                yaml_string(&name),
+                yaml_string(&layout.ca.with_extension("crt").to_string_lossy()),
             );
             AgentConfig::parse(&yaml, &work.path().join("agent.yaml")).map_err(failed)?
         }

@@ -93,9 +93,14 @@ fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, 
 /// an `ENRL` connection.
 pub fn server_config(config: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let tls = &config.tls;
+    // The configured list, then ours once `nbackup cert revoke` has written one.
     let mut crls = Vec::new();
-    for path in config.revocation_lists() {
-        crls.extend(load_crls(&path)?);
+    if let Some(path) = &tls.crl {
+        crls.extend(load_crls(path)?);
+    }
+    let own = config.own_crl();
+    if own.exists() {
+        crls.extend(load_crls(&own)?);
     }
     // Revocation is decided by our CA's lists; a list from another issuer must not
     // lock every agent out, so a status no list speaks for is not an error.

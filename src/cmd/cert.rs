@@ -83,9 +83,13 @@ fn token(config: &Path, agent: String, ttl: Option<String>, address: Option<Stri
     Ok(())
 }
 
+fn date(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0).map(|d| d.format("%Y-%m-%d").to_string()).unwrap_or_default()
+}
+
 fn when(unix: Option<i64>) -> String {
     let Some(t) = unix else { return "-".into() };
-    let date = chrono::DateTime::from_timestamp(t, 0).map(|d| d.format("%Y-%m-%d").to_string()).unwrap_or_default();
+    let date = date(t);
     let days = (t - nbackup_daemon::state::unix_now() as i64).div_euclid(86_400);
     match days {
         d if d < 0 => format!("{date} (expired)"),
@@ -181,10 +185,7 @@ fn list(config: Option<&Path>, files: &[PathBuf], json: bool) -> anyhow::Result<
                         r.serial.clone(),
                         r.origin.to_string(),
                         when(r.not_after),
-                        r.revoked_at.map_or_else(
-                            || "no".into(),
-                            |t| format!("yes ({})", when(Some(t)).split(' ').next().unwrap_or("")),
-                        ),
+                        r.revoked_at.map_or_else(|| "no".into(), |t| format!("yes ({})", date(t))),
                     ]
                 })
                 .collect();

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use nbackup_daemon::agent::Connector;
 use nbackup_daemon::agent::enroll::EnrollError;
+use nbackup_daemon::setup::yaml_string;
 use nbackup_protocol::Name;
 use nbackup_protocol::config::{AgentConfig, ServerEndpoint};
 use nbackup_protocol::enroll::{CaPin, token_is_well_formed};
@@ -46,18 +47,12 @@ fn usage(msg: impl std::fmt::Display) -> anyhow::Error {
     fail(Exit::Usage, anyhow::anyhow!("{msg}"))
 }
 
-/// The host name up to its first dot.
-fn short_hostname() -> Option<String> {
-    let full = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    full.trim().split('.').next().filter(|s| !s.is_empty()).map(str::to_string)
-}
-
 fn agent(args: SetupAgentArgs) -> anyhow::Result<ExitCode> {
     let pin = CaPin::parse(&args.ca_pin).map_err(|e| usage(format!("--ca-pin: {e}")))?;
     if !token_is_well_formed(&args.token) {
         return Err(usage("--token: not an enrollment token (nbk1- and 64 hex digits); copy it whole"));
     }
-    let name = match args.name.clone().or_else(short_hostname) {
+    let name = match args.name.clone().or_else(nbackup_tui::wizard::short_hostname) {
         Some(n) => Name::new(n).map_err(|e| usage(format!("agent name: {e}; pass --name")))?,
         None => return Err(usage("cannot read this host's name; pass --name")),
     };
@@ -290,12 +285,6 @@ fn next_steps(a: &nbackup_protocol::setup::Answers) {
         );
     }
 }
-
-/// A JSON string is a YAML double-quoted scalar: any path or name survives.
-fn q(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_default()
-}
-
 fn agent_yaml(
     name: &Name,
     endpoint: &ServerEndpoint,
@@ -304,8 +293,9 @@ fn agent_yaml(
     paths: &[std::path::PathBuf],
     schedule: &str,
 ) -> String {
-    let sources: String = paths.iter().map(|p| format!("      - path: {}\n", q(&p.to_string_lossy()))).collect();
-    let server_name = server_name.map(|n| format!("  server_name: {}\n", q(n))).unwrap_or_default();
+    let sources: String =
+        paths.iter().map(|p| format!("      - path: {}\n", yaml_string(&p.to_string_lossy()))).collect();
+    let server_name = server_name.map(|n| format!("  server_name: {}\n", yaml_string(n))).unwrap_or_default();
     format!(
         "# Written by `nbackup setup agent`. Every key: /etc/nbackup/agent.example.yaml.\n\
          # After editing: `nbackup ctl reload` (or SIGHUP) on a running agent daemon.\n\
@@ -314,11 +304,11 @@ fn agent_yaml(
          tls:\n  ca_cert: ca.crt\n  client_cert: agent.crt\n  client_key: agent.key\n\
          \x20 # The agent renews its certificate on its own this long before it ends.\n  renew_before: 30d\n\
          backups:\n  - name: {entry}\n    storage: {storage}\n    schedule: {schedule}\n    sources:\n{sources}",
-        name = q(name.as_str()),
-        address = q(&endpoint.address),
-        entry = q(&entry_name(paths)),
-        storage = q(storage),
-        schedule = q(schedule),
+        name = yaml_string(name.as_str()),
+        address = yaml_string(&endpoint.address),
+        entry = yaml_string(&entry_name(paths)),
+        storage = yaml_string(storage),
+        schedule = yaml_string(schedule),
     )
 }
 

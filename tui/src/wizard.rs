@@ -76,12 +76,14 @@ pub fn check_dir(dir: &Path) -> Result<String, String> {
     ))
 }
 
+/// This host's name up to its first dot, if it has one.
+pub fn short_hostname() -> Option<String> {
+    let full = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    full.trim().split('.').next().filter(|s| !s.is_empty()).map(str::to_string)
+}
+
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .and_then(|h| h.trim().split('.').next().map(str::to_string))
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "web-01".into())
+    short_hostname().unwrap_or_else(|| "web-01".into())
 }
 
 fn valid_name(s: &str) -> Result<Validation, inquire::CustomUserError> {

@@ -687,7 +687,6 @@ impl Agentd {
         }
     }
 
-    /// Once a second: time series for charts.
     /// Watches the agent's certificate: renews it over mutual TLS once less than
     /// `tls.renew_before` is left (retrying with backoff), installs the new pair and
     /// switches connections to it without a restart, and records `cert_expiring`
@@ -697,13 +696,7 @@ impl Agentd {
         loop {
             let config = self.config();
             let mut due = self.check_certificates(&config).await;
-            let left = self
-                .certs
-                .snapshot()
-                .iter()
-                .find(|c| c.cert == "agent")
-                .and_then(|c| c.not_after)
-                .map(|end| end - unix_now() as i64);
+            let left = self.certs.not_after("agent").map(|end| end - unix_now() as i64);
             let renew = config.tls.renew_before > Duration::ZERO
                 && left.is_some_and(|l| l < config.tls.renew_before.as_secs() as i64);
             let mut wait = crate::certwatch::CHECK_EVERY;
@@ -765,6 +758,7 @@ impl Agentd {
         Ok(())
     }
 
+    /// Once a second: time series for charts.
     async fn sampler(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let (mut read, mut acked, mut last) = (0u64, 0u64, Instant::now());

@@ -222,13 +222,22 @@ impl Enroller {
     }
 }
 
-/// The CA certificate and key as the configuration names them. Blocking.
+fn read(p: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(p).map_err(|err| format!("cannot read {}: {err}", p.display()))
+}
+
+/// The CA certificate, when this server signs enrollments. Blocking.
+fn read_ca_cert(server: &Server) -> Result<String, String> {
+    let live = server.live();
+    live.config.enrollment.as_ref().ok_or("this server does not sign certificates (no `enrollment` section)")?;
+    read(&live.config.tls.ca_cert)
+}
+
+/// The CA certificate and its key, to sign with. Blocking.
 fn read_ca(server: &Server) -> Result<CertPair, String> {
     let live = server.live();
     let e =
         live.config.enrollment.as_ref().ok_or("this server does not sign certificates (no `enrollment` section)")?;
-    let read =
-        |p: &std::path::Path| std::fs::read_to_string(p).map_err(|err| format!("cannot read {}: {err}", p.display()));
     Ok(CertPair { cert_pem: read(&live.config.tls.ca_cert)?, key_pem: read(&e.ca_key)? })
 }
 
@@ -298,7 +307,8 @@ pub async fn handle<R, W>(
     W: AsyncWrite + Unpin,
 {
     let s = server.clone();
-    let ca = match blocking(move || read_ca(&s).map_err(|e| Refusal::new(Reason::Unsupported, e))).await {
+    // Only the certificate now: the key is read once a request has earned a signature.
+    let ca = match blocking(move || read_ca_cert(&s).map_err(|e| Refusal::new(Reason::Unsupported, e))).await {
         Ok(ca) => ca,
         Err(r) => {
             // The server's own configuration: logged, not recorded against a peer.
@@ -307,7 +317,7 @@ pub async fn handle<R, W>(
             return;
         }
     };
-    let authority = serde_json::to_string(&EnrollReply::Authority { ca: ca.cert_pem.clone() }).unwrap_or_default();
+    let authority = serde_json::to_string(&EnrollReply::Authority { ca }).unwrap_or_default();
     if writer.send(&Frame::EnrollReply(authority)).await.is_err() {
         return;
     }
@@ -354,6 +364,7 @@ pub async fn handle<R, W>(
                 (agent, csr, CertOrigin::Renewed)
             }
         };
+        let ca = read_ca(&s).map_err(|e| Refusal::new(Reason::Unsupported, e))?;
         let signed = pki::sign_request(&ca, &csr, agent.as_str(), days)
             .map_err(|e| Refusal::new(Reason::Protocol, format!("{agent}: {e}")))?;
         s.enroller.record(&signed.info, &agent, origin).map_err(|e| Refusal::new(Reason::Internal, e))?;

@@ -198,13 +198,6 @@ impl ServerConfig {
         self.state_dir.join("crl.pem")
     }
 
-    /// Every revocation list the TLS verifier loads: the configured one, then ours
-    /// if it exists.
-    pub fn revocation_lists(&self) -> Vec<PathBuf> {
-        let own = self.own_crl();
-        self.tls.crl.iter().cloned().chain(own.exists().then_some(own)).collect()
-    }
-
     /// Parses and validates `text`, read from `file` (used in messages and to resolve
     /// relative paths).
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
