@@ -6,6 +6,7 @@
 //! * [`admin`] — the request and response types of the daemons' local admin API;
 //! * [`freshness`] — whether an entry's backups keep up with its schedule;
 //! * [`restore`] — the requests of a restore connection and the archive catalog;
+//! * [`retention`] — which archives a bucket keeps (newest N, grandfather-father-son);
 //! * [`enroll`] — how an agent obtains and renews its certificate;
 //! * [`setup`] — the setup wizard's answers and the plan they make;
 //! * [`config`] — the YAML configuration schema of both daemons, validated in two
@@ -23,6 +24,7 @@ pub mod limits;
 pub mod manifest;
 pub mod name;
 pub mod restore;
+pub mod retention;
 pub mod setup;
 pub mod wire;
 

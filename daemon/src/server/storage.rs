@@ -383,18 +383,31 @@ impl StorageArea {
         fsutil::write_atomic(&sidecar_path(archive), manifest.to_json().as_bytes())
     }
 
+    /// How many archives of an entry stay on disk: `max_backups`, or fewer when an
+    /// offload bucket holds the rest (the most any offload bucket asks to keep).
+    pub fn local_keep(&self) -> u32 {
+        use nbackup_protocol::config::BucketMode;
+        let offload = self.cfg.buckets.iter().filter_map(|b| match b.mode {
+            BucketMode::Offload { keep_local } => Some(keep_local),
+            _ => None,
+        });
+        offload.max().map_or(self.cfg.max_backups, |k| k.min(self.cfg.max_backups))
+    }
+
     /// Deletes the oldest archives (in commit order) of an entry beyond
-    /// `max_backups`, archive first, then its manifest; never `keep`, the archive just
-    /// committed. Returns the names removed.
+    /// [`StorageArea::local_keep`], archive first, then its manifest; never `keep`,
+    /// the archive just committed, nor one a bucket is still owed. Returns the names
+    /// removed.
     pub fn rotate(&self, agent: &Name, backup: &Name, keep: Option<&str>) -> io::Result<Vec<String>> {
         let archives: Vec<ArchiveFile> =
             self.list(agent, backup)?.into_iter().filter(|a| Some(a.name.as_str()) != keep).collect();
-        let keep_others = (self.cfg.max_backups as usize).saturating_sub(usize::from(keep.is_some()));
+        let keep_others = (self.local_keep() as usize).saturating_sub(usize::from(keep.is_some()));
         let excess = archives.len().saturating_sub(keep_others);
         let mut removed = Vec::new();
         for old in archives.into_iter().take(excess) {
             if let Err(why) = super::offsite::may_remove(self, &old.path) {
-                tracing::info!(archive = %old.name, "kept past max_backups: {why}");
+                let limit = if self.local_keep() < self.cfg.max_backups { "keep_local" } else { "max_backups" };
+                tracing::info!(archive = %old.name, "kept past {limit}: {why}");
                 continue;
             }
             // Out of the entry at once (a rename), freed by `purge_rotated` once the
@@ -487,7 +500,7 @@ pub fn sidecar_path(archive: &Path) -> PathBuf {
 }
 
 /// Splits `<prefix><yyyymmddThhmmssZ>[-n].tar.{gz,zst}` into its parts.
-fn parse_archive_name(name: &str, prefix: &str) -> Option<(String, u32, Compression)> {
+pub(crate) fn parse_archive_name(name: &str, prefix: &str) -> Option<(String, u32, Compression)> {
     let rest = name.strip_prefix(prefix)?;
     let (rest, compression) = if let Some(r) = rest.strip_suffix(".tar.gz") {
         (r, Compression::Gzip)
@@ -702,21 +715,7 @@ mod tests {
     fn rotation_keeps_what_a_bucket_is_owed_and_the_commit_queues_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = area(dir.path(), 1);
-        s.cfg.buckets.push(nbackup_protocol::config::Bucket {
-            name: Name::new("offsite").expect("name"),
-            provider: nbackup_protocol::config::Provider::S3,
-            bucket: "b".into(),
-            prefix: String::new(),
-            endpoint: None,
-            region: None,
-            credentials_file: None,
-            mode: nbackup_protocol::config::BucketMode::Sync,
-            bandwidth: None,
-            stall_timeout: std::time::Duration::from_secs(60),
-            part_size: 5 << 20,
-            concurrency: 1,
-            allow_http: false,
-        });
+        s.cfg.buckets.push(super::super::offsite::tests::bucket());
         s.prepare().expect("prepare");
         let base = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
         let first = commit_one(&s, base, "a");
@@ -736,6 +735,41 @@ mod tests {
         s.cfg.buckets.clear();
         commit_one(&s, base + chrono::Duration::hours(2), "c");
         assert_eq!(s.rotate(&a, &b, None).expect("rotate").len(), 1, "the second goes although never copied");
+    }
+
+    #[test]
+    fn an_offload_bucket_leaves_only_keep_local_on_disk_once_copied() {
+        use nbackup_protocol::config::BucketMode;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = area(dir.path(), 5);
+        let mut b = super::super::offsite::tests::bucket();
+        b.mode = BucketMode::Offload { keep_local: 1 };
+        s.cfg.buckets.push(b);
+        assert_eq!(s.local_keep(), 1);
+        s.prepare().expect("prepare");
+        let base = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        let archives: Vec<PathBuf> =
+            (0..3).map(|i| commit_one(&s, base + chrono::Duration::hours(i), &i.to_string())).collect();
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        assert!(s.rotate(&a, &b, None).expect("rotate").is_empty(), "nothing is verified off-site yet");
+        // The newest is copied first: it still stays (keep_local), the older two wait.
+        for archive in &archives[1..] {
+            let mut copy = Copies::load(archive).expect("load").expect("queued").buckets["offsite"].clone();
+            copy.state = offsite_state::CopyState::Verified;
+            s.update_copies(archive, "offsite", copy).expect("update");
+        }
+        let name = |p: &PathBuf| p.file_name().expect("n").to_string_lossy().into_owned();
+        assert_eq!(s.rotate(&a, &b, None).expect("rotate"), [name(&archives[1])]);
+        assert!(archives[0].exists(), "the oldest is not copied yet: it stays whatever keep_local says");
+        assert!(archives[2].exists(), "keep_local keeps the newest");
+        // A second offload bucket asking for more is what the disk keeps.
+        let mut more = super::super::offsite::tests::bucket();
+        more.name = Name::new("cold").expect("name");
+        more.mode = BucketMode::Offload { keep_local: 3 };
+        s.cfg.buckets.push(more);
+        assert_eq!(s.local_keep(), 3);
+        s.cfg.max_backups = 2;
+        assert_eq!(s.local_keep(), 2, "never more than max_backups");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::error::{ConfigError, Source};
 use super::resolve;
 use super::units::{ByteSize, HumanDuration};
 use crate::Name;
+pub use crate::retention::Retention;
 
 /// Cloud API a bucket speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -39,14 +40,23 @@ impl std::fmt::Display for Provider {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BucketMode {
     /// A copy of every committed archive; local rotation stays as configured (but
-    /// never removes an archive before it is verified in the bucket).
+    /// never removes an archive before it is verified in the bucket), and nothing is
+    /// ever deleted from the bucket.
     Sync,
+    /// The bucket is where archives live: once an archive is verified there (and in
+    /// every other bucket it owes), only the newest `keep_local` stay on disk. The
+    /// bucket keeps what its retention says, by default the storage's `max_backups`.
+    Offload { keep_local: u32 },
+    /// A long-term copy with a retention of its own, whatever the disk keeps.
+    Archive,
 }
 
 impl BucketMode {
     pub fn name(&self) -> &'static str {
         match self {
             BucketMode::Sync => "sync",
+            BucketMode::Offload { .. } => "offload",
+            BucketMode::Archive => "archive",
         }
     }
 }
@@ -66,6 +76,13 @@ pub struct Bucket {
     /// Where the credentials are (see `docs/offsite.md`); `None`: the environment.
     pub credentials_file: Option<PathBuf>,
     pub mode: BucketMode,
+    /// What the bucket keeps of each entry (offload and archive); `None`: everything
+    /// (sync — nbackup never deletes from such a bucket).
+    pub retention: Option<Retention>,
+    /// Objects are written locked for this many days (S3 Object Lock in compliance
+    /// mode, an Azure immutability policy): nobody, nbackup included, can delete or
+    /// overwrite them before; retention leaves them until then.
+    pub immutable_days: Option<u32>,
     /// Most bytes per second uploads to this bucket send; `None`: unlimited.
     pub bandwidth: Option<u64>,
     /// An upload that moves no byte for this long is abandoned and retried.
@@ -115,6 +132,12 @@ pub struct RawBucket {
     pub region: Option<String>,
     pub credentials_file: Option<PathBuf>,
     pub mode: Option<String>,
+    pub keep_local: Option<u32>,
+    pub retain: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub immutable_days: Option<u32>,
     pub bandwidth: Option<ByteSize>,
     pub stall_timeout: Option<HumanDuration>,
     pub part_size: Option<ByteSize>,
@@ -125,11 +148,15 @@ pub struct RawBucket {
 /// Most buckets per storage.
 pub const MAX_BUCKETS: usize = 8;
 
+/// Longest object lock: a hundred years.
+pub const MAX_IMMUTABLE_DAYS: u32 = 36_500;
+
 pub(super) fn from_raw(
     raw: Vec<RawBucket>,
     at: &str,
     src: &Source<'_>,
     base: &Path,
+    max_backups: u32,
 ) -> Result<Vec<Bucket>, ConfigError> {
     if raw.len() > MAX_BUCKETS {
         return Err(src.error(Some(&format!("{at}.buckets")), format!("more than {MAX_BUCKETS} buckets"), None));
@@ -188,16 +215,92 @@ pub(super) fn from_raw(
                 _ => return Err(err("endpoint", format!("{url:?} is not an http(s) URL"), None)),
             }
         }
-        let mode = match b.mode.as_deref().unwrap_or("sync") {
-            "sync" => BucketMode::Sync,
-            other @ ("offload" | "archive") => {
+        let retention = Retention {
+            last: b.retain.unwrap_or(0),
+            daily: b.keep_daily.unwrap_or(0),
+            weekly: b.keep_weekly.unwrap_or(0),
+            monthly: b.keep_monthly.unwrap_or(0),
+        };
+        let has_retention =
+            b.retain.is_some() || b.keep_daily.is_some() || b.keep_weekly.is_some() || b.keep_monthly.is_some();
+        let first_retention_key = [
+            ("retain", b.retain),
+            ("keep_daily", b.keep_daily),
+            ("keep_weekly", b.keep_weekly),
+            ("keep_monthly", b.keep_monthly),
+        ]
+        .into_iter()
+        .find(|(_, v)| v.is_some())
+        .map_or("retain", |(k, _)| k);
+        let mode_name = b.mode.as_deref().unwrap_or("sync");
+        let (mode, retention) = match mode_name {
+            "sync" => {
+                if has_retention {
+                    return Err(err(
+                        first_retention_key,
+                        "a sync bucket keeps every archive; it has no retention".into(),
+                        Some("use mode: archive for a retention of the bucket's own, or offload"),
+                    ));
+                }
+                (BucketMode::Sync, None)
+            }
+            "offload" => {
+                let keep_local = b.keep_local.unwrap_or(1);
+                if keep_local > max_backups {
+                    return Err(err(
+                        "keep_local",
+                        format!("keep_local {keep_local} is more than the storage's max_backups {max_backups}"),
+                        Some("the disk never keeps more than max_backups"),
+                    ));
+                }
+                let retention = if has_retention {
+                    retention
+                } else {
+                    Retention { last: max_backups, ..Default::default() }
+                };
+                (BucketMode::Offload { keep_local }, Some(retention))
+            }
+            "archive" => {
+                if !has_retention {
+                    return Err(err(
+                        "mode",
+                        "an archive bucket needs a retention of its own".into(),
+                        Some("set retain: N (the newest N per entry) and/or keep_daily, keep_weekly, keep_monthly"),
+                    ));
+                }
+                (BucketMode::Archive, Some(retention))
+            }
+            other => {
+                return Err(err("mode", format!("unknown mode {other:?}"), Some("use sync, offload or archive")));
+            }
+        };
+        if b.keep_local.is_some() && !matches!(mode, BucketMode::Offload { .. }) {
+            return Err(err(
+                "keep_local",
+                format!("keep_local is for offload buckets; this one is {mode_name}"),
+                Some("local rotation is max_backups"),
+            ));
+        }
+        if retention.is_some_and(|r| r.is_empty()) {
+            return Err(err(
+                first_retention_key,
+                "this retention keeps nothing".into(),
+                Some("keep at least one archive per entry"),
+            ));
+        }
+        let immutable_days = match b.immutable_days {
+            None | Some(0) => None,
+            Some(d) if d > MAX_IMMUTABLE_DAYS => {
+                return Err(err("immutable_days", format!("{d} is out of range"), Some("use 1 to 36500")));
+            }
+            Some(_) if b.provider == Provider::Gcs => {
                 return Err(err(
-                    "mode",
-                    format!("mode {other} is not available in this version"),
-                    Some("use sync (a copy of every archive); see docs/offsite.md"),
+                    "immutable_days",
+                    "GCS objects cannot be locked one by one through its XML API".into(),
+                    Some("set a retention policy on the GCS bucket itself (gcloud storage buckets update --retention-period)"),
                 ));
             }
-            other => return Err(err("mode", format!("unknown mode {other:?}"), Some("use sync"))),
+            Some(d) => Some(d),
         };
         if b.provider != Provider::S3 && b.region.is_some() {
             return Err(err("region", format!("{} buckets have no region setting", b.provider), None));
@@ -223,6 +326,8 @@ pub(super) fn from_raw(
             region: b.region,
             credentials_file: b.credentials_file.map(|p| resolve(base, p)),
             mode,
+            retention,
+            immutable_days,
             bandwidth: b.bandwidth.map(|b| b.0).filter(|b| *b > 0),
             stall_timeout,
             part_size,
@@ -264,7 +369,16 @@ mod tests {
              \x20       credentials_file: s3.env\n        mode: sync\n        bandwidth: 20mb\n",
         )
         .expect("parses");
-        assert_eq!(b[0].mode, BucketMode::Sync);
+        assert_eq!((&b[0].mode, b[0].retention, b[0].immutable_days), (&BucketMode::Sync, None, None));
+        let off = buckets("      - {name: o, provider: s3, bucket: x, mode: offload}\n").expect("parses");
+        assert_eq!(off[0].mode, BucketMode::Offload { keep_local: 1 });
+        assert_eq!(off[0].retention, Some(Retention { last: 3, ..Default::default() }), "max_backups by default");
+        let arch = buckets(
+            "      - {name: a, provider: azure, bucket: x, mode: archive, keep_daily: 7, keep_monthly: 12, immutable_days: 30}\n",
+        )
+        .expect("parses");
+        assert_eq!(arch[0].retention, Some(Retention { daily: 7, monthly: 12, ..Default::default() }));
+        assert_eq!((&arch[0].mode, arch[0].immutable_days), (&BucketMode::Archive, Some(30)));
         assert_eq!(b[0].credentials_file.as_deref(), Some(Path::new("/etc/nbackup/s3.env")));
         assert_eq!((b[0].bandwidth, b[0].part_size, b[0].concurrency), (Some(20 << 20), 16 << 20, 4));
         assert_eq!(b[0].key("a", "b", "c.tar.gz"), "nb/a/b/c.tar.gz");
@@ -273,7 +387,8 @@ mod tests {
         assert_eq!((gcs[0].provider, gcs[0].prefix.as_str()), (Provider::Gcs, ""));
         let cases = [
             ("      - {name: a, provider: s3, bucket: x, endpoint: \"http://10.0.0.9:9000\"}\n", "plain HTTP"),
-            ("      - {name: a, provider: s3, bucket: x, keep_local: 2}\n", "unknown key"),
+            ("      - {name: a, provider: s3, bucket: x, keep_local: 2}\n", "for offload"),
+            ("      - {name: a, provider: s3, bucket: x, keep_hourly: 2}\n", "unknown key"),
             ("      - {name: a, provider: s3, bucket: \"x/y\"}\n", "not a bucket name"),
             ("      - {name: a, provider: s3, bucket: x, prefix: \"../\"}\n", "not a key prefix"),
             ("      - {name: a, provider: s3, bucket: x, prefix: nb}\n", "not a key prefix"),
@@ -281,7 +396,13 @@ mod tests {
             ("      - {name: a, provider: gcs, bucket: x, region: eu}\n", "no region"),
             ("      - {name: a, provider: s3, bucket: x}\n      - {name: a, provider: s3, bucket: y}\n", "two buckets"),
             ("      - {name: a, provider: s3, bucket: x, mode: mirror}\n", "unknown mode"),
-            ("      - {name: a, provider: s3, bucket: x, mode: archive}\n", "not available in this version"),
+            ("      - {name: a, provider: s3, bucket: x, mode: archive}\n", "needs a retention"),
+            ("      - {name: a, provider: s3, bucket: x, retain: 3}\n", "has no retention"),
+            ("      - {name: a, provider: s3, bucket: x, mode: archive, keep_daily: 0}\n", "keeps nothing"),
+            ("      - {name: a, provider: s3, bucket: x, mode: offload, keep_local: 4}\n", "more than the storage's"),
+            ("      - {name: a, provider: s3, bucket: x, mode: archive, retain: 2, keep_local: 1}\n", "for offload"),
+            ("      - {name: a, provider: gcs, bucket: x, immutable_days: 30}\n", "retention policy"),
+            ("      - {name: a, provider: s3, bucket: x, immutable_days: 40000}\n", "out of range"),
             ("      - {name: a, provider: s3, bucket: x, secret_key: hunter2}\n", "unknown key"),
         ];
         for (yaml, want) in cases {
@@ -311,6 +432,8 @@ mod tests {
             region: None,
             credentials_file: None,
             mode: BucketMode::Sync,
+            retention: None,
+            immutable_days: None,
             bandwidth: None,
             stall_timeout: Bucket::DEFAULT_STALL_TIMEOUT,
             part_size: Bucket::DEFAULT_PART_SIZE,

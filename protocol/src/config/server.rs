@@ -321,7 +321,7 @@ impl ServerConfig {
                     )
                 })?),
             };
-            let buckets = super::bucket::from_raw(s.buckets, &at, src, &base)?;
+            let buckets = super::bucket::from_raw(s.buckets, &at, src, &base, s.max_backups)?;
             let base_dir = resolve(&base, s.base_dir);
             if let Some(other) = dirs.insert(base_dir.clone(), name.clone()) {
                 return Err(src.error(

@@ -14,6 +14,7 @@
 //! restarted, a removed one stopped.
 
 pub mod client;
+pub mod objects;
 pub mod state;
 pub mod upload;
 
@@ -130,6 +131,7 @@ impl Offsite {
                 bucket: bucket.clone(),
                 remote,
                 stats: stats.clone(),
+                manifests: objects::Manifests::default(),
             };
             let task = server.tracker.spawn(work.run(rx, stop.clone()));
             runners.insert(key, Runner { bucket, area, task, tx, stop, stats, meter });
@@ -310,6 +312,8 @@ struct Work {
     bucket: Bucket,
     remote: client::Remote,
     stats: Arc<Mutex<Stats>>,
+    /// Manifests read back from the bucket by its retention passes.
+    manifests: objects::Manifests,
 }
 
 impl Work {
@@ -445,8 +449,11 @@ impl Work {
                     &manifest,
                     format!("{} {how} {} ({key}) and verified", manifest.archive, self.bucket.name),
                 );
-                // Rotation may have kept it (and older ones) waiting for this copy.
                 let (agent, backup) = (Name::new(manifest.agent.as_str()), Name::new(manifest.backup.as_str()));
+                if let (Ok(agent), Ok(backup), Some(retention)) = (&agent, &backup, self.bucket.retention) {
+                    self.prune(retention, agent, backup).await;
+                }
+                // Rotation may have kept it (and older ones) waiting for this copy.
                 if let (Ok(agent), Ok(backup)) = (agent, backup) {
                     let area = area.clone();
                     let _ = tokio::task::spawn_blocking(move || {
@@ -485,6 +492,38 @@ impl Work {
                 let _ = save(copy).await;
                 Err(Retry::Later(e.to_string()))
             }
+        }
+    }
+}
+
+impl Work {
+    /// Applies the bucket's retention to one entry; a failure is logged and tried
+    /// again after the entry's next copy (nothing is lost by keeping too much).
+    async fn prune(&self, retention: nbackup_protocol::retention::Retention, agent: &Name, backup: &Name) {
+        match objects::prune(&self.remote, &self.bucket, retention, agent, backup, &self.manifests).await {
+            Ok(deleted) if !deleted.is_empty() => {
+                let who = crate::state::EventSpec {
+                    agent: Some(agent.as_str()),
+                    backup: Some(backup.as_str()),
+                    ..Default::default()
+                };
+                if let Some(server) = self.server.upgrade() {
+                    server.telemetry.events.record(
+                        nbackup_protocol::admin::EventKind::Rotated,
+                        who,
+                        format!(
+                            "bucket {} keeps {retention}: deleted {}",
+                            self.bucket.name,
+                            deleted.join(", ")
+                        ),
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(
+                storage = %self.storage, bucket = %self.bucket.name, %agent, %backup,
+                "the bucket's retention could not be applied (tried again after the next copy): {e}"
+            ),
         }
     }
 }
@@ -528,4 +567,31 @@ fn owed(area: &StorageArea, bucket: &str) -> Vec<(u64, PathBuf)> {
     }
     found.sort();
     found
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use nbackup_protocol::Name;
+    use nbackup_protocol::config::{Bucket, BucketMode, Provider};
+
+    /// A sync bucket named `offsite` with the smallest parts.
+    pub fn bucket() -> Bucket {
+        Bucket {
+            name: Name::new("offsite").expect("name"),
+            provider: Provider::S3,
+            bucket: "b".into(),
+            prefix: String::new(),
+            endpoint: None,
+            region: None,
+            credentials_file: None,
+            mode: BucketMode::Sync,
+            retention: None,
+            immutable_days: None,
+            bandwidth: None,
+            stall_timeout: std::time::Duration::from_secs(60),
+            part_size: 5 << 20,
+            concurrency: 1,
+            allow_http: false,
+        }
+    }
 }

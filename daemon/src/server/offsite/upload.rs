@@ -119,6 +119,7 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent
     };
     if fresh && let Some(e_tag) = already_there(remote, &location, manifest).await? {
         put_manifest(remote, key, manifest).await?;
+        put_catalog(remote, bucket, archive, key).await?;
         return Ok(Sent { e_tag, already_there: true });
     }
     if fresh {
@@ -165,6 +166,7 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent
     let parts = up.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
     remote.multipart.complete_multipart(&location, &up.id, parts).await?;
     put_manifest(remote, key, manifest).await?;
+    put_catalog(remote, bucket, archive, key).await?;
     let e_tag = verify(remote, &location, manifest, &up, carries_metadata(bucket)).await?;
     Ok(Sent { e_tag, already_there: false })
 }
@@ -182,6 +184,48 @@ async fn put_manifest(remote: &Remote, key: &str, manifest: &Manifest) -> Result
     let sidecar = Key::from(format!("{key}.json"));
     let json = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
     remote.store.put(&sidecar, PutPayload::from(json)).await?;
+    Ok(())
+}
+
+/// `<key>.catalog`, the archive's member list, when it has one (so `nbackup ls` and
+/// a selective restore work from the bucket too); streamed in parts when it is
+/// larger than one.
+async fn put_catalog(remote: &Remote, bucket: &Bucket, archive: &Path, key: &str) -> Result<(), UploadError> {
+    use tokio::io::AsyncReadExt;
+    let mut file = match tokio::fs::File::open(crate::server::storage::catalog_path(archive)).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let location = Key::from(format!("{key}.catalog"));
+    let len = file.metadata().await?.len();
+    if len <= bucket.part_size {
+        let mut buf = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut buf).await?;
+        remote.store.put(&location, PutPayload::from(buf)).await?;
+        return Ok(());
+    }
+    let upload = remote.store.put_multipart(&location).await?;
+    let mut parts = object_store::WriteMultipart::new_with_chunk_size(upload, bucket.part_size as usize);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match file.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = parts.abort().await;
+                return Err(e.into());
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        if let Err(e) = parts.wait_for_capacity(bucket.concurrency as usize).await {
+            let _ = parts.abort().await;
+            return Err(e.into());
+        }
+        parts.write(&buf[..n]);
+    }
+    parts.finish().await?;
     Ok(())
 }
 
