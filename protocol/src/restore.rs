@@ -110,6 +110,11 @@ pub struct RemoteArchive {
     pub commit_seq: Option<u64>,
     /// Size of the catalog beside it, if it has one.
     pub catalog: Option<u64>,
+    /// The off-site bucket it is read from when it is no longer on the server's disk
+    /// (offloaded, rotated out of the disk but kept by an archive bucket, or lost);
+    /// absent for an archive on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
 }
 
 /// Archives per `Archives` page: each is under 600 bytes of JSON, so a page stays
@@ -342,6 +347,7 @@ mod tests {
             finished_at: Some(finished.into()),
             commit_seq: None,
             catalog: None,
+            bucket: None,
         }
     }
 

@@ -11,6 +11,9 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Datelike, Utc};
 
+/// The calendar period a time falls in (a day, an ISO week, a month), as a key.
+type Period = fn(&DateTime<Utc>) -> (i32, u32);
+
 /// A bucket's retention (`retain`, `keep_daily`, `keep_weekly`, `keep_monthly`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Retention {
@@ -40,7 +43,7 @@ impl Retention {
         let mut newest_first: Vec<usize> = (0..archives.len()).collect();
         newest_first.sort_by(|a, b| archives[*b].order.cmp(&archives[*a].order));
         let mut kept: BTreeSet<usize> = newest_first.iter().take(self.last as usize).copied().collect();
-        let periods: [(u32, fn(&DateTime<Utc>) -> (i32, u32)); 3] = [
+        let periods: [(u32, Period); 3] = [
             (self.daily, |t| (t.year(), t.ordinal())),
             (self.weekly, |t| {
                 let w = t.iso_week();
@@ -66,16 +69,12 @@ impl Retention {
 
 impl std::fmt::Display for Retention {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = [
-            (self.last, "newest"),
-            (self.daily, "daily"),
-            (self.weekly, "weekly"),
-            (self.monthly, "monthly"),
-        ]
-        .iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, what)| format!("{n} {what}"))
-        .collect();
+        let parts: Vec<String> =
+            [(self.last, "newest"), (self.daily, "daily"), (self.weekly, "weekly"), (self.monthly, "monthly")]
+                .iter()
+                .filter(|(n, _)| *n > 0)
+                .map(|(n, what)| format!("{n} {what}"))
+                .collect();
         f.write_str(&parts.join(", "))
     }
 }
@@ -103,8 +102,8 @@ mod tests {
         // Two a day for 70 days from 2026-09-01, at 01:00 and 13:00.
         let mut a = Vec::new();
         for day in 0..70u64 {
-            let t = Utc.with_ymd_and_hms(2026, 9, 1, 1, 0, 0).single().expect("time")
-                + chrono::Duration::days(day as i64);
+            let t =
+                Utc.with_ymd_and_hms(2026, 9, 1, 1, 0, 0).single().expect("time") + chrono::Duration::days(day as i64);
             a.push(Candidate { order: (day * 2, 0, 1), finished: t });
             a.push(Candidate { order: (day * 2 + 1, 0, 1), finished: t + chrono::Duration::hours(12) });
         }
@@ -115,16 +114,7 @@ mod tests {
         // The last day is 2026-11-09 (a Monday): newest 1 and 3 daily are the evening
         // archives of 11-09, 11-08, 11-07; weekly: 11-09 (week 46) and 11-08 (the
         // Sunday ending week 45); monthly: November, October 31st, September 30th.
-        assert_eq!(
-            names,
-            [
-                "2026-09-30T13",
-                "2026-10-31T13",
-                "2026-11-07T13",
-                "2026-11-08T13",
-                "2026-11-09T13",
-            ]
-        );
+        assert_eq!(names, ["2026-09-30T13", "2026-10-31T13", "2026-11-07T13", "2026-11-08T13", "2026-11-09T13",]);
         assert_eq!(r.to_string(), "1 newest, 3 daily, 2 weekly, 3 monthly");
     }
 

@@ -147,19 +147,20 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             return Ok(Exit::Ok.into());
         }
         println!(
-            "{:<12} {:<10} {:<44} {:<20} {:>10} {:>8}  CATALOG",
-            "ENTRY", "STORAGE", "ARCHIVE", "FINISHED", "SIZE", "FILES"
+            "{:<12} {:<10} {:<44} {:<20} {:>10} {:>8}  {:<7}  WHERE",
+            "ENTRY", "STORAGE", "ARCHIVE", "FINISHED", "SIZE", "FILES", "CATALOG"
         );
         for (storage, a) in &rows {
             println!(
-                "{:<12} {:<10} {:<44} {:<20} {:>10} {:>8}  {}",
+                "{:<12} {:<10} {:<44} {:<20} {:>10} {:>8}  {:<7}  {}",
                 a.backup.as_str(),
                 storage,
                 a.archive,
                 a.finished_at.as_deref().unwrap_or("-").replace('T', " ").trim_end_matches('Z'),
                 super::human_bytes(a.size),
                 a.entries.map_or("-".into(), |n| n.to_string()),
-                if a.catalog.is_some() { "yes" } else { "no" }
+                if a.catalog.is_some() { "yes" } else { "no" },
+                a.bucket.as_ref().map_or_else(|| "disk".to_string(), |b| format!("bucket {b}"))
             );
         }
         Ok(Exit::Ok.into())

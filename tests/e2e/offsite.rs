@@ -164,7 +164,14 @@ async fn a_committed_archive_is_copied_in_parts_and_verified() {
     assert!(e_tag.trim_matches('"').ends_with("-3"), "three parts, composite tag checked: {e_tag}");
     let (_, _, _) = moto.object("fleet-backups", &format!("{key}.json")).expect("its manifest beside it");
     assert_eq!(moto.open_uploads("fleet-backups"), 0, "no multipart upload left open");
-    assert_eq!(moto.keys("fleet-backups"), [key.clone(), format!("{key}.json")], "nothing else in the bucket");
+    let catalog = moto.object("fleet-backups", &format!("{key}.catalog")).expect("its catalog beside it");
+    let local_catalog = fs::read(format!("{}.catalog", archive.display())).expect("the catalog on disk");
+    assert_eq!(catalog.0, local_catalog.len() as u64);
+    assert_eq!(
+        moto.keys("fleet-backups"),
+        [key.clone(), format!("{key}.catalog"), format!("{key}.json")],
+        "nothing else in the bucket"
+    );
     server.stop().await;
 }
 
@@ -287,8 +294,9 @@ async fn two_agents_sharing_a_bucket_and_prefix_keep_to_their_own_keys() {
     for (agent, name) in &names {
         let archive = server.archives("main", agent, "etc").pop().expect("archive");
         copied(&archive, Duration::from_secs(60)).await;
-        want.push(format!("fleet/{agent}/etc/{name}"));
-        want.push(format!("fleet/{agent}/etc/{name}.json"));
+        for suffix in ["", ".catalog", ".json"] {
+            want.push(format!("fleet/{agent}/etc/{name}{suffix}"));
+        }
     }
     // A second run of web-01 rotates its first archive locally (max_backups 1); the
     // bucket keeps every copy and db-01's objects are untouched.
@@ -297,8 +305,9 @@ async fn two_agents_sharing_a_bucket_and_prefix_keep_to_their_own_keys() {
     let again = backup(&cfg, 0).await.expect("backup").archive;
     let archive = server.archives("main", "web-01", "etc").pop().expect("archive");
     copied(&archive, Duration::from_secs(60)).await;
-    want.push(format!("fleet/web-01/etc/{again}"));
-    want.push(format!("fleet/web-01/etc/{again}.json"));
+    for suffix in ["", ".catalog", ".json"] {
+        want.push(format!("fleet/web-01/etc/{again}{suffix}"));
+    }
     want.sort();
     assert_eq!(moto.keys("shared"), want);
     server.stop().await;
@@ -511,5 +520,207 @@ async fn an_archive_is_copied_to_azure_blob_storage_in_blocks_and_verified() {
         azurite.py(&format!("print(svc.get_blob_client('fleet', '{key}.json').download_blob().readall().decode())"));
     let beside: serde_json::Value = serde_json::from_str(sidecar.trim()).expect("manifest json");
     assert_eq!(beside["sha256"], m["sha256"], "the manifest beside it");
+    server.stop().await;
+}
+
+/// Waits until `cond` holds, showing `what` if it does not within a minute.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < Duration::from_secs(60), "not within a minute: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn file_names(paths: &[PathBuf]) -> Vec<String> {
+    paths.iter().map(|p| p.file_name().expect("name").to_string_lossy().into_owned()).collect()
+}
+
+/// Archive keys (not their `.json` or `.catalog`) under `prefix`.
+fn archive_keys(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = moto
+        .keys(bucket)
+        .into_iter()
+        .filter(|k| k.starts_with(prefix) && (k.ends_with(".tar.gz") || k.ends_with(".tar.zst")))
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn nbackup(args: &[&str], config: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nbackup"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("nbackup runs")
+}
+
+// The binary runs synchronously: the in-process server needs other threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offload_bucket_keeps_the_disk_small_and_restores_what_it_holds() {
+    let (moto, tmp, pki, creds) = setup("offload");
+    let src = dataset(&tmp.path().join("data"), "1M", 4);
+    let spec = StorageSpec {
+        max_backups: 3,
+        ..with_bucket(zstd("main"), moto.addr, "offload", &creds, "        mode: offload\n        keep_local: 1\n")
+    };
+    let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
+    let yaml = agent_yaml(&pki, "web-01", &pki.agent("web-01"), server.addr, &[entry("etc", "main", &[&src])], "");
+    let config = tmp.path().join("agent.yaml");
+    fs::write(&config, &yaml).expect("config");
+    let cfg = nbackup_protocol::config::AgentConfig::parse(&yaml, &config).expect("config");
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        names.push(backup(&cfg, 0).await.expect("backup").archive);
+    }
+    // Each left the disk once verified in the bucket, except the newest (keep_local 1).
+    until("only the newest on disk, all three in the bucket", || {
+        file_names(&server.archives("main", "web-01", "etc")) == [names[2].clone()]
+            && archive_keys(&moto, "offload", "fleet/web-01/etc/").len() == 3
+    })
+    .await;
+    copied(&server.archives("main", "web-01", "etc")[0], Duration::from_secs(60)).await;
+
+    // The agent lists all three: two in the bucket, one on disk.
+    let out = nbackup(&["list", "--json"], &config);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let listed: Vec<(String, Option<String>)> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| (a["archive"].as_str().expect("name").to_string(), a["bucket"].as_str().map(str::to_string)))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (names[0].clone(), Some("offsite".to_string())),
+            (names[1].clone(), Some("offsite".into())),
+            (names[2].clone(), None)
+        ],
+        "commit order, with where each one is"
+    );
+    assert!(list[0]["catalog"].as_u64().is_some_and(|n| n > 0) && list[0]["sha256"].is_string(), "{list}");
+
+    // The oldest comes back from the bucket through the same RSTR path, verified,
+    // its catalog too; and the server can verify it in the bucket.
+    let dest = tmp.path().join("restored");
+    let out =
+        nbackup(&["restore", "--json", "--entry", "etc", "--at", &names[0], "--to", &dest.to_string_lossy()], &config);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(result["verified"], true, "{result}");
+    assert_restored(std::slice::from_ref(&src), &nbackup_protocol::config::Excludes::none(), &dest);
+    let out = nbackup(&["ls", "--json", "--entry", "etc", "--at", &names[1]], &config);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let members: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(members.len() > 10, "the catalog read from the bucket: {} members", members.len());
+    let out = nbackup(&["verify", "--entry", "etc", "--at", &names[0]], &config);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verified in bucket offsite"), "{:?}", out);
+
+    // A fourth run: the bucket keeps max_backups (3) — the first archive, its
+    // manifest and catalog are deleted from it.
+    names.push(backup(&cfg, 0).await.expect("backup").archive);
+    until("the bucket's retention deleted the oldest", || {
+        archive_keys(&moto, "offload", "fleet/web-01/etc/")
+            == names[1..].iter().map(|n| format!("fleet/web-01/etc/{n}")).collect::<Vec<_>>()
+    })
+    .await;
+    until("its sidecars went with it", || !moto.keys("offload").iter().any(|k| k.contains(&names[0]))).await;
+    assert_eq!(file_names(&server.archives("main", "web-01", "etc")).last(), names.last());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_bucket_keeps_its_own_retention_per_agent_and_entry() {
+    let (moto, tmp, pki, creds) = setup("long-term");
+    let src = dataset(&tmp.path().join("data"), "1M", 5);
+    // The disk keeps one of each entry, the bucket the newest two.
+    let spec = StorageSpec {
+        max_backups: 1,
+        ..with_bucket(gzip("main"), moto.addr, "long-term", &creds, "        mode: archive\n        retain: 2\n")
+    };
+    let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
+    let config = |agent: &str| {
+        let entries = [entry("etc", "main", &[&src]), entry("www", "main", &[&src])];
+        let yaml = agent_yaml(&pki, agent, &pki.agent(agent), server.addr, &entries, "");
+        nbackup_protocol::config::AgentConfig::parse(&yaml, Path::new("agent.yaml")).expect("config")
+    };
+    let (web, db) = (config("web-01"), config("db-01"));
+    let mut etc = Vec::new();
+    for _ in 0..3 {
+        etc.push(backup(&web, 0).await.expect("backup").archive);
+    }
+    let www = backup(&web, 1).await.expect("backup").archive;
+    let db_etc = backup(&db, 0).await.expect("backup").archive;
+    until("web-01/etc: the newest two in the bucket", || {
+        archive_keys(&moto, "long-term", "fleet/web-01/etc/")
+            == etc[1..].iter().map(|n| format!("fleet/web-01/etc/{n}")).collect::<Vec<_>>()
+    })
+    .await;
+    until("the others copied", || {
+        archive_keys(&moto, "long-term", "fleet/web-01/www/") == [format!("fleet/web-01/www/{www}")]
+            && archive_keys(&moto, "long-term", "fleet/db-01/etc/") == [format!("fleet/db-01/etc/{db_etc}")]
+    })
+    .await;
+    until("the disk kept one of each entry", || {
+        file_names(&server.archives("main", "web-01", "etc")) == [etc[2].clone()]
+    })
+    .await;
+    // A hand-made object beside them with a name that is not an archive of the
+    // entry is never touched, and db-01's run did not prune web-01 or the reverse.
+    moto.py("s3.put_object(Bucket='long-term', Key='fleet/web-01/etc/notes.txt', Body=b'mine')");
+    etc.push(backup(&web, 0).await.expect("backup").archive);
+    until("web-01/etc pruned again", || {
+        archive_keys(&moto, "long-term", "fleet/web-01/etc/")
+            == etc[2..].iter().map(|n| format!("fleet/web-01/etc/{n}")).collect::<Vec<_>>()
+    })
+    .await;
+    assert!(moto.object("long-term", "fleet/web-01/etc/notes.txt").is_some(), "a foreign object is kept");
+    assert_eq!(archive_keys(&moto, "long-term", "fleet/db-01/"), [format!("fleet/db-01/etc/{db_etc}")]);
+    server.stop().await;
+}
+
+// The binary runs synchronously: the in-process server needs other threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_lost_from_disk_is_restored_from_its_bucket() {
+    let (moto, tmp, pki, creds) = setup("rescue");
+    let src = dataset(&tmp.path().join("data"), "1M", 6);
+    let server =
+        TestServer::start(tmp.path(), &pki, &[with_bucket(gzip("main"), moto.addr, "rescue", &creds, "")]).await;
+    let yaml = agent_yaml(&pki, "web-01", &pki.agent("web-01"), server.addr, &[entry("etc", "main", &[&src])], "");
+    let config = tmp.path().join("agent.yaml");
+    fs::write(&config, &yaml).expect("config");
+    let cfg = nbackup_protocol::config::AgentConfig::parse(&yaml, &config).expect("config");
+    let name = backup(&cfg, 0).await.expect("backup").archive;
+    let archive = server.archives("main", "web-01", "etc").pop().expect("archive");
+    copied(&archive, Duration::from_secs(60)).await;
+    // The disk loses the archive and everything beside it.
+    for suffix in ["", ".json", ".catalog", ".offsite.json"] {
+        fs::remove_file(format!("{}{suffix}", archive.display())).expect("remove");
+    }
+    let dest = tmp.path().join("restored");
+    let out = nbackup(&["restore", "--json", "--entry", "etc", "--to", &dest.to_string_lossy()], &config);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((result["verified"].clone(), result["archive"].clone()), (true.into(), name.clone().into()), "{result}");
+    assert_restored(std::slice::from_ref(&src), &nbackup_protocol::config::Excludes::none(), &dest);
+    // A damaged copy in the bucket fails verification there (exit 7), named as such.
+    moto.py(&format!(
+        "k = 'fleet/web-01/etc/{name}'\nb = bytearray(s3.get_object(Bucket='rescue', Key=k)['Body'].read())\n\
+         b[len(b) // 2] ^= 0xff\ns3.put_object(Bucket='rescue', Key=k, Body=bytes(b))"
+    ));
+    let out = nbackup(&["verify", "--entry", "etc"], &config);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("corrupt in bucket offsite"), "{said}");
     server.stop().await;
 }

@@ -15,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use object_store::ObjectStoreExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
@@ -22,6 +23,8 @@ use tracing::{info, warn};
 
 use nbackup_protocol::Name;
 use nbackup_protocol::admin::EventKind;
+use nbackup_protocol::config::Bucket;
+use nbackup_protocol::manifest::Manifest;
 use nbackup_protocol::restore::{LIST_PAGE, Part, RemoteArchive, RestoreReply, RestoreRequest, Verdict};
 use nbackup_protocol::wire::{Chunk, Frame, FrameType, Reason, Refusal};
 
@@ -29,7 +32,8 @@ use super::Server;
 use super::handle::EntryArchives;
 use super::handler::{blocking, json_request, refuse};
 use super::listener::Conn;
-use super::storage::{ArchiveFile, StorageArea, catalog_path};
+use super::offsite::{client, objects};
+use super::storage::{ArchiveFile, StorageArea, catalog_path, parse_archive_name};
 use super::verify::{self, Checked};
 use crate::conn::{FrameReader, FrameWriter};
 use crate::state::EventSpec;
@@ -152,7 +156,68 @@ fn remote(backup: &Name, a: &ArchiveFile) -> RemoteArchive {
         finished_at: m.map(|m| m.finished_at.clone()),
         commit_seq: m.and_then(|m| m.commit_seq),
         catalog: std::fs::metadata(catalog_path(&a.path)).ok().map(|m| m.len()),
+        bucket: None,
     }
+}
+
+/// An archive only a bucket has, as the restore side sees it.
+fn in_bucket(bucket: &Bucket, o: &objects::Stored, m: Option<&Manifest>) -> RemoteArchive {
+    RemoteArchive {
+        backup: o.backup.clone(),
+        archive: o.name.clone(),
+        size: o.size,
+        compression: o.compression,
+        sha256: m.map(|m| m.sha256.clone()),
+        entries: m.map(|m| m.entries),
+        bytes_read: m.map(|m| m.bytes_read),
+        finished_at: m.map(|m| m.finished_at.clone()),
+        commit_seq: m.and_then(|m| m.commit_seq),
+        catalog: o.catalog,
+        bucket: Some(bucket.name.to_string()),
+    }
+}
+
+/// Adds to `archives` (what the disk has) every archive of the agent that only the
+/// storage's buckets hold, and puts each entry's archives back in commit order. A
+/// bucket that cannot be listed is logged and left out: the disk's archives are
+/// still listed.
+async fn add_from_buckets(area: &StorageArea, agent: &Name, backup: Option<&Name>, archives: &mut Vec<RemoteArchive>) {
+    let mut known: std::collections::BTreeSet<(Name, String)> =
+        archives.iter().map(|a| (a.backup.clone(), a.archive.clone())).collect();
+    for bucket in &area.cfg.buckets {
+        let remote = match client::connect(bucket) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(bucket = %bucket.name, "cannot list the bucket for a restore: {e}");
+                continue;
+            }
+        };
+        let listing = match objects::list(&remote, bucket, agent, backup).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(bucket = %bucket.name, %agent, "cannot list the bucket for a restore: {e}");
+                continue;
+            }
+        };
+        for o in listing.archives {
+            if !known.insert((o.backup.clone(), o.name.clone())) {
+                continue;
+            }
+            let m = match objects::manifest(&remote, &o.key).await {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(bucket = %bucket.name, key = %o.key, "cannot read the manifest beside an archive: {e}");
+                    None
+                }
+            };
+            archives.push(in_bucket(bucket, &o, m.as_ref()));
+        }
+    }
+    archives.sort_by_cached_key(|a| {
+        let prefix = format!("{agent}-{}-", a.backup);
+        let (stamp, n) = parse_archive_name(&a.archive, &prefix).map_or((String::new(), 0), |(stamp, n, _)| (stamp, n));
+        (a.backup.clone(), a.commit_seq.is_some(), a.commit_seq.unwrap_or(0), stamp, n)
+    });
 }
 
 async fn list<W: AsyncWrite + Unpin>(
@@ -161,7 +226,8 @@ async fn list<W: AsyncWrite + Unpin>(
     agent: Name,
     backup: Option<Name>,
 ) -> Result<(), Failed> {
-    let archives = blocking(move || {
+    let (on_disk, agent_name, wanted) = (area.clone(), agent.clone(), backup.clone());
+    let mut archives = blocking(move || {
         let cannot = |e: std::io::Error| Refusal::new(Reason::Internal, format!("cannot list: {e}"));
         // One entry's directory when the request names it; every entry of this agent's
         // otherwise (also ones its config no longer has).
@@ -176,6 +242,7 @@ async fn list<W: AsyncWrite + Unpin>(
         Ok(out)
     })
     .await?;
+    add_from_buckets(&on_disk, &agent_name, wanted.as_ref(), &mut archives).await;
     let mut pages = archives.chunks(LIST_PAGE).peekable();
     if pages.peek().is_none() {
         return reply(writer, &RestoreReply::Archives { archives: Vec::new(), more: false }).await;
@@ -205,6 +272,60 @@ async fn find(entry: &Entry, archive: &str) -> Result<ArchiveFile, Refusal> {
     .await
 }
 
+/// Where a named archive of an entry is read from: the disk, or (when the disk no
+/// longer has it) the first of the storage's buckets that does.
+enum Found {
+    Disk(ArchiveFile),
+    Bucket(InBucket),
+}
+
+struct InBucket {
+    bucket: Bucket,
+    remote: client::Remote,
+    key: String,
+    manifest: Option<Manifest>,
+    compression: nbackup_protocol::wire::Compression,
+}
+
+async fn locate(entry: &Entry, archive: &str) -> Result<Found, Refusal> {
+    let missing = match find(entry, archive).await {
+        Ok(f) => return Ok(Found::Disk(f)),
+        Err(r) if r.reason == Reason::NotFound => r,
+        Err(r) => return Err(r),
+    };
+    // Only a name that is one of this entry's archives ever becomes a key.
+    let prefix = format!("{}-{}-", entry.agent, entry.backup);
+    let Some((_, _, compression)) = parse_archive_name(archive, &prefix) else { return Err(missing) };
+    let mut unreadable = None;
+    for bucket in &entry.area.cfg.buckets {
+        let remote = match client::connect(bucket) {
+            Ok(r) => r,
+            Err(e) => {
+                unreadable = Some(format!("bucket {}: {e}", bucket.name));
+                continue;
+            }
+        };
+        let key = bucket.key(entry.agent.as_str(), entry.backup.as_str(), archive);
+        match remote.store.head(&object_store::path::Path::from(key.as_str())).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => {
+                warn!(bucket = %bucket.name, %key, "cannot look for an archive to restore: {e}");
+                unreadable = Some(format!("bucket {}: {e}", bucket.name));
+                continue;
+            }
+        }
+        let manifest = objects::manifest(&remote, &key).await.map_err(|e| {
+            Refusal::new(Reason::Internal, format!("the manifest of {archive} in bucket {}: {e}", bucket.name))
+        })?;
+        return Ok(Found::Bucket(InBucket { bucket: bucket.clone(), remote, key, manifest, compression }));
+    }
+    Err(match unreadable {
+        Some(why) => Refusal::new(Reason::Internal, format!("{archive} is not on the server's disk, and {why}")),
+        None => missing,
+    })
+}
+
 async fn fetch<W: AsyncWrite + Unpin>(
     server: &Server,
     conn: &Conn,
@@ -214,24 +335,46 @@ async fn fetch<W: AsyncWrite + Unpin>(
     part: Part,
     range: std::ops::Range<u64>,
 ) -> Result<(), Failed> {
-    let file = find(&entry, archive).await?;
-    let (path, sha256) = match part {
-        Part::Archive => (file.path.clone(), file.manifest.as_ref().map(|m| m.sha256.clone())),
-        Part::Catalog => (catalog_path(&file.path), None),
+    let what = match part {
+        Part::Archive => "archive",
+        Part::Catalog => "catalog",
     };
-    let opened = blocking({
-        let path = path.clone();
-        move || {
-            let f = std::fs::File::open(&path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Refusal::new(Reason::NotFound, "this archive has no catalog"),
-                _ => Refusal::new(Reason::Internal, format!("cannot open: {e}")),
-            })?;
-            let len = f.metadata().map_err(|e| Refusal::new(Reason::Internal, format!("cannot stat: {e}")))?.len();
-            Ok((Arc::new(f), len))
+    let no_catalog = || Refusal::new(Reason::NotFound, "this archive has no catalog");
+    let (source, size, sha256, from) = match locate(&entry, archive).await? {
+        Found::Disk(file) => {
+            let (path, sha256) = match part {
+                Part::Archive => (file.path.clone(), file.manifest.as_ref().map(|m| m.sha256.clone())),
+                Part::Catalog => (catalog_path(&file.path), None),
+            };
+            let opened = blocking({
+                let path = path.clone();
+                move || {
+                    let f = std::fs::File::open(&path).map_err(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => no_catalog(),
+                        _ => Refusal::new(Reason::Internal, format!("cannot open: {e}")),
+                    })?;
+                    let len =
+                        f.metadata().map_err(|e| Refusal::new(Reason::Internal, format!("cannot stat: {e}")))?.len();
+                    Ok((Arc::new(f), len))
+                }
+            })
+            .await?;
+            let (f, size) = opened;
+            (Source::File(f, path), size, sha256, String::new())
         }
-    })
-    .await?;
-    let (f, size) = opened;
+        Found::Bucket(b) => {
+            let (key, sha256) = match part {
+                Part::Archive => (b.key.clone(), b.manifest.as_ref().map(|m| m.sha256.clone())),
+                Part::Catalog => (format!("{}.catalog", b.key), None),
+            };
+            let (size, stream) = objects::read(&b.remote, &key, range.start, range.end).await.map_err(|e| match e {
+                object_store::Error::NotFound { .. } => no_catalog(),
+                e => Refusal::new(Reason::Internal, format!("cannot read {key} from bucket {}: {e}", b.bucket.name)),
+            })?;
+            let from = format!(" from bucket {}", b.bucket.name);
+            (Source::Object(stream, b.bucket.stall_timeout), size, sha256, from)
+        }
+    };
     let (offset, stop) = (range.start, range.end.min(size));
     if offset > stop {
         return Err(Refusal::new(
@@ -240,15 +383,11 @@ async fn fetch<W: AsyncWrite + Unpin>(
         )
         .into());
     }
-    let what = match part {
-        Part::Archive => "archive",
-        Part::Catalog => "catalog",
-    };
-    info!(agent = %entry.agent, backup = %entry.backup, archive, what, offset, stop, size, peer = %conn.peer, "serving a restore");
+    info!(agent = %entry.agent, backup = %entry.backup, archive, what, offset, stop, size, peer = %conn.peer, from, "serving a restore");
     if part == Part::Archive {
         let who =
             EventSpec { agent: Some(entry.agent.as_str()), backup: Some(entry.backup.as_str()), ..Default::default() };
-        let from = match (offset, stop < size) {
+        let bytes = match (offset, stop < size) {
             (_, true) => format!(" bytes {offset}..{stop} of {size}"),
             (0, false) => String::new(),
             (_, false) => format!(" from byte {offset}"),
@@ -256,10 +395,31 @@ async fn fetch<W: AsyncWrite + Unpin>(
         server.telemetry.events.record(
             EventKind::RestoreServed,
             who,
-            format!("{archive}: fetched by {}{from}", conn.peer),
+            format!("{archive}: fetched by {}{bytes}{from}", conn.peer),
         );
     }
     reply(writer, &RestoreReply::Fetching { size, sha256 }).await?;
+    match source {
+        Source::File(f, path) => send_file(writer, f, &path, what, offset..stop).await,
+        Source::Object(stream, stall) => send_object(writer, stream, stall, what, offset..stop).await,
+    }
+}
+
+enum Source {
+    File(Arc<std::fs::File>, std::path::PathBuf),
+    /// The requested range of an object, and how long it may stay silent.
+    Object(futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>, std::time::Duration),
+}
+
+/// Sends `range` of a file as chunks, reading the next one while one is on the wire.
+async fn send_file<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    f: Arc<std::fs::File>,
+    path: &std::path::Path,
+    what: &str,
+    range: std::ops::Range<u64>,
+) -> Result<(), Failed> {
+    let stop = range.end;
     let read = |at: u64| {
         let f = f.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
@@ -269,7 +429,7 @@ async fn fetch<W: AsyncWrite + Unpin>(
             Ok(Bytes::from(buf))
         })
     };
-    let mut at = offset;
+    let mut at = range.start;
     let mut next = (at < stop).then(|| read(at));
     while let Some(pending) = next.take() {
         let data = match pending.await {
@@ -288,21 +448,102 @@ async fn fetch<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Sends an object's bytes `range` as chunks of [`FETCH_CHUNK`], as they come from
+/// the bucket; a bucket silent for its `stall_timeout` ends the fetch (the client
+/// resumes from the byte it has).
+async fn send_object<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    mut stream: futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>,
+    stall: std::time::Duration,
+    what: &str,
+    range: std::ops::Range<u64>,
+) -> Result<(), Failed> {
+    use futures_util::StreamExt;
+    let mut at = range.start;
+    let mut pending = bytes::BytesMut::new();
+    loop {
+        let next = match timeout(stall, stream.next()).await {
+            Ok(n) => n,
+            Err(_) => {
+                return Err(Refusal::new(Reason::Internal, format!("the bucket sent nothing for {stall:?}")).into());
+            }
+        };
+        let done = match next {
+            Some(Ok(data)) => {
+                pending.extend_from_slice(&data);
+                false
+            }
+            Some(Err(e)) => {
+                return Err(Refusal::new(Reason::Internal, format!("reading the {what} from its bucket: {e}")).into());
+            }
+            None => true,
+        };
+        while pending.len() >= FETCH_CHUNK || (done && !pending.is_empty()) {
+            let data = pending.split_to(pending.len().min(FETCH_CHUNK)).freeze();
+            let chunk = Chunk::new(at / FETCH_CHUNK as u64, at, data);
+            at += chunk.data.len() as u64;
+            send(writer, &Frame::Chunk(chunk)).await?;
+        }
+        if done {
+            break;
+        }
+    }
+    if at != range.end {
+        return Err(Refusal::new(
+            Reason::Internal,
+            format!("the bucket sent {} of {} bytes of the {what}", at - range.start, range.end - range.start),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 async fn verify<W: AsyncWrite + Unpin>(
     server: &Arc<Server>,
     writer: &mut FrameWriter<W>,
     entry: Entry,
     archive: String,
 ) -> Result<(), Failed> {
-    let file = find(&entry, &archive).await?;
     let s = server.clone();
-    let checked = blocking(move || {
-        let entry = EntryArchives { area: entry.area, agent: entry.agent, backup: entry.backup, files: Vec::new() };
-        verify::verify_now(&s, &entry, &file).ok_or_else(|| {
-            Refusal::new(Reason::Busy, "a verification job is running on the server; try again when it is done")
-        })
-    })
-    .await?;
+    let checked = match locate(&entry, &archive).await? {
+        Found::Disk(file) => {
+            blocking(move || {
+                let entry =
+                    EntryArchives { area: entry.area, agent: entry.agent, backup: entry.backup, files: Vec::new() };
+                verify::verify_now(&s, &entry, &file).ok_or_else(busy)
+            })
+            .await?
+        }
+        Found::Bucket(b) => {
+            let Some(manifest) = b.manifest else {
+                return reply(
+                    writer,
+                    &RestoreReply::Verified {
+                        detail: format!("{archive}: not verified: no manifest beside it in bucket {}", b.bucket.name),
+                        archive,
+                        verdict: Verdict::Unverified,
+                        quarantined: false,
+                    },
+                )
+                .await;
+            };
+            let (_, stream) = objects::read(&b.remote, &b.key, 0, u64::MAX)
+                .await
+                .map_err(|e| Refusal::new(Reason::Internal, format!("cannot read {} from its bucket: {e}", b.key)))?;
+            let (name, bucket) = (archive.clone(), b.bucket.name.to_string());
+            let handle = tokio::runtime::Handle::current();
+            blocking(move || {
+                let who = EventSpec {
+                    agent: Some(entry.agent.as_str()),
+                    backup: Some(entry.backup.as_str()),
+                    ..Default::default()
+                };
+                let input = BlockingStream { stream, left: Bytes::new(), handle, stall: b.bucket.stall_timeout };
+                verify::verify_object(&s, who, &name, &bucket, input, b.compression, &manifest).ok_or_else(busy)
+            })
+            .await?
+        }
+    };
     let (verdict, detail, quarantined) = match checked {
         Checked::Good(m) => (Verdict::Good, m, false),
         Checked::Corrupt { message, quarantined } => (Verdict::Corrupt, message, quarantined),
@@ -310,4 +551,40 @@ async fn verify<W: AsyncWrite + Unpin>(
         Checked::Gone => return Err(Refusal::new(Reason::NotFound, format!("{archive} was rotated out")).into()),
     };
     reply(writer, &RestoreReply::Verified { archive, verdict, detail, quarantined }).await
+}
+
+fn busy() -> Refusal {
+    Refusal::new(Reason::Busy, "a verification job is running on the server; try again when it is done")
+}
+
+/// An object's byte stream read from a blocking thread (the verifier's decoder is
+/// synchronous): each read waits on the runtime for the next piece.
+struct BlockingStream {
+    stream: futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>,
+    left: Bytes,
+    handle: tokio::runtime::Handle,
+    stall: std::time::Duration,
+}
+
+impl std::io::Read for BlockingStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use futures_util::StreamExt;
+        while self.left.is_empty() {
+            let next = self.handle.block_on(timeout(self.stall, self.stream.next()));
+            match next {
+                Ok(Some(Ok(data))) => self.left = data,
+                Ok(Some(Err(e))) => return Err(std::io::Error::other(e)),
+                Ok(None) => return Ok(0),
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the bucket sent nothing for {:?}", self.stall),
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.left.len());
+        buf[..n].copy_from_slice(&self.left.split_to(n));
+        Ok(n)
+    }
 }

@@ -82,14 +82,20 @@ pub fn check(
 ) -> io::Result<Verdict> {
     let Some(manifest) = manifest else { return Ok(Verdict::Unchecked("no manifest beside it".into())) };
     let file = File::open(path)?;
-    let mut hashing = Hashing {
-        inner: BufReader::with_capacity(1 << 20, file),
-        sha: Sha256::new(),
-        bytes: 0,
-        rate,
-        started: Instant::now(),
-        disk_error: None,
-    };
+    check_stream(BufReader::with_capacity(1 << 20, file), compression, manifest, rate)
+}
+
+/// Checks an archive read from `input` (a file, or an object streamed back from a
+/// bucket) against its manifest. Blocking. An error reading `input` is an `Err`
+/// (the source failed), damage inside it a [`Verdict::Corrupt`].
+pub fn check_stream<R: Read>(
+    input: R,
+    compression: Compression,
+    manifest: &nbackup_protocol::manifest::Manifest,
+    rate: Option<u64>,
+) -> io::Result<Verdict> {
+    let mut hashing =
+        Hashing { inner: input, sha: Sha256::new(), bytes: 0, rate, started: Instant::now(), disk_error: None };
     let walked = walk(&mut hashing, compression);
     if let Some(e) = hashing.disk_error.take() {
         return Err(e);
@@ -260,6 +266,47 @@ pub fn verify_one(server: &Server, entry: &EntryArchives, a: &ArchiveFile) -> Ch
             Checked::Failed(message)
         }
     }
+}
+
+/// Checks an archive that is only in a bucket, streamed from `input`, and records the
+/// event; nothing is quarantined (the bucket's copy is left for the operator, and
+/// the disk's copy, if it comes back, is checked on its own). Blocking; takes the
+/// one-job slot like [`verify_now`] (`None` while a job runs).
+pub fn verify_object<R: Read>(
+    server: &Server,
+    who: EventSpec<'_>,
+    name: &str,
+    bucket: &str,
+    input: R,
+    compression: Compression,
+    manifest: &nbackup_protocol::manifest::Manifest,
+) -> Option<Checked> {
+    if server.verifying.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return None;
+    }
+    let events = &server.telemetry.events;
+    let checked = match check_stream(BufReader::with_capacity(1 << 20, input), compression, manifest, None) {
+        Ok(Verdict::Good { members, bytes }) => {
+            let message =
+                format!("{name}: verified in bucket {bucket}, {members} members, {bytes} bytes, sha256 matches");
+            events.record(EventKind::Verified, who, message.clone());
+            Checked::Good(message)
+        }
+        Ok(Verdict::Corrupt(why)) => {
+            tracing::error!(archive = name, bucket, "archive corrupt in its bucket: {why}");
+            let message = format!("{name}: corrupt in bucket {bucket}: {why}");
+            events.record(EventKind::ArchiveCorrupt, who, message.clone());
+            Checked::Corrupt { message, quarantined: false }
+        }
+        Ok(Verdict::Unchecked(why)) => Checked::Failed(format!("{name}: not verified: {why}")),
+        Err(e) => {
+            let message = format!("{name}: could not be read from bucket {bucket}: {e}");
+            events.record(EventKind::VerifyFailed, who, message.clone());
+            Checked::Failed(message)
+        }
+    };
+    server.verifying.store(false, std::sync::atomic::Ordering::Release);
+    Some(checked)
 }
 
 /// Verifies one archive now, in the one-job slot (`None` while a job runs), for a

@@ -253,11 +253,8 @@ pub(super) fn from_raw(
                         Some("the disk never keeps more than max_backups"),
                     ));
                 }
-                let retention = if has_retention {
-                    retention
-                } else {
-                    Retention { last: max_backups, ..Default::default() }
-                };
+                let retention =
+                    if has_retention { retention } else { Retention { last: max_backups, ..Default::default() } };
                 (BucketMode::Offload { keep_local }, Some(retention))
             }
             "archive" => {
@@ -297,7 +294,9 @@ pub(super) fn from_raw(
                 return Err(err(
                     "immutable_days",
                     "GCS objects cannot be locked one by one through its XML API".into(),
-                    Some("set a retention policy on the GCS bucket itself (gcloud storage buckets update --retention-period)"),
+                    Some(
+                        "set a retention policy on the GCS bucket itself (gcloud storage buckets update --retention-period)",
+                    ),
                 ));
             }
             Some(d) => Some(d),

@@ -264,6 +264,13 @@ impl HttpService for MeteredService {
         let url: reqwest::Url = parts.uri.to_string().parse().map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
         let mut request = reqwest::Request::new(parts.method, url);
         *request.headers_mut() = parts.headers;
+        // The body becomes a stream of slices, which reqwest would send chunked;
+        // S3 refuses some requests without a length (411 on a batch delete).
+        if let Some(len) = http_body::Body::size_hint(&body).exact()
+            && !request.headers().contains_key(http::header::CONTENT_LENGTH)
+        {
+            request.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+        }
         let meter = self.meter.clone();
         meter.touch();
         // Frames cut into slices, each paced and counted as it is taken.

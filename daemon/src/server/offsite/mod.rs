@@ -511,11 +511,7 @@ impl Work {
                     server.telemetry.events.record(
                         nbackup_protocol::admin::EventKind::Rotated,
                         who,
-                        format!(
-                            "bucket {} keeps {retention}: deleted {}",
-                            self.bucket.name,
-                            deleted.join(", ")
-                        ),
+                        format!("bucket {} keeps {retention}: deleted {}", self.bucket.name, deleted.join(", ")),
                     );
                 }
             }
