@@ -276,7 +276,7 @@ async fn find(entry: &Entry, archive: &str) -> Result<ArchiveFile, Refusal> {
 /// longer has it) the first of the storage's buckets that does.
 enum Found {
     Disk(ArchiveFile),
-    Bucket(InBucket),
+    Bucket(Box<InBucket>),
 }
 
 struct InBucket {
@@ -318,7 +318,7 @@ async fn locate(entry: &Entry, archive: &str) -> Result<Found, Refusal> {
         let manifest = objects::manifest(&remote, &key).await.map_err(|e| {
             Refusal::new(Reason::Internal, format!("the manifest of {archive} in bucket {}: {e}", bucket.name))
         })?;
-        return Ok(Found::Bucket(InBucket { bucket: bucket.clone(), remote, key, manifest, compression }));
+        return Ok(Found::Bucket(Box::new(InBucket { bucket: bucket.clone(), remote, key, manifest, compression })));
     }
     Err(match unreadable {
         Some(why) => Refusal::new(Reason::Internal, format!("{archive} is not on the server's disk, and {why}")),
