@@ -515,11 +515,12 @@ async fn verify<W: AsyncWrite + Unpin>(
             .await?
         }
         Found::Bucket(b) => {
-            let Some(manifest) = b.manifest else {
+            let InBucket { bucket, remote, key, manifest, compression } = *b;
+            let Some(manifest) = manifest else {
                 return reply(
                     writer,
                     &RestoreReply::Verified {
-                        detail: format!("{archive}: not verified: no manifest beside it in bucket {}", b.bucket.name),
+                        detail: format!("{archive}: not verified: no manifest beside it in bucket {}", bucket.name),
                         archive,
                         verdict: Verdict::Unverified,
                         quarantined: false,
@@ -527,10 +528,10 @@ async fn verify<W: AsyncWrite + Unpin>(
                 )
                 .await;
             };
-            let (_, stream) = objects::read(&b.remote, &b.key, 0, u64::MAX)
+            let (_, stream) = objects::read(&remote, &key, 0, u64::MAX)
                 .await
-                .map_err(|e| Refusal::new(Reason::Internal, format!("cannot read {} from its bucket: {e}", b.key)))?;
-            let (name, bucket) = (archive.clone(), b.bucket.name.to_string());
+                .map_err(|e| Refusal::new(Reason::Internal, format!("cannot read {key} from its bucket: {e}")))?;
+            let (name, stall, bucket) = (archive.clone(), bucket.stall_timeout, bucket.name.to_string());
             let handle = tokio::runtime::Handle::current();
             blocking(move || {
                 let who = EventSpec {
@@ -538,8 +539,8 @@ async fn verify<W: AsyncWrite + Unpin>(
                     backup: Some(entry.backup.as_str()),
                     ..Default::default()
                 };
-                let input = BlockingStream { stream, left: Bytes::new(), handle, stall: b.bucket.stall_timeout };
-                verify::verify_object(&s, who, &name, &bucket, input, b.compression, &manifest).ok_or_else(busy)
+                let input = BlockingStream { stream, left: Bytes::new(), handle, stall };
+                verify::verify_object(&s, who, &name, &bucket, input, compression, &manifest).ok_or_else(busy)
             })
             .await?
         }
