@@ -275,7 +275,7 @@ async fn find(entry: &Entry, archive: &str) -> Result<ArchiveFile, Refusal> {
 /// Where a named archive of an entry is read from: the disk, or (when the disk no
 /// longer has it) the first of the storage's buckets that does.
 enum Found {
-    Disk(ArchiveFile),
+    Disk(Box<ArchiveFile>),
     Bucket(Box<InBucket>),
 }
 
@@ -289,7 +289,7 @@ struct InBucket {
 
 async fn locate(entry: &Entry, archive: &str) -> Result<Found, Refusal> {
     let missing = match find(entry, archive).await {
-        Ok(f) => return Ok(Found::Disk(f)),
+        Ok(f) => return Ok(Found::Disk(Box::new(f))),
         Err(r) if r.reason == Reason::NotFound => r,
         Err(r) => return Err(r),
     };
