@@ -724,3 +724,44 @@ async fn an_archive_lost_from_disk_is_restored_from_its_bucket() {
     assert!(said.contains("corrupt in bucket offsite"), "{said}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_bucket_holds_every_object_and_retention_waits_for_the_lock() {
+    let moto = Moto::start();
+    moto.py("s3.create_bucket(Bucket='vault', ObjectLockEnabledForBucket=True)");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let creds = credentials(tmp.path());
+    let src = noisy_source(tmp.path(), 11);
+    let more = "        mode: archive\n        retain: 1\n        immutable_days: 2\n";
+    let spec = StorageSpec { max_backups: 1, ..with_bucket(zstd("main"), moto.addr, "vault", &creds, more) };
+    let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("data", "main", &[&src])]);
+    let first = backup(&cfg, 0).await.expect("backup").archive;
+    let archive = server.archives("main", "web-01", "data").pop().expect("archive");
+    let state = copied(&archive, Duration::from_secs(60)).await;
+    let until = state["buckets"]["offsite"]["locked_until"].as_u64().expect("locked_until recorded");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
+    assert!((now + 2 * 86_400 - 120..=now + 2 * 86_400).contains(&until), "two days from now: {until} vs {now}");
+    let e_tag = state["buckets"]["offsite"]["e_tag"].as_str().expect("e_tag");
+    assert!(e_tag.trim_matches('"').ends_with("-3"), "three parts with checksums, composite tag checked: {e_tag}");
+    for suffix in ["", ".json", ".catalog"] {
+        let key = format!("fleet/web-01/data/{first}{suffix}");
+        let out = moto.py(&format!(
+            "r = s3.head_object(Bucket='vault', Key='{key}')\n\
+             print(r['ObjectLockMode'], r['ObjectLockRetainUntilDate'].isoformat())"
+        ));
+        assert!(out.starts_with("COMPLIANCE 20"), "{key}: {out}");
+    }
+    // retain 1: the second archive would push the first out, but it is locked for
+    // two days, so both stay.
+    let second = backup(&cfg, 0).await.expect("backup").archive;
+    let archive = server.archives("main", "web-01", "data").pop().expect("archive");
+    copied(&archive, Duration::from_secs(60)).await;
+    assert_eq!(
+        archive_keys(&moto, "vault", "fleet/"),
+        [format!("fleet/web-01/data/{first}"), format!("fleet/web-01/data/{second}")],
+        "the locked one is kept past retain 1"
+    );
+    server.stop().await;
+}

@@ -79,9 +79,9 @@ pub struct Bucket {
     /// What the bucket keeps of each entry (offload and archive); `None`: everything
     /// (sync — nbackup never deletes from such a bucket).
     pub retention: Option<Retention>,
-    /// Objects are written locked for this many days (S3 Object Lock in compliance
-    /// mode, an Azure immutability policy): nobody, nbackup included, can delete or
-    /// overwrite them before; retention leaves them until then.
+    /// Objects are locked for this many days once copied (S3 Object Lock, compliance
+    /// mode; the bucket must have Object Lock enabled): nobody, nbackup included, can
+    /// delete or overwrite them before; retention leaves them until then.
     pub immutable_days: Option<u32>,
     /// Most bytes per second uploads to this bucket send; `None`: unlimited.
     pub bandwidth: Option<u64>,
@@ -299,6 +299,13 @@ pub(super) fn from_raw(
                     ),
                 ));
             }
+            Some(_) if b.provider == Provider::Azure => {
+                return Err(err(
+                    "immutable_days",
+                    "this version locks S3 objects only".into(),
+                    Some("set a time-based immutability policy on the Azure container itself"),
+                ));
+            }
             Some(d) => Some(d),
         };
         if b.provider != Provider::S3 && b.region.is_some() {
@@ -373,7 +380,7 @@ mod tests {
         assert_eq!(off[0].mode, BucketMode::Offload { keep_local: 1 });
         assert_eq!(off[0].retention, Some(Retention { last: 3, ..Default::default() }), "max_backups by default");
         let arch = buckets(
-            "      - {name: a, provider: azure, bucket: x, mode: archive, keep_daily: 7, keep_monthly: 12, immutable_days: 30}\n",
+            "      - {name: a, provider: s3, bucket: x, mode: archive, keep_daily: 7, keep_monthly: 12, immutable_days: 30}\n",
         )
         .expect("parses");
         assert_eq!(arch[0].retention, Some(Retention { daily: 7, monthly: 12, ..Default::default() }));
@@ -401,6 +408,7 @@ mod tests {
             ("      - {name: a, provider: s3, bucket: x, mode: offload, keep_local: 4}\n", "more than the storage's"),
             ("      - {name: a, provider: s3, bucket: x, mode: archive, retain: 2, keep_local: 1}\n", "for offload"),
             ("      - {name: a, provider: gcs, bucket: x, immutable_days: 30}\n", "retention policy"),
+            ("      - {name: a, provider: azure, bucket: x, immutable_days: 30}\n", "immutability policy"),
             ("      - {name: a, provider: s3, bucket: x, immutable_days: 40000}\n", "out of range"),
             ("      - {name: a, provider: s3, bucket: x, secret_key: hunter2}\n", "unknown key"),
         ];

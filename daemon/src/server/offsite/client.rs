@@ -32,6 +32,8 @@ pub struct Remote {
     pub store: Arc<dyn ObjectStore>,
     pub multipart: Arc<dyn MultipartStore>,
     pub meter: Arc<Meter>,
+    /// Sets and checks each object's lock (`immutable_days`, S3 only).
+    pub lock: Option<super::lock::Locker>,
 }
 
 /// Progress and pace of everything sent to one bucket.
@@ -112,6 +114,7 @@ pub fn connect(bucket: &Bucket) -> Result<Remote, ClientError> {
         }
         None => Vec::new(),
     };
+    let mut lock = None;
     let (store, multipart): (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) = match bucket.provider {
         Provider::S3 => {
             let mut b = object_store::aws::AmazonS3Builder::from_env()
@@ -132,7 +135,25 @@ pub fn connect(bucket: &Bucket) -> Result<Remote, ClientError> {
                     b = b.with_config(key, v);
                 }
             }
+            if bucket.immutable_days.is_some() {
+                // S3 takes no upload into a locked bucket without a checksum.
+                b = b.with_checksum_algorithm(object_store::aws::Checksum::SHA256);
+            }
+            use object_store::aws::AmazonS3ConfigKey as K;
+            let region = b.get_config_value(&K::Region).unwrap_or_else(|| "us-east-1".into());
+            let base = match b.get_config_value(&K::Endpoint) {
+                Some(e) => format!("{}/{}", e.trim_end_matches('/'), bucket.bucket),
+                None => format!("https://s3.{region}.amazonaws.com/{}", bucket.bucket),
+            };
             let s = Arc::new(b.build()?);
+            if bucket.immutable_days.is_some() {
+                let http = reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(30))
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .map_err(|e| object_store::Error::Generic { store: "S3", source: Box::new(e) })?;
+                lock = Some(super::lock::Locker { s3: s.clone(), base, region, http });
+            }
             (s.clone(), s)
         }
         Provider::Gcs => {
@@ -166,7 +187,7 @@ pub fn connect(bucket: &Bucket) -> Result<Remote, ClientError> {
             (s.clone(), s)
         }
     };
-    Ok(Remote { store, multipart, meter })
+    Ok(Remote { store, multipart, meter, lock })
 }
 
 /// A few quick retries inside one request; the replicator's own backoff (minutes,

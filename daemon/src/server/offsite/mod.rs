@@ -14,6 +14,7 @@
 //! restarted, a removed one stopped.
 
 pub mod client;
+pub mod lock;
 pub mod objects;
 pub mod state;
 pub mod upload;
@@ -438,6 +439,7 @@ impl Work {
                 copy.upload = None;
                 copy.error = None;
                 copy.e_tag = sent.e_tag;
+                copy.locked_until = sent.locked_until;
                 save(copy).await.map_err(|e| Retry::Later(e.to_string()))?;
                 let how = if sent.already_there { "already in bucket" } else { "copied to bucket" };
                 info!(

@@ -56,6 +56,9 @@ pub struct Copy {
     /// The object's entity tag once verified, for `ctl sync` to recognise it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub e_tag: Option<String>,
+    /// When the objects' lock ends (unix seconds), on a bucket with `immutable_days`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<u64>,
 }
 
 impl Copy {
@@ -68,6 +71,7 @@ impl Copy {
             upload: None,
             verified_at: None,
             e_tag: None,
+            locked_until: None,
         }
     }
 

@@ -47,6 +47,8 @@ pub enum UploadError {
     /// What arrived is not what was sent: the upload starts over.
     #[error("verification failed: {0}")]
     Mismatch(String),
+    #[error("object lock: {0}")]
+    Lock(#[from] super::lock::LockError),
 }
 
 impl UploadError {
@@ -78,6 +80,8 @@ pub type Save<'a> = &'a (dyn Fn(Copy) -> futures_util::future::BoxFuture<'static
 pub struct Sent {
     pub e_tag: Option<String>,
     pub already_there: bool,
+    /// When the objects' lock ends (unix seconds), with `immutable_days`.
+    pub locked_until: Option<u64>,
 }
 
 pub async fn upload(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent, UploadError> {
@@ -119,8 +123,9 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent
     };
     if fresh && let Some(e_tag) = already_there(remote, &location, manifest).await? {
         put_manifest(remote, key, manifest).await?;
-        put_catalog(remote, bucket, archive, key).await?;
-        return Ok(Sent { e_tag, already_there: true });
+        let catalog = put_catalog(remote, bucket, archive, key).await?;
+        let locked_until = hold(remote, bucket, key, catalog).await?;
+        return Ok(Sent { e_tag, already_there: true, locked_until });
     }
     if fresh {
         let part_size = bucket.part_size_for(size);
@@ -166,9 +171,25 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent
     let parts = up.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
     remote.multipart.complete_multipart(&location, &up.id, parts).await?;
     put_manifest(remote, key, manifest).await?;
-    put_catalog(remote, bucket, archive, key).await?;
+    let catalog = put_catalog(remote, bucket, archive, key).await?;
     let e_tag = verify(remote, &location, manifest, &up, carries_metadata(bucket)).await?;
-    Ok(Sent { e_tag, already_there: false })
+    let locked_until = hold(remote, bucket, key, catalog).await?;
+    Ok(Sent { e_tag, already_there: false, locked_until })
+}
+
+/// Locks the archive, its manifest and catalog for `immutable_days` (from now), and
+/// checks the locks hold; the time they end (unix seconds).
+async fn hold(remote: &Remote, bucket: &Bucket, key: &str, catalog: bool) -> Result<Option<u64>, UploadError> {
+    let (Some(days), Some(locker)) = (bucket.immutable_days, &remote.lock) else { return Ok(None) };
+    let until = chrono::Utc::now() + chrono::Duration::days(i64::from(days));
+    let mut keys = vec![key.to_string(), format!("{key}.json")];
+    if catalog {
+        keys.push(format!("{key}.catalog"));
+    }
+    for k in keys {
+        locker.hold(&k, until).await?;
+    }
+    Ok(Some(until.timestamp().max(0) as u64))
 }
 
 /// Whether this provider's multipart uploads are S3-like: they carry our metadata and
@@ -190,11 +211,11 @@ async fn put_manifest(remote: &Remote, key: &str, manifest: &Manifest) -> Result
 /// `<key>.catalog`, the archive's member list, when it has one (so `nbackup ls` and
 /// a selective restore work from the bucket too); streamed in parts when it is
 /// larger than one.
-async fn put_catalog(remote: &Remote, bucket: &Bucket, archive: &Path, key: &str) -> Result<(), UploadError> {
+async fn put_catalog(remote: &Remote, bucket: &Bucket, archive: &Path, key: &str) -> Result<bool, UploadError> {
     use tokio::io::AsyncReadExt;
     let mut file = match tokio::fs::File::open(crate::server::storage::catalog_path(archive)).await {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e.into()),
     };
     let location = Key::from(format!("{key}.catalog"));
@@ -203,7 +224,7 @@ async fn put_catalog(remote: &Remote, bucket: &Bucket, archive: &Path, key: &str
         let mut buf = Vec::with_capacity(len as usize);
         file.read_to_end(&mut buf).await?;
         remote.store.put(&location, PutPayload::from(buf)).await?;
-        return Ok(());
+        return Ok(true);
     }
     let upload = remote.store.put_multipart(&location).await?;
     let mut parts = object_store::WriteMultipart::new_with_chunk_size(upload, bucket.part_size as usize);
@@ -226,7 +247,7 @@ async fn put_catalog(remote: &Remote, bucket: &Bucket, archive: &Path, key: &str
         parts.write(&buf[..n]);
     }
     parts.finish().await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Whether the bucket already holds this archive under `location` — its size and our
@@ -310,6 +331,12 @@ impl Buffers {
 /// The MD5 an entity tag is, when it is one (S3 and GCS parts; not Azure blocks, not
 /// S3 with SSE-KMS).
 fn md5_of_tag(tag: &str) -> Option<String> {
+    // With checksums on (locked buckets) object_store's part id is a small XML
+    // document holding the entity tag.
+    let tag = match tag.split_once("<e_tag>").and_then(|(_, rest)| rest.split_once("</e_tag>")) {
+        Some((inner, _)) => inner.trim_matches('"').trim_start_matches("&quot;").trim_end_matches("&quot;"),
+        None => tag,
+    };
     let t = tag.trim_matches('"').to_ascii_lowercase();
     (t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit())).then_some(t)
 }
@@ -358,5 +385,14 @@ mod tests {
         );
         assert_eq!(md5_of_tag("MDAwMDAwMDA="), None, "an Azure block id");
         assert_eq!(md5_of_tag("\"abc-3\""), None);
+        assert_eq!(
+            md5_of_tag(
+                "<PartMetadata><e_tag>&quot;9e107d9d372bb6826bd81d3542a419d6&quot;</e_tag>\
+                 <checksum_sha256>x</checksum_sha256></PartMetadata>"
+            )
+            .as_deref(),
+            Some("9e107d9d372bb6826bd81d3542a419d6"),
+            "a part id with its checksum"
+        );
     }
 }
