@@ -667,6 +667,11 @@ impl Registry {
         self.table().live.values().map(|l| l.session.clone()).collect()
     }
 
+    /// Sessions receiving or committing a backup now (off-site uploads yield to them).
+    pub fn receiving(&self) -> usize {
+        self.table().live.values().filter(|l| matches!(l.phase, Phase::Receiving | Phase::Committing)).count()
+    }
+
     pub fn count(&self) -> usize {
         let t = self.table();
         t.live.len() + t.recovering.len()

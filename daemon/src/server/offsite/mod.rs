@@ -13,6 +13,7 @@
 //! unchanged bucket keeps its runner (and its upload in flight), a changed one is
 //! restarted, a removed one stopped.
 
+pub mod background;
 pub mod client;
 pub mod lock;
 pub mod objects;
@@ -430,7 +431,16 @@ impl Work {
                     .map_err(std::io::Error::other)?
             })
         };
-        let job = upload::Job { remote: &self.remote, bucket: &self.bucket, archive, manifest: &manifest, key: &key };
+        let server = self.server.clone();
+        let busy = move || server.upgrade().is_some_and(|s| s.registry.receiving() > 0);
+        let job = upload::Job {
+            remote: &self.remote,
+            bucket: &self.bucket,
+            archive,
+            manifest: &manifest,
+            key: &key,
+            ingesting: &busy,
+        };
         let result = upload::upload(&job, &mut copy, &save).await;
         match result {
             Ok(sent) => {

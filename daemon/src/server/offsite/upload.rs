@@ -67,6 +67,9 @@ pub struct Job<'a> {
     pub manifest: &'a Manifest,
     /// The object's key.
     pub key: &'a str,
+    /// Whether the server is receiving a backup now: the upload then keeps one part
+    /// in flight (see `background`).
+    pub ingesting: &'a (dyn Fn() -> bool + Send + Sync),
 }
 
 /// Where an upload records its progress: `copy` is updated as parts are acknowledged
@@ -107,7 +110,7 @@ async fn watched<T>(remote: &Remote, timeout: Duration, fut: impl Future<Output 
 }
 
 async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent, UploadError> {
-    let Job { remote, bucket, archive, manifest, key } = *job;
+    let Job { remote, bucket, archive, manifest, key, ingesting } = *job;
     let file = Arc::new(File::open(archive)?);
     let size = file.metadata()?.len();
     if size != manifest.size {
@@ -156,7 +159,8 @@ async fn transfer(job: &Job<'_>, copy: &mut Copy, save: Save<'_>) -> Result<Sent
     let parts = Parts { remote, location: &location, m: &m, buffers: &buffers, check_md5: carries_metadata(bucket) };
     let mut in_flight = FuturesOrdered::new();
     loop {
-        while next < total && in_flight.len() < bucket.concurrency as usize {
+        let limit = if ingesting() { 1 } else { bucket.concurrency as usize };
+        while next < total && in_flight.len() < limit {
             in_flight.push_back(send_part(&parts, file.clone(), next, size));
             next += 1;
         }
@@ -284,14 +288,13 @@ async fn send_part(to: &Parts<'_>, file: Arc<File>, index: u64, size: u64) -> Re
     let offset = index * m.part_size;
     let len = m.part_size.min(size - offset) as usize;
     let mut buf = buffers.take();
-    let (data, md5) = tokio::task::spawn_blocking(move || -> io::Result<(Bytes, String)> {
+    let (data, md5) = super::background::run(move || -> io::Result<(Bytes, String)> {
         buf.resize(len, 0);
         file.read_exact_at(&mut buf, offset)?;
         let md5 = nbackup_protocol::manifest::hex(&md5::Md5::digest(&buf));
         Ok((buf.freeze(), md5))
     })
-    .await
-    .map_err(io::Error::other)??;
+    .await??;
     let kept = data.clone();
     let part = remote.multipart.put_part(location, &m.id, index as usize, PutPayload::from(data)).await;
     buffers.give(kept);
