@@ -406,8 +406,11 @@ impl StorageArea {
         let mut removed = Vec::new();
         for old in archives.into_iter().take(excess) {
             if let Err(why) = super::offsite::may_remove(self, &old.path) {
-                let limit = if self.local_keep() < self.cfg.max_backups { "keep_local" } else { "max_backups" };
-                tracing::info!(archive = %old.name, "kept past {limit}: {why}");
+                if self.local_keep() < self.cfg.max_backups {
+                    tracing::info!(archive = %old.name, "kept past keep_local: {why}");
+                } else {
+                    tracing::info!(archive = %old.name, "kept past max_backups: {why}");
+                }
                 continue;
             }
             // Out of the entry at once (a rename), freed by `purge_rotated` once the
