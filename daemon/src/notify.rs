@@ -145,7 +145,13 @@ struct Classifier {
 
 impl Classifier {
     fn classes(&mut self, e: &Event) -> Vec<NotifyOn> {
-        let key = (e.agent.clone().unwrap_or_default(), e.backup.clone().unwrap_or_default());
+        let key = match e.kind {
+            // Of a bucket, not an entry: named by the message's `<storage>/<bucket>:`.
+            EventKind::OffsiteLagging | EventKind::OffsiteCaughtUp => {
+                ("offsite".to_string(), e.message.split(':').next().unwrap_or_default().to_string())
+            }
+            _ => (e.agent.clone().unwrap_or_default(), e.backup.clone().unwrap_or_default()),
+        };
         match e.kind {
             EventKind::Failed
             | EventKind::MissedBackup
@@ -155,6 +161,7 @@ impl Classifier {
             | EventKind::ReloadFailed
             | EventKind::RestoreTestFailed
             | EventKind::OffsiteFailed
+            | EventKind::OffsiteLagging
             | EventKind::CertExpiring
             | EventKind::Missed => {
                 self.failing.insert(key);
@@ -164,6 +171,7 @@ impl Classifier {
             EventKind::BackupRecovered
             | EventKind::RestoreTested
             | EventKind::OffsiteCopied
+            | EventKind::OffsiteCaughtUp
             | EventKind::CertRenewed => {
                 if self.failing.remove(&key) {
                     vec![NotifyOn::Recovery]
@@ -552,6 +560,18 @@ mod tests {
         assert!(
             c.classes(&event(EventKind::BackupRecovered, "a", "d")).is_empty(),
             "the commit already was the recovery"
+        );
+        // A bucket's lag is its own: named by its message, not mixed with an entry's.
+        let bucket =
+            |kind, message: &str| Event { agent: None, backup: None, message: message.into(), ..event(kind, "", "") };
+        assert_eq!(c.classes(&bucket(EventKind::CertExpiring, "server certificate ends …")), [NotifyOn::Failure]);
+        assert_eq!(c.classes(&bucket(EventKind::OffsiteLagging, "main/s3: 3 archive(s) …")), [NotifyOn::Failure]);
+        assert!(c.classes(&bucket(EventKind::OffsiteCaughtUp, "main/gcs: caught up")).is_empty(), "another bucket");
+        assert_eq!(c.classes(&bucket(EventKind::OffsiteCaughtUp, "main/s3: caught up")), [NotifyOn::Recovery]);
+        assert_eq!(
+            c.classes(&bucket(EventKind::CertRenewed, "renewed")),
+            [NotifyOn::Recovery],
+            "the certificate's failure was still open"
         );
     }
 

@@ -180,6 +180,11 @@ words! {
         /// An archive's copy to a bucket failed three times in a row (it is still
         /// retried; the local archive is kept until it succeeds).
         OffsiteFailed = "offsite_failed",
+        /// A bucket's oldest owed copy has waited longer than its `alert_after`
+        /// (message `<storage>/<bucket>: …`); raised once until it catches up.
+        OffsiteLagging = "offsite_lagging",
+        /// A bucket that was lagging owes nothing older than its `alert_after` again.
+        OffsiteCaughtUp = "offsite_caught_up",
         /// The server signed a first certificate for an agent (enrollment token).
         Enrolled = "enrolled",
         /// A certificate was renewed (server: signed; agent: installed and in use).
@@ -264,7 +269,7 @@ impl EventKind {
         use EventKind::*;
         match self {
             Failed | CommitIncomplete | ReloadFailed | Missed | MissedBackup | AgentSilent | ArchiveCorrupt
-            | RestoreTestFailed | OffsiteFailed | CertExpiring => Level::Error,
+            | RestoreTestFailed | OffsiteFailed | OffsiteLagging | CertExpiring => Level::Error,
             StreamLost | Aborted | Expired | Refused | DiskLow | AgentDisconnected | ControlLost | Retry | Skipped
             | AbortRequested | VerifyFailed | Unknown => Level::Warn,
             _ => Level::Info,

@@ -765,3 +765,27 @@ async fn a_locked_bucket_holds_every_object_and_retention_waits_for_the_lock() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_that_falls_behind_is_raised_and_its_recovery_too() {
+    let (moto, tmp, pki, creds) = setup("behind");
+    let src = dataset(&tmp.path().join("data"), "1M", 7);
+    let proxy = Proxy::start(moto.addr).await;
+    proxy.refuse_from(0);
+    let spec = with_bucket(gzip("main"), proxy.addr, "behind", &creds, "        alert_after: 1s\n");
+    let server = TestServer::start_logged(tmp.path(), &pki, &[spec]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    backup(&cfg, 0).await.expect("backup");
+    let events = || fs::read_to_string(tmp.path().join("state/server-events.jsonl")).unwrap_or_default();
+    until("offsite_lagging", || events().contains("\"offsite_lagging\"")).await;
+    let raised = events();
+    let line = raised.lines().find(|l| l.contains("offsite_lagging")).expect("the event");
+    assert!(line.contains("main/offsite: 1 archive(s) not yet copied"), "{line}");
+    assert!(!raised.contains("offsite_caught_up"), "not before it is");
+    proxy.accept_again();
+    let archive = server.archives("main", "web-01", "etc").pop().expect("archive");
+    copied(&archive, Duration::from_secs(60)).await;
+    until("offsite_caught_up", || events().contains("\"offsite_caught_up\"")).await;
+    assert_eq!(events().matches("\"offsite_lagging\"").count(), 1, "raised once, however long it lasted");
+    server.stop().await;
+}

@@ -151,6 +151,11 @@ impl Proxy {
         self.plan.lock().expect("plan").refuse_from = Some(index);
     }
 
+    /// Stops refusing: new connections go through again.
+    pub fn accept_again(&self) {
+        self.plan.lock().expect("plan").refuse_from = None;
+    }
+
     pub fn random_cuts(&self, between: Duration, and: Duration) {
         self.plan.lock().expect("plan").random_cut = Some((between, and));
     }

@@ -87,6 +87,9 @@ pub struct Bucket {
     pub bandwidth: Option<u64>,
     /// An upload that moves no byte for this long is abandoned and retried.
     pub stall_timeout: Duration,
+    /// A copy owed for longer than this raises `offsite_lagging` (a failure
+    /// notification) until the bucket catches up; `None`: never.
+    pub alert_after: Option<Duration>,
     /// Bytes per part of a multipart upload.
     pub part_size: u64,
     /// Parts of one upload in flight at once (memory: `part_size × concurrency`).
@@ -98,6 +101,7 @@ pub struct Bucket {
 
 impl Bucket {
     pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+    pub const DEFAULT_ALERT_AFTER: Duration = Duration::from_secs(86_400);
     pub const DEFAULT_PART_SIZE: u64 = 16 * ByteSize::MIB;
     pub const DEFAULT_CONCURRENCY: u32 = 4;
     /// S3's limits, which GCS and Azure exceed: 5 MiB to 5 GiB per part, 10 000 parts.
@@ -140,6 +144,7 @@ pub struct RawBucket {
     pub immutable_days: Option<u32>,
     pub bandwidth: Option<ByteSize>,
     pub stall_timeout: Option<HumanDuration>,
+    pub alert_after: Option<HumanDuration>,
     pub part_size: Option<ByteSize>,
     pub concurrency: Option<u32>,
     pub allow_http: Option<bool>,
@@ -323,6 +328,14 @@ pub(super) fn from_raw(
         if stall_timeout < Duration::from_secs(1) {
             return Err(err("stall_timeout", "must be at least 1s".into(), None));
         }
+        let alert_after = match b.alert_after.map(|d| d.0) {
+            None => Some(Bucket::DEFAULT_ALERT_AFTER),
+            Some(d) if d.is_zero() => None,
+            Some(d) if d < Duration::from_secs(1) => {
+                return Err(err("alert_after", "must be at least 1s (or 0s: never)".into(), None));
+            }
+            Some(d) => Some(d),
+        };
         out.push(Bucket {
             name,
             provider: b.provider,
@@ -336,6 +349,7 @@ pub(super) fn from_raw(
             immutable_days,
             bandwidth: b.bandwidth.map(|b| b.0).filter(|b| *b > 0),
             stall_timeout,
+            alert_after,
             part_size,
             concurrency,
             allow_http,
@@ -399,6 +413,7 @@ mod tests {
             ("      - {name: a, provider: s3, bucket: x, prefix: \"../\"}\n", "not a key prefix"),
             ("      - {name: a, provider: s3, bucket: x, prefix: nb}\n", "not a key prefix"),
             ("      - {name: a, provider: s3, bucket: x, part_size: 1mb}\n", "out of range"),
+            ("      - {name: a, provider: s3, bucket: x, alert_after: 500ms}\n", "at least 1s"),
             ("      - {name: a, provider: gcs, bucket: x, region: eu}\n", "no region"),
             ("      - {name: a, provider: s3, bucket: x}\n      - {name: a, provider: s3, bucket: y}\n", "two buckets"),
             ("      - {name: a, provider: s3, bucket: x, mode: mirror}\n", "unknown mode"),
@@ -443,6 +458,7 @@ mod tests {
             immutable_days: None,
             bandwidth: None,
             stall_timeout: Bucket::DEFAULT_STALL_TIMEOUT,
+            alert_after: Some(Bucket::DEFAULT_ALERT_AFTER),
             part_size: Bucket::DEFAULT_PART_SIZE,
             concurrency: 4,
             allow_http: false,

@@ -72,9 +72,40 @@ struct Stats {
     /// Archive → (unix seconds queued, failed its last attempt).
     owed: BTreeMap<PathBuf, (u64, bool)>,
     last_error: Option<String>,
+    /// `offsite_lagging` was raised and not yet answered by `offsite_caught_up`.
+    lagging: bool,
+}
+
+/// A change in whether a bucket keeps up.
+#[derive(Debug, PartialEq, Eq)]
+enum Lag {
+    /// The oldest of `owed` copies has waited `secs`.
+    Behind {
+        secs: u64,
+        owed: usize,
+    },
+    CaughtUp,
 }
 
 impl Stats {
+    /// Whether the bucket just fell behind `alert_after` or caught up again, at unix
+    /// second `now`; `None` while nothing changed.
+    fn lag(&mut self, alert_after: Duration, now: u64) -> Option<Lag> {
+        let oldest = self.owed.values().map(|(at, _)| now.saturating_sub(*at)).max().unwrap_or(0);
+        let behind = oldest >= alert_after.as_secs();
+        match (behind, self.lagging) {
+            (true, false) => {
+                self.lagging = true;
+                Some(Lag::Behind { secs: oldest, owed: self.owed.len() })
+            }
+            (false, true) => {
+                self.lagging = false;
+                Some(Lag::CaughtUp)
+            }
+            _ => None,
+        }
+    }
+
     /// The copy to make next: the oldest queued.
     fn next(&self) -> Option<PathBuf> {
         self.owed.iter().min_by_key(|(p, (at, _))| (*at, *p)).map(|(p, _)| p.clone())
@@ -136,6 +167,10 @@ impl Offsite {
                 manifests: objects::Manifests::default(),
             };
             let task = server.tracker.spawn(work.run(rx, stop.clone()));
+            if let Some(after) = bucket.alert_after {
+                let (weak, storage, name, stats) = (weak.clone(), key.0.clone(), key.1.clone(), stats.clone());
+                server.tracker.spawn(watch_lag(weak, storage, name, after, stats, stop.clone()));
+            }
             runners.insert(key, Runner { bucket, area, task, tx, stop, stats, meter });
         }
     }
@@ -223,6 +258,63 @@ impl Offsite {
                 let _ = r.tx.send(archive.to_path_buf());
             }
         }
+    }
+}
+
+/// Raises `offsite_lagging` once a bucket's oldest owed copy has waited longer than
+/// `alert_after`, and `offsite_caught_up` once it no longer has; apart from the
+/// runner, so that a long upload in progress does not hide the lag.
+async fn watch_lag(
+    server: Weak<Server>,
+    storage: Name,
+    bucket: Name,
+    alert_after: Duration,
+    stats: Arc<Mutex<Stats>>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval((alert_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let change = crate::lock(&stats).lag(alert_after, crate::state::unix_now());
+        let Some(change) = change else { continue };
+        let Some(server) = server.upgrade() else { return };
+        let (kind, message) = match change {
+            Lag::Behind { secs, owed } => {
+                warn!(%storage, %bucket, owed, "off-site copies are behind: the oldest owed has waited {secs} s");
+                (
+                    nbackup_protocol::admin::EventKind::OffsiteLagging,
+                    format!(
+                        "{storage}/{bucket}: {owed} archive(s) not yet copied, the oldest queued {} ago \
+                         (alert_after {}); the disk keeps them meanwhile",
+                        age(secs),
+                        nbackup_protocol::config::HumanDuration(alert_after)
+                    ),
+                )
+            }
+            Lag::CaughtUp => {
+                info!(%storage, %bucket, "off-site copies caught up");
+                (
+                    nbackup_protocol::admin::EventKind::OffsiteCaughtUp,
+                    format!("{storage}/{bucket}: caught up, nothing owed for longer than its alert_after"),
+                )
+            }
+        };
+        server.telemetry.events.record(kind, crate::state::EventSpec::default(), message);
+    }
+}
+
+/// `3d 4h`, `2h 5m`, `7m 12s`, `40s`.
+fn age(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
     }
 }
 
@@ -579,7 +671,30 @@ fn owed(area: &StorageArea, bucket: &str) -> Vec<(u64, PathBuf)> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::{Lag, Stats};
     use nbackup_protocol::Name;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    #[test]
+    fn a_bucket_is_raised_once_when_it_falls_behind_and_once_when_it_catches_up() {
+        let mut st = Stats::default();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(st.lag(day, 1_000_000), None, "nothing owed");
+        st.owed.insert(PathBuf::from("a"), (1_000_000, false));
+        st.owed.insert(PathBuf::from("b"), (1_050_000, true));
+        assert_eq!(st.lag(day, 1_080_000), None, "under a day");
+        assert_eq!(st.lag(day, 1_086_400), Some(Lag::Behind { secs: 86_400, owed: 2 }));
+        assert_eq!(st.lag(day, 1_090_000), None, "raised once");
+        st.owed.remove(&PathBuf::from("a"));
+        assert_eq!(st.lag(day, 1_090_000), Some(Lag::CaughtUp), "the oldest left is under a day old");
+        assert_eq!(st.lag(day, 1_090_001), None);
+        // A clock stepped back makes nothing look older.
+        assert_eq!(st.lag(day, 0), None);
+        let shown: Vec<String> = [40, 432, 7500, 273_600].iter().map(|s| super::age(*s)).collect();
+        assert_eq!(shown, ["40s", "7m 12s", "2h 5m", "3d 4h"]);
+    }
+
     use nbackup_protocol::config::{Bucket, BucketMode, Provider};
 
     /// A sync bucket named `offsite` with the smallest parts.
@@ -597,6 +712,7 @@ pub(crate) mod tests {
             immutable_days: None,
             bandwidth: None,
             stall_timeout: std::time::Duration::from_secs(60),
+            alert_after: None,
             part_size: 5 << 20,
             concurrency: 1,
             allow_http: false,
