@@ -2,7 +2,7 @@
 """Off-site upload speed and memory: nbackup's bucket runner against boto3's own
 multipart upload (what `aws s3 cp` does), to the same S3 API server on loopback.
 
-    bench/offsite.py --nbackup target/release/nbackup --data DIR [--rounds 3]
+    bench/offsite.py --nbackup target/release/nbackup --data DIR [--rounds 3] [--ingest DIR2]
 
 Backs up DIR once per round through a real server whose storage has one bucket (moto's
 S3 server, started here), and times the copy from the commit to `verified` in the
@@ -10,6 +10,11 @@ archive's `.offsite.json`; the server's peak RSS is sampled meanwhile. In the sa
 boto3 uploads the same archive file with `upload_file` (multipart, its default 8 MiB
 parts and 10 threads). Both are bound by moto (a Python server) long before the
 network: read the ratio, not the MB/s. Median of the rounds.
+
+With --ingest DIR2, each round also backs up DIR2 twice into the same storage: once
+with no upload in flight, and once while DATA's archive is being uploaded — what an
+upload costs a backup received meanwhile (uploads yield to ingestion:
+docs/offsite.md).
 """
 import argparse
 import json
@@ -49,6 +54,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--part-size", default="16mib")
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--ingest", help="a tree backed up during the upload, and alone")
     ap.add_argument("--out")
     args = ap.parse_args()
     import boto3
@@ -64,31 +70,45 @@ def main():
                    f"        region: us-east-1\n        endpoint: http://127.0.0.1:{port}\n"
                    f"        part_size: {args.part_size}\n        concurrency: {args.concurrency}\n")
     nb = Nbackup(os.path.abspath(args.nbackup), work, 6, 3, storage_extra={"zs": bucket_yaml})
-    cfg = nb.agent_config("loopback", f"127.0.0.1:{nb.port}", [("zstd", "zs", 1, "", os.path.abspath(args.data))],
-                          "256mb")
-    ours, theirs = [], []
+    entries = [("zstd", "zs", 1, "", os.path.abspath(args.data))]
+    if args.ingest:
+        entries.append(("ingest", "zs", 1, "", os.path.abspath(args.ingest)))
+    cfg = nb.agent_config("loopback", f"127.0.0.1:{nb.port}", entries, "256mb")
+    ours, theirs, alone, beside = [], [], [], []
+
+    def wait_verified(archive):
+        while True:
+            try:
+                with open(archive + ".offsite.json") as f:
+                    if json.load(f)["buckets"]["offsite"]["state"] == "verified":
+                        return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+
     try:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
+            if args.ingest:
+                m = nb.backup(cfg, "ingest")
+                alone.append(m)
+                wait_verified(nb.archive_of("zs", "ingest"))
             nb.backup(cfg, "zstd")
             archive = nb.archive_of("zs", "zstd")
             size = os.path.getsize(archive)
             reset_hwm(nb.server.pid)
             t0 = time.monotonic()
-            state = archive + ".offsite.json"
-            while True:
-                try:
-                    with open(state) as f:
-                        if json.load(f)["buckets"]["offsite"]["state"] == "verified":
-                            break
-                except (OSError, ValueError, KeyError):
-                    pass
-                time.sleep(0.02)
+            if args.ingest:
+                beside.append(nb.backup(cfg, "ingest"))
+            wait_verified(archive)
             # The commit answered before this loop began; the copy started at the commit.
             ours.append({"wall": time.monotonic() - t0, "bytes": size, "server_rss": proc_hwm(nb.server.pid)})
             t0 = time.monotonic()
             s3.upload_file(archive, "bench", f"boto3/{r}", Config=TransferConfig())
             theirs.append({"wall": time.monotonic() - t0, "bytes": size})
+            if args.ingest:
+                # Its own copy, queued behind the big one, is done before the next round.
+                wait_verified(nb.archive_of("zs", "ingest"))
     finally:
         nb.stop()
         moto.terminate()
@@ -100,11 +120,18 @@ def main():
            "nbackup": {"wall_s": med(ours), "mb_per_s": size / 1e6 / med(ours),
                        "server_peak_rss": statistics.median(x["server_rss"] for x in ours), "runs": ours},
            "boto3_upload_file": {"wall_s": med(theirs), "mb_per_s": size / 1e6 / med(theirs), "runs": theirs}}
+    if args.ingest:
+        res["ingest"] = {"alone_wall_s": med(alone), "during_upload_wall_s": med(beside),
+                         "source_bytes": alone[0]["source"], "alone": alone, "during_upload": beside}
     print(f"archive {size / 1e6:.0f} MB; median of {args.rounds}")
     print(f"  nbackup bucket runner   {res['nbackup']['mb_per_s']:7.1f} MB/s   server peak RSS "
           f"{res['nbackup']['server_peak_rss'] / 2**20:.0f} MiB")
     print(f"  boto3 upload_file       {res['boto3_upload_file']['mb_per_s']:7.1f} MB/s")
     print(f"  ratio {res['nbackup']['mb_per_s'] / res['boto3_upload_file']['mb_per_s']:.2f}x")
+    if args.ingest:
+        i = res["ingest"]
+        print(f"  a backup of {i['source_bytes'] / 1e6:.0f} MB: {i['alone_wall_s']:.2f} s alone, "
+              f"{i['during_upload_wall_s']:.2f} s during the upload ({i['during_upload_wall_s'] / i['alone_wall_s']:.2f}x)")
     path = args.out or os.path.join(HERE, "results", time.strftime("%Y%m%dT%H%M%S") + "-offsite.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
