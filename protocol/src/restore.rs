@@ -117,6 +117,32 @@ pub struct RemoteArchive {
     pub bucket: Option<String>,
 }
 
+impl RemoteArchive {
+    /// One archive of `backup` as its manifest (if it has a readable one) describes
+    /// it; the catalog's size and the bucket are the caller's to add.
+    pub fn described(
+        backup: Name,
+        archive: String,
+        size: u64,
+        compression: Compression,
+        manifest: Option<&crate::manifest::Manifest>,
+    ) -> Self {
+        RemoteArchive {
+            backup,
+            archive,
+            size,
+            compression,
+            sha256: manifest.map(|m| m.sha256.clone()),
+            entries: manifest.map(|m| m.entries),
+            bytes_read: manifest.map(|m| m.bytes_read),
+            finished_at: manifest.map(|m| m.finished_at.clone()),
+            commit_seq: manifest.and_then(|m| m.commit_seq),
+            catalog: None,
+            bucket: None,
+        }
+    }
+}
+
 /// Archives per `Archives` page: each is under 600 bytes of JSON, so a page stays
 /// well inside one control frame.
 pub const LIST_PAGE: usize = 64;

@@ -144,36 +144,18 @@ async fn reply<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, reply: &Resto
 }
 
 fn remote(backup: &Name, a: &ArchiveFile) -> RemoteArchive {
-    let m = a.manifest.as_ref();
     RemoteArchive {
-        backup: backup.clone(),
-        archive: a.name.clone(),
-        size: a.size,
-        compression: a.compression,
-        sha256: m.map(|m| m.sha256.clone()),
-        entries: m.map(|m| m.entries),
-        bytes_read: m.map(|m| m.bytes_read),
-        finished_at: m.map(|m| m.finished_at.clone()),
-        commit_seq: m.and_then(|m| m.commit_seq),
         catalog: std::fs::metadata(catalog_path(&a.path)).ok().map(|m| m.len()),
-        bucket: None,
+        ..RemoteArchive::described(backup.clone(), a.name.clone(), a.size, a.compression, a.manifest.as_ref())
     }
 }
 
 /// An archive only a bucket has, as the restore side sees it.
 fn in_bucket(bucket: &Bucket, o: &objects::Stored, m: Option<&Manifest>) -> RemoteArchive {
     RemoteArchive {
-        backup: o.backup.clone(),
-        archive: o.name.clone(),
-        size: o.size,
-        compression: o.compression,
-        sha256: m.map(|m| m.sha256.clone()),
-        entries: m.map(|m| m.entries),
-        bytes_read: m.map(|m| m.bytes_read),
-        finished_at: m.map(|m| m.finished_at.clone()),
-        commit_seq: m.and_then(|m| m.commit_seq),
         catalog: o.catalog,
         bucket: Some(bucket.name.to_string()),
+        ..RemoteArchive::described(o.backup.clone(), o.name.clone(), o.size, o.compression, m)
     }
 }
 

@@ -109,6 +109,29 @@ impl Bucket {
     pub const MAX_PART_SIZE: u64 = 5 * ByteSize::GIB;
     pub const MAX_PARTS: u64 = 10_000;
 
+    /// A sync bucket with every setting at its default, as a configuration naming
+    /// only these three would give.
+    pub fn with_defaults(name: Name, provider: Provider, bucket: impl Into<String>) -> Bucket {
+        Bucket {
+            name,
+            provider,
+            bucket: bucket.into(),
+            prefix: String::new(),
+            endpoint: None,
+            region: None,
+            credentials_file: None,
+            mode: BucketMode::Sync,
+            retention: None,
+            immutable_days: None,
+            bandwidth: None,
+            stall_timeout: Self::DEFAULT_STALL_TIMEOUT,
+            alert_after: Some(Self::DEFAULT_ALERT_AFTER),
+            part_size: Self::DEFAULT_PART_SIZE,
+            concurrency: Self::DEFAULT_CONCURRENCY,
+            allow_http: false,
+        }
+    }
+
     /// The object key of an archive (or of `<archive>.json`).
     pub fn key(&self, agent: &str, backup: &str, file: &str) -> String {
         format!("{}{agent}/{backup}/{file}", self.prefix)
@@ -445,24 +468,9 @@ mod tests {
 
     #[test]
     fn part_size_grows_until_the_object_fits_in_ten_thousand_parts() {
-        let b = Bucket {
-            name: Name::new("b").expect("name"),
-            provider: Provider::S3,
-            bucket: "x".into(),
-            prefix: String::new(),
-            endpoint: None,
-            region: None,
-            credentials_file: None,
-            mode: BucketMode::Sync,
-            retention: None,
-            immutable_days: None,
-            bandwidth: None,
-            stall_timeout: Bucket::DEFAULT_STALL_TIMEOUT,
-            alert_after: Some(Bucket::DEFAULT_ALERT_AFTER),
-            part_size: Bucket::DEFAULT_PART_SIZE,
-            concurrency: 4,
-            allow_http: false,
-        };
+        let b = Bucket::with_defaults(Name::new("b").expect("name"), Provider::S3, "x");
+        let parsed = buckets("      - {name: b, provider: s3, bucket: x}\n").expect("parses");
+        assert_eq!(parsed, [b.clone()], "the defaults are what the parser gives");
         assert_eq!(b.part_size_for(1 << 30), 16 << 20);
         // 456 GB, the reference system's failure: 16 MiB parts would need 27 180.
         let big = 456_000_000_000;

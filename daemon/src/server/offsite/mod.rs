@@ -695,27 +695,15 @@ pub(crate) mod tests {
         assert_eq!(shown, ["40s", "7m 12s", "2h 5m", "3d 4h"]);
     }
 
-    use nbackup_protocol::config::{Bucket, BucketMode, Provider};
+    use nbackup_protocol::config::{Bucket, Provider};
 
-    /// A sync bucket named `offsite` with the smallest parts.
+    /// A sync bucket named `offsite` with the smallest parts, one at a time.
     pub fn bucket() -> Bucket {
         Bucket {
-            name: Name::new("offsite").expect("name"),
-            provider: Provider::S3,
-            bucket: "b".into(),
-            prefix: String::new(),
-            endpoint: None,
-            region: None,
-            credentials_file: None,
-            mode: BucketMode::Sync,
-            retention: None,
-            immutable_days: None,
-            bandwidth: None,
-            stall_timeout: std::time::Duration::from_secs(60),
-            alert_after: None,
-            part_size: 5 << 20,
+            part_size: Bucket::MIN_PART_SIZE,
             concurrency: 1,
-            allow_http: false,
+            alert_after: None,
+            ..Bucket::with_defaults(Name::new("offsite").expect("name"), Provider::S3, "b")
         }
     }
 }
