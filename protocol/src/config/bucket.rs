@@ -470,7 +470,7 @@ mod tests {
     fn part_size_grows_until_the_object_fits_in_ten_thousand_parts() {
         let b = Bucket::with_defaults(Name::new("b").expect("name"), Provider::S3, "x");
         let parsed = buckets("      - {name: b, provider: s3, bucket: x}\n").expect("parses");
-        assert_eq!(parsed, [b.clone()], "the defaults are what the parser gives");
+        assert_eq!(parsed, std::slice::from_ref(&b), "the defaults are what the parser gives");
         assert_eq!(b.part_size_for(1 << 30), 16 << 20);
         // 456 GB, the reference system's failure: 16 MiB parts would need 27 180.
         let big = 456_000_000_000;
