@@ -3,8 +3,9 @@
 //! lock is known to hold.
 //!
 //! `object_store` writes to locked buckets but cannot set an object's retention, so
-//! these two calls (`PutObjectRetention`, `GetObjectRetention`) are made here, signed
-//! with the store's own credentials and SigV4 signer. Compliance mode, because
+//! the two requests — `PutObjectRetention`, then a `HEAD` of the object, whose lock
+//! headers S3 returns to a caller allowed `s3:GetObjectRetention` — are made here,
+//! signed with the store's own credentials and SigV4 signer. Compliance mode, because
 //! governance mode can be lifted by anyone with `s3:BypassGovernanceRetention`,
 //! which is what an attacker holding the server's credentials would use.
 
