@@ -524,10 +524,15 @@ async fn an_archive_is_copied_to_azure_blob_storage_in_blocks_and_verified() {
 }
 
 /// Waits until `cond` holds, showing `what` if it does not within a minute.
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+async fn until(what: &str, cond: impl FnMut() -> bool) {
+    until_shown(what, cond, String::new).await
+}
+
+/// [`until`], showing `state()` too if it fails.
+async fn until_shown(what: &str, mut cond: impl FnMut() -> bool, state: impl Fn() -> String) {
     let started = Instant::now();
     while !cond() {
-        assert!(started.elapsed() < Duration::from_secs(60), "not within a minute: {what}");
+        assert!(started.elapsed() < Duration::from_secs(60), "not within a minute: {what} {}", state());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -655,10 +660,15 @@ async fn an_archive_bucket_keeps_its_own_retention_per_agent_and_entry() {
     }
     let www = backup(&web, 1).await.expect("backup").archive;
     let db_etc = backup(&db, 0).await.expect("backup").archive;
-    until("web-01/etc: the newest two in the bucket", || {
-        archive_keys(&moto, "long-term", "fleet/web-01/etc/")
-            == etc[1..].iter().map(|n| format!("fleet/web-01/etc/{n}")).collect::<Vec<_>>()
-    })
+    let keys = || format!("{:?}", moto.keys("long-term"));
+    until_shown(
+        "web-01/etc: the newest two in the bucket",
+        || {
+            archive_keys(&moto, "long-term", "fleet/web-01/etc/")
+                == etc[1..].iter().map(|n| format!("fleet/web-01/etc/{n}")).collect::<Vec<_>>()
+        },
+        keys,
+    )
     .await;
     until("the others copied", || {
         archive_keys(&moto, "long-term", "fleet/web-01/www/") == [format!("fleet/web-01/www/{www}")]

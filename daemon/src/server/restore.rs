@@ -181,19 +181,27 @@ async fn add_from_buckets(area: &StorageArea, agent: &Name, backup: Option<&Name
                 continue;
             }
         };
-        for o in listing.archives {
-            if !known.insert((o.backup.clone(), o.name.clone())) {
-                continue;
-            }
-            let m = match objects::manifest(&remote, &o.key).await {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(bucket = %bucket.name, key = %o.key, "cannot read the manifest beside an archive: {e}");
-                    None
-                }
-            };
-            archives.push(in_bucket(bucket, &o, m.as_ref()));
-        }
+        use futures_util::StreamExt;
+        let only_here: Vec<objects::Stored> =
+            listing.archives.into_iter().filter(|o| known.insert((o.backup.clone(), o.name.clone()))).collect();
+        // A few manifests at a time: one round trip each, so a long listing of an
+        // archive bucket does not take one provider latency per archive in a row.
+        let remote = &remote;
+        let described: Vec<RemoteArchive> = futures_util::stream::iter(only_here)
+            .map(|o| async move {
+                let m = match objects::manifest(remote, &o.key).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(bucket = %bucket.name, key = %o.key, "cannot read the manifest beside an archive: {e}");
+                        None
+                    }
+                };
+                in_bucket(bucket, &o, m.as_ref())
+            })
+            .buffered(8)
+            .collect()
+            .await;
+        archives.extend(described);
     }
     archives.sort_by_cached_key(|a| {
         let prefix = format!("{agent}-{}-", a.backup);

@@ -44,6 +44,9 @@ const FAILED_AFTER: u32 = 3;
 /// An idle runner looks for owed copies it was not told of this often (commits
 /// finished by a recovery, sidecars restored by hand).
 const RESCAN: Duration = Duration::from_secs(300);
+/// A retention pass that failed is tried again this often while the runner is idle
+/// (and after each copy).
+const PRUNE_RETRY: Duration = Duration::from_secs(15);
 
 /// The runners, by storage and bucket.
 #[derive(Default)]
@@ -165,6 +168,7 @@ impl Offsite {
                 remote,
                 stats: stats.clone(),
                 manifests: objects::Manifests::default(),
+                unpruned: Mutex::default(),
             };
             let task = server.tracker.spawn(work.run(rx, stop.clone()));
             if let Some(after) = bucket.alert_after {
@@ -408,6 +412,8 @@ struct Work {
     stats: Arc<Mutex<Stats>>,
     /// Manifests read back from the bucket by its retention passes.
     manifests: objects::Manifests,
+    /// Entries whose last retention pass failed, to be tried again.
+    unpruned: Mutex<std::collections::BTreeSet<(Name, Name)>>,
 }
 
 impl Work {
@@ -427,8 +433,10 @@ impl Work {
             }
             let next = crate::lock(&self.stats).next();
             let Some(archive) = next else {
+                let retry_prunes = !crate::lock(&self.unpruned).is_empty();
                 tokio::select! {
                     _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(PRUNE_RETRY), if retry_prunes => self.prune_again().await,
                     p = rx.recv() => match p {
                         Some(p) => self.enqueue(vec![(crate::state::unix_now(), p)]),
                         None => return,
@@ -448,6 +456,7 @@ impl Work {
                 Ok(()) => {
                     failures = 0;
                     crate::lock(&self.stats).owed.remove(&archive);
+                    self.prune_again().await;
                 }
                 Err(Retry::Never(why)) => {
                     warn!(storage = %self.storage, bucket = %self.bucket.name, archive = %archive.display(), "not copied: {why}");
@@ -601,10 +610,26 @@ impl Work {
 }
 
 impl Work {
+    /// Retention passes that failed, once more.
+    async fn prune_again(&self) {
+        let Some(retention) = self.bucket.retention else { return };
+        let due: Vec<(Name, Name)> = crate::lock(&self.unpruned).iter().cloned().collect();
+        for (agent, backup) in due {
+            self.prune(retention, &agent, &backup).await;
+        }
+    }
+
     /// Applies the bucket's retention to one entry; a failure is logged and tried
-    /// again after the entry's next copy (nothing is lost by keeping too much).
+    /// again (nothing is lost by keeping too much meanwhile).
     async fn prune(&self, retention: nbackup_protocol::retention::Retention, agent: &Name, backup: &Name) {
-        match objects::prune(&self.remote, &self.bucket, retention, agent, backup, &self.manifests).await {
+        let result = objects::prune(&self.remote, &self.bucket, retention, agent, backup, &self.manifests).await;
+        let key = (agent.clone(), backup.clone());
+        if result.is_ok() {
+            crate::lock(&self.unpruned).remove(&key);
+        } else {
+            crate::lock(&self.unpruned).insert(key);
+        }
+        match result {
             Ok(deleted) if !deleted.is_empty() => {
                 let who = crate::state::EventSpec {
                     agent: Some(agent.as_str()),
@@ -622,7 +647,7 @@ impl Work {
             Ok(_) => {}
             Err(e) => warn!(
                 storage = %self.storage, bucket = %self.bucket.name, %agent, %backup,
-                "the bucket's retention could not be applied (tried again after the next copy): {e}"
+                "the bucket's retention could not be applied (tried again in {PRUNE_RETRY:?}): {e}"
             ),
         }
     }
