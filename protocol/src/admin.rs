@@ -205,6 +205,9 @@ words! {
         Verified = "verified",
         /// The last attempt failed; it is retried.
         Failed = "failed",
+        /// Not uploaded: the bucket's retention would delete it at once (newer
+        /// archives of its entry are there or on their way). Owed nothing.
+        NotKept = "not_kept",
     }
 }
 

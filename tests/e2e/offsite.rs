@@ -799,3 +799,35 @@ async fn a_bucket_that_falls_behind_is_raised_and_its_recovery_too() {
     assert_eq!(events().matches("\"offsite_lagging\"").count(), 1, "raised once, however long it lasted");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_a_bucket_would_prune_at_once_are_not_uploaded() {
+    let (moto, tmp, pki, creds) = setup("catch-up");
+    let src = dataset(&tmp.path().join("data"), "1M", 8);
+    // The bucket is unreachable while three archives are committed; it keeps one.
+    let proxy = Proxy::start(moto.addr).await;
+    proxy.refuse_from(0);
+    let more = "        mode: archive\n        retain: 1\n";
+    let spec = StorageSpec { max_backups: 3, ..with_bucket(gzip("main"), proxy.addr, "catch-up", &creds, more) };
+    let server = TestServer::start(tmp.path(), &pki, &[spec]).await;
+    let cfg = agent_config(&pki, server.addr, &[entry("etc", "main", &[&src])]);
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        names.push(backup(&cfg, 0).await.expect("backup").archive);
+    }
+    proxy.accept_again();
+    let archives = server.archives("main", "web-01", "etc");
+    assert_eq!(file_names(&archives), names);
+    copied(&archives[2], Duration::from_secs(60)).await;
+    // Catching up, the two older ones were not sent only to be deleted.
+    for older in &archives[..2] {
+        until_shown(
+            "the older archives settled as not kept",
+            || copies(older)["buckets"]["offsite"]["state"] == "not_kept",
+            || copies(older).to_string(),
+        )
+        .await;
+    }
+    assert_eq!(archive_keys(&moto, "catch-up", "fleet/"), [format!("fleet/web-01/etc/{}", names[2])]);
+    server.stop().await;
+}

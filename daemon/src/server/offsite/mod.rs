@@ -233,7 +233,7 @@ impl Offsite {
                         let copy =
                             Copies::load(&a.path).ok().flatten().and_then(|c| c.buckets.get(b.name.as_str()).cloned());
                         match copy {
-                            Some(c) if c.is_verified() => continue,
+                            Some(c) if c.is_settled() => continue,
                             Some(_) => owed += 1,
                             None => {
                                 area.update_copies(&a.path, b.name.as_str(), Copy::queued(now))
@@ -518,11 +518,29 @@ impl Work {
             Err(e) => return Err(Retry::Later(e.to_string())),
         };
         let mut copy = match copies.buckets.get(&name) {
-            Some(c) if c.is_verified() => return Ok(()),
+            Some(c) if c.is_settled() => return Ok(()),
             Some(c) => c.clone(),
             None => return Ok(()),
         };
         let key = self.bucket.key(&manifest.agent, &manifest.backup, &manifest.archive);
+        // Not begun yet, and the retention would delete it at once: not uploaded.
+        if let Some(retention) = self.bucket.retention
+            && copy.upload.is_none()
+            && !self.wanted(retention, &area, &manifest).await?
+        {
+            copy.state = CopyState::NotKept;
+            copy.error = None;
+            let (area, path, bucket) = (area.clone(), archive.to_path_buf(), name.clone());
+            tokio::task::spawn_blocking(move || area.update_copies(&path, &bucket, copy))
+                .await
+                .map_err(|e| Retry::Later(e.to_string()))?
+                .map_err(|e| Retry::Later(e.to_string()))?;
+            info!(
+                storage = %self.storage, bucket = %self.bucket.name, archive = %manifest.archive,
+                "not uploaded: the bucket's retention keeps newer archives of this entry instead"
+            );
+            return Ok(());
+        }
         let (lock, path, bucket) = (area.clone(), archive.to_path_buf(), name.clone());
         let save = move |c: Copy| -> futures_util::future::BoxFuture<'static, std::io::Result<()>> {
             let (area, path, bucket) = (lock.clone(), path.clone(), bucket.clone());
@@ -610,6 +628,56 @@ impl Work {
 }
 
 impl Work {
+    /// Whether the bucket's retention would keep this archive among what the bucket
+    /// holds of its entry and what the disk still owes it (archives queued behind an
+    /// outage, or by `ctl sync`, count as if they were there already).
+    async fn wanted(
+        &self,
+        retention: nbackup_protocol::retention::Retention,
+        area: &Arc<StorageArea>,
+        manifest: &Manifest,
+    ) -> Result<bool, Retry> {
+        let (Ok(agent), Ok(backup)) = (Name::new(manifest.agent.as_str()), Name::new(manifest.backup.as_str())) else {
+            return Ok(true);
+        };
+        let later = |e: object_store::Error| Retry::Later(e.to_string());
+        let listing = objects::list(&self.remote, &self.bucket, &agent, Some(&backup)).await.map_err(later)?;
+        let mut names = std::collections::BTreeSet::new();
+        let mut candidates = Vec::new();
+        for o in &listing.archives {
+            let m = self.manifests.get(&self.remote, &o.key).await.map_err(later)?;
+            candidates.push(objects::candidate(&o.stamp, o.n, o.modified, m.as_deref()));
+            names.insert(o.name.clone());
+        }
+        let (area, bucket, a, b) = (area.clone(), self.bucket.name.to_string(), agent.clone(), backup.clone());
+        let local = tokio::task::spawn_blocking(move || {
+            let files = area.list(&a, &b).unwrap_or_default();
+            files
+                .into_iter()
+                .filter(|f| {
+                    Copies::load(&f.path)
+                        .ok()
+                        .flatten()
+                        .and_then(|c| c.buckets.get(&bucket).cloned())
+                        .is_some_and(|c| !c.is_settled())
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Retry::Later(e.to_string()))?;
+        let mut me = listing.archives.iter().position(|o| o.name == manifest.archive);
+        for f in local {
+            if names.contains(&f.name) {
+                continue;
+            }
+            if f.name == manifest.archive {
+                me = Some(candidates.len());
+            }
+            candidates.push(objects::candidate(&f.stamp, f.n, chrono::Utc::now(), f.manifest.as_ref()));
+        }
+        Ok(me.is_none_or(|i| retention.keep(&candidates).contains(&i)))
+    }
+
     /// Retention passes that failed, once more.
     async fn prune_again(&self) {
         let Some(retention) = self.bucket.retention else { return };

@@ -149,6 +149,17 @@ fn stamp_time(stamp: &str) -> Option<DateTime<Utc>> {
     NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ").ok().map(|t| t.and_utc())
 }
 
+/// An archive as retention sees it: its commit order (archives without a number
+/// oldest, like the disk's rotation) and when it finished (its manifest's time, else
+/// its name's, else `fallback`).
+pub fn candidate(stamp: &str, n: u32, fallback: DateTime<Utc>, m: Option<&Manifest>) -> Candidate {
+    let named = stamp_time(stamp).unwrap_or(fallback);
+    let finished =
+        m.and_then(|m| DateTime::parse_from_rfc3339(&m.finished_at).ok()).map_or(named, |t| t.with_timezone(&Utc));
+    let seq = m.and_then(|m| m.commit_seq).map_or(0, |s| s.saturating_add(1));
+    Candidate { order: (seq, named.timestamp(), n), finished }
+}
+
 /// Whether an object written at `modified` is still under the bucket's lock.
 fn locked(bucket: &Bucket, modified: DateTime<Utc>, now: DateTime<Utc>) -> bool {
     bucket.immutable_days.is_some_and(|d| modified + chrono::Duration::days(i64::from(d)) > now)
@@ -171,14 +182,7 @@ pub async fn prune(
     let mut candidates = Vec::with_capacity(listing.archives.len());
     for a in &listing.archives {
         let m = manifests.get(remote, &a.key).await?;
-        let stamp = stamp_time(&a.stamp).unwrap_or(a.modified);
-        let finished = m
-            .as_ref()
-            .and_then(|m| DateTime::parse_from_rfc3339(&m.finished_at).ok())
-            .map_or(stamp, |t| t.with_timezone(&Utc));
-        // Like the disk's rotation: commit order, archives without a number oldest.
-        let seq = m.as_ref().and_then(|m| m.commit_seq).map_or(0, |s| s.saturating_add(1));
-        candidates.push(Candidate { order: (seq, stamp.timestamp(), a.n), finished });
+        candidates.push(candidate(&a.stamp, a.n, a.modified, m.as_deref()));
     }
     let keep = retention.keep(&candidates);
     let now = Utc::now();

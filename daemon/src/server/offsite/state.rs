@@ -78,6 +78,12 @@ impl Copy {
     pub fn is_verified(&self) -> bool {
         self.state == CopyState::Verified
     }
+
+    /// Whether nothing more is owed: verified, or not wanted by the bucket's
+    /// retention.
+    pub fn is_settled(&self) -> bool {
+        matches!(self.state, CopyState::Verified | CopyState::NotKept)
+    }
 }
 
 /// A multipart upload the provider knows of.
@@ -121,7 +127,7 @@ impl Copies {
 
     /// Buckets whose copy is still owed.
     pub fn pending(&self) -> Vec<&str> {
-        self.buckets.iter().filter(|(_, c)| !c.is_verified()).map(|(n, _)| n.as_str()).collect()
+        self.buckets.iter().filter(|(_, c)| !c.is_settled()).map(|(n, _)| n.as_str()).collect()
     }
 }
 
@@ -159,8 +165,8 @@ mod tests {
         });
         c.store(&archive).expect("store");
         assert_eq!(Copies::load(&archive).expect("load"), Some(c.clone()));
-        c.buckets.get_mut("cold").expect("cold").state = CopyState::Verified;
-        assert!(c.pending().is_empty());
+        c.buckets.get_mut("cold").expect("cold").state = CopyState::NotKept;
+        assert!(c.pending().is_empty(), "an archive the retention does not keep is owed nothing");
         std::fs::write(path_for(&archive), b"{\"buckets\":{},\"x\":1}").expect("write");
         assert!(Copies::load(&archive).is_err(), "unknown fields are refused, not dropped");
     }
