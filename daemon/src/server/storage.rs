@@ -526,7 +526,7 @@ pub(crate) fn parse_archive_name(name: &str, prefix: &str) -> Option<(String, u3
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use nbackup_protocol::manifest::MANIFEST_FORMAT;
 
@@ -545,7 +545,8 @@ mod tests {
         })
     }
 
-    fn manifest() -> Manifest {
+    /// A manifest of archive `a`/`b` with nothing else said.
+    pub(crate) fn manifest() -> Manifest {
         Manifest {
             format: MANIFEST_FORMAT,
             archive: String::new(),

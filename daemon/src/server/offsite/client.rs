@@ -48,7 +48,7 @@ pub struct Meter {
 }
 
 impl Meter {
-    fn new(bandwidth: Option<u64>) -> Self {
+    pub(crate) fn new(bandwidth: Option<u64>) -> Self {
         Meter {
             throttle: Throttle::new(Bandwidth { default: bandwidth, windows: Vec::new() }),
             epoch: Instant::now(),

@@ -379,6 +379,98 @@ async fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A provider that counts the parts being put at once.
+    #[derive(Debug, Default)]
+    struct Counting {
+        inner: Arc<object_store::memory::InMemory>,
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::multipart::MultipartStore for Counting {
+        async fn create_multipart(&self, path: &Key) -> object_store::Result<object_store::MultipartId> {
+            self.inner.create_multipart(path).await
+        }
+
+        async fn create_multipart_opts(
+            &self,
+            path: &Key,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<object_store::MultipartId> {
+            self.inner.create_multipart_opts(path, opts).await
+        }
+
+        async fn put_part(
+            &self,
+            path: &Key,
+            id: &object_store::MultipartId,
+            part_idx: usize,
+            data: PutPayload,
+        ) -> object_store::Result<PartId> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            // Long enough for the uploader to start every part it is allowed to.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let done = self.inner.put_part(path, id, part_idx, data).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            done
+        }
+
+        async fn complete_multipart(
+            &self,
+            path: &Key,
+            id: &object_store::MultipartId,
+            parts: Vec<PartId>,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.complete_multipart(path, id, parts).await
+        }
+
+        async fn abort_multipart(&self, path: &Key, id: &object_store::MultipartId) -> object_store::Result<()> {
+            self.inner.abort_multipart(path, id).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_the_server_receives_a_backup_an_upload_keeps_one_part_in_flight() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = dir.path().join("a-b-20261202T000000Z.tar.gz");
+        let body: Vec<u8> = (0..(26u32 << 20)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&archive, &body).expect("write");
+        let mut manifest = crate::server::storage::tests::manifest();
+        manifest.archive = "a-b-20261202T000000Z.tar.gz".into();
+        manifest.size = body.len() as u64;
+        manifest.sha256 = nbackup_protocol::manifest::hex(&sha2::Sha256::digest(&body));
+        let mut bucket = crate::server::offsite::tests::bucket();
+        bucket.concurrency = 4;
+        for (ingesting, most) in [(true, 1), (false, 4)] {
+            let counting = Arc::new(Counting::default());
+            let remote = Remote {
+                store: counting.inner.clone(),
+                multipart: counting.clone(),
+                meter: Arc::new(super::super::client::Meter::new(None)),
+                lock: None,
+            };
+            let busy = move || ingesting;
+            let key = format!("{ingesting}/a/b/{}", manifest.archive);
+            let job = Job {
+                remote: &remote,
+                bucket: &bucket,
+                archive: &archive,
+                manifest: &manifest,
+                key: &key,
+                ingesting: &busy,
+            };
+            let mut copy = Copy::queued(0);
+            let save =
+                |_c: Copy| -> futures_util::future::BoxFuture<'static, io::Result<()>> { Box::pin(async { Ok(()) }) };
+            upload(&job, &mut copy, &save).await.expect("uploaded and verified");
+            assert_eq!(copy.upload.as_ref().map(|m| m.parts.len()), Some(6), "six parts of 5 MiB");
+            assert_eq!(counting.most.load(Ordering::SeqCst), most, "ingesting: {ingesting}");
+        }
+    }
 
     #[test]
     fn only_md5_shaped_tags_are_compared() {
