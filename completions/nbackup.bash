@@ -806,7 +806,7 @@ _nbackup() {
             return 0
             ;;
         nbackup__subcmd__ctl__subcmd__archives)
-            opts="-h --agent --backup --storage --socket --json --help"
+            opts="-h --agent --backup --storage --buckets --socket --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -193,6 +193,7 @@ complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_sub
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l backup -r
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l storage -r
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l socket -d 'Admin socket (default: the one daemon running here)' -r -F
+complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l buckets -d 'Also those only the storages\' buckets hold (lists each entry in each bucket)'
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -l json -d 'Print JSON instead of tables'
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from archives" -s h -l help -d 'Print help'
 complete -c nbackup -n "__fish_nbackup_using_subcommand ctl; and __fish_seen_subcommand_from abort" -l reason -r

@@ -515,6 +515,9 @@ pub enum CtlCommand {
         backup: Option<String>,
         #[arg(long)]
         storage: Option<String>,
+        /// Also those only the storages' buckets hold (lists each entry in each bucket)
+        #[arg(long)]
+        buckets: bool,
     },
     /// Abort a session (server: SESSION id, or AGENT/ENTRY via the control channel) or an
     /// entry's running backup (agent: ENTRY)

@@ -575,6 +575,10 @@ pub struct ArchiveInfo {
     /// Its copies to the storage's buckets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub offsite: Vec<OffsiteCopy>,
+    /// The bucket holding it, for an archive no longer on the server's disk (listed
+    /// only when asked for with `buckets=true`); absent for one on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
 }
 
 /// A short time series at one-second resolution, for charts.

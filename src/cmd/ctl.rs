@@ -122,9 +122,10 @@ async fn dispatch(c: &AdminClient, kind: DaemonKind, command: CtlCommand, json: 
                 println!("{:>6} {} {:<18} {:<16} {}", e.seq, e.time, e.kind.as_str(), who, e.message);
             }
         })?,
-        CtlCommand::Archives { agent, backup, storage } => {
+        CtlCommand::Archives { agent, backup, storage, buckets } => {
             need(kind, Server, "archives")?;
-            show(c.archives(&ArchiveQuery { agent, backup, storage }).await, json, |v| print_archives(v))?;
+            let query = ArchiveQuery { agent, backup, storage, buckets };
+            show(c.archives(&query).await, json, |v| print_archives(v))?;
         }
         CtlCommand::Abort { target, reason } => {
             let r = match (kind, target.contains('/')) {
@@ -257,7 +258,7 @@ fn print_history(v: &[HistoryRecord]) {
 
 fn print_archives(v: &[ArchiveInfo]) {
     table(
-        &["STORAGE", "AGENT", "BACKUP", "ARCHIVE", "SIZE", "MANIFEST"],
+        &["STORAGE", "AGENT", "BACKUP", "ARCHIVE", "SIZE", "MANIFEST", "WHERE"],
         v.iter()
             .map(|a| {
                 vec![
@@ -267,6 +268,7 @@ fn print_archives(v: &[ArchiveInfo]) {
                     a.name.clone(),
                     human_bytes(a.size),
                     yes(a.manifest),
+                    a.bucket.as_ref().map_or_else(|| "disk".to_string(), |b| format!("bucket {b}")),
                 ]
             })
             .collect(),

@@ -379,6 +379,19 @@ async fn a_retroactive_sync_uploads_only_what_the_bucket_lacks() {
         .output()
         .expect("ctl runs");
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    // The disk loses the first: `ctl archives --buckets` shows it where it is now.
+    for suffix in ["", ".json", ".catalog", ".offsite.json"] {
+        let _ = fs::remove_file(format!("{}{suffix}", dir.join(&first).display()));
+    }
+    let listed = |more: &str| -> Vec<(String, Option<String>)> {
+        let args: Vec<&str> = ["archives", "--json", more].into_iter().filter(|a| !a.is_empty()).collect();
+        let v: Vec<serde_json::Value> = serde_json::from_str(&ctl(&args)).expect("json");
+        v.iter()
+            .map(|a| (a["name"].as_str().expect("name").to_string(), a["bucket"].as_str().map(str::to_string)))
+            .collect()
+    };
+    assert_eq!(listed("--buckets"), [(first.clone(), Some("offsite".to_string())), (second.clone(), None)]);
+    assert_eq!(listed(""), [(second.clone(), None)], "without --buckets, the disk alone");
     server.terminate();
 }
 

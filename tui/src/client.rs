@@ -101,10 +101,14 @@ pub mod paths {
     }
 
     pub fn archives(filter: &super::ArchiveQuery) -> String {
-        let params: Vec<String> = [("agent", &filter.agent), ("backup", &filter.backup), ("storage", &filter.storage)]
-            .into_iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", q(v))))
-            .collect();
+        let mut params: Vec<String> =
+            [("agent", &filter.agent), ("backup", &filter.backup), ("storage", &filter.storage)]
+                .into_iter()
+                .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", q(v))))
+                .collect();
+        if filter.buckets {
+            params.push("buckets=true".into());
+        }
         format!("/v1/archives?{}", params.join("&"))
     }
 }
@@ -123,6 +127,9 @@ pub struct ArchiveQuery {
     pub agent: Option<String>,
     pub backup: Option<String>,
     pub storage: Option<String>,
+    /// Also the archives only the storages' buckets hold (one listing request per
+    /// entry and bucket on the provider: not for polling).
+    pub buckets: bool,
 }
 
 /// A daemon's status, whichever daemon it is (serialised as the daemon's own).
@@ -422,6 +429,8 @@ mod tests {
         assert_eq!(paths::entry_action(&EntryTarget::Own("etc".into()), "run"), "/v1/entries/etc/run");
         let q = ArchiveQuery { agent: Some("web-1".into()), ..Default::default() };
         assert_eq!(paths::archives(&q), "/v1/archives?agent=web-1");
+        let q = ArchiveQuery { buckets: true, ..q };
+        assert_eq!(paths::archives(&q), "/v1/archives?agent=web-1&buckets=true");
     }
 
     #[tokio::test]

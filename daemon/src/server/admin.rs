@@ -156,11 +156,25 @@ struct ArchivesQuery {
     agent: Option<String>,
     backup: Option<String>,
     storage: Option<String>,
+    /// Also what only the buckets hold (a listing request per entry and bucket).
+    buckets: Option<bool>,
 }
 
 async fn archives(State(h): S, Query(q): Query<ArchivesQuery>) -> Result<Json<Vec<ArchiveInfo>>, Response> {
     let filter = ArchiveFilter { storage: q.storage, agent: q.agent, backup: q.backup };
-    Ok(Json(blocking(move || h.archives(&filter)).await?))
+    let (on_disk, f, handle) = (filter.clone(), filter.clone(), h.clone());
+    let mut all = blocking(move || handle.archives(&on_disk)).await?;
+    if q.buckets == Some(true) {
+        let more = h.bucket_archives(&f, &all).await;
+        all.extend(more);
+        // Each entry's archives together, by time stamp and same-second suffix.
+        all.sort_by_cached_key(|a| {
+            let prefix = format!("{}-{}-", a.agent, a.backup);
+            let n = super::storage::parse_archive_name(&a.name, &prefix).map_or(0, |(_, n, _)| n);
+            (a.storage.clone(), a.agent.clone(), a.backup.clone(), a.stamp.clone(), n)
+        });
+    }
+    Ok(Json(all))
 }
 
 async fn series(State(h): S) -> Json<Vec<Series>> {
