@@ -60,7 +60,12 @@ pub fn default_socket(daemon: &str) -> PathBuf {
 
 /// Looks a group up in `/etc/group`.
 pub fn group_id(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
+    id_of("/etc/group", name)
+}
+
+/// The id (third field) of `name` in a passwd-format file.
+fn id_of(file: &str, name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(file).ok()?;
     text.lines().find_map(|l| {
         let mut f = l.split(':');
         (f.next()? == name).then_some(())?;
@@ -121,12 +126,7 @@ pub fn user_name(uid: u32) -> Option<String> {
 
 /// A user id from `/etc/passwd`.
 pub fn user_id(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/passwd").ok()?;
-    text.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then_some(())?;
-        f.nth(1)?.parse().ok()
-    })
+    id_of("/etc/passwd", name)
 }
 
 /// Who runs this process: the user name, or `uid N` without one.

@@ -206,7 +206,7 @@ async fn round_trip(
 ) -> Result<String, SetupError> {
     use crate::agent::fetch::{ArchiveRef, RestoreClient};
     use crate::agent::restore::{self as restore_job, RestoreProgress, RestoreSpec};
-    use crate::restore::{self, Overwrite, Selection};
+    use crate::restore;
     let progress = std::sync::Arc::new(crate::agent::Progress::default());
     let report = crate::agent::run_backup(connector, agent_cfg, entry, progress, Default::default())
         .await
@@ -224,15 +224,7 @@ async fn round_trip(
         .find(|r| r.archive == report.archive)
         .ok_or_else(|| failed(format!("check: the server does not list {}", report.archive)))?;
     let dest = work.join("restored");
-    let spec = RestoreSpec {
-        which,
-        compression: remote.compression,
-        size: remote.size,
-        dest: dest.clone(),
-        selection: Selection::all(),
-        overwrite: Overwrite::Never,
-        dry_run: false,
-    };
+    let spec = RestoreSpec::everything(which, remote.compression, remote.size, dest.clone());
     let progress = std::sync::Arc::new(RestoreProgress::default());
     let done = restore_job::restore(&client, spec, None, progress, Box::new(|_| {}), &Default::default())
         .await

@@ -23,7 +23,7 @@ use nbackup_daemon::agent::fetch::{ArchiveRef, RestoreClient};
 use nbackup_daemon::agent::restore::{self as restore_job, RestoreProgress, RestoreSpec};
 use nbackup_daemon::agent::{self, Connector, Progress};
 use nbackup_daemon::pki::{self, Leaf};
-use nbackup_daemon::restore::{self, Overwrite, Selection};
+use nbackup_daemon::restore;
 use nbackup_protocol::config::{Excludes, Logging};
 use nbackup_protocol::manifest::Manifest;
 use nbackup_protocol::wire::Compression;
@@ -183,15 +183,7 @@ async fn check_and_restore(
 
     // Restore over the network, as `nbackup restore` does, and compare.
     let restore_dir = work.join("restore");
-    let spec = RestoreSpec {
-        which,
-        compression: manifest.compression,
-        size: manifest.size,
-        dest: restore_dir.clone(),
-        selection: Selection::all(),
-        overwrite: Overwrite::Never,
-        dry_run: false,
-    };
+    let spec = RestoreSpec::everything(which, manifest.compression, manifest.size, restore_dir.clone());
     let progress = Arc::new(RestoreProgress::default());
     let outcome =
         restore_job::restore(&client, spec, None, progress, Box::new(|_| {}), &CancellationToken::new()).await?;

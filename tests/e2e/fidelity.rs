@@ -126,19 +126,17 @@ async fn round_trip(storage: StorageSpec, parallels: u16) {
         cfg.name.clone(),
         cfg.retry,
     );
-    let spec = nbackup_daemon::agent::restore::RestoreSpec {
-        which: nbackup_daemon::agent::fetch::ArchiveRef {
-            storage: cfg.backups[0].storage.clone(),
-            backup: cfg.backups[0].name.clone(),
-            archive: report.archive.clone(),
-        },
-        compression: manifest.compression,
-        size: manifest.size,
-        dest: ours.clone(),
-        selection: nbackup_daemon::restore::Selection::all(),
-        overwrite: nbackup_daemon::restore::Overwrite::Never,
-        dry_run: false,
+    let which = nbackup_daemon::agent::fetch::ArchiveRef {
+        storage: cfg.backups[0].storage.clone(),
+        backup: cfg.backups[0].name.clone(),
+        archive: report.archive.clone(),
     };
+    let spec = nbackup_daemon::agent::restore::RestoreSpec::everything(
+        which,
+        manifest.compression,
+        manifest.size,
+        ours.clone(),
+    );
     let progress = std::sync::Arc::new(nbackup_daemon::agent::restore::RestoreProgress::default());
     let cancel = tokio_util::sync::CancellationToken::new();
     let outcome = nbackup_daemon::agent::restore::restore(&client, spec, None, progress, Box::new(|_| {}), &cancel)

@@ -35,6 +35,21 @@ pub struct RestoreSpec {
     pub dry_run: bool,
 }
 
+impl RestoreSpec {
+    /// The whole archive into a new directory: nothing overwritten, for real.
+    pub fn everything(which: ArchiveRef, compression: Compression, size: u64, dest: PathBuf) -> Self {
+        RestoreSpec {
+            which,
+            compression,
+            size,
+            dest,
+            selection: Selection::all(),
+            overwrite: Overwrite::Never,
+            dry_run: false,
+        }
+    }
+}
+
 /// Counters a progress display reads while a restore runs.
 #[derive(Default)]
 pub struct RestoreProgress {
@@ -515,18 +530,11 @@ pub async fn restore_test(
     getrandom::fill(&mut suffix).map_err(|e| RestoreError::Extract(format!("no randomness: {e}")))?;
     let dest = workdir.join(format!("restore-test-{}-{}", archive.backup, nbackup_protocol::manifest::hex(&suffix)));
     let paths: Vec<String> = chosen.iter().map(|m| m.path.clone()).collect();
+    let which =
+        ArchiveRef { storage: storage.clone(), backup: archive.backup.clone(), archive: archive.archive.clone() };
     let spec = RestoreSpec {
-        which: ArchiveRef {
-            storage: storage.clone(),
-            backup: archive.backup.clone(),
-            archive: archive.archive.clone(),
-        },
-        compression: archive.compression,
-        size: archive.size,
-        dest: dest.clone(),
         selection: Selection::exact(&paths),
-        overwrite: Overwrite::Never,
-        dry_run: false,
+        ..RestoreSpec::everything(which, archive.compression, archive.size, dest.clone())
     };
     let progress = Arc::new(RestoreProgress::default());
     let restored = restore(client, spec, Some(catalog.clone()), progress, Box::new(|_| {}), cancel).await;

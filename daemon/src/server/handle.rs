@@ -293,7 +293,6 @@ impl ServerHandle {
     /// described from the manifest beside it. A bucket that cannot be listed is
     /// logged and left out.
     pub async fn bucket_archives(&self, q: &ArchiveFilter, on_disk: &[ArchiveInfo]) -> Vec<ArchiveInfo> {
-        use super::offsite::{client, objects};
         let server = self.0.clone();
         let filter = q.clone();
         let entries = tokio::task::spawn_blocking(move || {
@@ -301,45 +300,29 @@ impl ServerHandle {
         })
         .await
         .unwrap_or_default();
-        let mut known: std::collections::BTreeSet<(String, String, String, String)> =
-            on_disk.iter().map(|a| (a.storage.clone(), a.agent.clone(), a.backup.clone(), a.name.clone())).collect();
         let mut out = Vec::new();
         for (area, agent, backup) in entries {
-            for bucket in &area.cfg.buckets {
-                let listed = match client::connect(bucket) {
-                    Ok(remote) => match objects::list(&remote, bucket, &agent, Some(&backup)).await {
-                        Ok(l) => Some((remote, l)),
-                        Err(e) => {
-                            tracing::warn!(bucket = %bucket.name, %agent, %backup, "cannot list the bucket: {e}");
-                            None
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(bucket = %bucket.name, "cannot list the bucket: {e}");
-                        None
-                    }
-                };
-                let Some((remote, listing)) = listed else { continue };
-                for o in listing.archives {
-                    let storage = area.cfg.name.to_string();
-                    if !known.insert((storage.clone(), agent.to_string(), backup.to_string(), o.name.clone())) {
-                        continue;
-                    }
-                    let m = objects::manifest(&remote, &o.key).await.ok().flatten();
-                    out.push(ArchiveInfo {
-                        storage,
-                        agent: agent.to_string(),
-                        backup: backup.to_string(),
-                        name: o.name,
-                        size: o.size,
-                        stamp: o.stamp,
-                        sha256: m.as_ref().map(|m| m.sha256.clone()),
-                        files: m.as_ref().map(|m| m.entries),
-                        manifest: m.is_some(),
-                        offsite: Vec::new(),
-                        bucket: Some(bucket.name.to_string()),
-                    });
-                }
+            let storage = area.cfg.name.to_string();
+            let known = on_disk
+                .iter()
+                .filter(|a| a.storage == storage && a.agent == agent.as_str() && a.backup == backup.as_str())
+                .map(|a| (backup.clone(), a.name.clone()))
+                .collect();
+            for e in super::offsite::objects::elsewhere(&area.cfg.buckets, &agent, Some(&backup), known).await {
+                let (o, m) = (e.stored, e.manifest);
+                out.push(ArchiveInfo {
+                    storage: storage.clone(),
+                    agent: agent.to_string(),
+                    backup: backup.to_string(),
+                    name: o.name,
+                    size: o.size,
+                    stamp: o.stamp,
+                    sha256: m.as_ref().map(|m| m.sha256.clone()),
+                    files: m.as_ref().map(|m| m.entries),
+                    manifest: m.is_some(),
+                    offsite: Vec::new(),
+                    bucket: Some(e.bucket.to_string()),
+                });
             }
         }
         out

@@ -150,58 +150,17 @@ fn remote(backup: &Name, a: &ArchiveFile) -> RemoteArchive {
     }
 }
 
-/// An archive only a bucket has, as the restore side sees it.
-fn in_bucket(bucket: &Bucket, o: &objects::Stored, m: Option<&Manifest>) -> RemoteArchive {
-    RemoteArchive {
-        catalog: o.catalog,
-        bucket: Some(bucket.name.to_string()),
-        ..RemoteArchive::described(o.backup.clone(), o.name.clone(), o.size, o.compression, m)
-    }
-}
-
 /// Adds to `archives` (what the disk has) every archive of the agent that only the
-/// storage's buckets hold, and puts each entry's archives back in commit order. A
-/// bucket that cannot be listed is logged and left out: the disk's archives are
-/// still listed.
+/// storage's buckets hold, and puts each entry's archives back in commit order.
 async fn add_from_buckets(area: &StorageArea, agent: &Name, backup: Option<&Name>, archives: &mut Vec<RemoteArchive>) {
-    let mut known: std::collections::BTreeSet<(Name, String)> =
-        archives.iter().map(|a| (a.backup.clone(), a.archive.clone())).collect();
-    for bucket in &area.cfg.buckets {
-        let remote = match client::connect(bucket) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(bucket = %bucket.name, "cannot list the bucket for a restore: {e}");
-                continue;
-            }
-        };
-        let listing = match objects::list(&remote, bucket, agent, backup).await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(bucket = %bucket.name, %agent, "cannot list the bucket for a restore: {e}");
-                continue;
-            }
-        };
-        use futures_util::StreamExt;
-        let only_here: Vec<objects::Stored> =
-            listing.archives.into_iter().filter(|o| known.insert((o.backup.clone(), o.name.clone()))).collect();
-        // A few manifests at a time: one round trip each, so a long listing of an
-        // archive bucket does not take one provider latency per archive in a row.
-        let remote = &remote;
-        let described: Vec<RemoteArchive> = futures_util::stream::iter(only_here)
-            .map(|o| async move {
-                let m = match objects::manifest(remote, &o.key).await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        warn!(bucket = %bucket.name, key = %o.key, "cannot read the manifest beside an archive: {e}");
-                        None
-                    }
-                };
-                in_bucket(bucket, &o, m.as_ref())
-            })
-            .buffered(8)
-            .collect()
-            .await;
-        archives.extend(described);
+    let known = archives.iter().map(|a| (a.backup.clone(), a.archive.clone())).collect();
+    for e in objects::elsewhere(&area.cfg.buckets, agent, backup, known).await {
+        let o = e.stored;
+        archives.push(RemoteArchive {
+            catalog: o.catalog,
+            bucket: Some(e.bucket.to_string()),
+            ..RemoteArchive::described(o.backup, o.name, o.size, o.compression, e.manifest.as_ref())
+        });
     }
     archives.sort_by_cached_key(|a| {
         let prefix = format!("{agent}-{}-", a.backup);
@@ -272,6 +231,8 @@ enum Found {
 struct InBucket {
     bucket: Bucket,
     remote: client::Remote,
+    /// The archive object's size, from the request that found it.
+    size: u64,
     key: String,
     manifest: Option<Manifest>,
     compression: nbackup_protocol::wire::Compression,
@@ -296,19 +257,26 @@ async fn locate(entry: &Entry, archive: &str) -> Result<Found, Refusal> {
             }
         };
         let key = bucket.key(entry.agent.as_str(), entry.backup.as_str(), archive);
-        match remote.store.head(&object_store::path::Path::from(key.as_str())).await {
-            Ok(_) => {}
+        let size = match remote.store.head(&object_store::path::Path::from(key.as_str())).await {
+            Ok(meta) => meta.size,
             Err(object_store::Error::NotFound { .. }) => continue,
             Err(e) => {
                 warn!(bucket = %bucket.name, %key, "cannot look for an archive to restore: {e}");
                 unreadable = Some(format!("bucket {}: {e}", bucket.name));
                 continue;
             }
-        }
+        };
         let manifest = objects::manifest(&remote, &key).await.map_err(|e| {
             Refusal::new(Reason::Internal, format!("the manifest of {archive} in bucket {}: {e}", bucket.name))
         })?;
-        return Ok(Found::Bucket(Box::new(InBucket { bucket: bucket.clone(), remote, key, manifest, compression })));
+        return Ok(Found::Bucket(Box::new(InBucket {
+            bucket: bucket.clone(),
+            remote,
+            size,
+            key,
+            manifest,
+            compression,
+        })));
     }
     Err(match unreadable {
         Some(why) => Refusal::new(Reason::Internal, format!("{archive} is not on the server's disk, and {why}")),
@@ -353,14 +321,17 @@ async fn fetch<W: AsyncWrite + Unpin>(
             (Source::File(f, path), size, sha256, String::new())
         }
         Found::Bucket(b) => {
-            let (key, sha256) = match part {
-                Part::Archive => (b.key.clone(), b.manifest.as_ref().map(|m| m.sha256.clone())),
-                Part::Catalog => (format!("{}.catalog", b.key), None),
+            let (key, known, sha256) = match part {
+                Part::Archive => (b.key.clone(), Some(b.size), b.manifest.as_ref().map(|m| m.sha256.clone())),
+                Part::Catalog => (format!("{}.catalog", b.key), None, None),
             };
-            let (size, stream) = objects::read(&b.remote, &key, range.start, range.end).await.map_err(|e| match e {
-                object_store::Error::NotFound { .. } => no_catalog(),
-                e => Refusal::new(Reason::Internal, format!("cannot read {key} from bucket {}: {e}", b.bucket.name)),
-            })?;
+            let (size, stream) =
+                objects::read(&b.remote, &key, known, range.start, range.end).await.map_err(|e| match e {
+                    object_store::Error::NotFound { .. } => no_catalog(),
+                    e => {
+                        Refusal::new(Reason::Internal, format!("cannot read {key} from bucket {}: {e}", b.bucket.name))
+                    }
+                })?;
             let from = format!(" from bucket {}", b.bucket.name);
             (Source::Object(stream, b.bucket.stall_timeout), size, sha256, from)
         }
@@ -505,7 +476,7 @@ async fn verify<W: AsyncWrite + Unpin>(
             .await?
         }
         Found::Bucket(b) => {
-            let InBucket { bucket, remote, key, manifest, compression } = *b;
+            let InBucket { bucket, remote, size, key, manifest, compression } = *b;
             let Some(manifest) = manifest else {
                 return reply(
                     writer,
@@ -518,7 +489,7 @@ async fn verify<W: AsyncWrite + Unpin>(
                 )
                 .await;
             };
-            let (_, stream) = objects::read(&remote, &key, 0, u64::MAX)
+            let (_, stream) = objects::read(&remote, &key, Some(size), 0, u64::MAX)
                 .await
                 .map_err(|e| Refusal::new(Reason::Internal, format!("cannot read {key} from its bucket: {e}")))?;
             let (name, stall, bucket) = (archive.clone(), bucket.stall_timeout, bucket.name.to_string());

@@ -144,6 +144,55 @@ impl Manifests {
     }
 }
 
+/// An archive only a bucket holds, with the manifest beside it there.
+pub struct Elsewhere {
+    pub bucket: Name,
+    pub stored: Stored,
+    pub manifest: Option<Manifest>,
+}
+
+/// The agent's archives (one entry's, or all) that the storage's buckets hold and
+/// `known` (entry, name) does not — what the disk no longer has — each once, from
+/// the first bucket that has it, with its manifest (read a few at a time: one round
+/// trip each). A bucket that cannot be listed is logged and left out.
+pub async fn elsewhere(
+    buckets: &[Bucket],
+    agent: &Name,
+    backup: Option<&Name>,
+    mut known: std::collections::BTreeSet<(Name, String)>,
+) -> Vec<Elsewhere> {
+    let mut out = Vec::new();
+    for bucket in buckets {
+        let listed = match super::client::connect(bucket) {
+            Ok(remote) => list(&remote, bucket, agent, backup).await.map(|l| (remote, l)).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let (remote, listing) = match listed {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(bucket = %bucket.name, %agent, "cannot list the bucket: {e}");
+                continue;
+            }
+        };
+        let only_here: Vec<Stored> =
+            listing.archives.into_iter().filter(|o| known.insert((o.backup.clone(), o.name.clone()))).collect();
+        let remote = &remote;
+        let found: Vec<Elsewhere> = futures_util::stream::iter(only_here)
+            .map(|stored| async move {
+                let manifest = manifest(remote, &stored.key).await.unwrap_or_else(|e| {
+                    warn!(bucket = %bucket.name, key = %stored.key, "cannot read the manifest beside an archive: {e}");
+                    None
+                });
+                Elsewhere { bucket: bucket.name.clone(), stored, manifest }
+            })
+            .buffered(8)
+            .collect()
+            .await;
+        out.extend(found);
+    }
+    out
+}
+
 /// `yyyymmddThhmmssZ` as a time.
 fn stamp_time(stamp: &str) -> Option<DateTime<Utc>> {
     NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ").ok().map(|t| t.and_utc())
@@ -218,15 +267,19 @@ pub async fn prune(
 }
 
 /// The size of object `key` and a stream of its bytes `from..to` (clamped to the
-/// size).
+/// size); `size` when the caller already knows it (else it is asked for).
 pub async fn read(
     remote: &Remote,
     key: &str,
+    size: Option<u64>,
     from: u64,
     to: u64,
 ) -> Result<(u64, BoxStream<'static, Result<Bytes, object_store::Error>>), object_store::Error> {
     let location = Key::from(key);
-    let size = remote.store.head(&location).await?.size;
+    let size = match size {
+        Some(s) => s,
+        None => remote.store.head(&location).await?.size,
+    };
     let to = to.min(size);
     if from >= to {
         return Ok((size, futures_util::stream::empty().boxed()));
