@@ -191,7 +191,13 @@ async fn audit(
     let verdict = if parts.status.is_success() { "done" } else { "refused" };
     message.push_str(&format!(": {verdict}: {answer}"));
     let actor = peer.uid.map(|uid| Actor { uid, user: user_name(uid) });
-    let spec = EventSpec { agent: agent.as_deref(), backup: backup.as_deref(), session: session.as_deref(), actor };
+    let spec = EventSpec {
+        agent: agent.as_deref(),
+        backup: backup.as_deref(),
+        session: session.as_deref(),
+        actor,
+        bucket: None,
+    };
     audit(spec, message);
     Response::from_parts(parts, axum::body::Body::from(body))
 }

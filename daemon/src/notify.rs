@@ -145,12 +145,10 @@ struct Classifier {
 
 impl Classifier {
     fn classes(&mut self, e: &Event) -> Vec<NotifyOn> {
-        let key = match e.kind {
-            // Of a bucket, not an entry: named by the message's `<storage>/<bucket>:`.
-            EventKind::OffsiteLagging | EventKind::OffsiteCaughtUp => {
-                ("offsite".to_string(), e.message.split(':').next().unwrap_or_default().to_string())
-            }
-            _ => (e.agent.clone().unwrap_or_default(), e.backup.clone().unwrap_or_default()),
+        // A bucket's failures are its own, never mixed with an entry's.
+        let key = match &e.bucket {
+            Some(bucket) => ("bucket".to_string(), bucket.clone()),
+            None => (e.agent.clone().unwrap_or_default(), e.backup.clone().unwrap_or_default()),
         };
         match e.kind {
             EventKind::Failed
@@ -284,6 +282,7 @@ impl Message {
             backup: None,
             session: None,
             actor: None,
+            bucket: None,
             message: format!("test notification to {target}"),
         };
         Message {
@@ -540,6 +539,7 @@ mod tests {
             backup: Some(backup.into()),
             session: None,
             actor: None,
+            bucket: None,
             message: "m".into(),
         }
     }
@@ -561,15 +561,19 @@ mod tests {
             c.classes(&event(EventKind::BackupRecovered, "a", "d")).is_empty(),
             "the commit already was the recovery"
         );
-        // A bucket's lag is its own: named by its message, not mixed with an entry's.
-        let bucket =
-            |kind, message: &str| Event { agent: None, backup: None, message: message.into(), ..event(kind, "", "") };
-        assert_eq!(c.classes(&bucket(EventKind::CertExpiring, "server certificate ends …")), [NotifyOn::Failure]);
-        assert_eq!(c.classes(&bucket(EventKind::OffsiteLagging, "main/s3: 3 archive(s) …")), [NotifyOn::Failure]);
-        assert!(c.classes(&bucket(EventKind::OffsiteCaughtUp, "main/gcs: caught up")).is_empty(), "another bucket");
-        assert_eq!(c.classes(&bucket(EventKind::OffsiteCaughtUp, "main/s3: caught up")), [NotifyOn::Recovery]);
+        // A bucket's lag is its own (its `bucket` field), not mixed with an entry's.
+        let bucket = |kind, name: Option<&str>| Event {
+            agent: None,
+            backup: None,
+            bucket: name.map(str::to_string),
+            ..event(kind, "", "")
+        };
+        assert_eq!(c.classes(&bucket(EventKind::CertExpiring, None)), [NotifyOn::Failure]);
+        assert_eq!(c.classes(&bucket(EventKind::OffsiteLagging, Some("main/s3"))), [NotifyOn::Failure]);
+        assert!(c.classes(&bucket(EventKind::OffsiteCaughtUp, Some("main/gcs"))).is_empty(), "another bucket");
+        assert_eq!(c.classes(&bucket(EventKind::OffsiteCaughtUp, Some("main/s3"))), [NotifyOn::Recovery]);
         assert_eq!(
-            c.classes(&bucket(EventKind::CertRenewed, "renewed")),
+            c.classes(&bucket(EventKind::CertRenewed, None)),
             [NotifyOn::Recovery],
             "the certificate's failure was still open"
         );

@@ -108,6 +108,8 @@ pub struct EventSpec<'a> {
     pub session: Option<&'a str>,
     /// The operator behind the event, for [`EventKind::Operator`].
     pub actor: Option<Actor>,
+    /// `<storage>/<bucket>`, for an event of a whole bucket.
+    pub bucket: Option<&'a str>,
 }
 
 impl Events {
@@ -131,6 +133,7 @@ impl Events {
             backup: who.backup.map(str::to_string),
             session: who.session.map(str::to_string),
             actor: who.actor,
+            bucket: who.bucket.map(str::to_string),
             message: message.into(),
         };
         if let Some(log) = &self.log

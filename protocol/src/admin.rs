@@ -181,7 +181,7 @@ words! {
         /// retried; the local archive is kept until it succeeds).
         OffsiteFailed = "offsite_failed",
         /// A bucket's oldest owed copy has waited longer than its `alert_after`
-        /// (message `<storage>/<bucket>: …`); raised once until it catches up.
+        /// (`bucket` names it); raised once until it catches up.
         OffsiteLagging = "offsite_lagging",
         /// A bucket that was lagging owes nothing older than its `alert_after` again.
         OffsiteCaughtUp = "offsite_caught_up",
@@ -385,6 +385,10 @@ pub struct Event {
     /// The operator behind an [`EventKind::Operator`] event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<Actor>,
+    /// The off-site bucket, `<storage>/<bucket>`, an event of a whole bucket concerns
+    /// (`offsite_lagging`, `offsite_caught_up`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
     pub message: String,
 }
 

@@ -92,7 +92,7 @@ impl Telemetry {
             agent: Some(p.key.agent.as_str()),
             backup: Some(p.key.backup.as_str()),
             session: Some(&id),
-            actor: None,
+            ..Default::default()
         };
         self.events.record(kind, who, message);
     }

@@ -307,7 +307,9 @@ async fn watch_lag(
                 )
             }
         };
-        server.telemetry.events.record(kind, crate::state::EventSpec::default(), message);
+        let name = format!("{storage}/{bucket}");
+        let who = crate::state::EventSpec { bucket: Some(&name), ..Default::default() };
+        server.telemetry.events.record(kind, who, message);
     }
 }
 
