@@ -75,6 +75,12 @@ pub struct StorageArea {
     commit_log: Mutex<()>,
     /// Serialises read-modify-writes of the off-site sidecars.
     copies: Mutex<()>,
+    /// Archives placed under their final name whose manifest is not written yet.
+    /// Rotation runs from other tasks too (after an off-site copy): without its
+    /// manifest such an archive would sort oldest and owe no bucket, so it must
+    /// never be taken for an old one. A commit that fails in between stays here
+    /// (kept) until the next start's recovery finishes it.
+    settling: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// A committed archive found on disk.
@@ -111,6 +117,7 @@ impl StorageArea {
             rename: Mutex::new(fsutil::NoReplace::Rename),
             commit_log: Mutex::new(()),
             copies: Mutex::new(()),
+            settling: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -286,7 +293,12 @@ impl StorageArea {
         fsutil::create_dir_all_durable(&dir)?;
         let final_path = dir.join(archive);
         self.fault("commit:before-rename")?;
-        fsutil::rename_noreplace(part_path, &final_path, self.rename_mode())?;
+        // Marked before the name appears, so no rotation can see it unmarked.
+        crate::lock(&self.settling).insert(final_path.clone());
+        if let Err(e) = fsutil::rename_noreplace(part_path, &final_path, self.rename_mode()) {
+            crate::lock(&self.settling).remove(&final_path);
+            return Err(e);
+        }
         self.fault("commit:after-rename")?;
         Ok(final_path)
     }
@@ -313,6 +325,7 @@ impl StorageArea {
             Copies::queued(owed, crate::state::unix_now()).store(archive)?;
         }
         self.write_manifest(archive, manifest)?;
+        crate::lock(&self.settling).remove(archive);
         self.fault("commit:after-manifest")?;
         Ok(())
     }
@@ -399,8 +412,12 @@ impl StorageArea {
     /// the archive just committed, nor one a bucket is still owed. Returns the names
     /// removed.
     pub fn rotate(&self, agent: &Name, backup: &Name, keep: Option<&str>) -> io::Result<Vec<String>> {
-        let archives: Vec<ArchiveFile> =
-            self.list(agent, backup)?.into_iter().filter(|a| Some(a.name.as_str()) != keep).collect();
+        let settling = crate::lock(&self.settling).clone();
+        let archives: Vec<ArchiveFile> = self
+            .list(agent, backup)?
+            .into_iter()
+            .filter(|a| Some(a.name.as_str()) != keep && !settling.contains(&a.path))
+            .collect();
         let keep_others = (self.local_keep() as usize).saturating_sub(usize::from(keep.is_some()));
         let excess = archives.len().saturating_sub(keep_others);
         let mut removed = Vec::new();
@@ -643,6 +660,30 @@ pub(crate) mod tests {
         let keep = second.file_name().expect("name").to_string_lossy().into_owned();
         s.rotate(&a, &b, Some(&keep)).expect("rotate");
         assert!(second.exists());
+        assert!(!first.exists());
+    }
+
+    #[test]
+    fn rotation_from_another_task_never_takes_an_archive_placed_but_not_settled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = area(dir.path(), 1);
+        s.prepare().expect("prepare");
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        let first = commit_one(&s, t, "one");
+        // The next commit is renamed into place; its manifest is not written yet
+        // when an off-site runner's rotation of the entry comes by.
+        let part = s.incoming_dir().join("two.part");
+        fs::write(&part, "two").expect("part");
+        let mut m = manifest();
+        (m.archive, _) = s.next_archive(&a, &b, t, Compression::Gzip).expect("name");
+        m.commit_seq = Some(2);
+        let second = s.place(&part, &a, &b, &m.archive).expect("place");
+        assert_eq!(s.rotate(&a, &b, None).expect("rotate"), Vec::<String>::new());
+        assert!(second.exists() && first.exists(), "neither is taken while the second settles");
+        s.settle(&second, &m).expect("settle");
+        s.rotate(&a, &b, None).expect("rotate");
+        assert!(second.exists(), "settled, it is the newest");
         assert!(!first.exists());
     }
 
