@@ -15,7 +15,8 @@
 //! bytes. Rotation takes an archive out (a rename to `.incoming/<archive>.rotated`,
 //! unlinked once the commit is answered) before its manifest, so an interrupted
 //! rotation leaves at worst an orphan manifest, never an archive whose checksum
-//! record is gone.
+//! record is gone. An archive renamed into place but not yet given its manifest
+//! (a commit in progress) is never rotated, whichever task rotates.
 //!
 //! **Order is not time.** Names carry the session's start time for people, but
 //! "newest" means highest `commit_seq` in the manifest, one past the entry's highest
@@ -412,12 +413,15 @@ impl StorageArea {
     /// the archive just committed, nor one a bucket is still owed. Returns the names
     /// removed.
     pub fn rotate(&self, agent: &Name, backup: &Name, keep: Option<&str>) -> io::Result<Vec<String>> {
-        let settling = crate::lock(&self.settling).clone();
-        let archives: Vec<ArchiveFile> = self
-            .list(agent, backup)?
-            .into_iter()
-            .filter(|a| Some(a.name.as_str()) != keep && !settling.contains(&a.path))
-            .collect();
+        // Held over the listing: an archive it sees without a manifest is either
+        // still marked or was listed before the mark went, never between the two.
+        let archives: Vec<ArchiveFile> = {
+            let settling = crate::lock(&self.settling);
+            self.list(agent, backup)?
+                .into_iter()
+                .filter(|a| Some(a.name.as_str()) != keep && !settling.contains(&a.path))
+                .collect()
+        };
         let keep_others = (self.local_keep() as usize).saturating_sub(usize::from(keep.is_some()));
         let excess = archives.len().saturating_sub(keep_others);
         let mut removed = Vec::new();
@@ -644,13 +648,18 @@ pub(crate) mod tests {
         s.check_quota(&Name::new("other").expect("n"), 10).expect("another agent has its own");
     }
 
+    /// A prepared area keeping `max`, entry a/b, and a start time.
+    fn entry(max: u32) -> (tempfile::TempDir, StorageArea, Name, Name, DateTime<Utc>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = area(dir.path(), max);
+        s.prepare().expect("prepare");
+        let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        (dir, s, Name::new("a").expect("a"), Name::new("b").expect("b"), t)
+    }
+
     #[test]
     fn rotation_never_removes_the_archive_it_was_told_to_keep() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = area(dir.path(), 1);
-        s.prepare().expect("prepare");
-        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
-        let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        let (_dir, s, a, b, t) = entry(1);
         let first = commit_one(&s, t, "one");
         let second = commit_one(&s, t, "two");
         // Even with the sequence tampered so the new one looks older.
@@ -665,11 +674,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rotation_from_another_task_never_takes_an_archive_placed_but_not_settled() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = area(dir.path(), 1);
-        s.prepare().expect("prepare");
-        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
-        let t = DateTime::parse_from_rfc3339("2026-11-22T02:00:00Z").expect("t").with_timezone(&Utc);
+        let (_dir, s, a, b, t) = entry(1);
         let first = commit_one(&s, t, "one");
         // The next commit is renamed into place; its manifest is not written yet
         // when an off-site runner's rotation of the entry comes by.
