@@ -550,6 +550,18 @@ async fn until_shown(what: &str, mut cond: impl FnMut() -> bool, state: impl Fn(
     }
 }
 
+/// The files of `dir`, with the off-site state of each archive, for a failure's message.
+fn shown_dir(dir: &Path) -> String {
+    let mut files: Vec<PathBuf> =
+        fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    files.sort();
+    let shown = files.iter().map(|p| match p.to_string_lossy().ends_with(".offsite.json") {
+        true => format!("{}: {}", p.display(), fs::read_to_string(p).unwrap_or_default()),
+        false => p.display().to_string(),
+    });
+    shown.collect::<Vec<_>>().join("\n")
+}
+
 fn file_names(paths: &[PathBuf]) -> Vec<String> {
     paths.iter().map(|p| p.file_name().expect("name").to_string_lossy().into_owned()).collect()
 }
@@ -561,7 +573,7 @@ fn archive_keys(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
         .into_iter()
         .filter(|k| k.starts_with(prefix) && (k.ends_with(".tar.gz") || k.ends_with(".tar.zst")))
         .collect();
-    keys.sort();
+    keys.sort_by_key(|k| commit_order(k));
     keys
 }
 
@@ -673,7 +685,8 @@ async fn an_archive_bucket_keeps_its_own_retention_per_agent_and_entry() {
     }
     let www = backup(&web, 1).await.expect("backup").archive;
     let db_etc = backup(&db, 0).await.expect("backup").archive;
-    let keys = || format!("{:?}", moto.keys("long-term"));
+    let disk = server.storage_dir("main").join("web-01").join("etc");
+    let keys = || format!("{:?}\nexpected {etc:?}\nthe disk: {}", moto.keys("long-term"), shown_dir(&disk));
     until_shown(
         "web-01/etc: the newest two in the bucket",
         || {

@@ -162,18 +162,7 @@ impl TestServer {
         let mut v: Vec<PathBuf> =
             fs::read_dir(&dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         v.retain(|p| is_archive(p));
-        // Commit order: `…T120000Z.tar.gz` before `…T120000Z-2.tar.gz`, which a plain
-        // byte sort gets wrong ('-' < '.').
-        v.sort_by_key(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let (head, n) = match name.split_once("Z-") {
-                Some((head, rest)) => {
-                    (head.to_string(), rest.split('.').next().and_then(|n| n.parse().ok()).unwrap_or(1))
-                }
-                None => (name.split_once("Z.").map_or(name.clone(), |(h, _)| h.to_string()), 1u32),
-            };
-            (head, n)
-        });
+        v.sort_by_key(|p| commit_order(&p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
         v
     }
 
@@ -671,5 +660,16 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.cmd().arg("kill-server").status();
+    }
+}
+
+/// Sort key of an archive name (or a key ending in one) in commit order:
+/// `…T120000Z.tar.gz` before `…T120000Z-2.tar.gz`, which a plain byte sort gets
+/// wrong ('-' < '.').
+pub fn commit_order(name: &str) -> (String, u32) {
+    let stem = name.trim_end_matches(".gz").trim_end_matches(".zst").trim_end_matches(".tar");
+    match stem.rsplit_once("Z-") {
+        Some((head, n)) if n.parse::<u32>().is_ok() => (head.to_string(), n.parse().unwrap_or(1)),
+        _ => (stem.trim_end_matches('Z').to_string(), 1),
     }
 }
