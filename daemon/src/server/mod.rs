@@ -24,6 +24,7 @@ mod handler;
 mod journal;
 mod listener;
 pub mod offsite;
+mod partfile;
 mod recovery;
 pub mod registry;
 mod restore;

@@ -40,6 +40,7 @@ use nbackup_protocol::wire::{CatalogDigest, CatalogPart, Chunk, Commit, Committe
 use nbackup_protocol::{Name, SessionId};
 
 use super::journal::{self, ChunkRecord, Journal};
+use super::partfile::{Buffer, PartFile};
 use super::storage::StorageArea;
 use crate::fsutil;
 use crate::state::RateMeter;
@@ -139,7 +140,7 @@ pub struct Session {
     pub params: SessionParams,
     pub storage: Arc<StorageArea>,
     pub part_path: PathBuf,
-    file: File,
+    file: PartFile,
     chunks: Mutex<ChunkState>,
     hash: Mutex<HashState>,
     /// Receive rate, sampled by the server's sampler.
@@ -174,7 +175,7 @@ struct ChunkState {
 struct HashState {
     hasher: Sha256,
     hashed: u64,
-    readback: Vec<u8>,
+    readback: Buffer,
 }
 
 impl ChunkState {
@@ -219,15 +220,9 @@ fn refuse(reason: Reason, message: impl Into<String>) -> Refusal {
 impl Session {
     /// Creates the session's `.part` file (exclusively, mode 0600) and its journal.
     pub fn create(params: SessionParams, storage: Arc<StorageArea>) -> Result<Self, Refusal> {
-        use std::os::unix::fs::OpenOptionsExt;
         let part_path = storage.part_path(params.id);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&part_path)
-            .map_err(|e| io_refusal(&e, "cannot create upload file"))?;
+        let file =
+            PartFile::create(&part_path, params.chunk_size).map_err(|e| io_refusal(&e, "cannot create upload file"))?;
         let header = journal::Header {
             session: params.id.to_string(),
             agent: params.key.agent.to_string(),
@@ -254,7 +249,7 @@ impl Session {
         params: SessionParams,
         storage: Arc<StorageArea>,
         part_path: PathBuf,
-        file: File,
+        file: PartFile,
         chunks: ChunkState,
     ) -> Self {
         Session {
@@ -263,7 +258,7 @@ impl Session {
             part_path,
             file,
             chunks: Mutex::new(chunks),
-            hash: Mutex::new(HashState { hasher: Sha256::new(), hashed: 0, readback: Vec::new() }),
+            hash: Mutex::new(HashState { hasher: Sha256::new(), hashed: 0, readback: Buffer::default() }),
             rate: RateMeter::default(),
             created: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
@@ -284,18 +279,17 @@ impl Session {
         let params = SessionParams::from_header(h)?;
         let id = params.id;
         let part_path = storage.part_path(id);
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&part_path)?;
+        let file = PartFile::open(&part_path, h.chunk_size)?;
         let journal = Journal::reopen(&Journal::path_for(&part_path))?;
         let mut st = ChunkState::new(journal);
         let cs = u64::from(h.chunk_size);
-        let mut buf = Vec::new();
+        let mut buf = Buffer::default();
         let mut bytes = 0u64;
         for r in &contents.chunks {
             if r.seq >= MAX_CHUNKS || u64::from(r.len) > cs || r.len == 0 || st.has(r.seq) {
                 continue;
             }
-            buf.resize(r.len as usize, 0);
-            if file.read_exact_at(&mut buf, r.seq * cs).is_err() || crc32c::crc32c(&buf) != r.crc32c {
+            if file.read_at(&mut buf, r.seq * cs, r.len as usize).map(crc32c::crc32c).ok() != Some(r.crc32c) {
                 continue;
             }
             if check_geometry(&st, r.seq, u64::from(r.len), cs).is_err() {
@@ -368,17 +362,17 @@ impl Session {
         let scope = self.storage.cfg.base_dir.to_string_lossy();
         let writing = Instant::now();
         crate::fault::io("chunk-write", &scope)
-            .and_then(|()| self.file.write_all_at(&chunk.data, chunk.offset))
+            .and_then(|()| self.file.write_at(&chunk.data, chunk.offset))
             .map_err(|e| io_refusal(&e, &format!("writing chunk {}", chunk.seq)))?;
         if self.storage.cfg.chunk_fsync {
-            self.file.sync_data().map_err(|e| io_refusal(&e, "fsync"))?;
-        } else {
+            self.file.file().sync_data().map_err(|e| io_refusal(&e, "fsync"))?;
+        } else if !self.file.is_direct() {
             // Starts the chunk's writeback now (DONTNEED writes dirty pages back
             // asynchronously and keeps them cached while they are under writeback), so
             // the commit's fsync waits for the last few chunks rather than the whole
             // archive: 0.6 s of a 5 s zstd backup on the benchmark. Advice only.
             let _ = rustix::fs::fadvise(
-                &self.file,
+                self.file.file(),
                 chunk.offset,
                 std::num::NonZeroU64::new(len),
                 rustix::fs::Advice::DontNeed,
@@ -436,15 +430,15 @@ impl Session {
                 (len, st.crcs[seq as usize])
             };
             let mut buf = std::mem::take(&mut hs.readback);
-            buf.resize(len as usize, 0);
-            self.file
-                .read_exact_at(&mut buf, seq * cs)
+            let bytes = self
+                .file
+                .read_at(&mut buf, seq * cs, len as usize)
                 .map_err(|e| io_refusal(&e, &format!("reading back chunk {seq}")))?;
-            let got = crc32c::crc32c(&buf);
+            let got = crc32c::crc32c(bytes);
             if got != want {
                 return Err(changed(seq, seq * cs, got, want));
             }
-            hs.hasher.update(&buf);
+            hs.hasher.update(bytes);
             hs.readback = buf;
             hs.hashed += 1;
         }
@@ -511,7 +505,14 @@ impl Session {
         let fail = |e: io::Error, what: &str| classify_commit_error(&e, what);
         crate::fault::io("commit:before-intent", &scope).map_err(|e| fail(e, "committing archive"))?;
         // Durable first, then read back: the hash must describe what the disk holds.
-        self.file.sync_all().map_err(|e| fail(e, "fsync of the upload"))?;
+        // Direct writes pad the last chunk to a whole block.
+        let cut = match self.file.file().metadata() {
+            Ok(m) if m.len() > total => self.file.file().set_len(total),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        cut.map_err(|e| fail(e, "cutting the upload to its length"))?;
+        self.file.file().sync_all().map_err(|e| fail(e, "fsync of the upload"))?;
         self.verify_stored(&crcs, total)?;
         match &commit.catalog {
             Some(digest) => self.check_catalog(digest),
@@ -617,14 +618,14 @@ impl Session {
         let scope = self.storage.cfg.base_dir.to_string_lossy().into_owned();
         self.verified.store(0, Ordering::Relaxed);
         let check = |lane: usize| -> Result<(), (u64, CommitFailure)> {
-            let mut buf = vec![0u8; cs as usize];
+            let mut buf = Buffer::default();
             for seq in (lane..crcs.len()).step_by(VERIFY_THREADS) {
                 let offset = seq as u64 * cs;
                 let len = cs.min(total - offset) as usize;
-                let read = crate::fault::io("commit:verify", &scope)
-                    .and_then(|()| self.file.read_exact_at(&mut buf[..len], offset));
-                read.map_err(|e| (seq as u64, classify_commit_error(&e, "reading back")))?;
-                let got = crc32c::crc32c(&buf[..len]);
+                let read =
+                    crate::fault::io("commit:verify", &scope).and_then(|()| self.file.read_at(&mut buf, offset, len));
+                let bytes = read.map_err(|e| (seq as u64, classify_commit_error(&e, "reading back")))?;
+                let got = crc32c::crc32c(bytes);
                 if got != crcs[seq] {
                     return Err((seq as u64, CommitFailure::Reject(changed(seq as u64, offset, got, crcs[seq]))));
                 }
