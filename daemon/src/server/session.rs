@@ -28,7 +28,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,6 +143,10 @@ pub struct Session {
     file: PartFile,
     chunks: Mutex<ChunkState>,
     hash: Mutex<HashState>,
+    /// Chunks written and not yet hashed, kept for the hasher (bounded).
+    early: Mutex<Early>,
+    /// Set by whoever finds the hasher busy; the hasher looks again before it stops.
+    rehash: AtomicBool,
     /// Receive rate, sampled by the server's sampler.
     pub rate: RateMeter,
     created: Instant,
@@ -170,8 +174,45 @@ struct ChunkState {
     journal: Journal,
 }
 
-/// SHA-256 of chunks `0..hashed`, as read back from the file. Its own lock, so
-/// hashing (off the ack path, on another blocking thread) never holds up a write.
+/// Bytes of written chunks held for the hasher. A chunk that arrives ahead of the
+/// hashed prefix waits here for its turn rather than being read back from the disk
+/// then; past this bound (a stream far behind the others) it is read back.
+const EARLY_MAX: usize = 32 << 20;
+
+/// Chunks written and not yet hashed, by seq, with the CRC32C they arrived with.
+#[derive(Default)]
+struct Early {
+    chunks: std::collections::BTreeMap<u64, (u32, bytes::Bytes)>,
+    bytes: usize,
+}
+
+impl Early {
+    fn keep(&mut self, chunk: &Chunk) {
+        if self.bytes + chunk.data.len() <= EARLY_MAX
+            && self.chunks.insert(chunk.seq, (chunk.crc32c, chunk.data.clone())).is_none()
+        {
+            self.bytes += chunk.data.len();
+        }
+    }
+
+    /// Chunk `seq` if held with the CRC32C recorded for it; drops anything older
+    /// (hashed meanwhile from the file, or refused after it was written).
+    fn take(&mut self, seq: u64, crc32c: u32) -> Option<bytes::Bytes> {
+        while let Some(entry) = self.chunks.first_entry()
+            && *entry.key() <= seq
+        {
+            let (key, (crc, data)) = entry.remove_entry();
+            self.bytes -= data.len();
+            if key == seq && crc == crc32c {
+                return Some(data);
+            }
+        }
+        None
+    }
+}
+
+/// SHA-256 of chunks `0..hashed`. Its own lock, so hashing (off the ack path, on
+/// another blocking thread) never holds up a write.
 struct HashState {
     hasher: Sha256,
     hashed: u64,
@@ -259,6 +300,8 @@ impl Session {
             file,
             chunks: Mutex::new(chunks),
             hash: Mutex::new(HashState { hasher: Sha256::new(), hashed: 0, readback: Buffer::default() }),
+            early: Mutex::default(),
+            rehash: AtomicBool::new(false),
             rate: RateMeter::default(),
             created: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
@@ -304,7 +347,7 @@ impl Session {
         let session = Self::assemble(params, storage, part_path, file, st);
         session.bytes_received.store(bytes, Ordering::Relaxed);
         session.publish(&crate::lock(&session.chunks));
-        session.hash_forward(None).map_err(|r| io::Error::new(io::ErrorKind::InvalidData, r.message))?;
+        session.hash_prefix().map_err(|r| io::Error::new(io::ErrorKind::InvalidData, r.message))?;
         session.touch();
         Ok(session)
     }
@@ -386,6 +429,8 @@ impl Session {
             return Ok(Written::Duplicate);
         }
         check_geometry(&st, chunk.seq, len, cs)?;
+        // Held before it counts as received, so the hasher never passes it unheld.
+        crate::lock(&self.early).keep(chunk);
         let record = ChunkRecord { seq: chunk.seq, len: len as u32, crc32c: chunk.crc32c };
         st.journal.chunk(record).map_err(|e| io_refusal(&e, "writing the session journal"))?;
         if self.storage.cfg.chunk_fsync {
@@ -400,16 +445,41 @@ impl Session {
         Ok(Written::New)
     }
 
-    /// Hashes the contiguous prefix as far as it reaches. `arrived`, the chunk just
-    /// written, is hashed from the buffer it arrived in when it is next in order
-    /// (its CRC32C was checked on arrival; the commit reads the whole file back
-    /// against the CRC32Cs); other chunks are read back from the file (the page
-    /// cache, just written) and checked against the CRC32C they arrived with.
-    /// Blocking; callers run it after acknowledging a chunk, off the ack path, and
-    /// the commit runs it to the end.
-    pub fn hash_forward(&self, arrived: Option<&Chunk>) -> Result<(), Refusal> {
-        let cs = u64::from(self.params.chunk_size);
+    /// Hashes the contiguous prefix as far as it reaches, unless another thread is
+    /// hashing it already (that one then goes on as far as it reaches now). Called
+    /// after each chunk is acknowledged, off the ack path: at most one blocking
+    /// thread per session hashes, the others return at once.
+    pub fn hash_forward(&self) -> Result<(), Refusal> {
+        // Announced before trying: a hasher about to stop sees it and looks again.
+        self.rehash.store(true, Ordering::SeqCst);
+        loop {
+            let mut hs = match self.hash.try_lock() {
+                Ok(hs) => hs,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+            };
+            while self.rehash.swap(false, Ordering::SeqCst) {
+                self.hash_locked(&mut hs)?;
+            }
+            drop(hs);
+            if !self.rehash.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Hashes the whole contiguous prefix, waiting for a hasher at work. Blocking.
+    fn hash_prefix(&self) -> Result<(), Refusal> {
         let mut hs = crate::lock(&self.hash);
+        self.hash_locked(&mut hs)
+    }
+
+    /// A chunk is hashed from the buffer it arrived in (its CRC32C was checked on
+    /// arrival, and the commit reads the whole file back against the CRC32Cs); one
+    /// not held in memory (adopted from an earlier run, or past [`EARLY_MAX`]) is
+    /// read back from the file and checked against the CRC32C it arrived with.
+    fn hash_locked(&self, hs: &mut HashState) -> Result<(), Refusal> {
+        let cs = u64::from(self.params.chunk_size);
         loop {
             let seq = hs.hashed;
             let (len, want) = {
@@ -417,18 +487,17 @@ impl Session {
                 if seq >= st.contiguous {
                     return Ok(());
                 }
-                if let Some(c) = arrived.filter(|c| c.seq == seq) {
-                    drop(st);
-                    hs.hasher.update(&c.data);
-                    hs.hashed += 1;
-                    continue;
-                }
                 let len = match st.short {
                     Some((s, l)) if s == seq => u64::from(l),
                     _ => cs,
                 };
                 (len, st.crcs[seq as usize])
             };
+            if let Some(data) = crate::lock(&self.early).take(seq, want) {
+                hs.hasher.update(&data);
+                hs.hashed += 1;
+                continue;
+            }
             let mut buf = std::mem::take(&mut hs.readback);
             let bytes = self
                 .file
@@ -601,7 +670,7 @@ impl Session {
         }
         let crcs = st.crcs[..commit.chunks as usize].to_vec();
         drop(st);
-        self.hash_forward(None)?;
+        self.hash_prefix()?;
         let hs = crate::lock(&self.hash);
         if hs.hashed != commit.chunks {
             return Err(refuse(Reason::Internal, format!("{} of {} chunks hashed", hs.hashed, commit.chunks)));
@@ -835,6 +904,52 @@ mod tests {
         .expect("manifest");
         assert_eq!(m.commit_seq, Some(1));
         assert_eq!(s.verified.load(Ordering::Relaxed), data.len() as u64);
+    }
+
+    #[test]
+    fn chunks_hashed_by_racing_threads_in_any_order_hash_the_archive_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cs = 64 * 1024;
+        let s = session(dir.path(), cs as u32);
+        let data: Vec<u8> = (0..cs * 40 + 123).map(|i| (i * 7 % 251) as u8).collect();
+        let chunks = chunks_of(&data, cs);
+        // Four "streams", each writing every fourth chunk, each hashing after every
+        // write, as the disk loops do.
+        std::thread::scope(|scope| {
+            for lane in 0..4 {
+                let (s, chunks) = (&s, &chunks);
+                scope.spawn(move || {
+                    for c in chunks.iter().skip(lane).step_by(4).rev() {
+                        s.write_chunk(c).expect("write");
+                        s.hash_forward().expect("hash");
+                    }
+                });
+            }
+        });
+        let hs = crate::lock(&s.hash);
+        assert_eq!(hs.hashed, chunks.len() as u64, "the last hasher went as far as the prefix reached");
+        assert_eq!(<[u8; 32]>::from(hs.hasher.clone().finalize()), <[u8; 32]>::from(Sha256::digest(&data)));
+        drop(hs);
+        assert_eq!(crate::lock(&s.early).bytes, 0, "nothing left held");
+        s.commit(&commit_for(&data, chunks.len() as u64)).expect("commit");
+    }
+
+    #[test]
+    fn held_chunks_are_bounded_and_only_taken_with_their_recorded_crc() {
+        let chunk = |seq: u64, len: usize| Chunk::new(seq, 0, Bytes::from(vec![seq as u8; len]));
+        let mut early = Early::default();
+        let big = EARLY_MAX / 2;
+        early.keep(&chunk(3, big));
+        early.keep(&chunk(5, big));
+        early.keep(&chunk(6, 1));
+        assert_eq!(early.bytes, EARLY_MAX, "the third is past the bound: read back when its turn comes");
+        assert_eq!(early.take(6, chunk(6, 1).crc32c), None);
+        assert_eq!(early.bytes, 0, "taking 6 dropped the older ones");
+        early.keep(&chunk(7, 10));
+        assert_eq!(early.take(7, 0xdead), None, "a different CRC32C is recorded for 7: not these bytes");
+        early.keep(&chunk(8, 10));
+        assert_eq!(early.take(8, chunk(8, 10).crc32c), Some(Bytes::from(vec![8u8; 10])));
+        assert_eq!((early.chunks.len(), early.bytes), (0, 0));
     }
 
     #[test]

@@ -286,11 +286,8 @@ async fn disk_loop(
         };
         let seq = chunk.seq;
         let s = session.clone();
-        let written = tokio::task::spawn_blocking(move || (s.write_chunk(&chunk), chunk)).await;
-        let (result, chunk) = match written {
-            Ok((result, chunk)) => (result, Some(chunk)),
-            Err(e) => (Err(Refusal::new(Reason::Internal, format!("write task failed: {e}"))), None),
-        };
+        let written = tokio::task::spawn_blocking(move || s.write_chunk(&chunk)).await;
+        let result = written.unwrap_or_else(|e| Err(Refusal::new(Reason::Internal, format!("write task failed: {e}"))));
         match result {
             Ok(written) => {
                 if written == Written::Duplicate {
@@ -303,7 +300,7 @@ async fn disk_loop(
                     // Hash the grown prefix, off the ack path.
                     let (s, srv) = (session.clone(), server.clone());
                     server.tracker.spawn_blocking(move || {
-                        if let Err(r) = s.hash_forward(chunk.as_ref()) {
+                        if let Err(r) = s.hash_forward() {
                             let _ = srv.registry.end(s.id(), Outcome::Failed(r));
                         }
                     });
