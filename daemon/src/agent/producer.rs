@@ -105,9 +105,17 @@ fn stopped_or(window: &Window, e: io::Error) -> String {
     e.to_string()
 }
 
+/// Bytes of small tar writes gathered before they reach the compressor.
+const ENCODER_BUFFER: usize = 128 << 10;
+
 fn produce(spec: &ProducerSpec, sink: ChunkSink, progress: &Arc<Progress>) -> io::Result<(ChunkSink, ArchiveSummary)> {
     let encoder = Encoder::new(sink, spec.compression, spec.level, spec.threads)?;
+    // tar writes a member in three or more pieces (header, content, padding); each
+    // call into zstd's multithreaded compressor costs more than a small file's bytes.
+    // Larger writes (a big file's 256 KiB reads) pass straight through.
+    let encoder = io::BufWriter::with_capacity(ENCODER_BUFFER, encoder);
     let (encoder, mut summary, catalog) = write_archive(&spec.sources, &spec.excludes, encoder, progress)?;
+    let encoder = encoder.into_inner().map_err(io::IntoInnerError::into_error)?;
     let (sink, blocks) = encoder.finish()?;
     summary.catalog = catalog.finish(Some(&blocks))?;
     Ok((sink, summary))
