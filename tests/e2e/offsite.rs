@@ -733,9 +733,13 @@ async fn an_archive_lost_from_disk_is_restored_from_its_bucket() {
     let name = backup(&cfg, 0).await.expect("backup").archive;
     let archive = server.archives("main", "web-01", "etc").pop().expect("archive");
     copied(&archive, Duration::from_secs(60)).await;
-    // The disk loses the archive and everything beside it.
-    for suffix in ["", ".json", ".catalog", ".offsite.json"] {
-        fs::remove_file(format!("{}{suffix}", archive.display())).expect("remove");
+    // The disk loses the archive and everything beside it — the archive last: the
+    // rotation that follows a copy may still be running, and it sweeps the sidecars
+    // of an archive that is gone.
+    for suffix in [".offsite.json", ".catalog", ".json", ""] {
+        let path = format!("{}{suffix}", archive.display());
+        let dir = archive.parent().expect("entry dir");
+        fs::remove_file(&path).unwrap_or_else(|e| panic!("remove {path}: {e}\nthe disk: {}", shown_dir(dir)));
     }
     let dest = tmp.path().join("restored");
     let out = nbackup(&["restore", "--json", "--entry", "etc", "--to", &dest.to_string_lossy()], &config);

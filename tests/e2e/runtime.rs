@@ -326,8 +326,9 @@ async fn a_panic_on_the_archive_thread_fails_the_run_at_once() {
     let server = TestServer::start(tmp.path(), &pki, &[gzip("main")]).await;
     // Retrying would not help a bug; a fresh timeout would hide it: the run ends now.
     let tuning = Tuning { ack_timeout: "10m", ..Tuning::default() };
-    let cfg = agent_config_tuned(&pki, server.addr, &[entry("etc", "main", &[&src])], &tuning);
-    let _panic = fault::inject("producer:panic", "web-01/etc", Action::Abort, 0, 1);
+    // An entry of its own: the fault is process-wide, and other tests back up web-01/etc.
+    let cfg = agent_config_tuned(&pki, server.addr, &[entry("panics", "main", &[&src])], &tuning);
+    let _panic = fault::inject("producer:panic", "web-01/panics", Action::Abort, 0, 1);
     let err = tokio::time::timeout(Duration::from_secs(30), backup(&cfg, 0))
         .await
         .expect("fails at once, not after a timeout")
