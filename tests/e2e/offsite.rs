@@ -555,9 +555,12 @@ fn shown_dir(dir: &Path) -> String {
     let mut files: Vec<PathBuf> =
         fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     files.sort();
-    let shown = files.iter().map(|p| match p.to_string_lossy().ends_with(".offsite.json") {
-        true => format!("{}: {}", p.display(), fs::read_to_string(p).unwrap_or_default()),
-        false => p.display().to_string(),
+    let shown = files.iter().map(|p| {
+        if p.to_string_lossy().ends_with(".offsite.json") {
+            format!("{}: {}", p.display(), fs::read_to_string(p).unwrap_or_default())
+        } else {
+            p.display().to_string()
+        }
     });
     shown.collect::<Vec<_>>().join("\n")
 }
@@ -736,9 +739,9 @@ async fn an_archive_lost_from_disk_is_restored_from_its_bucket() {
     // The disk loses the archive and everything beside it — the archive last: the
     // rotation that follows a copy may still be running, and it sweeps the sidecars
     // of an archive that is gone.
+    let dir = archive.parent().expect("entry dir");
     for suffix in [".offsite.json", ".catalog", ".json", ""] {
         let path = format!("{}{suffix}", archive.display());
-        let dir = archive.parent().expect("entry dir");
         fs::remove_file(&path).unwrap_or_else(|e| panic!("remove {path}: {e}\nthe disk: {}", shown_dir(dir)));
     }
     let dest = tmp.path().join("restored");

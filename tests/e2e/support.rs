@@ -668,8 +668,8 @@ impl Drop for Tmux {
 /// wrong ('-' < '.').
 pub fn commit_order(name: &str) -> (String, u32) {
     let stem = name.trim_end_matches(".gz").trim_end_matches(".zst").trim_end_matches(".tar");
-    match stem.rsplit_once("Z-") {
-        Some((head, n)) if n.parse::<u32>().is_ok() => (head.to_string(), n.parse().unwrap_or(1)),
+    match stem.rsplit_once("Z-").map(|(head, n)| (head, n.parse::<u32>())) {
+        Some((head, Ok(n))) => (head.to_string(), n),
         _ => (stem.trim_end_matches('Z').to_string(), 1),
     }
 }

@@ -90,7 +90,7 @@ impl PartFile {
 
     /// Whether transfers go around the page cache (until the filesystem refuses one).
     pub fn is_direct(&self) -> bool {
-        self.direct.is_some() && self.direct_on.load(Ordering::Relaxed)
+        self.direct_file().is_some()
     }
 
     fn direct_file(&self) -> Option<&File> {
