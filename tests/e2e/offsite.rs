@@ -489,26 +489,43 @@ impl Drop for Azurite {
     }
 }
 
+impl Azurite {
+    /// A storage's `extra` for container `fleet` of this server, with a credentials
+    /// file (mode 0600) in `dir`, 5 MiB blocks and `more` bucket keys.
+    fn bucket(&self, dir: &Path, more: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let creds = dir.join("azure.env");
+        fs::write(
+            &creds,
+            format!("AZURE_STORAGE_ACCOUNT_NAME=devstoreaccount1\nAZURE_STORAGE_ACCOUNT_KEY={AZURITE_KEY}\n"),
+        )
+        .expect("credentials");
+        fs::set_permissions(&creds, fs::Permissions::from_mode(0o600)).expect("chmod");
+        format!(
+            "    buckets:\n      - name: offsite\n        provider: azure\n        bucket: fleet\n        prefix: nb/\n\
+             \x20       endpoint: {}\n        credentials_file: {}\n        part_size: 5mib\n{more}",
+            self.endpoint(),
+            creds.display()
+        )
+    }
+
+    /// The ids of `key`'s blocks: (committed, uncommitted).
+    fn blocks(&self, key: &str) -> (Vec<String>, Vec<String>) {
+        let out = self.py(&format!(
+            "c, u = svc.get_blob_client('fleet', '{key}').get_block_list('all')\n\
+             print(json.dumps([[b.id for b in c], [b.id for b in u]]))"
+        ));
+        serde_json::from_str(out.trim()).expect("json")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_archive_is_copied_to_azure_blob_storage_in_blocks_and_verified() {
-    use std::os::unix::fs::PermissionsExt;
     let azurite = Azurite::start();
     azurite.py("svc.create_container('fleet')");
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&tmp.path().join("pki"));
-    let creds = tmp.path().join("azure.env");
-    fs::write(
-        &creds,
-        format!("AZURE_STORAGE_ACCOUNT_NAME=devstoreaccount1\nAZURE_STORAGE_ACCOUNT_KEY={AZURITE_KEY}\n"),
-    )
-    .expect("credentials");
-    fs::set_permissions(&creds, fs::Permissions::from_mode(0o600)).expect("chmod");
-    let extra = format!(
-        "    buckets:\n      - name: offsite\n        provider: azure\n        bucket: fleet\n        prefix: nb/\n\
-         \x20       endpoint: {}\n        credentials_file: {}\n        part_size: 5mib\n",
-        azurite.endpoint(),
-        creds.display()
-    );
+    let extra = azurite.bucket(tmp.path(), "");
     let server = TestServer::start(tmp.path(), &pki, &[StorageSpec { extra, ..zstd("main") }]).await;
     let src = noisy_source(tmp.path(), 12);
     let cfg = agent_config(&pki, server.addr, &[entry("data", "main", &[&src])]);
@@ -534,6 +551,60 @@ async fn an_archive_is_copied_to_azure_blob_storage_in_blocks_and_verified() {
     let beside: serde_json::Value = serde_json::from_str(sidecar.trim()).expect("manifest json");
     assert_eq!(beside["sha256"], m["sha256"], "the manifest beside it");
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_upload_to_azure_commits_the_blocks_it_had_sent() {
+    let azurite = Azurite::start();
+    azurite.py("svc.create_container('fleet')");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    // 4 MiB/s: the 26 MiB upload takes ~6 s, long enough to be killed in the middle.
+    let extra = azurite.bucket(tmp.path(), "        bandwidth: 4mb\n        concurrency: 1\n");
+    let (config, addr) = ServerChild::configure(tmp.path(), &pki, &[StorageSpec { extra, ..zstd("main") }], "");
+    let mut server = ServerChild::start(&config, addr, "");
+    let src = noisy_source(tmp.path(), 26);
+    let cfg = agent_config(&pki, addr, &[entry("data", "main", &[&src])]);
+    let report = backup(&cfg, 0).await.expect("backup");
+    let archive = tmp.path().join("storage/main/web-01/data").join(&report.archive);
+    let key = format!("nb/web-01/data/{}", report.archive);
+    let started = Instant::now();
+    let sent = loop {
+        let c = copies(&archive);
+        let parts: Vec<String> = c["buckets"]["offsite"]["upload"]["parts"]
+            .as_array()
+            .map(|p| p.iter().filter_map(|id| id.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        if parts.len() >= 2 {
+            break parts;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no blocks acknowledged: {c}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    server.kill9();
+    let (committed, staged) = azurite.blocks(&key);
+    assert!(committed.is_empty(), "nothing committed before the kill: {committed:?}");
+    let acknowledged = copies(&archive)["buckets"]["offsite"]["upload"]["parts"].clone();
+    let acknowledged: Vec<String> = serde_json::from_value(acknowledged).expect("parts");
+    assert!(acknowledged.len() >= sent.len() && acknowledged.iter().all(|id| staged.contains(id)), "{staged:?}");
+    let server = ServerChild::start(&config, addr, "");
+    let state = copied(&archive, Duration::from_secs(60)).await;
+    assert_eq!(state["buckets"]["offsite"]["attempts"], 0, "resumed, not failed: {state}");
+    let (committed, _) = azurite.blocks(&key);
+    assert_eq!(committed.len(), 6, "26 MiB in 5 MiB blocks: {committed:?}");
+    assert_eq!(
+        &committed[..acknowledged.len()],
+        &acknowledged[..],
+        "the blob begins with the blocks sent before the kill, not a second copy of them"
+    );
+    let m = manifest(&archive);
+    let out = azurite.py(&format!(
+        "body = svc.get_blob_client('fleet', '{key}').download_blob().readall()\n\
+         print(json.dumps([len(body), hashlib.sha256(body).hexdigest()]))"
+    ));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!((v[0].as_u64(), v[1].as_str()), (m["size"].as_u64(), m["sha256"].as_str()), "byte for byte");
+    server.terminate();
 }
 
 /// Waits until `cond` holds, showing `what` if it does not within a minute.
