@@ -165,7 +165,13 @@ pub fn connect(bucket: &Bucket) -> Result<Remote, ClientError> {
                 b = b.with_service_account_path(path.to_string_lossy());
             }
             if let Some(endpoint) = &bucket.endpoint {
-                b = b.with_url(endpoint);
+                // The base of the XML and JSON APIs (an emulator, a private endpoint);
+                // `with_url` would read it as `gs://bucket`.
+                use object_store::gcp::GoogleConfigKey as K;
+                b = b.with_config(K::BaseUrl, endpoint.trim_end_matches('/')).with_config(
+                    K::Client(object_store::ClientConfigKey::AllowHttp),
+                    endpoint.starts_with("http://").to_string(),
+                );
             }
             let s = Arc::new(b.build()?);
             (s.clone(), s)
@@ -364,6 +370,78 @@ mod tests {
         assert_eq!(line, 2);
         assert!(!why.contains("hunter2"), "{why}");
         assert!(parse_env("BAD KEY=1").is_err());
+    }
+
+    /// One request to a loopback listener: its request line and headers, answered
+    /// 404.
+    fn one_request() -> (String, std::thread::JoinHandle<String>) {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let seen = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().expect("accept");
+            let mut reader = std::io::BufReader::new(conn);
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).expect("read");
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let mut conn = reader.into_inner();
+            conn.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").expect("reply");
+            head
+        });
+        (url, seen)
+    }
+
+    fn unescape(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())) {
+                (b'%', Some(byte)) => {
+                    out.push(byte);
+                    i += 3;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn a_gcs_endpoint_is_where_requests_go_with_the_service_account_of_the_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("gcs.json");
+        // An emulator's service account: no OAuth exchange, no signing.
+        std::fs::write(&key, r#"{"client_email": "", "private_key": "", "private_key_id": "", "disable_oauth": true}"#)
+            .expect("write");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let (url, seen) = one_request();
+        let bucket = Bucket {
+            endpoint: Some(format!("{url}/")),
+            credentials_file: Some(key),
+            ..Bucket::with_defaults(nbackup_protocol::Name::new("offsite").expect("name"), Provider::Gcs, "fleet")
+        };
+        let remote = connect(&bucket).expect("client");
+        use object_store::ObjectStoreExt;
+        let got = remote.store.head(&object_store::path::Path::from("nb/web-01/etc/a.tar.zst")).await;
+        assert!(matches!(got, Err(object_store::Error::NotFound { .. })), "{got:?}");
+        let head = seen.join().expect("listener");
+        // object_store escapes every byte of the object's name but letters and digits;
+        // GCS unescapes them.
+        let line = head.lines().next().unwrap_or_default();
+        let path = line.strip_prefix("HEAD ").and_then(|l| l.strip_suffix(" HTTP/1.1")).unwrap_or_default();
+        assert_eq!(unescape(path), "/fleet/nb/web-01/etc/a.tar.zst", "{head}");
+        assert!(head.to_ascii_lowercase().contains(&format!("host: {}", &url["http://".len()..])), "{head}");
     }
 
     #[test]
