@@ -509,6 +509,15 @@ impl Azurite {
         )
     }
 
+    /// Azurite with container `fleet`, a scratch directory and a PKI.
+    fn setup() -> (Azurite, tempfile::TempDir, Pki) {
+        let azurite = Azurite::start();
+        azurite.py("svc.create_container('fleet')");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::new(&tmp.path().join("pki"));
+        (azurite, tmp, pki)
+    }
+
     /// The ids of `key`'s blocks: (committed, uncommitted).
     fn blocks(&self, key: &str) -> (Vec<String>, Vec<String>) {
         let out = self.py(&format!(
@@ -521,10 +530,7 @@ impl Azurite {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_archive_is_copied_to_azure_blob_storage_in_blocks_and_verified() {
-    let azurite = Azurite::start();
-    azurite.py("svc.create_container('fleet')");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
+    let (azurite, tmp, pki) = Azurite::setup();
     let extra = azurite.bucket(tmp.path(), "");
     let server = TestServer::start(tmp.path(), &pki, &[StorageSpec { extra, ..zstd("main") }]).await;
     let src = noisy_source(tmp.path(), 12);
@@ -555,10 +561,7 @@ async fn an_archive_is_copied_to_azure_blob_storage_in_blocks_and_verified() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_upload_to_azure_commits_the_blocks_it_had_sent() {
-    let azurite = Azurite::start();
-    azurite.py("svc.create_container('fleet')");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(&tmp.path().join("pki"));
+    let (azurite, tmp, pki) = Azurite::setup();
     // 4 MiB/s: the 26 MiB upload takes ~6 s, long enough to be killed in the middle.
     let extra = azurite.bucket(tmp.path(), "        bandwidth: 4mb\n        concurrency: 1\n");
     let (config, addr) = ServerChild::configure(tmp.path(), &pki, &[StorageSpec { extra, ..zstd("main") }], "");
