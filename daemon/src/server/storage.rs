@@ -174,10 +174,14 @@ impl StorageArea {
             let entry = entry?;
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
             let Some((stamp, n, compression)) = parse_archive_name(&name, &prefix) else { continue };
-            let meta = entry.metadata()?;
-            if !meta.is_file() {
-                continue;
-            }
+            // Offload and rotation remove archives while a commit names its own:
+            // one gone between the directory read and its stat is simply not listed.
+            let meta = match entry.metadata() {
+                Ok(m) if m.is_file() => m,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             let path = entry.path();
             let manifest = fs::read_to_string(sidecar_path(&path)).ok().and_then(|t| Manifest::from_json(&t).ok());
             out.push(ArchiveFile { path, name, stamp, n, size: meta.len(), compression, manifest });
@@ -590,6 +594,39 @@ pub(crate) mod tests {
             session: String::new(),
             commit_seq: None,
         }
+    }
+
+    #[test]
+    fn a_listing_skips_archives_removed_while_it_reads_the_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = area(dir.path(), 3);
+        let (a, b) = (Name::new("a").expect("a"), Name::new("b").expect("b"));
+        let entry = s.entry_dir(&a, &b);
+        fs::create_dir_all(&entry).expect("mkdir");
+        let paths: Vec<PathBuf> =
+            (0..64).map(|i| entry.join(format!("a-b-20261202T0000{:02}Z.tar.gz", i % 60 + i / 60))).collect();
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // What offload and rotation do beside a commit naming its archive.
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    for p in &paths {
+                        let _ = fs::write(p, b"x");
+                    }
+                    for p in &paths {
+                        let _ = fs::remove_file(p);
+                    }
+                }
+            });
+            for _ in 0..2000 {
+                if let Err(e) = s.list(&a, &b) {
+                    stop.store(true, Ordering::Relaxed);
+                    panic!("listing failed while archives were removed: {e}");
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
     }
 
     fn commit_one(s: &StorageArea, started: DateTime<Utc>, body: &str) -> PathBuf {
