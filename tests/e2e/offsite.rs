@@ -572,23 +572,22 @@ async fn a_server_killed_mid_upload_to_azure_commits_the_blocks_it_had_sent() {
     let archive = tmp.path().join("storage/main/web-01/data").join(&report.archive);
     let key = format!("nb/web-01/data/{}", report.archive);
     let started = Instant::now();
+    // The block ids the server has recorded as acknowledged.
+    let recorded = || -> Vec<String> {
+        serde_json::from_value(copies(&archive)["buckets"]["offsite"]["upload"]["parts"].clone()).unwrap_or_default()
+    };
     let sent = loop {
-        let c = copies(&archive);
-        let parts: Vec<String> = c["buckets"]["offsite"]["upload"]["parts"]
-            .as_array()
-            .map(|p| p.iter().filter_map(|id| id.as_str().map(String::from)).collect())
-            .unwrap_or_default();
+        let parts = recorded();
         if parts.len() >= 2 {
             break parts;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "no blocks acknowledged: {c}");
+        assert!(started.elapsed() < Duration::from_secs(60), "no blocks acknowledged: {}", copies(&archive));
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     server.kill9();
     let (committed, staged) = azurite.blocks(&key);
     assert!(committed.is_empty(), "nothing committed before the kill: {committed:?}");
-    let acknowledged = copies(&archive)["buckets"]["offsite"]["upload"]["parts"].clone();
-    let acknowledged: Vec<String> = serde_json::from_value(acknowledged).expect("parts");
+    let acknowledged = recorded();
     assert!(acknowledged.len() >= sent.len() && acknowledged.iter().all(|id| staged.contains(id)), "{staged:?}");
     let server = ServerChild::start(&config, addr, "");
     let state = copied(&archive, Duration::from_secs(60)).await;

@@ -397,25 +397,6 @@ mod tests {
         (url, seen)
     }
 
-    fn unescape(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < b.len() {
-            match (b[i], s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())) {
-                (b'%', Some(byte)) => {
-                    out.push(byte);
-                    i += 3;
-                }
-                (c, _) => {
-                    out.push(c);
-                    i += 1;
-                }
-            }
-        }
-        String::from_utf8(out).expect("utf-8")
-    }
-
     #[tokio::test]
     async fn a_gcs_endpoint_is_where_requests_go_with_the_service_account_of_the_file() {
         use std::os::unix::fs::PermissionsExt;
@@ -440,7 +421,8 @@ mod tests {
         // GCS unescapes them.
         let line = head.lines().next().unwrap_or_default();
         let path = line.strip_prefix("HEAD ").and_then(|l| l.strip_suffix(" HTTP/1.1")).unwrap_or_default();
-        assert_eq!(unescape(path), "/fleet/nb/web-01/etc/a.tar.zst", "{head}");
+        let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+        assert_eq!(path, "/fleet/nb/web-01/etc/a.tar.zst", "{head}");
         assert!(head.to_ascii_lowercase().contains(&format!("host: {}", &url["http://".len()..])), "{head}");
     }
 
