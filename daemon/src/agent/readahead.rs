@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, Metadata};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -217,7 +217,7 @@ const WILL_NEED: u64 = 2 << 20;
 /// leaves the file to the tar writer: a large one (whose head the kernel is asked
 /// to fetch meanwhile), or one with several links (read once, as its first name;
 /// later names become hard links and need no content).
-fn read_opened(mut file: File, meta: Metadata) -> Option<Opened<ReadAhead>> {
+fn read_opened(file: File, meta: Metadata) -> Option<Opened<ReadAhead>> {
     if meta.nlink() > 1 {
         return None;
     }
@@ -227,23 +227,28 @@ fn read_opened(mut file: File, meta: Metadata) -> Option<Opened<ReadAhead>> {
         return None;
     }
     let size = meta.len() as usize;
-    let mut data = vec![0u8; size];
-    let mut read = 0;
+    // One byte more than the size as opened: a read that fills it shows the file grew,
+    // and a short one is its end — no `fstat` after reading, no extra read for EOF.
+    // Spare capacity, not `vec![0; n]`: nothing is zeroed only to be overwritten.
+    let mut data = Vec::with_capacity(size + 1);
     let mut error = None;
-    while read < size {
-        match file.read(&mut data[read..]) {
+    loop {
+        match rustix::io::read(&file, rustix::buffer::spare_capacity(&mut data)) {
             Ok(0) => break,
-            Ok(n) => read += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(_) if data.len() >= size => break,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
             Err(e) => {
-                error = Some(e);
+                error = Some(io::Error::from(e));
                 break;
             }
         }
     }
-    data.truncate(read);
+    let grew = data.len() > size;
+    data.truncate(size);
+    let read = data.len();
     let padded = error.is_none() && read < size;
-    let outcome = ReadOutcome { read: read as u64, error, padded, grew: grew(&file, size as u64) };
+    let outcome = ReadOutcome { read: read as u64, error, padded, grew };
     Some(Opened::File { meta, body: ReadAhead { data, outcome } })
 }
 pub(super) fn grew(file: &File, size: u64) -> bool {
@@ -260,5 +265,58 @@ pub(super) fn open_regular(path: &Path) -> io::Result<File> {
         // O_NOATIME needs ownership or CAP_FOWNER.
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(base),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Opens `content` as a file and reads it as the read-ahead does, after `change`
+    /// has altered it between the `fstat` and the read.
+    fn read_changed(content: &[u8], change: impl FnOnce(&mut File)) -> (Vec<u8>, ReadOutcome) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        std::fs::write(&path, content).expect("write");
+        let file = open_regular(&path).expect("open");
+        let meta = file.metadata().expect("fstat");
+        let mut writer = std::fs::OpenOptions::new().write(true).open(&path).expect("open for writing");
+        change(&mut writer);
+        match read_opened(file, meta) {
+            Some(Opened::File { body: ReadAhead { data, outcome }, .. }) => (data, outcome),
+            _ => panic!("a small file is read ahead"),
+        }
+    }
+
+    #[test]
+    fn a_small_file_is_read_whole_at_its_size_as_opened() {
+        for content in [&b""[..], b"x", &[7u8; 4096], &[9u8; SMALL as usize]] {
+            let (data, outcome) = read_changed(content, |_| {});
+            assert_eq!(data, content);
+            assert_eq!(outcome.read, content.len() as u64);
+            assert!(outcome.error.is_none() && !outcome.padded && !outcome.grew, "{} bytes", content.len());
+        }
+    }
+
+    #[test]
+    fn a_small_file_that_grew_keeps_its_size_as_opened_and_says_so() {
+        for content in [&b""[..], b"abc", &[5u8; 8000]] {
+            let (data, outcome) = read_changed(content, |f| {
+                use std::io::Seek;
+                f.seek(io::SeekFrom::End(0)).expect("seek");
+                f.write_all(b"more").expect("grow");
+            });
+            assert_eq!(data, content, "exactly the bytes it had when opened");
+            assert!(outcome.grew && !outcome.padded && outcome.error.is_none());
+        }
+    }
+
+    #[test]
+    fn a_small_file_that_shrank_is_marked_for_padding() {
+        let (data, outcome) = read_changed(&[3u8; 5000], |f| f.set_len(1000).expect("truncate"));
+        assert_eq!(data, [3u8; 1000]);
+        assert_eq!(outcome.read, 1000);
+        assert!(outcome.padded && !outcome.grew && outcome.error.is_none());
     }
 }
