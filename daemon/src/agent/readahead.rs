@@ -115,10 +115,11 @@ impl LookAhead {
             READERS,
             || (),
             |_, paths: Batch| {
+                let mut parent = Parent::default();
                 Ok(paths
                     .into_iter()
                     .map(|(p, file)| {
-                        let looked = look(&p, file);
+                        let looked = look(&p, file, &mut parent);
                         (p, looked)
                     })
                     .collect())
@@ -190,9 +191,13 @@ impl LookAhead {
 /// (`O_NOFOLLOW | O_NONBLOCK`) and described by `fstat`: one path lookup instead of
 /// two. Whatever else it has become by then is looked at with `lstat`, like every
 /// other entry.
-fn look(path: &Path, listed_as_file: bool) -> Looked {
+fn look(path: &Path, listed_as_file: bool, parent: &mut Parent) -> Looked {
     if listed_as_file {
-        match open_regular(path) {
+        let opened = match (parent.of(path), path.file_name()) {
+            (Some(dir), Some(name)) => open_regular_in(dir, name),
+            _ => open_regular(path),
+        };
+        match opened {
             Ok(file) => {
                 if let Ok(meta) = file.metadata()
                     && meta.is_file()
@@ -255,6 +260,48 @@ pub(super) fn grew(file: &File, size: u64) -> bool {
     file.metadata().map(|m| m.len() > size).unwrap_or(false)
 }
 
+/// The directory of the entries being looked at, opened once for the batch (whose
+/// entries are mostly siblings in walk order): each file is then opened by its name in
+/// it, one path component for the kernel to resolve instead of the whole path. Held
+/// for one batch only, so a directory renamed meanwhile is seen as the walk saw it for
+/// at most a batch of entries.
+#[derive(Default)]
+struct Parent {
+    path: PathBuf,
+    /// `None`: it could not be opened; its entries are opened by their whole paths,
+    /// which then report what became of it.
+    fd: Option<rustix::fd::OwnedFd>,
+}
+
+impl Parent {
+    fn of(&mut self, path: &Path) -> Option<rustix::fd::BorrowedFd<'_>> {
+        use rustix::fd::AsFd;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+        if self.path != dir {
+            // Resolved as the whole path would be (symlinks before the last component
+            // followed, as the walk followed its root); O_PATH reads nothing.
+            let flags = rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+            self.fd = rustix::fs::open(dir, flags, rustix::fs::Mode::empty()).ok();
+            self.path.clear();
+            self.path.push(dir);
+        }
+        self.fd.as_ref().map(|fd| fd.as_fd())
+    }
+}
+
+/// [`open_regular`] by name in an open directory.
+fn open_regular_in(dir: rustix::fd::BorrowedFd<'_>, name: &std::ffi::OsStr) -> io::Result<File> {
+    use rustix::fs::OFlags;
+    let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let open = |flags| rustix::fs::openat(dir, name, flags, rustix::fs::Mode::empty());
+    match open(base | OFlags::NOATIME) {
+        Err(rustix::io::Errno::PERM) => open(base),
+        other => other,
+    }
+    .map(File::from)
+    .map_err(io::Error::from)
+}
+
 /// Opens a file for reading without following symlinks (a swap between listing and
 /// opening cannot redirect us) and without blocking (a path replaced by a fifo would
 /// otherwise hang the backup). Tries `O_NOATIME` first so backups do not touch atimes.
@@ -272,6 +319,7 @@ pub(super) fn open_regular(path: &Path) -> io::Result<File> {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::fs::FileTypeExt;
 
     /// Opens `content` as a file and reads it as the read-ahead does, after `change`
     /// has altered it between the `fstat` and the read.
@@ -318,5 +366,58 @@ mod tests {
         assert_eq!(data, [3u8; 1000]);
         assert_eq!(outcome.read, 1000);
         assert!(outcome.padded && !outcome.grew && outcome.error.is_none());
+    }
+
+    /// What one batch's reader finds of each path, all listed as regular files.
+    fn look_all(paths: &[PathBuf]) -> Vec<Looked> {
+        let mut parent = Parent::default();
+        paths.iter().map(|p| look(p, true, &mut parent)).collect()
+    }
+
+    #[test]
+    fn entries_are_opened_by_name_in_their_directory_as_their_whole_paths_would_be() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real");
+        std::fs::create_dir_all(real.join("sub")).expect("mkdir");
+        std::fs::write(real.join("a"), b"alpha").expect("write");
+        std::fs::write(real.join("sub/b"), b"beta").expect("write");
+        std::fs::write(dir.path().join("outside"), b"secret").expect("write");
+        // A source given through a symlinked directory is followed, as the walk follows its root.
+        std::os::unix::fs::symlink(&real, dir.path().join("via")).expect("symlink");
+        // Listed as files, then replaced: by a symlink (never followed) and by a fifo (never waited on).
+        std::os::unix::fs::symlink(dir.path().join("outside"), real.join("swapped")).expect("symlink");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            real.join("fifo").as_path(),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        let via = dir.path().join("via");
+        let paths = [
+            via.join("a"),
+            via.join("sub/b"),
+            via.join("swapped"),
+            via.join("fifo"),
+            via.join("gone"),
+            dir.path().join("no-such-dir/c"),
+            real.join("a"),
+        ];
+        let looked = look_all(&paths);
+        let content = |l: &Looked| match &l.small {
+            Some(Opened::File { body, .. }) => Some(body.data.clone()),
+            _ => None,
+        };
+        assert_eq!(content(&looked[0]).as_deref(), Some(&b"alpha"[..]));
+        assert_eq!(content(&looked[1]).as_deref(), Some(&b"beta"[..]));
+        assert!(looked[2].lstat.as_ref().expect("lstat").file_type().is_symlink());
+        assert!(content(&looked[2]).is_none(), "a symlink's target is not read");
+        assert!(looked[3].lstat.as_ref().expect("lstat").file_type().is_fifo());
+        assert!(content(&looked[3]).is_none());
+        for gone in &looked[4..6] {
+            assert_eq!(gone.lstat.as_ref().err().map(io::Error::kind), Some(io::ErrorKind::NotFound));
+        }
+        assert_eq!(content(&looked[6]).as_deref(), Some(&b"alpha"[..]));
     }
 }
