@@ -7,10 +7,20 @@
 
 use std::io;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use nbackup_protocol::wire::{self, Chunk, DecodeError, Frame, PREAMBLE_LEN, Preamble};
+use nbackup_protocol::wire::{
+    self, CHUNK_HEADER_LEN, Chunk, DecodeError, FRAME_HEADER_LEN, Frame, FrameType, PREAMBLE_LEN, Preamble,
+};
+
+/// Where a chunk's data lands in memory: at a multiple of this, so that the server's
+/// `O_DIRECT` write takes it from the buffer it arrived in instead of copying it into
+/// an aligned one first.
+pub const DATA_ALIGN: usize = 4096;
+/// Chunks smaller than this are read where they fall: the copy the alignment saves is
+/// not worth a buffer of their own.
+const ALIGN_FROM: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -50,6 +60,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(frame);
             }
             let needed = wire::bytes_needed(&self.buf)?;
+            if needed >= ALIGN_FROM && self.buf[0] == FrameType::CHUNK.0 && !data_aligned(&self.buf) {
+                self.buf = aligned_for_chunk(&self.buf, needed);
+            }
             self.buf.reserve(needed.saturating_sub(self.buf.len()));
             if self.inner.read_buf(&mut self.buf).await? == 0 {
                 return Err(if self.buf.is_empty() { ConnError::Closed } else { ConnError::Truncated });
@@ -75,6 +88,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn get_ref(&self) -> &R {
         &self.inner
     }
+}
+
+/// Whether a chunk frame starting at the front of `buf` would have its data at a
+/// [`DATA_ALIGN`] boundary.
+fn data_aligned(buf: &BytesMut) -> bool {
+    (buf.as_ptr() as usize + FRAME_HEADER_LEN + CHUNK_HEADER_LEN).is_multiple_of(DATA_ALIGN)
+}
+
+/// A buffer for a chunk frame of `total` bytes whose data starts at a [`DATA_ALIGN`]
+/// boundary, holding the frame's first bytes (`prefix`, at most what one read brought).
+fn aligned_for_chunk(prefix: &[u8], total: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(total + DATA_ALIGN);
+    let data_at = buf.as_ptr() as usize + FRAME_HEADER_LEN + CHUNK_HEADER_LEN;
+    let pad = (DATA_ALIGN - data_at % DATA_ALIGN) % DATA_ALIGN;
+    buf.resize(pad, 0);
+    buf.advance(pad);
+    buf.extend_from_slice(prefix);
+    buf
 }
 
 /// Writes frames to `W`, flushing after each so acks and control frames are not held
@@ -166,6 +197,34 @@ mod tests {
         let mut r = FrameReader::new(server);
         assert!(matches!(r.read_frame().await, Err(ConnError::Decode(DecodeError::FrameTooLarge { .. }))));
         assert!(r.buf.capacity() < 64 * 1024, "no large buffer was reserved");
+    }
+
+    #[tokio::test]
+    async fn a_large_chunk_arrives_with_its_data_block_aligned_and_intact() {
+        let (client, server) = tokio::io::duplex(5000);
+        let mut w = FrameWriter::new(client);
+        let mut r = FrameReader::new(server);
+        let data: Vec<u8> = (0..1_048_576u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let send = tokio::spawn(async move {
+            // A small frame first, so the chunk does not start at the front of a fresh buffer.
+            w.send(&Frame::Ack(Ack { seq: 7 })).await.expect("send");
+            for seq in 0..3 {
+                w.send(&Frame::Chunk(Chunk::new(seq, seq << 20, sent.clone().into()))).await.expect("send");
+            }
+            w.send(&Frame::Chunk(Chunk::new(3, 3 << 20, bytes::Bytes::from_static(b"tail")))).await.expect("send");
+        });
+        assert_eq!(r.read_frame().await.expect("frame"), Frame::Ack(Ack { seq: 7 }));
+        for seq in 0..3 {
+            let Frame::Chunk(chunk) = r.read_frame().await.expect("frame") else { panic!("a chunk") };
+            assert_eq!((chunk.seq, chunk.offset), (seq, seq << 20));
+            assert!((chunk.data.as_ptr() as usize).is_multiple_of(DATA_ALIGN), "chunk {seq} aligned");
+            assert_eq!(chunk.data, data);
+            assert_eq!(chunk.crc32c, crc32c::crc32c(&data));
+        }
+        let Frame::Chunk(tail) = r.read_frame().await.expect("frame") else { panic!("a chunk") };
+        assert_eq!(&tail.data[..], b"tail");
+        send.await.expect("sender");
     }
 
     #[tokio::test]

@@ -116,12 +116,19 @@ impl PartFile {
         if let Some(direct) = self.direct_file()
             && offset.is_multiple_of(BLOCK as u64)
         {
-            let mut buf = crate::lock(&self.spare).pop().unwrap_or_default();
-            let blocks = buf.blocks_mut(data.len());
-            blocks[..data.len()].copy_from_slice(data);
-            blocks[data.len()..].fill(0);
-            let written = direct.write_all_at(blocks, offset);
-            crate::lock(&self.spare).push(buf);
+            // Data received at a block boundary (see `conn::DATA_ALIGN`) in whole blocks
+            // goes to the device from where it is; anything else through an aligned copy.
+            let written = if (data.as_ptr() as usize).is_multiple_of(BLOCK) && data.len().is_multiple_of(BLOCK) {
+                direct.write_all_at(data, offset)
+            } else {
+                let mut buf = crate::lock(&self.spare).pop().unwrap_or_default();
+                let blocks = buf.blocks_mut(data.len());
+                blocks[..data.len()].copy_from_slice(data);
+                blocks[data.len()..].fill(0);
+                let written = direct.write_all_at(blocks, offset);
+                crate::lock(&self.spare).push(buf);
+                written
+            };
             match written {
                 Err(e) if self.refused(&e) => {}
                 other => return other,
@@ -200,6 +207,28 @@ mod tests {
         whole.extend_from_slice(&tail);
         assert_eq!(std::fs::read(&path).expect("read"), whole, "the bytes a buffered reader sees");
         assert!(f.is_direct());
+    }
+
+    #[test]
+    fn data_at_a_block_boundary_is_written_from_where_it_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.part");
+        let cs = 64 * 1024;
+        let f = PartFile::create(&path, cs as u32).expect("create");
+        let (a, b) = (pattern(cs, 4), pattern(cs, 5));
+        let mut aligned = Buffer::default();
+        aligned.blocks_mut(cs).copy_from_slice(&a);
+        f.write_at(aligned.blocks_mut(cs), 0).expect("aligned");
+        assert!(crate::lock(&f.spare).is_empty(), "no bounce buffer was needed");
+        // The same bytes one past a block boundary go through the bounce buffer.
+        let mut shifted = vec![0u8; cs + 1];
+        shifted[1..].copy_from_slice(&b);
+        f.write_at(&shifted[1..], cs as u64).expect("unaligned");
+        assert_eq!(crate::lock(&f.spare).len(), 1);
+        assert!(f.is_direct());
+        let mut whole = a;
+        whole.extend_from_slice(&b);
+        assert_eq!(std::fs::read(&path).expect("read"), whole);
     }
 
     #[test]
