@@ -119,7 +119,7 @@ async fn files_and_directories_that_vanish_are_skipped_and_reported() {
     let src = tmp.path().join("src");
     fs::create_dir_all(src.join("c-dir/inner")).expect("mkdir");
     fs::write(src.join("a-big.bin"), noise(BIG, 3)).expect("write");
-    // The archiver reads entries ahead of the tar writer (up to 512); these keep the
+    // The archiver reads entries ahead of the tar writer (up to 256); these keep the
     // names that vanish out of its reach while it is stuck in a-big.bin.
     fs::create_dir_all(src.join("b-fill")).expect("mkdir");
     for i in 0..600 {
