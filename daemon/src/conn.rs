@@ -21,6 +21,8 @@ pub const DATA_ALIGN: usize = 4096;
 /// Chunks smaller than this are read where they fall: the copy the alignment saves is
 /// not worth a buffer of their own.
 const ALIGN_FROM: usize = 64 * 1024;
+/// Where a chunk's data starts in its frame.
+const CHUNK_DATA_AT: usize = FRAME_HEADER_LEN + CHUNK_HEADER_LEN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -93,14 +95,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// Whether a chunk frame starting at the front of `buf` would have its data at a
 /// [`DATA_ALIGN`] boundary.
 fn data_aligned(buf: &BytesMut) -> bool {
-    (buf.as_ptr() as usize + FRAME_HEADER_LEN + CHUNK_HEADER_LEN).is_multiple_of(DATA_ALIGN)
+    (buf.as_ptr() as usize + CHUNK_DATA_AT).is_multiple_of(DATA_ALIGN)
 }
 
 /// A buffer for a chunk frame of `total` bytes whose data starts at a [`DATA_ALIGN`]
 /// boundary, holding the frame's first bytes (`prefix`, at most what one read brought).
 fn aligned_for_chunk(prefix: &[u8], total: usize) -> BytesMut {
     let mut buf = BytesMut::with_capacity(total + DATA_ALIGN);
-    let data_at = buf.as_ptr() as usize + FRAME_HEADER_LEN + CHUNK_HEADER_LEN;
+    let data_at = buf.as_ptr() as usize + CHUNK_DATA_AT;
     let pad = (DATA_ALIGN - data_at % DATA_ALIGN) % DATA_ALIGN;
     buf.resize(pad, 0);
     buf.advance(pad);

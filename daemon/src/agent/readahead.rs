@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::pool::Ordered;
@@ -194,7 +194,7 @@ impl LookAhead {
 fn look(path: &Path, listed_as_file: bool, parent: &mut Parent) -> Looked {
     if listed_as_file {
         let opened = match (parent.of(path), path.file_name()) {
-            (Some(dir), Some(name)) => open_regular_in(dir, name),
+            (Some(dir), Some(name)) => open_regular_in(dir, name.as_ref()),
             _ => open_regular(path),
         };
         match opened {
@@ -289,30 +289,25 @@ impl Parent {
     }
 }
 
-/// [`open_regular`] by name in an open directory.
-fn open_regular_in(dir: rustix::fd::BorrowedFd<'_>, name: &std::ffi::OsStr) -> io::Result<File> {
+/// Opens a file for reading without following symlinks (a swap between listing and
+/// opening cannot redirect us) and without blocking (a path replaced by a fifo would
+/// otherwise hang the backup). Tries `O_NOATIME` first so backups do not touch atimes.
+pub(super) fn open_regular(path: &Path) -> io::Result<File> {
+    open_regular_in(rustix::fs::CWD, path)
+}
+
+/// [`open_regular`], `path` resolved from `dir`.
+fn open_regular_in(dir: rustix::fd::BorrowedFd<'_>, path: &Path) -> io::Result<File> {
     use rustix::fs::OFlags;
     let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let open = |flags| rustix::fs::openat(dir, name, flags, rustix::fs::Mode::empty());
+    let open = |flags| rustix::fs::openat(dir, path, flags, rustix::fs::Mode::empty());
     match open(base | OFlags::NOATIME) {
+        // O_NOATIME needs ownership or CAP_FOWNER.
         Err(rustix::io::Errno::PERM) => open(base),
         other => other,
     }
     .map(File::from)
     .map_err(io::Error::from)
-}
-
-/// Opens a file for reading without following symlinks (a swap between listing and
-/// opening cannot redirect us) and without blocking (a path replaced by a fifo would
-/// otherwise hang the backup). Tries `O_NOATIME` first so backups do not touch atimes.
-pub(super) fn open_regular(path: &Path) -> io::Result<File> {
-    let base = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
-    let open = |flags| std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path);
-    match open(base | libc::O_NOATIME) {
-        // O_NOATIME needs ownership or CAP_FOWNER.
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(base),
-        other => other,
-    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// The alignment direct transfers use: the page size, a multiple of every
 /// logical block size Linux devices have.
 pub const BLOCK: usize = 4096;
+// The frame reader aligns chunk data for these writes.
+const _: () = assert!(crate::conn::DATA_ALIGN.is_multiple_of(BLOCK));
 
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C, align(4096))]
